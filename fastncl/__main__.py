@@ -1,0 +1,5 @@
+import sys
+
+from fastncl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,101 @@
+"""The `fastncl` command: argument parsing and exit codes only.
+
+    fastncl train --method {vanilla,ncr,sps,esc} [--data synthetic|PATH] [--noise RATE]
+                  [--noise-file F] [--preset NAME] [--config FILE.yaml] [--out DIR] [--seed N]
+                  [--resume] [key.path=value ...]
+    fastncl eval RUN_DIR [--split test|dev]
+    fastncl report RUN_DIR
+
+A problem with the input (a file, an option, a config value) is one line on stderr and exit
+status 2, and leaves no half-written run folder behind.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from fastncl import FastnclError, __version__
+from fastncl.config import METHODS, PRESETS, parse_override
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastncl", description="Noisy correspondence learning, fast.")
+    p.add_argument("--version", action="version", version=f"fastncl {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train two co-teaching models and evaluate the best checkpoint")
+    t.add_argument("--method", choices=METHODS, help="default: sps, or the preset's method")
+    t.add_argument("--data", help="'synthetic' (the embedded default) or a SCAN/NCR precomputed-feature folder")
+    t.add_argument("--noise", type=float, help="NCR-protocol noise rate in [0, 1)")
+    t.add_argument("--noise-file", help="caption -> image index (.npy) saved by an earlier run")
+    t.add_argument("--preset", help=f"one of: {', '.join(PRESETS)}")
+    t.add_argument("--config", help="YAML file with config values")
+    t.add_argument("--out", help="run folder (default: runs/<method>-noise<r>-seed<s>-<time>)")
+    t.add_argument("--seed", type=int)
+    t.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoints/last.pt")
+    t.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bars (default: when stderr is a terminal)")
+    t.add_argument("overrides", nargs="*", metavar="key.path=value", help="any config value, e.g. optim.epochs=20")
+
+    e = sub.add_parser("eval", help="evaluate a run's best checkpoint")
+    e.add_argument("run_dir")
+    e.add_argument("--split", choices=("test", "dev"), default="test")
+    e.add_argument("--checkpoint", choices=("best", "last"), default="best")
+
+    r = sub.add_parser("report", help="summarise a run folder: epochs, split quality, R@K")
+    r.add_argument("run_dir")
+    return p
+
+
+def _train(args) -> int:
+    from fastncl.config import from_dict, load_yaml, resolve
+    from fastncl.train import train
+
+    if args.resume:
+        if not args.out:
+            raise FastnclError("--resume: give the run folder with --out")
+        cfg_path = Path(args.out) / "config.yaml"
+        if not cfg_path.exists():
+            raise FastnclError(f"--resume: {cfg_path} does not exist")
+        cfg = from_dict(load_yaml(cfg_path), str(cfg_path))
+        cfg.out = args.out
+        train(cfg, resume=True)
+        return 0
+    overrides = [parse_override(o) for o in args.overrides]
+    flags = {"data.source": args.data, "data.noise": args.noise, "data.noise_file": args.noise_file,
+             "out": args.out, "seed": args.seed, "runtime.device": args.device, "runtime.progress": args.progress}
+    overrides += [(k, v) for k, v in flags.items() if v is not None]
+    method = args.method if args.method or args.preset else "sps"
+    cfg = resolve(preset=args.preset, config_file=args.config, overrides=overrides, method=method)
+    train(cfg)
+    return 0
+
+
+def _eval(args) -> int:
+    from fastncl.report import evaluate_run
+
+    print(evaluate_run(args.run_dir, split=args.split, checkpoint=args.checkpoint))
+    return 0
+
+
+def _report(args) -> int:
+    from fastncl.report import write_report
+
+    path, text = write_report(args.run_dir)
+    print(text)
+    print(f"report written to {path}")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return {"train": _train, "eval": _eval, "report": _report}[args.command](args)
+    except FastnclError as e:
+        print(f"fastncl: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fastncl: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,328 @@
+"""Configuration: dataclasses, presets, YAML load/dump, command-line overrides, validation.
+
+Load order: dataclass defaults < ``--preset`` < ``--config FILE.yaml`` < explicit flags and
+``key.path=value`` overrides. The resolved config is written to the run folder.
+
+Values the papers leave unstated (their appendices are not available) carry a comment saying
+where the default comes from; the README's glossary maps every paper symbol to its field.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fastncl import FastnclError
+
+METHODS = ("vanilla", "ncr", "sps", "esc")
+
+
+@dataclass
+class SyntheticConfig:
+    train_images: int = 1000
+    dev_images: int = 200
+    test_images: int = 200
+    captions_per_image: int = 5
+    regions: int = 12
+    feature_dim: int = 256
+    idiosyncratic_words: int = 1500
+    seed: int = 0  # the data's own seed: the same data whatever the training seed
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # "synthetic", or a SCAN/NCR precomputed-feature folder
+    noise: float = 0.0  # NCR-protocol noise rate in [0, 1)
+    noise_file: str | None = None  # a saved caption -> image index (.npy); overrides `noise`
+    noise_seed: int | None = None  # default: the run seed
+    dev_split: str = "dev"
+    test_split: str = "test"  # MS-COCO: "testall"
+    dev_images: int = 1000  # official code: validation on the first 1000 dev images
+    test_protocol: str = "full"  # "full" (F30K, CC152K, COCO 5K) or "coco" (adds COCO 1K 5-fold)
+    vocab: str | None = None  # vocabulary JSON; default: searched next to the data folder
+    max_len: int = 64  # captions are cut at this many tokens (with <start>/<end>)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "vse"  # the SGR/SAF heads come with their own issue
+    embed_dim: int = 256
+    word_dim: int = 128
+    dropout: float = 0.1  # on word embeddings
+
+
+@dataclass
+class OptimConfig:
+    batch_size: int = 128  # both papers
+    lr: float = 1e-3  # papers: 2e-4 for SGR; the small vse backbone on the default data trains faster at 1e-3
+    lr_step: int = 0  # multiply the lr by 0.1 every lr_step co-training epochs (0: never)
+    grad_clip: float = 2.0  # all official codes
+    warmup_epochs: int = 2  # SPS code: 5, ESC paper: 10 (on F30K)
+    epochs: int = 12  # co-training epochs after warm-up (papers: 40 on F30K)
+
+
+@dataclass
+class NCRConfig:
+    margin: float = 0.2  # alpha of the hinge
+    soft_margin_base: float = 10.0  # m of the exponential soft margin
+    clean_threshold: float = 0.5
+    min_noisy_fraction: float = 0.01  # official fallback when every pair looks clean
+
+
+@dataclass
+class SPSConfig:
+    tau: float = 0.07  # SPS Sec. 3.2
+    reliable_threshold: float = 0.99  # epsilon_1: paper Fig. 4; official code 0.6
+    noisy_threshold: float = 0.5  # epsilon_2
+    min_noisy_fraction: float = 0.01  # official fallback: if every p > epsilon_2, 1 % is made noisy
+    consistency_margin: float = 0.01  # alpha of Eq. 9-10 (paper: unstated; official: 0, no hinge)
+    cross_weight: float = 5.0  # lambda_1 (paper: unstated; official 25 on the SGR sigmoid scale)
+    metric_weight: float = 5.0  # lambda_2 (paper: unstated; official 25)
+    intramodal: str = "global"  # S(I_i, I_j) from "global" embeddings (paper) or "pooled" means (official)
+    proxy_label: str = "paper"  # "paper": Eq. 12; "official": prediction x cosine, cut at proxy_cut
+    proxy_gamma: float = 1.0  # gamma of Eq. 12 (paper: unstated)
+    proxy_beta: float = 5.0  # beta of Eq. 12 (paper: unstated)
+    proxy_cut: float = 0.5  # official proxy label: zeroed below this
+    proxy_directions: str = "both"  # "both" (paper) or "i2t" (official: image -> proxy caption only)
+    quasi_clean_start: int = 3  # co-training epoch from which L^qc is used (official: 10 of 40)
+    noisy_start: int = 5  # co-training epoch from which L^n is used (official: 15 of 40)
+    separate_steps: bool = False  # official: one optimizer step each for (re+cro+met), qc and n
+
+
+@dataclass
+class ESCConfig:
+    margin: float = 0.2  # alpha of the triplet loss (ESC Sec. 4.1)
+    soft_margin_base: float = 10.0  # m of the soft margin (ESC Sec. 4.1)
+    esc_weight: float = 0.5  # beta of Eq. 9
+    division_margin: float = 0.0  # alpha_1 of Eq. 8
+    train_margin: float = 0.0  # alpha_2 of Eq. 14
+    clean_threshold: float = 0.5  # delta of Eq. 12 (paper: in the supplement; BiCro/ESC code 0.5)
+    min_noisy_fraction: float = 0.01  # official fallback when every pair looks clean
+    mixture: str = "bmm"  # "bmm" (paper) or "gmm" (BiCro's run.py default)
+    mixture_iters: int = 10
+    division_hardest: bool = True  # l_hard over the hardest negative (paper Eq. 1); official: mean
+    esc_normalize: bool = False  # official: row-normalised l_ESC
+    train_esc: str = "pseudo_negative"  # L_ESC per-sample pseudo-negatives (Eq. 14) or one "anchor" (official)
+    anchors_clean: bool = True  # anchors always in the clean set (Eq. 12); official: by threshold only
+    label_anchor_fraction: float = 0.1  # BiCro soft labels: top B/10 + 1 pairs of a batch are anchors
+    noise_label_cut: float = 0.5  # BiCro noise_soft: soft labels <= this become 0
+    noisy_start: int = 6  # co-training epoch from which the noisy set is trained (paper: 20 of 40)
+    warmup: str = "all"  # "all": l_hard on every pair (paper); "select": smallest warmup_rate (official)
+    warmup_rate: float = 0.3
+    separate_steps: bool = False  # official: separate optimizer steps for noisy, clean and L_ESC
+
+
+@dataclass
+class RuntimeConfig:
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N"
+    backend: str = "auto"  # loss-op backend: "auto", "torch", "triton"
+    eval_batch: int = 1000  # images/captions encoded per chunk in evaluation and the split pass
+    progress: bool | None = None  # progress bars; default: when stderr is a terminal
+    threads: int = 0  # torch CPU threads (0: torch's default)
+
+
+@dataclass
+class Config:
+    method: str = "sps"
+    seed: int = 0
+    out: str | None = None
+    preset: str | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ncr: NCRConfig = field(default_factory=NCRConfig)
+    sps: SPSConfig = field(default_factory=SPSConfig)
+    esc: ESCConfig = field(default_factory=ESCConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Presets: the official codes' behaviour (reference-implementations notes, B.3 and H). The
+# official schedules (warm-up, epochs, lr, curriculum) are for Flickr30K-size data.
+PRESETS: dict[str, dict[str, Any]] = {
+    "vanilla": {"method": "vanilla"},
+    "ncr": {"method": "ncr"},
+    "sps": {"method": "sps"},
+    "esc": {"method": "esc"},
+    "sps-official": {
+        "method": "sps",
+        "sps": {
+            "reliable_threshold": 0.6, "consistency_margin": 0.0, "cross_weight": 25.0, "metric_weight": 25.0,
+            "intramodal": "pooled", "proxy_label": "official", "proxy_directions": "i2t", "separate_steps": True,
+            "quasi_clean_start": 10, "noisy_start": 15,
+        },
+        "optim": {"lr": 2e-4, "lr_step": 10, "warmup_epochs": 5, "epochs": 40},
+    },
+    "esc-official": {
+        "method": "esc",
+        "esc": {
+            "esc_normalize": True, "train_esc": "anchor", "division_hardest": False, "anchors_clean": False,
+            "warmup": "select", "separate_steps": True, "noisy_start": 20,
+        },
+        "optim": {"lr": 2e-4, "lr_step": 30, "warmup_epochs": 10, "epochs": 40},
+    },
+}
+
+CHOICES = {
+    "method": METHODS,
+    "data.test_protocol": ("full", "coco"),
+    "model.backbone": ("vse",),
+    "sps.intramodal": ("global", "pooled"),
+    "sps.proxy_label": ("paper", "official"),
+    "sps.proxy_directions": ("both", "i2t"),
+    "esc.mixture": ("bmm", "gmm"),
+    "esc.train_esc": ("pseudo_negative", "anchor"),
+    "esc.warmup": ("all", "select"),
+    "runtime.backend": ("auto", "torch", "triton"),
+}
+PROBABILITIES = ("ncr.clean_threshold", "sps.reliable_threshold", "sps.noisy_threshold", "esc.clean_threshold",
+                 "esc.noise_label_cut", "sps.proxy_cut", "esc.warmup_rate", "esc.label_anchor_fraction",
+                 "ncr.min_noisy_fraction", "sps.min_noisy_fraction", "esc.min_noisy_fraction")
+POSITIVE = ("optim.batch_size", "optim.lr", "model.embed_dim", "model.word_dim", "runtime.eval_batch",
+            "data.max_len", "data.synthetic.train_images", "data.synthetic.dev_images", "data.synthetic.test_images",
+            "data.synthetic.captions_per_image", "data.synthetic.regions", "data.synthetic.feature_dim",
+            "sps.tau", "esc.mixture_iters")
+
+
+def _merge(base: dict, update: dict, where: str, prefix: str = "") -> None:
+    for key, value in update.items():
+        path = f"{prefix}{key}"
+        if key not in base:
+            raise FastnclError(f"{where}: unknown config key '{path}'")
+        if isinstance(base[key], dict):
+            if not isinstance(value, dict):
+                raise FastnclError(f"{where}: '{path}' is a section; expected a mapping, got {value!r}")
+            _merge(base[key], value, where, path + ".")
+        else:
+            base[key] = value
+
+
+def _coerce(path: str, annotation: str, value: Any, where: str) -> Any:
+    """Check a value against its field's annotation (a string, as written in this module)."""
+    kinds = [k.strip() for k in annotation.split("|")]
+    if value is None:
+        if "None" in kinds:
+            return None
+        raise FastnclError(f"{where}: '{path}' may not be empty")
+    if "bool" in kinds and isinstance(value, bool):
+        return value
+    if "int" in kinds and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if "float" in kinds and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if "str" in kinds and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    wanted = " or ".join(k for k in kinds if k != "None")
+    raise FastnclError(f"{where}: '{path}' must be {wanted}, got {value!r}")
+
+
+def _build(cls, values: dict, where: str, prefix: str = ""):
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        path = f"{prefix}{f.name}"
+        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
+            kwargs[f.name] = _build(f.default_factory, values[f.name], where, path + ".")
+        else:
+            kwargs[f.name] = _coerce(path, f.type, values[f.name], where)
+    return cls(**kwargs)
+
+
+def _get(cfg: Config, path: str):
+    obj = cfg
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate(cfg: Config) -> Config:
+    for path, choices in CHOICES.items():
+        if _get(cfg, path) not in choices:
+            flag = "--method" if path == "method" else path
+            raise FastnclError(f"{flag}: must be one of {', '.join(choices)}; got {_get(cfg, path)!r}")
+    if not 0.0 <= cfg.data.noise < 1.0:
+        raise FastnclError(f"--noise: the noise rate must be in [0, 1), got {cfg.data.noise}")
+    for path in PROBABILITIES:
+        if not 0.0 <= _get(cfg, path) <= 1.0:
+            raise FastnclError(f"{path}: must be in [0, 1], got {_get(cfg, path)}")
+    for path in POSITIVE:
+        if not _get(cfg, path) > 0:
+            raise FastnclError(f"{path}: must be positive, got {_get(cfg, path)}")
+    if cfg.sps.noisy_threshold > cfg.sps.reliable_threshold:
+        raise FastnclError("sps.noisy_threshold (epsilon_2) must not exceed sps.reliable_threshold (epsilon_1)")
+    for path in ("optim.epochs", "optim.warmup_epochs", "optim.lr_step", "sps.quasi_clean_start",
+                 "sps.noisy_start", "esc.noisy_start", "runtime.threads"):
+        if _get(cfg, path) < 0:
+            raise FastnclError(f"{path}: must not be negative, got {_get(cfg, path)}")
+    if cfg.optim.epochs + cfg.optim.warmup_epochs == 0:
+        raise FastnclError("optim.epochs: nothing to train (epochs and warmup_epochs are both 0)")
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise FastnclError(f"override '{text}': expected key.path=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def nest(path: str, value: Any) -> dict:
+    out: Any = value
+    for part in reversed(path.split(".")):
+        out = {part: out}
+    return out
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise FastnclError(f"--config {path}: cannot read it ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise FastnclError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise FastnclError(f"--config {path}: expected a mapping at the top level")
+    return data
+
+
+def resolve(preset: str | None = None, config_file: str | None = None, overrides: list[tuple[str, Any]] = (),
+            method: str | None = None) -> Config:
+    """Defaults < preset < YAML file < overrides; validated."""
+    values = Config().to_dict()
+    if preset is not None:
+        if preset not in PRESETS:
+            raise FastnclError(f"--preset: unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+        _merge(values, PRESETS[preset], f"preset {preset}")
+        values["preset"] = preset
+    if config_file is not None:
+        _merge(values, load_yaml(config_file), f"--config {config_file}")
+    for key, value in overrides:
+        _merge(values, nest(key, value), f"override {key}")
+    if method is not None:
+        if preset is not None and PRESETS[preset]["method"] != method:
+            raise FastnclError(f"--method {method} contradicts --preset {preset} (a {PRESETS[preset]['method']} preset)")
+        values["method"] = method
+    return validate(_build(Config, values, "config"))
+
+
+def from_dict(values: dict, where: str) -> Config:
+    """A config from a dict (e.g. a run folder's config.yaml): unknown keys are errors."""
+    base = Config().to_dict()
+    _merge(base, values, where)
+    return validate(_build(Config, base, where))
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

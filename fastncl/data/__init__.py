@@ -1,0 +1,22 @@
+"""Data: the embedded synthetic default, the SCAN/NCR precomputed layout, noise, batches."""
+from __future__ import annotations
+
+from fastncl.config import DataConfig
+
+from .split import Dataset, Split, Vocab, tokenize
+
+
+def load_dataset(cfg: DataConfig) -> Dataset:
+    if cfg.source == "synthetic":
+        from .synthetic import make_synthetic
+
+        return make_synthetic(cfg.synthetic)
+    from .precomp import load_precomp
+
+    dataset = load_precomp(cfg.source, dev_split=cfg.dev_split, test_split=cfg.test_split, vocab_path=cfg.vocab,
+                           max_len=cfg.max_len)
+    dataset.dev = dataset.dev.truncated(cfg.dev_images)
+    return dataset
+
+
+__all__ = ["Dataset", "Split", "Vocab", "load_dataset", "tokenize"]

@@ -1,0 +1,68 @@
+"""Fixed-size training batches over (a subset of) the training pairs.
+
+Training pairs are indexed by caption: pair k is (image ``caption_to_image[k]``, caption k), so
+each epoch visits every caption once (the NCR convention). Every batch has exactly the batch size
+(shapes stay static for torch.compile and CUDA graphs): the last batch of an epoch is filled up
+with other pairs of the same subset, drawn without repetition inside the batch. A subset smaller
+than one batch yields a single batch of its own size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .split import Split
+
+
+@dataclass
+class Batch:
+    index: torch.Tensor  # (B,) int64 caption indices into the training split
+    images: torch.Tensor  # (B, R, D) float32
+    tokens: torch.Tensor  # (B, L) int64
+    lengths: torch.Tensor  # (B,) int64
+
+    def to(self, device) -> "Batch":
+        return Batch(*(t.to(device, non_blocking=True) for t in (self.index, self.images, self.tokens, self.lengths)))
+
+
+class PairBatches:
+    """Shuffled fixed-size batches over ``subset`` (caption indices) of the training pairs."""
+
+    def __init__(self, split: Split, caption_to_image: np.ndarray, subset: np.ndarray, batch_size: int,
+                 rng: np.random.Generator, device="cpu"):
+        self.split, self.caption_to_image = split, caption_to_image
+        self.subset = np.asarray(subset, dtype=np.int64)
+        self.batch_size = min(batch_size, len(self.subset))
+        self.rng, self.device = rng, device
+
+    def __len__(self) -> int:
+        return -(-len(self.subset) // self.batch_size) if len(self.subset) else 0
+
+    def batch(self, index: np.ndarray) -> Batch:
+        tokens, lengths = self.split.caption_batch(index)
+        images = self.split.image_batch(self.caption_to_image[index])
+        return Batch(torch.from_numpy(index), images, tokens, lengths).to(self.device)
+
+    def epoch_indices(self) -> list[np.ndarray]:
+        if not len(self):
+            return []
+        order = self.rng.permutation(self.subset)
+        b = self.batch_size
+        batches = [order[s : s + b] for s in range(0, len(order), b)]
+        short = b - len(batches[-1])
+        if short:
+            others = np.setdiff1d(self.subset, batches[-1], assume_unique=True)
+            batches[-1] = np.concatenate([batches[-1], self.rng.choice(others, size=short, replace=False)])
+        return batches
+
+    def __iter__(self) -> Iterator[Batch]:
+        for index in self.epoch_indices():
+            yield self.batch(index)
+
+    def cycle(self) -> Iterator[Batch]:
+        """Endless batches, reshuffled at each pass (secondary subsets that must keep pace)."""
+        while len(self):
+            yield from self

@@ -1,0 +1,121 @@
+"""Retrieval evaluation (R@K, RSum; COCO 1K 5-fold and 5K) and split diagnostics.
+
+Protocol (identical in NCR, BiCro, ESC, CREAM and SPS): image -> text ranks an image's best
+ground-truth caption among all captions; text -> image ranks a caption's image among all
+images; R@K in percent; RSum = the six recalls summed. Co-teaching inference averages the two
+models' similarity matrices. Ties are broken by index (a stable sort), so a collapsed model that
+scores everything equally gets no credit.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+
+KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
+
+
+def _ranks(scores: torch.Tensor, positive: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """For each row, the best (smallest) 0-based rank among its positive columns.
+
+    scores: (N, M); positive: (N, P) column indices of each row's positives.
+    """
+    out = torch.empty(scores.shape[0], dtype=torch.long)
+    for s in range(0, scores.shape[0], chunk):
+        block = scores[s : s + chunk]
+        order = torch.argsort(block, dim=1, descending=True, stable=True)
+        rank = torch.empty_like(order)
+        rank.scatter_(1, order, torch.arange(block.shape[1]).expand_as(order).contiguous())
+        out[s : s + chunk] = rank.gather(1, positive[s : s + chunk]).min(dim=1).values
+    return out
+
+
+def retrieval_metrics(sim, captions_per_image: int) -> dict:
+    """R@1/5/10 both ways and RSum (percent) for sim (n_images, n_captions).
+
+    Caption k belongs to image k // captions_per_image.
+    """
+    sim = torch.as_tensor(np.asarray(sim) if not isinstance(sim, torch.Tensor) else sim).detach().cpu().float()
+    n_img, n_cap = sim.shape
+    k = captions_per_image
+    if n_cap != n_img * k:
+        raise ValueError(f"similarity matrix {tuple(sim.shape)} does not have {k} captions per image")
+    gt_captions = torch.arange(n_img).view(-1, 1) * k + torch.arange(k).view(1, -1)  # (n_img, k)
+    i2t = _ranks(sim, gt_captions)
+    t2i = _ranks(sim.T, (torch.arange(n_cap) // k).view(-1, 1))
+    out = {}
+    for name, ranks in (("i2t", i2t), ("t2i", t2i)):
+        for r in (1, 5, 10):
+            out[f"{name}_r{r}"] = 100.0 * float((ranks < r).float().mean())
+    out["rsum"] = sum(out[key] for key in KEYS)
+    return out
+
+
+def fold5_metrics(sim, captions_per_image: int, fold_images: int = 1000) -> dict:
+    """COCO 1K protocol: metrics averaged over 5 folds of 1000 images; RSum of the averages."""
+    sim = torch.as_tensor(sim)
+    k = captions_per_image
+    folds = []
+    for f in range(sim.shape[0] // fold_images):
+        rows = slice(f * fold_images, (f + 1) * fold_images)
+        cols = slice(f * fold_images * k, (f + 1) * fold_images * k)
+        folds.append(retrieval_metrics(sim[rows, cols], k))
+    if not folds:
+        raise ValueError(f"fold5_metrics needs at least {fold_images} images, got {sim.shape[0]}")
+    out = {key: float(np.mean([m[key] for m in folds])) for key in KEYS}
+    out["rsum"] = sum(out[key] for key in KEYS)
+    return out
+
+
+@torch.no_grad()
+def similarity_matrix(models, split, device, chunk: int = 1000) -> torch.Tensor:
+    """(n_images, n_captions) similarities of a split, averaged over ``models``, on the CPU in fp32.
+
+    Images and captions are encoded in chunks; the matrix is scored block by block, so a
+    pairwise backbone never holds more than one chunk x chunk block of pairs.
+    """
+    total = torch.zeros(split.num_images, split.num_captions)
+    for model in models:
+        was_training = model.training
+        model.eval()
+        images = [model.encode_images(split.image_batch(np.arange(s, min(s + chunk, split.num_images))).to(device))
+                  for s in range(0, split.num_images, chunk)]
+        for s in range(0, split.num_captions, chunk):
+            index = np.arange(s, min(s + chunk, split.num_captions))
+            tokens, lengths = split.caption_batch(index)
+            captions = model.encode_captions(tokens.to(device), lengths.to(device))
+            for i, img in enumerate(images):
+                rows = slice(i * chunk, i * chunk + img.global_.shape[0])
+                total[rows, s : s + len(index)] += model.similarity(img, captions).float().cpu()
+        model.train(was_training)
+    return total / len(models)
+
+
+def split_diagnostics(clean_prob: np.ndarray, noisy_cut: float, clean_mask: np.ndarray | None,
+                      subsets: dict[str, np.ndarray] | None = None) -> dict:
+    """How well a split found the noisy pairs, against the ground truth when it is known.
+
+    precision/recall/F1 are those of the detected noisy set (clean_prob <= noisy_cut); AUC is the
+    ROC AUC of clean_prob as a score for "clean". ``subsets`` adds each subset's size and its
+    ground-truth clean count (the SPS paper's Figure 3).
+    """
+    detected = clean_prob <= noisy_cut
+    out = {"noisy_cut": float(noisy_cut), "detected_noisy": int(detected.sum())}
+    if subsets:
+        out["subsets"] = {name: {"size": int(len(idx))} for name, idx in subsets.items()}
+    if clean_mask is None:
+        return out
+    noisy = ~clean_mask
+    tp = int((detected & noisy).sum())
+    precision = tp / max(int(detected.sum()), 1)
+    recall = tp / max(int(noisy.sum()), 1)
+    out.update(
+        precision=precision,
+        recall=recall,
+        f1=2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+        auc=float(roc_auc_score(clean_mask, clean_prob)) if 0 < clean_mask.sum() < len(clean_mask) else None,
+    )
+    if subsets:
+        for name, idx in subsets.items():
+            out["subsets"][name]["clean"] = int(clean_mask[idx].sum())
+    return out

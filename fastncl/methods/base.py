@@ -1,0 +1,80 @@
+"""What a method is, as the trainer sees it.
+
+A method turns model outputs into losses and the training set into subsets:
+* ``warmup_loss(model, batch)``: the loss of a warm-up step on all pairs;
+* ``split_losses(model, batch)``: per-sample division losses (the trainer calls it under no_grad
+  with the model in eval mode, over the whole training set, once per epoch);
+* ``fit(losses)``: the mixture fit giving every pair's clean probability;
+* ``subsets(fit, anchors, co_epoch)``: caption indices per subset, the primary subset first
+  (the trainer iterates over the primary subset and cycles the others);
+* ``train_groups(model, peer, batches, peer_prob, co_epoch)``: a list of loss closures. The
+  trainer either sums them into one optimizer step (the papers' single objective) or, when
+  ``separate_steps`` is set, runs one optimizer step per closure in order (the official codes).
+
+Per-batch code works on fixed-size batches with per-sample weights and masks: no boolean
+indexing, no ``.item()``, no Python loop over samples, so that it can be compiled unchanged.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+from fastncl import kernels
+from fastncl.config import Config
+
+from .mixture import MixtureFit, fit_gmm
+
+LossGroup = Callable[[], dict]  # returns named terms; "loss" is what is minimised
+
+
+class Method:
+    name = "base"
+    subset_names: tuple[str, ...] = ()
+    separate_steps = False
+    uses_split = True
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.backend = cfg.runtime.backend
+
+    # -- division ---------------------------------------------------------------------------
+    def split_losses(self, model, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B,) division losses and an optional (B,) bool anchor flag."""
+        raise NotImplementedError
+
+    def fit(self, losses: np.ndarray) -> MixtureFit:
+        return fit_gmm(losses, seed=self.cfg.seed)
+
+    def noisy_cut(self, fit: MixtureFit) -> float:
+        """Clean probability at or below which a pair counts as detected noisy."""
+        raise NotImplementedError
+
+    def subsets(self, fit: MixtureFit, anchors: np.ndarray, co_epoch: int) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def active_subsets(self, co_epoch: int) -> tuple[str, ...]:
+        """The subsets trained on in this co-training epoch (the curriculum), primary first."""
+        return self.subset_names
+
+    # -- training ---------------------------------------------------------------------------
+    def warmup_loss(self, model, batch) -> dict:
+        raise NotImplementedError
+
+    def train_groups(self, model, peer, batches: dict, peer_prob: torch.Tensor, co_epoch: int) -> list[LossGroup]:
+        raise NotImplementedError
+
+    # -- shared pieces ----------------------------------------------------------------------
+    def infonce(self, sim: torch.Tensor, tau: float):
+        """Per-pair bidirectional InfoNCE loss (SPS Eq. 1) and prediction (SPS Eq. 15), each (B,)."""
+        l_i2t, l_t2i, p_i2t, p_t2i = kernels.infonce_terms(sim, tau, backend=self.backend)
+        return l_i2t + l_t2i, (p_i2t + p_t2i) / 2
+
+
+def two_way_split(clean_prob: np.ndarray, cut: float, forced_clean: np.ndarray | None = None):
+    """Caption indices (clean, noisy): clean = prob > cut, plus any forced-clean pairs."""
+    clean = clean_prob > cut
+    if forced_clean is not None:
+        clean |= forced_clean
+    return np.flatnonzero(clean), np.flatnonzero(~clean)

@@ -1,0 +1,155 @@
+"""ESC: Equivariant Similarity Consistency (Yang et al., CVPR 2024).
+
+Division (Eq. 1-12): per pair, l_div = l_hard + beta * l_ESC, where l_ESC compares S(I_a, T_i)
+with S(I_i, T_a) for the batch's anchor a = argmax_i S(I_i, T_i) (Eq. 6-8); a two-component
+Beta mixture on the normalised l_div gives the clean probability; clean = p > delta, plus the
+anchors (Eq. 12). Training (co-teaching; each model on its peer's split): soft correspondence
+labels predicted by the peer as BiCro defines them, the soft-margin triplet loss L_soft (Eq. 13)
+with the margin alpha * (m**y - 1) / (m - 1) applied per pair in both directions, and on clean
+pairs L_ESC (Eq. 14-15) against each pair's pseudo-negative
+p(i) = argmax_{j != i} S(I_j, T_i). Noisy pairs join from `noisy_start`.
+Official-code variants are options (config.ESCConfig; preset esc-official).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fastncl import kernels
+from fastncl.models import forward_pairs
+
+from .base import Method, two_way_split
+from .mixture import fit_bmm, fit_gmm, noisy_threshold
+from .ncr import hinge_confidence, soft_margin
+
+
+def _ratio(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """min(a/b, b/a) for positive cosines; 0 when either is not positive."""
+    return (torch.minimum(a, b).clamp_min(0) / torch.maximum(a, b).clamp_min(1e-6)).clamp(0, 1)
+
+
+def bicro_consistency(q_img, q_txt, k_img, k_txt, key_mask, backend="auto") -> torch.Tensor:
+    """BiCro's bidirectional similarity consistency of each query pair with its nearest anchor.
+
+    img2text: the anchor whose image is closest to the query image, then the ratio of the image
+    cosine and the text cosine to that anchor; text2img: the same with the anchor chosen by
+    caption. Returns (img2text + text2img) / 2 in [0, 1], shape (Bq,). Features are pooled
+    per-modality features; only keys with ``key_mask`` True are anchors.
+    """
+    qi, qt, ki, kt = (F.normalize(x.float(), dim=-1) for x in (q_img, q_txt, k_img, k_txt))
+    idx, a = kernels.proxy_argmax(qi, ki, key_mask, backend=backend)
+    img2text = _ratio(a, (qt * kt[idx.clamp_min(0)]).sum(-1))
+    idx, a = kernels.proxy_argmax(qt, kt, key_mask, backend=backend)
+    text2img = _ratio(a, (qi * ki[idx.clamp_min(0)]).sum(-1))
+    return (img2text + text2img) / 2
+
+
+def pseudo_negative(sim: torch.Tensor) -> torch.Tensor:
+    """(B,) index of each pair's pseudo-negative: argmax_{j != i} S(I_j, T_i) (ESC Sec. 3.3)."""
+    eye = torch.eye(sim.shape[0], dtype=torch.bool, device=sim.device)
+    return sim.detach().masked_fill(eye, float("-inf")).argmax(dim=0)
+
+
+class ESC(Method):
+    name = "esc"
+    subset_names = ("clean", "noisy")
+
+    @property
+    def separate_steps(self):
+        return self.cfg.esc.separate_steps
+
+    def split_losses(self, model, batch):
+        c = self.cfg.esc
+        sim = forward_pairs(model, batch.images, batch.tokens, batch.lengths).sim
+        l_hard = kernels.triplet_terms(sim, c.margin, hardest=c.division_hardest, backend=self.backend)
+        anchor = sim.diagonal().argmax()  # Eq. 6: the most similar pair of the batch
+        l_esc = kernels.esc_anchor_terms(sim, anchor, c.division_margin, c.esc_normalize, backend=self.backend)
+        is_anchor = torch.arange(sim.shape[0], device=sim.device) == anchor
+        return l_hard + c.esc_weight * l_esc, is_anchor  # Eq. 9
+
+    def fit(self, losses):
+        c = self.cfg.esc
+        return fit_bmm(losses, iters=c.mixture_iters) if c.mixture == "bmm" else fit_gmm(losses, seed=self.cfg.seed)
+
+    def noisy_cut(self, fit):
+        return noisy_threshold(fit.clean_prob, self.cfg.esc.clean_threshold, self.cfg.esc.min_noisy_fraction)
+
+    def subsets(self, fit, anchors, co_epoch):
+        forced = anchors if self.cfg.esc.anchors_clean else None  # Eq. 12: D_c contains D_a
+        clean, noisy = two_way_split(fit.clean_prob, self.noisy_cut(fit), forced)
+        return {"clean": clean, "noisy": noisy}
+
+    def active_subsets(self, co_epoch):
+        return self.subset_names if co_epoch >= self.cfg.esc.noisy_start else ("clean",)
+
+    def warmup_loss(self, model, batch):
+        c = self.cfg.esc
+        sim = forward_pairs(model, batch.images, batch.tokens, batch.lengths).sim
+        if c.warmup == "all":  # paper: l_hard on every pair
+            return {"loss": kernels.triplet_terms(sim, c.margin, hardest=c.division_hardest, backend=self.backend).sum()}
+        # official (BiCro warmup_sele): the smallest warmup_rate of the mean-hinge losses, summed
+        losses = kernels.triplet_terms(sim, c.margin, hardest=False, backend=self.backend)
+        k = max(1, int(losses.shape[0] * c.warmup_rate))
+        return {"loss": torch.topk(losses, k, largest=False).values.sum()}
+
+    def _soft_triplet(self, sim, label):
+        c = self.cfg.esc
+        return kernels.triplet_terms(sim, soft_margin(label, c.margin, c.soft_margin_base), hardest=True,
+                                     backend=self.backend).sum()
+
+    def _esc_train(self, sim):
+        """L_ESC (Eq. 14), summed over the batch."""
+        c = self.cfg.esc
+        anchor = pseudo_negative(sim) if c.train_esc == "pseudo_negative" else sim.detach().diagonal().argmax()
+        return kernels.esc_anchor_terms(sim, anchor, c.train_margin, c.esc_normalize, backend=self.backend).sum()
+
+    @torch.no_grad()
+    def _peer_labels(self, peer, batches, with_noisy: bool):
+        """BiCro soft correspondence labels, predicted by the peer for the clean (and noisy) batch."""
+        c = self.cfg.esc
+        b = batches["clean"]
+        out = forward_pairs(peer, b.images, b.tokens, b.lengths)
+        confidence = hinge_confidence(out.sim, c.margin, self.backend)
+        k = int(confidence.shape[0] * c.label_anchor_fraction) + 1
+        anchors = torch.zeros_like(confidence, dtype=torch.bool)
+        anchors[torch.topk(confidence, k).indices] = True
+        img, txt = out.images.pooled, out.captions.pooled
+        consistency = bicro_consistency(img, txt, img, txt, anchors, self.backend)
+        labels = {"clean": torch.where(anchors, torch.ones_like(consistency), 0.5 + consistency / 2)}
+        if with_noisy:
+            n = batches["noisy"]
+            out_n = forward_pairs(peer, n.images, n.tokens, n.lengths)
+            label = bicro_consistency(out_n.images.pooled, out_n.captions.pooled, img, txt, anchors, self.backend)
+            labels["noisy"] = torch.where(label <= c.noise_label_cut, torch.zeros_like(label), label)
+        return labels
+
+    def train_groups(self, model, peer, batches, peer_prob, co_epoch):
+        c = self.cfg.esc
+        with_noisy = "noisy" in batches
+        labels = self._peer_labels(peer, batches, with_noisy)
+
+        def forward(name):
+            b = batches[name]
+            return forward_pairs(model, b.images, b.tokens, b.lengths).sim
+
+        def noisy():
+            l_soft = self._soft_triplet(forward("noisy"), labels["noisy"])
+            return {"loss": l_soft, "soft_noisy": l_soft}
+
+        def clean():
+            sim = forward("clean")
+            terms = {"soft_clean": self._soft_triplet(sim, labels["clean"])}
+            if not self.separate_steps:  # Eq. 15: L = L_soft + L_ESC on the same forward pass
+                terms["esc"] = self._esc_train(sim)
+            return {"loss": sum(terms.values()), **terms}
+
+        def esc():  # official: its own forward pass and optimizer step
+            l_esc = self._esc_train(forward("clean"))
+            return {"loss": l_esc, "esc": l_esc}
+
+        groups = [noisy] if with_noisy else []
+        groups.append(clean)
+        if self.separate_steps:
+            groups.append(esc)
+        return groups

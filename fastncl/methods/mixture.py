@@ -1,0 +1,102 @@
+"""Two-component mixtures fitted to per-sample losses: clean probability of every training pair.
+
+Both fit the min-max normalised losses in float64 and return the posterior of the component with
+the *smaller mean* (identified after fitting, never by index):
+* ``fit_gmm``: scikit-learn's GaussianMixture with the NCR/CREAM/SPS settings
+  (max_iter 10, tol 1e-2, reg_covar 5e-4), SPS Eq. 4-5;
+* ``fit_bmm``: a Beta mixture fitted by EM with weighted method-of-moments M-steps (ESC
+  Eq. 10-11, BiCro/ESC code), guarded: losses are clipped to [eps, 1 - eps] for the fit *and*
+  the posterior (the official code evaluates the posterior at exactly 0 and 1, where a Beta
+  density with a shape below 1 is infinite), log-densities combined with log-sum-exp, and the
+  variance floored so that no shape parameter becomes NaN or infinite.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.special import logsumexp
+from scipy.stats import beta as beta_dist
+from sklearn.mixture import GaussianMixture
+
+
+@dataclass
+class MixtureFit:
+    clean_prob: np.ndarray  # (N,) float64 posterior of the low-loss component
+    normalized: np.ndarray  # (N,) float64 the losses as fitted, in [0, 1]
+    kind: str  # "gmm" or "bmm"
+    params: dict  # per component, clean first: weights and the component parameters
+
+    def density(self, x: np.ndarray) -> np.ndarray:
+        """(2, len(x)) weighted component densities at x (for plots)."""
+        w = np.asarray(self.params["weights"])[:, None]
+        if self.kind == "gmm":
+            mu, var = (np.asarray(self.params[k])[:, None] for k in ("means", "variances"))
+            return w * np.exp(-((x - mu) ** 2) / (2 * var)) / np.sqrt(2 * np.pi * var)
+        a, b = (np.asarray(self.params[k])[:, None] for k in ("alphas", "betas"))
+        return w * beta_dist.pdf(np.clip(x, 1e-4, 1 - 1e-4), a, b)
+
+
+def normalize_losses(losses) -> np.ndarray:
+    x = np.asarray(losses, dtype=np.float64)
+    if not np.all(np.isfinite(x)):
+        raise ValueError("per-sample losses contain NaN or inf")
+    span = x.max() - x.min()
+    return (x - x.min()) / span if span > 0 else np.zeros_like(x)
+
+
+def fit_gmm(losses, seed: int = 0, max_iter: int = 10, tol: float = 1e-2, reg_covar: float = 5e-4) -> MixtureFit:
+    x = normalize_losses(losses)
+    gmm = GaussianMixture(n_components=2, max_iter=max_iter, tol=tol, reg_covar=reg_covar, random_state=seed)
+    gmm.fit(x.reshape(-1, 1))
+    order = np.argsort(gmm.means_.ravel())  # clean = smaller mean loss
+    prob = gmm.predict_proba(x.reshape(-1, 1))[:, order[0]]
+    params = {
+        "weights": gmm.weights_[order].tolist(),
+        "means": gmm.means_.ravel()[order].tolist(),
+        "variances": gmm.covariances_.reshape(-1)[order].tolist(),
+    }
+    return MixtureFit(prob, x, "gmm", params)
+
+
+def _beta_moments(x: np.ndarray, w: np.ndarray) -> tuple[float, float]:
+    """Weighted method-of-moments Beta shapes, guarded against degenerate variance."""
+    w_sum = max(w.sum(), 1e-12)
+    mean = np.clip((w * x).sum() / w_sum, 1e-4, 1 - 1e-4)
+    var = max((w * (x - mean) ** 2).sum() / w_sum, 1e-8)
+    var = min(var, mean * (1 - mean) * (1 - 1e-6))  # a Beta's variance is below mean(1 - mean)
+    common = mean * (1 - mean) / var - 1
+    return mean * common, (1 - mean) * common
+
+
+def fit_bmm(losses, iters: int = 10, eps: float = 1e-4) -> MixtureFit:
+    x = np.clip(normalize_losses(losses), eps, 1 - eps)
+    alphas, betas, weights = np.array([1.0, 2.0]), np.array([2.0, 1.0]), np.array([0.5, 0.5])
+
+    def log_joint():  # (2, N) log(weight_k * pdf_k(x))
+        return np.log(weights)[:, None] + beta_dist.logpdf(x[None, :], alphas[:, None], betas[:, None])
+
+    for _ in range(iters):
+        lj = log_joint()
+        resp = np.exp(lj - logsumexp(lj, axis=0, keepdims=True))  # E-step
+        for k in range(2):  # M-step
+            alphas[k], betas[k] = _beta_moments(x, resp[k])
+        weights = np.clip(resp.sum(axis=1) / resp.sum(), 1e-6, None)
+        weights /= weights.sum()
+    lj = log_joint()
+    posterior = np.exp(lj - logsumexp(lj, axis=0, keepdims=True))
+    means = alphas / (alphas + betas)
+    order = np.argsort(means)  # clean = smaller mean loss
+    params = {"weights": weights[order].tolist(), "alphas": alphas[order].tolist(), "betas": betas[order].tolist()}
+    return MixtureFit(posterior[order[0]], x, "bmm", params)
+
+
+def noisy_threshold(clean_prob: np.ndarray, threshold: float, min_noisy_fraction: float) -> float:
+    """The clean-probability cut below or at which pairs are noisy.
+
+    Official fallback (NCR/CREAM/SPS/BiCro): when every pair would be clean, the cut becomes the
+    ``min_noisy_fraction`` quantile, so that about that fraction is treated as noisy.
+    """
+    if min_noisy_fraction > 0 and np.all(clean_prob > threshold):
+        return float(np.quantile(clean_prob, min_noisy_fraction))
+    return threshold

@@ -1,0 +1,127 @@
+"""SPS: Seeking Proxy Point via Stable Feature Space (Xie et al., IJCAI 2025).
+
+Per epoch, a GMM on the per-pair InfoNCE loss (Eq. 1-5) splits the training set into reliable
+(p > eps1), quasi-clean (eps2 < p <= eps1) and noisy (p <= eps2) pairs (Eq. 6-8); each model
+trains on the split computed by its peer. Per iteration:
+* reliable batch: L^re (Eq. 17) + lambda1 L^cro (Eq. 9) + lambda2 L^met (Eq. 10);
+* quasi-clean batch (from `quasi_clean_start`): L^qc (Eq. 14-16), soft label
+  p_peer + (1 - p_peer) * y_hat with y_hat the model's own Eq. 15 prediction;
+* noisy batch (from `noisy_start`): L^n (Eq. 11-13), every noisy image paired with the caption
+  of its most similar reliable image in the current reliable batch (and, in the paper's "both"
+  mode, every noisy caption with the image of its most similar reliable caption), weighted by
+  the proxy label of Eq. 12 (or the official prediction x cosine, cut at 0.5).
+Official-code departures are options (config.SPSConfig; preset sps-official).
+"""
+from __future__ import annotations
+
+import torch
+
+from fastncl import kernels
+from fastncl.models import forward_pairs, intramodal_similarity
+
+from .base import Method
+from .mixture import noisy_threshold
+
+
+class SPS(Method):
+    name = "sps"
+    subset_names = ("reliable", "quasi_clean", "noisy")
+
+    @property
+    def separate_steps(self):
+        return self.cfg.sps.separate_steps
+
+    def split_losses(self, model, batch):
+        sim = forward_pairs(model, batch.images, batch.tokens, batch.lengths).sim
+        loss, _ = self.infonce(sim, self.cfg.sps.tau)
+        return loss, None
+
+    def noisy_cut(self, fit):
+        c = self.cfg.sps
+        return noisy_threshold(fit.clean_prob, c.noisy_threshold, c.min_noisy_fraction)
+
+    def subsets(self, fit, anchors, co_epoch):
+        c, p = self.cfg.sps, fit.clean_prob
+        cut = self.noisy_cut(fit)
+        out = {
+            "reliable": (p > c.reliable_threshold).nonzero()[0],
+            "quasi_clean": ((p > cut) & (p <= c.reliable_threshold)).nonzero()[0],
+            "noisy": (p <= cut).nonzero()[0],
+        }
+        return out
+
+    def active_subsets(self, co_epoch: int) -> tuple[str, ...]:
+        c = self.cfg.sps
+        names = ["reliable"]  # curriculum: reliable first, then quasi-clean, then noisy
+        if co_epoch >= c.quasi_clean_start:
+            names.append("quasi_clean")
+        if co_epoch >= c.noisy_start:
+            names.append("noisy")
+        return tuple(names)
+
+    def warmup_loss(self, model, batch):
+        sim = forward_pairs(model, batch.images, batch.tokens, batch.lengths).sim
+        loss, _ = self.infonce(sim, self.cfg.sps.tau)
+        return {"loss": loss.mean()}
+
+    def _intramodal_features(self, enc) -> torch.Tensor:
+        """(B, E) unit vectors whose dot products are S(I_i, I_j) (or S(T_i, T_j))."""
+        if self.cfg.sps.intramodal == "global":
+            return enc.global_.detach()
+        return torch.nn.functional.normalize(enc.pooled.detach(), dim=-1)
+
+    def _proxy_label(self, cosine: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
+        c = self.cfg.sps
+        if c.proxy_label == "paper":  # Eq. 12
+            return 1.0 / (c.proxy_gamma + torch.exp(-c.proxy_beta * cosine))
+        label = prediction.detach() * cosine  # official code: P_hat x cos, zeroed below the cut
+        return torch.where(label < c.proxy_cut, torch.zeros_like(label), label)
+
+    def train_groups(self, model, peer, batches, peer_prob, co_epoch):
+        c = self.cfg.sps
+        cache = {}
+
+        def reliable():
+            b = batches["reliable"]
+            out = forward_pairs(model, b.images, b.tokens, b.lengths)
+            loss, _ = self.infonce(out.sim, c.tau)
+            l_re = loss.mean()  # Eq. 17 with y = 1
+            l_cro = kernels.cross_consistency(out.sim, c.consistency_margin, backend=self.backend)
+            l_met = kernels.metric_consistency(intramodal_similarity(out.images, c.intramodal),
+                                               intramodal_similarity(out.captions, c.intramodal),
+                                               c.consistency_margin, backend=self.backend)
+            cache["img"] = self._intramodal_features(out.images)
+            cache["txt"] = self._intramodal_features(out.captions)
+            total = l_re + c.cross_weight * l_cro + c.metric_weight * l_met
+            return {"loss": total, "re": l_re, "cro": l_cro, "met": l_met}
+
+        def quasi_clean():
+            b = batches["quasi_clean"]
+            out = forward_pairs(model, b.images, b.tokens, b.lengths)
+            loss, prediction = self.infonce(out.sim, c.tau)
+            p = peer_prob[b.index].to(loss.dtype)
+            label = p + (1 - p) * prediction.detach()  # Eq. 14 with y = 1
+            l_qc = (label * loss).mean()  # Eq. 16
+            return {"loss": l_qc, "qc": l_qc}
+
+        def noisy():
+            b, re = batches["noisy"], batches["reliable"]
+            # image -> proxy caption (Eq. 11-13): search among the reliable batch's images
+            img = model.encode_images(b.images)
+            index, cosine = kernels.proxy_argmax(self._intramodal_features(img), cache["img"], backend=self.backend)
+            cap = model.encode_captions(re.tokens[index], re.lengths[index])
+            loss, prediction = self.infonce(model.similarity(img, cap), c.tau)
+            l_n = (self._proxy_label(cosine, prediction) * loss).mean()
+            terms = {"n_i2t": l_n}
+            if c.proxy_directions == "both":  # caption -> proxy image
+                cap = model.encode_captions(b.tokens, b.lengths)
+                index, cosine = kernels.proxy_argmax(self._intramodal_features(cap), cache["txt"],
+                                                     backend=self.backend)
+                img = model.encode_images(re.images[index])
+                loss, prediction = self.infonce(model.similarity(img, cap), c.tau)
+                terms["n_t2i"] = (self._proxy_label(cosine, prediction) * loss).mean()
+                l_n = (terms["n_i2t"] + terms["n_t2i"]) / 2
+            return {"loss": l_n, "n": l_n, **terms}
+
+        groups = {"reliable": reliable, "quasi_clean": quasi_clean, "noisy": noisy}
+        return [groups[name] for name in self.active_subsets(co_epoch) if name in batches]

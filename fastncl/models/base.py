@@ -1,0 +1,37 @@
+"""The seam every backbone implements.
+
+A backbone encodes images and captions separately (``encode_images``, ``encode_captions``) and
+scores every image against every caption (``similarity``), returning a (B_img, B_cap) matrix
+with rows = images. Encodings carry the pooled per-modality features SPS and ESC use for
+intramodal similarity. A pairwise head (SGR/SAF) keeps its local features inside the encoding
+and does its cross-attention in ``similarity``; the trainer and the methods never look inside.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+
+class Encoding(NamedTuple):
+    global_: torch.Tensor  # (B, E) L2-normalised global embedding
+    pooled: torch.Tensor  # (B, E) mean of the normalised local features (official "mean-pooled")
+
+
+class BackboneOutput(NamedTuple):
+    sim: torch.Tensor  # (B, B) rows = images, columns = captions
+    images: Encoding
+    captions: Encoding
+
+
+def forward_pairs(model, images: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> BackboneOutput:
+    """Encode a batch of pairs and score every image against every caption."""
+    img, cap = model.encode_images(images), model.encode_captions(tokens, lengths)
+    return BackboneOutput(model.similarity(img, cap), img, cap)
+
+
+def intramodal_similarity(enc: Encoding, which: str) -> torch.Tensor:
+    """(B, B) cosine similarity within one modality, from "global" or "pooled" features."""
+    x = enc.global_ if which == "global" else F.normalize(enc.pooled, dim=-1)
+    return x @ x.T

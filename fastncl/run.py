@@ -1,0 +1,107 @@
+"""The run folder: config, metrics, checkpoints, results. Every file is written atomically.
+
+Layout: ``config.yaml`` (the resolved config), ``env.json`` (versions, device, noise-index hash),
+``log.txt``, ``metrics.jsonl`` (one line per epoch), ``noise_index.npy`` (caption -> image, int64),
+``checkpoints/{last,best}.pt`` and ``results.json``. Checkpoints hold only tensors, plain
+containers and scalars, so ``torch.load(weights_only=True)`` reads them.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastncl import FastnclError, __version__
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Write to a temporary file beside ``path``, then rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    @classmethod
+    def create(cls, path: str | Path, resume: bool) -> "RunDir":
+        run = cls(path)
+        if resume:
+            if not (run.path / "checkpoints" / "last.pt").exists():
+                raise FastnclError(f"--resume: {run.path} holds no checkpoints/last.pt to resume from")
+        elif run.path.exists() and any(run.path.iterdir()):
+            raise FastnclError(f"--out {run.path}: the run folder exists and is not empty; use --resume or another --out")
+        (run.path / "checkpoints").mkdir(parents=True, exist_ok=True)
+        return run
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def write_json(self, name: str, data) -> None:
+        write_atomic(self.file(name), json.dumps(data, indent=2) + "\n")
+
+    def write_noise_index(self, index: np.ndarray) -> str:
+        buf = io.BytesIO()
+        np.save(buf, index.astype(np.int64))
+        write_atomic(self.file("noise_index.npy"), buf.getvalue())
+        return hashlib.sha256(index.astype(np.int64).tobytes()).hexdigest()
+
+    def append_metrics(self, record: dict) -> None:
+        with open(self.file("metrics.jsonl"), "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def read_metrics(self) -> list[dict]:
+        path = self.file("metrics.jsonl")
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    def truncate_metrics(self, last_epoch: int) -> None:
+        """Keep the lines of epochs <= last_epoch (after a resume)."""
+        kept = [r for r in self.read_metrics() if r.get("epoch", -1) <= last_epoch]
+        write_atomic(self.file("metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in kept))
+
+    def save_checkpoint(self, name: str, state: dict) -> None:
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        write_atomic(self.file(f"checkpoints/{name}.pt"), buf.getvalue())
+
+    def load_checkpoint(self, name: str, map_location="cpu") -> dict:
+        path = self.file(f"checkpoints/{name}.pt")
+        if not path.exists():
+            raise FastnclError(f"{path}: no such checkpoint")
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as e:  # a truncated or foreign file
+            raise FastnclError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e})") from None
+
+
+def environment(device: torch.device) -> dict:
+    import sklearn
+
+    return {
+        "fastncl": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "scikit-learn": sklearn.__version__,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "world_size": 1,
+    }

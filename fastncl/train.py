@@ -1,0 +1,338 @@
+"""The co-teaching loop: warm-up, then per epoch split pass -> mixture fit -> subset steps ->
+dev evaluation -> checkpoint; finally the test evaluation of the best checkpoint.
+
+Two models A and B are trained side by side (every method, vanilla included, so that results
+are the two-model ensembles the papers report). In a co-training epoch each model trains on the
+subsets computed from its *peer's* per-sample losses at the start of the epoch.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from fastncl import FastnclError
+from fastncl.config import Config, dump_yaml
+from fastncl.data import load_dataset
+from fastncl.data.batches import PairBatches
+from fastncl.data.noise import load_noise_index, noisy_caption_index
+from fastncl.evaluation import fold5_metrics, retrieval_metrics, similarity_matrix, split_diagnostics
+from fastncl.methods import build_method
+from fastncl.models import build_backbone
+from fastncl.profiling import nvtx_range
+from fastncl.run import RunDir, environment, write_atomic
+
+log = logging.getLogger("fastncl")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise FastnclError(f"runtime.device={name}: CUDA is not available on this machine")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise FastnclError(f"runtime.device: not a device name: {name!r}") from None
+
+
+def default_out(cfg: Config) -> str:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return str(Path("runs") / f"{cfg.method}-noise{cfg.data.noise:g}-seed{cfg.seed}-{stamp}")
+
+
+def _setup_logging(run: RunDir) -> None:
+    log.setLevel(logging.INFO)
+    log.handlers.clear()
+    log.propagate = False
+    for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(run.file("log.txt"), encoding="utf-8")):
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, resume: bool = False):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.runtime.device)
+        if cfg.runtime.threads:
+            torch.set_num_threads(cfg.runtime.threads)
+        self.progress = sys.stderr.isatty() if cfg.runtime.progress is None else cfg.runtime.progress
+        # everything that can fail on bad input happens before the run folder is touched
+        self.data = load_dataset(cfg.data)
+        train = self.data.train
+        true_image = np.arange(train.num_captions, dtype=np.int64) // train.captions_per_image
+        if cfg.data.noise_file:
+            self.caption_to_image = load_noise_index(cfg.data.noise_file, train.num_captions, train.num_images)
+        else:
+            seed = cfg.seed if cfg.data.noise_seed is None else cfg.data.noise_seed
+            self.caption_to_image = noisy_caption_index(train.num_captions, train.captions_per_image,
+                                                        cfg.data.noise, seed)
+        injected = bool(cfg.data.noise_file) or cfg.data.noise > 0
+        self.clean_mask = (self.caption_to_image == true_image) if injected else None
+        self.method = build_method(cfg)
+
+        self.run = RunDir.create(cfg.out, resume)
+        _setup_logging(self.run)
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        self.models = [build_backbone(cfg.model, self.data.image_dim, len(self.data.vocab)).to(self.device)
+                       for _ in range(2)]
+        self.optims = [torch.optim.Adam(m.parameters(), lr=cfg.optim.lr) for m in self.models]
+        self.rng = np.random.default_rng(cfg.seed)
+        self.start_epoch, self.best_rsum, self.best_epoch = 0, -1.0, -1
+        self.last_split = None
+        if resume:
+            self._restore()
+        else:
+            write_atomic(self.run.file("config.yaml"), dump_yaml(cfg))
+            env = environment(self.device)
+            env["noise_index_sha256"] = self.run.write_noise_index(self.caption_to_image)
+            self.run.write_json("env.json", env)
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def _state(self, epoch: int) -> dict:
+        return {
+            "epoch": epoch,
+            "models": [m.state_dict() for m in self.models],
+            "optimizers": [o.state_dict() for o in self.optims],
+            "best_rsum": float(self.best_rsum),
+            "best_epoch": int(self.best_epoch),
+            "numpy_rng": self.rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(),
+            "python_rng": random.getstate(),
+            "config": self.cfg.to_dict(),
+            "last_split": self.last_split,
+        }
+
+    def _restore(self) -> None:
+        state = self.run.load_checkpoint("last")
+        for m, s in zip(self.models, state["models"]):
+            m.load_state_dict(s)
+        for o, s in zip(self.optims, state["optimizers"]):
+            o.load_state_dict(s)
+        self.rng.bit_generator.state = state["numpy_rng"]
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python_rng"]))
+        self.best_rsum, self.best_epoch = state["best_rsum"], state["best_epoch"]
+        self.last_split = state.get("last_split")
+        self.start_epoch = state["epoch"] + 1
+        self.run.truncate_metrics(state["epoch"])
+        log.info(f"resumed {self.run.path} after epoch {state['epoch']}")
+
+    # -- pieces of an epoch ----------------------------------------------------------------
+    def _set_lr(self, epoch: int) -> float:
+        o = self.cfg.optim
+        co_epoch = max(epoch - o.warmup_epochs, 0)
+        lr = o.lr * (0.1 ** (co_epoch // o.lr_step) if o.lr_step else 1.0)
+        for opt in self.optims:
+            for group in opt.param_groups:
+                group["lr"] = lr
+        return lr
+
+    def _batches(self, subset: np.ndarray) -> PairBatches:
+        return PairBatches(self.data.train, self.caption_to_image, subset, self.cfg.optim.batch_size, self.rng,
+                           self.device)
+
+    def _bar(self, it, total, desc):
+        return tqdm(it, total=total, desc=desc, leave=False, disable=not self.progress, dynamic_ncols=True)
+
+    def _step(self, model, opt, groups) -> dict:
+        """One iteration: all loss groups in one optimizer step, or one step per group."""
+        clip = self.cfg.optim.grad_clip
+        terms = {}
+        chunks = [[g] for g in groups] if self.method.separate_steps else [groups]
+        for chunk in chunks:
+            opt.zero_grad(set_to_none=True)
+            loss = 0.0
+            for group in chunk:
+                out = group()
+                loss = loss + out.pop("loss")
+                terms.update(out)
+            loss.backward()
+            if clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            opt.step()
+            terms.setdefault("loss", 0.0)
+            terms["loss"] = terms["loss"] + loss.detach()
+        return terms
+
+    @torch.no_grad()
+    def split_pass(self, model) -> tuple[np.ndarray, np.ndarray]:
+        """Per-sample division losses (and anchor flags) over the whole training set, eval mode."""
+        n = self.data.train.num_captions
+        losses, anchors = np.zeros(n), np.zeros(n, dtype=bool)
+        model.eval()
+        loader = self._batches(np.arange(n))
+        for batch in self._bar(loader, len(loader), "split pass"):
+            loss, anchor = self.method.split_losses(model, batch)
+            idx = batch.index.cpu().numpy()
+            losses[idx] = loss.float().cpu().numpy()
+            if anchor is not None:
+                anchors[idx[anchor.cpu().numpy()]] = True
+        model.train()
+        return losses, anchors
+
+    def _train_model(self, k: int, subsets: dict, peer_prob, co_epoch: int | None, desc: str) -> dict:
+        model, opt, peer = self.models[k], self.optims[k], self.models[1 - k]
+        names = [name for name in subsets if len(subsets[name])]
+        if not names or names[0] != next(iter(subsets)):
+            log.warning(f"{desc}: the {next(iter(subsets))} subset is empty; model {'AB'[k]} skips this epoch")
+            return {}
+        loaders = {name: self._batches(subsets[name]) for name in names}
+        primary, others = names[0], {name: loaders[name].cycle() for name in names[1:]}
+        model.train()
+        peer.eval()
+        sums, steps = {}, 0
+        for batch in self._bar(loaders[primary], len(loaders[primary]), desc):
+            batches = {primary: batch, **{name: next(it) for name, it in others.items()}}
+            if co_epoch is None:
+                groups = [lambda b=batch: self.method.warmup_loss(model, b)]
+            else:
+                groups = self.method.train_groups(model, peer, batches, peer_prob, co_epoch)
+            for name, value in self._step(model, opt, groups).items():
+                sums[name] = sums.get(name, 0.0) + value.detach()
+            steps += 1
+        peer.train()
+        return {name: float(v) / steps for name, v in sums.items()}  # sync: once per epoch
+
+    def evaluate(self, split) -> torch.Tensor:
+        return similarity_matrix(self.models, split, self.device, self.cfg.runtime.eval_batch)
+
+    # -- the loop --------------------------------------------------------------------------
+    def fit(self) -> dict:
+        cfg, o = self.cfg, self.cfg.optim
+        total = o.warmup_epochs + o.epochs
+        n = self.data.train.num_captions
+        log.info(f"fastncl {cfg.method}: {self.data.name} data, {n} training pairs, noise {cfg.data.noise:g}, "
+                 f"seed {cfg.seed}, device {self.device}; run folder {self.run.path}")
+        for epoch in range(self.start_epoch, total):
+            with nvtx_range(f"epoch {epoch}"):
+                self._epoch(epoch, total)
+        return self.finish()
+
+    def _epoch(self, epoch: int, total: int) -> None:
+        cfg, o = self.cfg, self.cfg.optim
+        t0 = time.perf_counter()
+        lr = self._set_lr(epoch)
+        warmup = epoch < o.warmup_epochs and self.method.uses_split
+        co_epoch = None if warmup else epoch - o.warmup_epochs
+        record = {"epoch": epoch, "phase": "warmup" if warmup else "train", "lr": lr}
+        all_pairs = {"all": np.arange(self.data.train.num_captions)}
+        losses = {}
+        if warmup or not self.method.uses_split:
+            for k in range(2):
+                with nvtx_range(f"train model {'AB'[k]}"):
+                    losses["AB"[k]] = self._train_model(k, all_pairs, None, co_epoch, f"epoch {epoch} {'AB'[k]}")
+        else:
+            with nvtx_range("split pass"):
+                passes = [self.split_pass(m) for m in self.models]
+            t_split = time.perf_counter()
+            with nvtx_range("mixture fit"):
+                fits = [self.method.fit(loss) for loss, _ in passes]
+            record["time_fit"] = time.perf_counter() - t_split
+            record["time_split"] = t_split - t0
+            record["split"] = self._diagnostics(fits, passes, co_epoch)
+            for k in range(2):  # model k trains on its peer's split
+                peer_fit, peer_anchors = fits[1 - k], passes[1 - k][1]
+                subsets = self.method.subsets(peer_fit, peer_anchors, co_epoch)
+                active = {name: subsets[name] for name in self.method.active_subsets(co_epoch)}
+                peer_prob = torch.from_numpy(peer_fit.clean_prob).float().to(self.device)
+                with nvtx_range(f"train model {'AB'[k]}"):
+                    losses["AB"[k]] = self._train_model(k, active, peer_prob, co_epoch, f"epoch {epoch} {'AB'[k]}")
+        record["losses"] = losses
+        t_train = time.perf_counter()
+        with nvtx_range("evaluation"):
+            dev = retrieval_metrics(self.evaluate(self.data.dev), self.data.dev.captions_per_image)
+        record["dev"] = dev
+        record["time_eval"] = time.perf_counter() - t_train
+        improved = dev["rsum"] > self.best_rsum
+        if improved:
+            self.best_rsum, self.best_epoch = dev["rsum"], epoch
+        with nvtx_range("checkpoint"):
+            state = self._state(epoch)
+            self.run.save_checkpoint("last", state)
+            if improved:
+                self.run.save_checkpoint("best", state)
+        record["time"] = time.perf_counter() - t0
+        self.run.append_metrics(record)
+        self._log_epoch(record, total)
+
+    def _diagnostics(self, fits, passes, co_epoch) -> dict:
+        per_model = []
+        for fit, (_, anchors) in zip(fits, passes):
+            subsets = self.method.subsets(fit, anchors, co_epoch)
+            per_model.append(split_diagnostics(fit.clean_prob, self.method.noisy_cut(fit), self.clean_mask, subsets))
+        mean_prob = (fits[0].clean_prob + fits[1].clean_prob) / 2
+        cut = (per_model[0]["noisy_cut"] + per_model[1]["noisy_cut"]) / 2
+        split = split_diagnostics(mean_prob, cut, self.clean_mask)
+        split["models"] = per_model
+        self.last_split = split
+        return split
+
+    def _log_epoch(self, r: dict, total: int) -> None:
+        d = r["dev"]
+        losses = " ".join(f"{m}:{v['loss']:.3f}" for m, v in r["losses"].items() if "loss" in v)
+        msg = (f"epoch {r['epoch'] + 1}/{total} [{r['phase']}] lr {r['lr']:.1e} loss {losses} | "
+               f"dev R@1 {d['i2t_r1']:.1f}/{d['t2i_r1']:.1f} rsum {d['rsum']:.1f}")
+        s = r.get("split")
+        if s and s.get("auc") is not None:
+            msg += f" | split auc {s['auc']:.3f} P {s['precision']:.2f} R {s['recall']:.2f}"
+        if s:
+            sizes = s["models"][0].get("subsets", {})
+            msg += " | " + " ".join(f"{name} {v['size']}" for name, v in sizes.items())
+        log.info(msg + f" | {r['time']:.1f}s")
+
+    def finish(self) -> dict:
+        cfg = self.cfg
+        state = self.run.load_checkpoint("best")
+        for m, s in zip(self.models, state["models"]):
+            m.load_state_dict(s)
+        test_sim = self.evaluate(self.data.test)
+        k = self.data.test.captions_per_image
+        results = {
+            "method": cfg.method,
+            "preset": cfg.preset,
+            "noise": cfg.data.noise,
+            "noise_file": cfg.data.noise_file,
+            "seed": cfg.seed,
+            "data": self.data.name,
+            "best_epoch": state["epoch"],
+            "dev_rsum": state["best_rsum"],
+            "test": retrieval_metrics(test_sim, k),
+            "split": self.last_split,
+        }
+        if cfg.data.test_protocol == "coco":
+            results["test_coco1k"] = fold5_metrics(test_sim, k)
+        self.run.write_json("results.json", results)
+        log.info(format_results(results))
+        return results
+
+
+def format_results(results: dict) -> str:
+    """The papers' R@K table for the test split, and the split quality."""
+    t = results["test"]
+    lines = [
+        f"test ({results['method']}, noise {results['noise']:g}, best epoch {results['best_epoch'] + 1}):",
+        "| Image->Text R@1 | R@5 | R@10 | Text->Image R@1 | R@5 | R@10 | RSum |",
+        "|---|---|---|---|---|---|---|",
+        "| " + " | ".join(f"{t[k]:.1f}" for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum"))
+        + " |",
+    ]
+    s = results.get("split")
+    if s and s.get("auc") is not None:
+        lines.append(f"noisy-pair detection (last epoch): AUC {s['auc']:.3f}, precision {s['precision']:.3f}, "
+                     f"recall {s['recall']:.3f}, F1 {s['f1']:.3f}")
+    return "\n".join(lines)
+
+
+def train(cfg: Config, resume: bool = False) -> dict:
+    if cfg.out is None:
+        cfg.out = default_out(cfg)
+    return Trainer(cfg, resume).fit()

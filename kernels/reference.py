@@ -1,0 +1,159 @@
+"""The loss ops of fastncl in plain PyTorch: the contract, and the CPU backend.
+
+Every op takes similarity matrices whose rows are images and columns captions,
+``sim[i, j] = S(I_i, T_j)``. Inputs may be fp16, bf16, fp32 or float64; everything is
+accumulated and returned in fp32 (float64 inputs stay float64, so that
+``torch.autograd.gradcheck`` can check the gradients). Softmaxes are log-sum-exp, never a
+raw ``exp(sim / tau)`` (the official SPS code's form, which overflows fp16 at tau = 0.07).
+
+The Triton kernels of the kernels issue must match these definitions; tests compare them.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "infonce_terms",
+    "cross_consistency",
+    "metric_consistency",
+    "esc_anchor_terms",
+    "triplet_terms",
+    "proxy_argmax",
+]
+
+
+def _acc(x: torch.Tensor) -> torch.Tensor:
+    """Upcast to the accumulation dtype: fp32, or float64 when the input already is."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _check_square(name: str, sim: torch.Tensor) -> None:
+    if sim.dim() != 2 or sim.shape[0] != sim.shape[1]:
+        raise ValueError(f"{name}: expected a square (B, B) similarity matrix, got shape {tuple(sim.shape)}")
+
+
+def infonce_terms(sim: torch.Tensor, tau: float):
+    """Per-pair bidirectional InfoNCE terms (SPS Eq. 1, 2 and 15).
+
+    Args:
+        sim: (B, B) similarities, rows = images, columns = captions.
+        tau: temperature.
+    Returns:
+        ``(loss_i2t, loss_t2i, prob_i2t, prob_t2i)``, each (B,):
+        ``loss_i2t[i] = logsumexp_j(sim[i, j] / tau) - sim[i, i] / tau`` (softmax over row i),
+        ``loss_t2i[i] = logsumexp_j(sim[j, i] / tau) - sim[i, i] / tau`` (softmax over column i),
+        ``prob = exp(-loss)``, the diagonal softmax probabilities.
+    """
+    _check_square("infonce_terms", sim)
+    logits = _acc(sim) / tau  # (B, B)
+    diag = logits.diagonal()
+    loss_i2t = torch.logsumexp(logits, dim=1) - diag
+    loss_t2i = torch.logsumexp(logits, dim=0) - diag
+    return loss_i2t, loss_t2i, torch.exp(-loss_i2t), torch.exp(-loss_t2i)
+
+
+def cross_consistency(sim: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SPS Eq. 9: mean over all (i, j) of ``max((sim[i, j] - sim[j, i])**2 - alpha, 0)``."""
+    _check_square("cross_consistency", sim)
+    s = _acc(sim)
+    return torch.relu((s - s.T) ** 2 - alpha).mean()
+
+
+def metric_consistency(sim_img: torch.Tensor, sim_txt: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SPS Eq. 10: mean over all (i, j) of ``max((sim_img[i, j] - sim_txt[i, j])**2 - alpha, 0)``.
+
+    ``sim_img`` and ``sim_txt`` are the two intramodal (B, B) similarity matrices.
+    """
+    _check_square("metric_consistency", sim_img)
+    if sim_txt.shape != sim_img.shape:
+        raise ValueError(
+            f"metric_consistency: sim_img {tuple(sim_img.shape)} and sim_txt {tuple(sim_txt.shape)} differ in shape"
+        )
+    return torch.relu((_acc(sim_img) - _acc(sim_txt)) ** 2 - alpha).mean()
+
+
+def esc_anchor_terms(sim: torch.Tensor, anchor, alpha: float = 0.0, normalize: bool = False) -> torch.Tensor:
+    """ESC terms of each pair against an anchor pair (ESC Eq. 7, 8 and 14).
+
+    With ``d_i = (sim[a, i] - sim[i, a])**2`` (S(I_a, T_i) against S(I_i, T_a)):
+    ``normalize=False`` gives ``max(d_i - alpha, 0)`` (ESC Eq. 8 and 14);
+    ``normalize=True`` gives ``d_i / sum_c (sim[a, c] - sim[i, a])**2``, the official code's
+    row-normalised variant (alpha is not used there).
+
+    Args:
+        sim: (B, B) similarities.
+        anchor: the anchor's index: an int, a 0-d integer tensor (one anchor for the batch, ESC
+            Eq. 6), or a (B,) integer tensor giving each pair its own anchor (the per-sample
+            pseudo-negatives of ESC Eq. 14).
+    Returns:
+        (B,) terms. A pair that is its own anchor gets 0.
+    """
+    _check_square("esc_anchor_terms", sim)
+    s = _acc(sim)
+    n = s.shape[0]
+    a = torch.as_tensor(anchor, device=s.device, dtype=torch.long).expand(n)  # (B,)
+    rows = s.index_select(0, a)  # (B, B): rows[i, c] = S(I_{a_i}, T_c)
+    col = s.gather(1, a.view(n, 1)).squeeze(1)  # (B,): S(I_i, T_{a_i})
+    diff = rows.gather(1, torch.arange(n, device=s.device).view(n, 1)).squeeze(1) - col
+    d = diff**2
+    if not normalize:
+        return torch.relu(d - alpha)
+    denom = ((rows - col.unsqueeze(1)) ** 2).sum(dim=1)
+    # official code: F.normalize clamps the row norm at 1e-12, so the squared norm at 1e-24
+    return d / denom.clamp_min(1e-24)
+
+
+def triplet_terms(sim: torch.Tensor, margin, hardest: bool) -> torch.Tensor:
+    """Per-pair bidirectional hinge triplet loss (VSE++ / NCR / ESC Eq. 1 and 13).
+
+    For pair i with margin m_i and diagonal d_i = sim[i, i]:
+    image i against negative captions j: ``max(m_i + sim[i, j] - d_i, 0)``;
+    caption i against negative images j: ``max(m_i + sim[j, i] - d_i, 0)``.
+    ``hardest=True`` takes the largest violation of each direction (VSE++), ``hardest=False``
+    the mean over the B - 1 negatives; the two directions are summed.
+
+    Args:
+        sim: (B, B) similarities.
+        margin: a float, or a (B,) tensor of per-pair margins (pair i's margin applies to both of
+            its directions; the official ESC/BiCro code broadcasts it along the wrong axis for
+            image-to-text, see the README).
+    Returns:
+        (B,) per-pair losses. With B = 1 there are no negatives and the loss is 0.
+    """
+    _check_square("triplet_terms", sim)
+    s = _acc(sim)
+    n = s.shape[0]
+    m = torch.as_tensor(margin, device=s.device, dtype=s.dtype)
+    m = m.view(n, 1) if m.dim() == 1 else m
+    diag = s.diagonal().view(n, 1)
+    negative = ~torch.eye(n, dtype=torch.bool, device=s.device)
+    cost_i2t = torch.relu(m + s - diag) * negative  # (B, B): row i = image i as query
+    cost_t2i = torch.relu(m + s.T - diag) * negative  # (B, B): row i = caption i as query
+    if hardest:
+        return cost_i2t.amax(dim=1) + cost_t2i.amax(dim=1)
+    return (cost_i2t.sum(dim=1) + cost_t2i.sum(dim=1)) / max(n - 1, 1)
+
+
+@torch.no_grad()
+def proxy_argmax(query: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor | None = None):
+    """For every query row, the key row with the largest dot product (SPS Eq. 11).
+
+    Args:
+        query: (Bq, D); keys: (Bk, D); key_mask: optional (Bk,) bool, True = key may be chosen.
+    Returns:
+        ``(index, value)``, each (Bq,): index int64, value fp32. Ties go to the lowest index;
+        a query with no valid key gets index -1 and value -inf. Not differentiable.
+    """
+    if query.dim() != 2 or keys.dim() != 2 or query.shape[1] != keys.shape[1]:
+        raise ValueError(
+            f"proxy_argmax: expected query (Bq, D) and keys (Bk, D), got {tuple(query.shape)} and {tuple(keys.shape)}"
+        )
+    scores = _acc(query) @ _acc(keys).T  # (Bq, Bk)
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask.view(1, -1), float("-inf"))
+    if scores.shape[1] == 0:
+        index = torch.full((query.shape[0],), -1, dtype=torch.long, device=query.device)
+        return index, torch.full((query.shape[0],), float("-inf"), dtype=scores.dtype, device=query.device)
+    value, index = scores.max(dim=1)  # torch.max returns the first maximal index
+    index = torch.where(torch.isneginf(value), torch.full_like(index, -1), index)
+    return index, value
