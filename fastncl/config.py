@@ -216,6 +216,11 @@ def _coerce(path: str, annotation: str, value: Any, where: str) -> Any:
         return value
     if "float" in kinds and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if "float" in kinds and isinstance(value, str):  # YAML 1.1 reads 2e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if "str" in kinds and isinstance(value, (str, int, float)) and not isinstance(value, bool):
         return str(value)
     wanted = " or ".join(k for k in kinds if k != "None")

@@ -39,7 +39,7 @@ def load_noise_index(path: str | Path, num_captions: int, num_images: int) -> np
     path = Path(path)
     try:
         index = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError) as e:
         raise FastnclError(f"--noise-file {path}: cannot read it as a .npy array ({e})") from None
     if index.ndim != 1 or index.shape[0] != num_captions or not np.issubdtype(index.dtype, np.integer):
         raise FastnclError(

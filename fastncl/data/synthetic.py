@@ -54,7 +54,7 @@ def _pseudo_words(rng: np.random.Generator, n: int) -> list[str]:
 
 
 def _caption(rng: np.random.Generator, attrs: dict[str, str], extra: list[str]) -> str:
-    mentioned = [s for s in ("color", "action", "place", "companion", "time") if rng.random() < 0.6]
+    mentioned = [s for s in ("color", "action", "place", "companion", "time") if rng.random() < 0.75]
     noun = attrs["object"]
     if "color" in mentioned:
         noun = f"{attrs['color']} {noun}"

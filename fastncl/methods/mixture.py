@@ -8,7 +8,10 @@ the *smaller mean* (identified after fitting, never by index):
   Eq. 10-11, BiCro/ESC code), guarded: losses are clipped to [eps, 1 - eps] for the fit *and*
   the posterior (the official code evaluates the posterior at exactly 0 and 1, where a Beta
   density with a shape below 1 is infinite), log-densities combined with log-sum-exp, and the
-  variance floored so that no shape parameter becomes NaN or infinite.
+  variance floored so that no shape parameter becomes NaN or infinite; finally, above the clean
+  component's mean, the clean probability is made non-increasing in the loss (a U-shaped Beta
+  component can otherwise give the largest losses a high clean probability, as happens when
+  many losses are exactly 0).
 """
 from __future__ import annotations
 
@@ -88,7 +91,11 @@ def fit_bmm(losses, iters: int = 10, eps: float = 1e-4) -> MixtureFit:
     means = alphas / (alphas + betas)
     order = np.argsort(means)  # clean = smaller mean loss
     params = {"weights": weights[order].tolist(), "alphas": alphas[order].tolist(), "betas": betas[order].tolist()}
-    return MixtureFit(posterior[order[0]], x, "bmm", params)
+    clean = posterior[order[0]]
+    right = np.flatnonzero(x >= means[order[0]])  # losses above the clean component's mean
+    right = right[np.argsort(x[right], kind="stable")]
+    clean[right] = np.minimum.accumulate(clean[right])  # non-increasing in the loss there
+    return MixtureFit(clean, x, "bmm", params)
 
 
 def noisy_threshold(clean_prob: np.ndarray, threshold: float, min_noisy_fraction: float) -> float:

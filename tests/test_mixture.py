@@ -1,0 +1,239 @@
+"""fastncl.methods.mixture: the two-component mixtures that give every pair its clean probability."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import fastncl.methods.mixture as mixture
+from fastncl.methods.mixture import fit_bmm, fit_gmm, noisy_threshold, normalize_losses
+
+
+def beta_mixture(n=4000, clean_weight=0.6, clean=(2, 8), noisy=(8, 2), seed=0):
+    """Losses from clean_weight * Beta(clean) + (1 - clean_weight) * Beta(noisy), and the clean labels."""
+    rng = np.random.default_rng(seed)
+    is_clean = rng.random(n) < clean_weight
+    losses = np.where(is_clean, rng.beta(*clean, n), rng.beta(*noisy, n))
+    return losses, is_clean
+
+
+def beta_means(fit) -> np.ndarray:
+    a, b = np.asarray(fit.params["alphas"]), np.asarray(fit.params["betas"])
+    return a / (a + b)
+
+
+def assert_valid_fit(fit, n):
+    assert fit.clean_prob.shape == (n,) and fit.clean_prob.dtype == np.float64
+    assert np.all(np.isfinite(fit.clean_prob))
+    assert np.all((fit.clean_prob >= 0) & (fit.clean_prob <= 1))
+    assert fit.normalized.shape == (n,) and np.all((fit.normalized >= 0) & (fit.normalized <= 1))
+    for name, value in fit.params.items():
+        value = np.asarray(value, dtype=np.float64)
+        assert value.shape == (2,) and np.all(np.isfinite(value)), (name, value)
+    assert np.isclose(sum(fit.params["weights"]), 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# fit_bmm
+
+
+def test_fit_bmm_recovers_a_known_beta_mixture():
+    losses, is_clean = beta_mixture()
+    fit = fit_bmm(losses, iters=100)  # run EM to convergence: this checks the E and M steps
+    assert_valid_fit(fit, len(losses))
+    assert fit.kind == "bmm"
+    # fit_bmm fits the min-max normalised losses, so the true means move with the normalisation
+    span = losses.max() - losses.min()
+    true_means = (np.array([0.2, 0.8]) - losses.min()) / span
+    np.testing.assert_allclose(beta_means(fit), true_means, atol=0.05)
+    np.testing.assert_allclose(fit.params["weights"], [0.6, 0.4], atol=0.05)
+    # the losses as fitted: normalised, then clipped to [eps, 1 - eps] (a Beta density is infinite at 0 and 1)
+    np.testing.assert_allclose(fit.normalized, np.clip((losses - losses.min()) / span, 1e-4, 1 - 1e-4))
+
+
+def test_fit_bmm_default_iterations_separate_clean_from_noisy():
+    losses, is_clean = beta_mixture()
+    fit = fit_bmm(losses)  # the official 10 EM iterations
+    assert_valid_fit(fit, len(losses))
+    means = beta_means(fit)
+    assert means[0] < 0.3 < 0.6 < means[1]
+    assert fit.clean_prob[losses < 0.2].mean() > 0.95
+    assert fit.clean_prob[losses > 0.8].mean() < 0.05
+    assert fit.clean_prob[is_clean].mean() > 0.85 and fit.clean_prob[~is_clean].mean() < 0.1
+    accuracy = np.mean((fit.clean_prob > 0.5) == is_clean)
+    assert accuracy > 0.95
+
+
+@pytest.mark.parametrize(
+    "losses",
+    [
+        pytest.param(np.r_[np.zeros(1000), np.ones(50), np.random.default_rng(1).random(500), np.full(300, 0.5)],
+                     id="zeros-ones-halves"),
+        pytest.param(np.r_[np.zeros(2000), np.random.default_rng(2).random(1000)], id="mostly-zeros"),
+        pytest.param(np.r_[np.zeros(500), np.ones(100)], id="two-values"),
+        pytest.param(np.full(100, 3.0), id="constant"),
+        pytest.param(np.array([0.1, 0.9]), id="two-samples"),
+        pytest.param(np.r_[np.full(300, 2.0), np.full(300, 7.5), np.linspace(2.0, 7.5, 101)], id="ties-at-min-and-max"),
+    ],
+)
+def test_fit_bmm_finite_with_exact_extremes_and_ties(losses):
+    with np.errstate(over="raise", divide="raise", invalid="raise"):  # underflow is harmless
+        fit = fit_bmm(losses)
+    assert_valid_fit(fit, len(losses))
+    a, b = np.asarray(fit.params["alphas"]), np.asarray(fit.params["betas"])
+    assert np.all(a > 0) and np.all(b > 0)
+    # the posterior at the smallest loss is at least that at the largest one
+    assert fit.clean_prob[np.argmin(losses)] >= fit.clean_prob[np.argmax(losses)]
+
+
+def test_fit_bmm_clean_component_is_the_low_mean_one_when_most_losses_are_high():
+    losses, is_clean = beta_mixture(clean_weight=0.15, seed=4)
+    fit = fit_bmm(losses)
+    assert_valid_fit(fit, len(losses))
+    means = beta_means(fit)
+    assert means[0] < means[1]
+    assert fit.params["weights"][0] < fit.params["weights"][1]  # the clean component is the small one here
+    assert fit.clean_prob[is_clean].mean() > fit.clean_prob[~is_clean].mean() + 0.5
+    assert fit.clean_prob[losses < 0.2].mean() > 0.5 > fit.clean_prob[losses > 0.8].mean()
+
+
+def test_fit_bmm_clean_component_found_after_fitting_not_by_index(monkeypatch):
+    """Swap the components in the first M-step so that EM ends with component 0 the *high*-mean
+    one; fit_bmm must still report the low-mean component as clean."""
+    losses, is_clean = beta_mixture(seed=5)
+    moments = mixture._beta_moments
+    calls = []
+
+    def swapped_first_m_step(x, w):
+        # two components: the other component's responsibilities are 1 - w
+        shapes = moments(x, 1 - w) if len(calls) < 2 else moments(x, w)
+        calls.append(shapes)
+        return shapes
+
+    monkeypatch.setattr(mixture, "_beta_moments", swapped_first_m_step)
+    fit = fit_bmm(losses)
+    (a0, b0), (a1, b1) = calls[-2], calls[-1]  # the last M-step's components 0 and 1
+    assert a0 / (a0 + b0) > a1 / (a1 + b1), "precondition: EM ended with the components in swapped order"
+    assert_valid_fit(fit, len(losses))
+    assert beta_means(fit)[0] < beta_means(fit)[1]
+    assert fit.clean_prob[is_clean].mean() > 0.7
+    assert fit.clean_prob[~is_clean].mean() < 0.1
+
+
+def test_fit_bmm_density_has_two_rows():
+    losses, _ = beta_mixture(n=500)
+    fit = fit_bmm(losses)
+    grid = np.linspace(0, 1, 11)  # includes exactly 0 and 1
+    dens = fit.density(grid)
+    assert dens.shape == (2, 11) and np.all(np.isfinite(dens)) and np.all(dens >= 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# fit_gmm
+
+
+def test_fit_gmm_clean_probability_decreases_with_loss():
+    losses, is_clean = beta_mixture()
+    fit = fit_gmm(losses)
+    assert_valid_fit(fit, len(losses))
+    assert fit.kind == "gmm"
+    assert fit.params["means"][0] < fit.params["means"][1]
+    order = np.argsort(losses)
+    lowest, highest = order[:400], order[-400:]
+    assert fit.clean_prob[lowest].min() > 0.9
+    assert fit.clean_prob[highest].max() < 0.1
+    assert fit.clean_prob[is_clean].mean() > fit.clean_prob[~is_clean].mean() + 0.8
+    # across the bulk of the data (between the two means) the posterior never increases with loss
+    x = fit.normalized
+    between = order[(x[order] > fit.params["means"][0]) & (x[order] < fit.params["means"][1])]
+    assert np.all(np.diff(fit.clean_prob[between]) <= 1e-12)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_fit_gmm_clean_component_is_low_mean_for_every_initialisation(seed):
+    # mostly high losses; scikit-learn's component order depends on the seed (on this data seed 3
+    # puts the low-mean component first and seeds 0, 1, 2, 4 the high-mean one); fit_gmm's answer must not
+    losses, is_clean = beta_mixture(clean_weight=0.1, seed=7)
+    fit = fit_gmm(losses, seed=seed)
+    assert_valid_fit(fit, len(losses))
+    assert fit.params["means"][0] < fit.params["means"][1]
+    assert fit.params["weights"][0] < 0.5
+    assert fit.clean_prob[is_clean].mean() > 0.8 and fit.clean_prob[~is_clean].mean() < 0.2
+
+
+def test_fit_gmm_finite_with_ties_and_extremes():
+    rng = np.random.default_rng(8)
+    losses = np.r_[np.zeros(1000), np.ones(50), rng.random(500), np.full(300, 0.5)]
+    fit = fit_gmm(losses)
+    assert_valid_fit(fit, len(losses))
+    assert fit.clean_prob[losses == 0].min() > fit.clean_prob[losses == 1].max()
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs, dtypes, thresholds
+
+
+@pytest.mark.parametrize("fit", (fit_bmm, fit_gmm), ids=("bmm", "gmm"))
+@pytest.mark.parametrize("dtype", (np.float32, np.float64, np.float16))
+def test_fits_work_in_float64(fit, dtype):
+    losses, _ = beta_mixture(n=1000)
+    result = fit(losses.astype(dtype))
+    assert result.clean_prob.dtype == np.float64
+    assert result.normalized.dtype == np.float64
+    assert_valid_fit(result, 1000)
+
+
+def test_fits_accept_torch_tensors_and_lists():
+    torch = pytest.importorskip("torch")
+    losses, _ = beta_mixture(n=500)
+    reference = fit_bmm(losses)
+    for converted in (torch.tensor(losses, dtype=torch.float64), losses.tolist()):
+        np.testing.assert_array_equal(fit_bmm(converted).clean_prob, reference.clean_prob)
+
+
+@pytest.mark.parametrize("bad", (np.nan, np.inf, -np.inf))
+def test_normalize_losses_rejects_non_finite(bad):
+    losses = np.array([0.1, 0.5, bad, 0.3])
+    with pytest.raises(ValueError, match="NaN or inf"):
+        normalize_losses(losses)
+    for fit in (fit_bmm, fit_gmm):
+        with pytest.raises(ValueError, match="NaN or inf"):
+            fit(losses)
+
+
+def test_normalize_losses_min_max():
+    np.testing.assert_allclose(normalize_losses([2.0, 4.0, 3.0, 2.5]), [0.0, 1.0, 0.5, 0.25])
+    out = normalize_losses(np.full(5, 7.0))  # no spread: all zeros, not NaN
+    assert out.dtype == np.float64 and np.array_equal(out, np.zeros(5))
+
+
+def test_noisy_threshold_normal_case_returns_the_threshold():
+    clean_prob = np.array([0.9, 0.2, 0.7, 0.95])  # one pair at or below the threshold
+    assert noisy_threshold(clean_prob, 0.5, 0.1) == 0.5
+    assert noisy_threshold(np.array([0.9, 0.5, 0.7]), 0.5, 0.1) == 0.5  # equality counts as noisy
+
+
+def test_noisy_threshold_falls_back_to_the_quantile_when_every_pair_is_clean():
+    clean_prob = np.linspace(0.6, 1.0, 101)  # every pair above 0.5
+    cut = noisy_threshold(clean_prob, 0.5, 0.1)
+    assert isinstance(cut, float)
+    assert cut == pytest.approx(float(np.quantile(clean_prob, 0.1)))
+    assert cut == pytest.approx(0.64)
+    assert np.mean(clean_prob <= cut) == pytest.approx(0.1, abs=0.011)
+
+
+def test_noisy_threshold_no_fallback_when_the_fraction_is_zero():
+    clean_prob = np.linspace(0.6, 1.0, 11)
+    assert noisy_threshold(clean_prob, 0.5, 0.0) == 0.5
+
+
+def test_fit_bmm_largest_losses_are_not_clean_when_many_losses_are_zero():
+    """Hinge losses are often exactly 0: a U-shaped clean component must not hand the largest
+    losses a high clean probability (the guard above the clean component's mean)."""
+    rng = np.random.default_rng(0)
+    losses = np.concatenate([np.zeros(2000), rng.beta(2, 8, 1000), rng.beta(8, 2, 1500)])
+    fit = fit_bmm(losses)
+    order = np.argsort(losses, kind="stable")
+    assert fit.clean_prob[order[:2000]].min() > 0.9  # the zeros are clean
+    assert fit.clean_prob[order[-500:]].max() < 0.5  # the largest losses are noisy
+    above = order[losses[order] >= np.median(losses)]
+    assert np.all(np.diff(fit.clean_prob[above]) <= 1e-12)  # non-increasing in the upper half
