@@ -56,6 +56,10 @@ def _train(args) -> int:
     if args.resume:
         if not args.out:
             raise FastnclError("--resume: give the run folder with --out")
+        others = [f"--{k.replace('_', '-')}" for k in ("method", "data", "noise", "noise_file", "preset", "config",
+                                                      "seed", "device") if getattr(args, k) is not None]
+        if others or args.overrides:
+            raise FastnclError(f"--resume continues with {args.out}/config.yaml; drop {', '.join(others + args.overrides)}")
         cfg_path = Path(args.out) / "config.yaml"
         if not cfg_path.exists():
             raise FastnclError(f"--resume: {cfg_path} does not exist")
@@ -90,7 +94,13 @@ def _report(args) -> int:
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "train":  # key=value overrides may sit between options
+        args.overrides += [x for x in extra if "=" in x and not x.startswith("-")]
+        extra = [x for x in extra if not ("=" in x and not x.startswith("-"))]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return {"train": _train, "eval": _eval, "report": _report}[args.command](args)
     except FastnclError as e:

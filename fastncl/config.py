@@ -23,12 +23,14 @@ METHODS = ("vanilla", "ncr", "sps", "esc")
 @dataclass
 class SyntheticConfig:
     train_images: int = 1000
-    dev_images: int = 200
-    test_images: int = 200
+    dev_images: int = 500
+    test_images: int = 1000
     captions_per_image: int = 5
     regions: int = 12
     feature_dim: int = 256
     idiosyncratic_words: int = 1500
+    region_noise: float = 2.0  # std of the per-region noise (prototypes have unit-variance entries)
+    instance_weight: float = 2.0  # weight of the per-image instance vector added to every region
     seed: int = 0  # the data's own seed: the same data whatever the training seed
 
 
@@ -51,6 +53,7 @@ class DataConfig:
 class ModelConfig:
     backbone: str = "vse"  # the SGR/SAF heads come with their own issue
     embed_dim: int = 256
+    pooling: str = "max"  # vse: pooling of the normalised region and word features ("max" or "mean")
     word_dim: int = 128
     dropout: float = 0.1  # on word embeddings
 
@@ -173,6 +176,7 @@ CHOICES = {
     "method": METHODS,
     "data.test_protocol": ("full", "coco"),
     "model.backbone": ("vse",),
+    "model.pooling": ("max", "mean"),
     "sps.intramodal": ("global", "pooled"),
     "sps.proxy_label": ("paper", "official"),
     "sps.proxy_directions": ("both", "i2t"),
@@ -264,6 +268,11 @@ def validate(cfg: Config) -> Config:
                  "sps.noisy_start", "esc.noisy_start", "runtime.threads"):
         if _get(cfg, path) < 0:
             raise FastnclError(f"{path}: must not be negative, got {_get(cfg, path)}")
+    for path in ("seed", "data.noise_seed", "data.synthetic.seed"):
+        if (_get(cfg, path) or 0) < 0:
+            raise FastnclError(f"{'--seed' if path == 'seed' else path}: must not be negative, got {_get(cfg, path)}")
+    if cfg.data.synthetic.regions < 7:
+        raise FastnclError("data.synthetic.regions: must be at least 7 (one region per attribute, plus one)")
     if cfg.optim.epochs + cfg.optim.warmup_epochs == 0:
         raise FastnclError("optim.epochs: nothing to train (epochs and warmup_epochs are both 0)")
     return cfg
@@ -293,6 +302,8 @@ def load_yaml(path: str | Path) -> dict:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise FastnclError(f"--config {path}: cannot read it ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise FastnclError(f"--config {path}: not a UTF-8 text file") from None
     except yaml.YAMLError as e:
         raise FastnclError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if data is None:

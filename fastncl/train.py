@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fastncl import FastnclError
+from fastncl import FastnclError, kernels
 from fastncl.config import Config, dump_yaml
 from fastncl.data import load_dataset
 from fastncl.data.batches import PairBatches
@@ -76,6 +76,10 @@ class Trainer:
                                                         cfg.data.noise, seed)
         injected = bool(cfg.data.noise_file) or cfg.data.noise > 0
         self.clean_mask = (self.caption_to_image == true_image) if injected else None
+        try:
+            kernels.resolve_backend(cfg.runtime.backend)
+        except NotImplementedError as e:
+            raise FastnclError(f"runtime.backend={cfg.runtime.backend}: {e}") from None
         self.method = build_method(cfg)
 
         self.run = RunDir.create(cfg.out, resume)

@@ -19,15 +19,24 @@ from fastncl import FastnclError
 from .split import PAD, SPECIALS, Dataset, Split, Vocab, pad_captions, tokenize
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise FastnclError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise FastnclError(f"{path}: cannot read it ({e.strerror})") from None
+
+
 def _read_captions(folder: Path, split: str) -> tuple[list[str], Path]:
     txt, tsv = folder / f"{split}_caps.txt", folder / f"{split}_caps.tsv"
     if txt.exists():
         path = txt
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = _read_text(path).splitlines()
     elif tsv.exists():
         path = tsv
         lines = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(_read_text(path).splitlines(), 1):
             parts = line.split("\t")
             if len(parts) < 2:
                 raise FastnclError(f"{path}:{n}: expected 'image_id<TAB>caption'")
@@ -72,7 +81,7 @@ def _find_vocab(folder: Path, vocab_path: str | None) -> Path | None:
 
 def _load_vocab(path: Path) -> Vocab:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(_read_text(path))
         word2idx = {str(w): int(i) for w, i in data["word2idx"].items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise FastnclError(f"{path}: not a vocabulary JSON with a 'word2idx' map ({type(e).__name__}: {e})") from None

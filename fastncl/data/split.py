@@ -15,13 +15,16 @@ import torch
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
 
-# Words, numbers and single punctuation marks; needs no downloaded model (nltk's punkt does).
-_TOKEN = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|[^\sa-z0-9]")
+# The tokens nltk.word_tokenize gives on captions, without its downloaded punkt model:
+# hyphenated words stay whole ("t-shirt"), clitics split off ("man's" -> "man", "'s";
+# "don't" -> "do", "n't"), every other punctuation mark is its own token.
+_NEGATION = re.compile(r"(?<=[a-z])n't\b")
+_TOKEN = re.compile(r"n't|'(?:s|m|d|re|ve|ll)\b|[a-z0-9]+(?:[-.][a-z0-9]+)*|[^\sa-z0-9]")
 
 
 def tokenize(text: str) -> list[str]:
-    """Lower-case word tokens of a caption, as SCAN-style vocabularies expect."""
-    return _TOKEN.findall(text.lower())
+    """Lower-case word tokens of a caption, as SCAN/NCR vocabularies (built with nltk) expect."""
+    return _TOKEN.findall(_NEGATION.sub(" n't", text.lower()))
 
 
 @dataclass

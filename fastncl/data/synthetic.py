@@ -93,7 +93,7 @@ def make_synthetic(spec: SyntheticConfig = SyntheticConfig()) -> Dataset:
         feats += [clutter[j] for j in rng.integers(len(clutter), size=r - len(feats))]
         feats = np.stack(feats)[rng.permutation(r)]
         instance = rng.standard_normal(d)
-        images[i] = feats + 0.6 * instance + 0.5 * rng.standard_normal((r, d))
+        images[i] = feats + spec.instance_weight * instance + spec.region_noise * rng.standard_normal((r, d))
         attrs = {s: ATTRIBUTES[s][v[k]] for k, s in enumerate(slots)}
         for _ in range(spec.captions_per_image):
             extra = list(rng.choice(idiosyncratic, size=int(rng.integers(1, 3)), replace=False))

@@ -9,7 +9,7 @@ from .vse import VSE
 
 def build_backbone(cfg: ModelConfig, image_dim: int, vocab_size: int):
     if cfg.backbone == "vse":
-        return VSE(image_dim, vocab_size, cfg.embed_dim, cfg.word_dim, cfg.dropout)
+        return VSE(image_dim, vocab_size, cfg.embed_dim, cfg.word_dim, cfg.dropout, cfg.pooling)
     raise ValueError(f"unknown backbone {cfg.backbone!r}")
 
 

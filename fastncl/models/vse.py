@@ -1,14 +1,15 @@
 """The `vse` backbone: a fast dual encoder with cosine similarity.
 
 Images: a per-region linear projection (Xavier init, as SGRAF's 2048 -> 1024 layer), each
-region L2-normalised, then mean-pooled. Captions: word embeddings (U(-0.1, 0.1)), dropout, a
-bidirectional GRU whose two halves are averaged, each word L2-normalised, then mean-pooled over
-the valid words. The similarity of image i and caption j is the cosine of the two pooled
-vectors, so a (B_img, B_cap) similarity matrix is one matrix product.
+region L2-normalised. Captions: word embeddings (U(-0.1, 0.1)), dropout, a bidirectional GRU
+whose two halves are averaged, each word L2-normalised. Each side is pooled over its regions or
+valid words (``pooling="max"``, element-wise, the default; or ``"mean"``) and L2-normalised;
+the similarity of image i and caption j is the cosine of the two, so a (B_img, B_cap) similarity
+matrix is one matrix product. (Mean pooling makes hardest-negative hinge training collapse onto
+a few hub images under noise on the embedded data; max pooling keeps it stable.)
 
-The pooled (un-normalised) means are the "mean-pooled features" the official SPS and BiCro codes
-use for intramodal similarity; the `global` embeddings are their normalised versions, so for
-this backbone both give the same cosines.
+The encodings also carry the mean of the normalised local features (un-normalised): the
+"mean-pooled features" the official SPS and BiCro codes use for intramodal similarity.
 """
 from __future__ import annotations
 
@@ -22,8 +23,11 @@ from .base import Encoding
 
 class VSE(nn.Module):
     def __init__(self, image_dim: int, vocab_size: int, embed_dim: int = 256, word_dim: int = 128,
-                 dropout: float = 0.1):
+                 dropout: float = 0.1, pooling: str = "max"):
         super().__init__()
+        if pooling not in ("max", "mean"):
+            raise ValueError(f"pooling must be 'max' or 'mean', got {pooling!r}")
+        self.pooling = pooling
         self.region_proj = nn.Linear(image_dim, embed_dim)
         self.word_embed = nn.Embedding(vocab_size, word_dim, padding_idx=0)
         self.word_dropout = nn.Dropout(dropout)
@@ -37,7 +41,8 @@ class VSE(nn.Module):
         """images: (B, R, D_in) region features."""
         regions = F.normalize(self.region_proj(images), dim=-1)  # (B, R, E)
         pooled = regions.mean(dim=1)  # (B, E)
-        return Encoding(global_=F.normalize(pooled, dim=-1), pooled=pooled)
+        pool = regions.amax(dim=1) if self.pooling == "max" else pooled
+        return Encoding(global_=F.normalize(pool, dim=-1), pooled=pooled)
 
     def encode_captions(self, tokens: torch.Tensor, lengths: torch.Tensor) -> Encoding:
         """tokens: (B, L) ids padded with 0; lengths: (B,)."""
@@ -48,7 +53,8 @@ class VSE(nn.Module):
         words = F.normalize((out[..., : self.embed_dim] + out[..., self.embed_dim :]) / 2, dim=-1)
         valid = (torch.arange(tokens.shape[1], device=tokens.device) < lengths.view(-1, 1)).unsqueeze(-1)
         pooled = (words * valid).sum(dim=1) / lengths.view(-1, 1).clamp_min(1)  # (B, E)
-        return Encoding(global_=F.normalize(pooled, dim=-1), pooled=pooled)
+        pool = words.masked_fill(~valid, float("-inf")).amax(dim=1) if self.pooling == "max" else pooled
+        return Encoding(global_=F.normalize(pool, dim=-1), pooled=pooled)
 
     def similarity(self, images: Encoding, captions: Encoding) -> torch.Tensor:
         """(B_img, B_cap) cosine similarities, rows = images."""

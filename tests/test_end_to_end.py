@@ -1,0 +1,256 @@
+"""Tiny end-to-end runs of every method through `fastncl train`, in-process, on the CPU.
+
+Data: 40 training images x 5 captions at 40 % noise; 1 warm-up + 2 co-training epochs, with the
+curricula moved forward (SPS quasi-clean from co-training epoch 0, noisy sets from epoch 1), so
+that every stage of every method runs. One thread: the models are tiny, and OpenMP threads only
+wait on each other on a busy machine.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from fastncl.cli import main
+from fastncl.data.noise import noisy_caption_index
+from fastncl.evaluation import KEYS
+from fastncl.train import Trainer
+
+pytestmark = pytest.mark.slow
+
+TRAIN_IMAGES, CPI, NOISE, SEED = 40, 5, 0.4, 0
+TINY = [
+    f"data.synthetic.train_images={TRAIN_IMAGES}", "data.synthetic.dev_images=10", "data.synthetic.test_images=10",
+    "data.synthetic.feature_dim=16",
+    "data.synthetic.regions=8",  # the synthetic images need >= 7 regions (6 attributes, one shown twice)
+    "data.synthetic.idiosyncratic_words=50", "model.embed_dim=16", "model.word_dim=8", "optim.batch_size=16",
+    "optim.warmup_epochs=1", "optim.epochs=2", "optim.lr_step=0", "sps.quasi_clean_start=0", "sps.noisy_start=1",
+    "esc.noisy_start=1", "runtime.progress=false", "runtime.threads=1", "runtime.device=cpu",
+]
+RUNS = {  # flags, and overrides after the common ones
+    "vanilla": (["--method", "vanilla"], []),
+    "ncr": (["--method", "ncr"], []),
+    # epsilon_1 = 0.99 leaves one model's reliable set empty on data this small
+    "sps": (["--method", "sps"], ["sps.reliable_threshold=0.8"]),
+    "esc": (["--method", "esc"], []),
+    "sps-official": (["--preset", "sps-official"], []),
+    "esc-official": (["--preset", "esc-official"], []),
+}
+EPOCHS = 3
+
+
+def train_args(name: str, out) -> list[str]:
+    flags, overrides = RUNS[name]
+    return ["train", *flags, "--noise", str(NOISE), "--seed", str(SEED), "--out", str(out), *TINY, *overrides]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)  # runtime.threads=1 sets it process-wide
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """name -> run folder, each run trained once per module (on first use)."""
+    root = tmp_path_factory.mktemp("runs")
+    done = {}
+
+    def get(name):
+        if name not in done:
+            out = root / name
+            assert main(train_args(name, out)) == 0
+            done[name] = out
+        return done[name]
+
+    return get
+
+
+def read_metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def results(run):
+    return json.loads((run / "results.json").read_text())
+
+
+def losses(run):
+    return [r["losses"] for r in read_metrics(run)]
+
+
+# ---------------------------------------------------------------------------------------------
+# every method
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_run_folder(trained, name):
+    run = trained(name)
+    for f in ("config.yaml", "env.json", "log.txt", "metrics.jsonl", "noise_index.npy", "results.json",
+              "checkpoints/last.pt", "checkpoints/best.pt"):
+        assert (run / f).is_file(), f
+    assert not list(run.rglob("*.tmp")), "a temporary file of an atomic write was left behind"
+
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["data"]["noise"] == NOISE and cfg["seed"] == SEED and cfg["out"] == str(run)
+    if name.endswith("official"):
+        assert cfg["preset"] == name
+
+    records = read_metrics(run)
+    assert [r["epoch"] for r in records] == list(range(EPOCHS))
+    for r in records:
+        assert set(KEYS) | {"rsum"} <= set(r["dev"])
+        for model in r["losses"].values():
+            assert all(np.isfinite(v) for v in model.values())
+
+    index = np.load(run / "noise_index.npy")
+    assert index.dtype == np.int64
+    np.testing.assert_array_equal(index, noisy_caption_index(TRAIN_IMAGES * CPI, CPI, NOISE, SEED))
+    env = json.loads((run / "env.json").read_text())
+    assert env["device"] == "cpu" and "torch" in env and len(env["noise_index_sha256"]) == 64
+
+    for which in ("last", "best"):
+        state = torch.load(run / "checkpoints" / f"{which}.pt", weights_only=True)
+        assert len(state["models"]) == 2 and len(state["optimizers"]) == 2
+        assert all(isinstance(v, torch.Tensor) for v in state["models"][0].values())
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["epoch"] == EPOCHS - 1
+
+    res = results(run)
+    method = name.split("-")[0]
+    assert res["method"] == method and res["noise"] == NOISE and res["seed"] == SEED
+    assert set(res["test"]) == {*KEYS, "rsum"}
+    assert all(0 <= res["test"][k] <= 100 for k in KEYS)
+    assert res["test"]["rsum"] == pytest.approx(sum(res["test"][k] for k in KEYS))
+    assert 0 <= res["best_epoch"] < EPOCHS
+    if method == "vanilla":
+        assert res["split"] is None
+    else:
+        assert 0 <= res["split"]["auc"] <= 1
+        assert {"precision", "recall", "f1", "models"} <= set(res["split"])
+    assert "epoch 3/3" in (run / "log.txt").read_text()
+
+
+@pytest.mark.parametrize("name, stage_terms", [
+    ("sps", {1: {"re", "cro", "met", "qc"}, 2: {"re", "qc", "n"}}),
+    ("sps-official", {1: {"re", "qc"}, 2: {"re", "qc", "n"}}),
+    ("esc", {1: {"soft_clean", "esc"}, 2: {"soft_clean", "esc", "soft_noisy"}}),
+    ("esc-official", {1: {"soft_clean", "esc"}, 2: {"soft_clean", "esc", "soft_noisy"}}),
+    ("ncr", {1: {"loss"}, 2: {"loss"}}),
+])
+def test_every_curriculum_stage_runs(trained, name, stage_terms):
+    records = read_metrics(trained(name))
+    assert records[0]["phase"] == "warmup"
+    for epoch, terms in stage_terms.items():
+        assert records[epoch]["phase"] == "train"
+        for model in ("A", "B"):
+            got = set(records[epoch]["losses"][model])
+            assert terms <= got, f"epoch {epoch} model {model}: terms {sorted(got)} lack {sorted(terms - got)}"
+    if name.startswith("esc"):  # the noisy set only joins at esc.noisy_start = 1
+        assert "soft_noisy" not in records[1]["losses"]["A"]
+    if name.startswith("sps"):
+        assert "n" not in records[1]["losses"]["A"]
+
+
+# ---------------------------------------------------------------------------------------------
+# noise file, determinism, resume
+
+
+def test_noise_file_reproduces_the_noise_index(trained, tmp_path):
+    source = trained("sps") / "noise_index.npy"
+    out = tmp_path / "reuse"
+    args = ["train", "--method", "ncr", "--seed", "1", "--noise-file", str(source), "--out", str(out), *TINY,
+            "optim.warmup_epochs=1", "optim.epochs=0"]
+    assert main(args) == 0
+    np.testing.assert_array_equal(np.load(out / "noise_index.npy"), np.load(source))
+    env_a = json.loads((trained("sps") / "env.json").read_text())
+    env_b = json.loads((out / "env.json").read_text())
+    assert env_a["noise_index_sha256"] == env_b["noise_index_sha256"]
+    assert results(out)["noise_file"] == str(source)
+
+
+@pytest.mark.parametrize("name", ["esc", "sps-official"])
+def test_same_seed_same_results(trained, tmp_path, name):
+    out = tmp_path / "again"
+    assert main(train_args(name, out)) == 0
+    assert results(out)["test"] == results(trained(name))["test"]
+    assert losses(out) == losses(trained(name))
+    assert [r["dev"] for r in read_metrics(out)] == [r["dev"] for r in read_metrics(trained(name))]
+
+
+@pytest.mark.parametrize("name", ["sps", "esc"])
+def test_resume_after_an_interruption_gives_the_uninterrupted_results(trained, tmp_path, monkeypatch, name):
+    full = trained(name)
+    out = tmp_path / "interrupted"
+    original = Trainer._epoch
+
+    def interrupted(self, epoch, total):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return original(self, epoch, total)
+
+    monkeypatch.setattr(Trainer, "_epoch", interrupted)
+    assert main(train_args(name, out)) == 130
+    monkeypatch.setattr(Trainer, "_epoch", original)
+    assert not (out / "results.json").exists()
+    assert [r["epoch"] for r in read_metrics(out)] == [0, 1]
+    assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 1
+
+    assert main(["train", "--resume", "--out", str(out)]) == 0
+    assert [r["epoch"] for r in read_metrics(out)] == list(range(EPOCHS))
+    assert results(out)["test"] == results(full)["test"]
+    assert losses(out) == losses(full)
+    assert [r["dev"] for r in read_metrics(out)] == [r["dev"] for r in read_metrics(full)]
+
+
+def test_resume_drops_metrics_of_an_unsaved_epoch(trained, tmp_path):
+    """metrics.jsonl lines after the checkpoint's epoch (an epoch cut short) are dropped on resume."""
+    out = tmp_path / "copy"
+    shutil.copytree(trained("ncr"), out)
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert state["epoch"] == EPOCHS - 1
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text("\n".join(lines + [json.dumps({"epoch": EPOCHS, "stale": True})]) + "\n")
+    assert main(["train", "--resume", "--out", str(out)]) == 0  # nothing left to train: evaluates and finishes
+    assert [r["epoch"] for r in read_metrics(out)] == list(range(EPOCHS))
+    assert results(out)["test"] == results(trained("ncr"))["test"]
+
+
+# ---------------------------------------------------------------------------------------------
+# eval and report
+
+
+def test_eval_prints_the_r_at_k_table(trained, capsys):
+    run = trained("esc")
+    capsys.readouterr()
+    assert main(["eval", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "| Image->Text R@1 | R@5 | R@10 | Text->Image R@1 | R@5 | R@10 | RSum |" in out
+    assert "best checkpoint" in out
+    test = results(run)["test"]
+    row = "| " + " | ".join(f"{test[k]:.1f}" for k in (*KEYS, "rsum")) + " |"
+    assert row in out  # the best checkpoint evaluated again gives the run's own numbers
+
+
+def test_eval_dev_split_last_checkpoint(trained, capsys):
+    run = trained("vanilla")
+    capsys.readouterr()
+    assert main(["eval", str(run), "--split", "dev", "--checkpoint", "last"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("dev (last checkpoint") and "RSum" in out
+    dev = read_metrics(run)[-1]["dev"]
+    assert f"| {dev['rsum']:.1f} |" in out
+
+
+def test_report_writes_report_md(trained, capsys):
+    run = trained("sps")
+    assert main(["report", str(run)]) == 0
+    text = (run / "report.md").read_text()
+    assert text.startswith("# fastncl run")
+    rows = [line for line in text.splitlines() if line.startswith("| ") and line.split("|")[1].strip().isdigit()]
+    assert len(rows) == EPOCHS
+    assert "Image->Text R@1" in text and "noisy-pair detection" in text
+    assert "report written to" in capsys.readouterr().out

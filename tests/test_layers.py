@@ -1,0 +1,128 @@
+"""One-way layers (house style B3), checked on the source with ast; failures name file, line and rule."""
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = sorted(p for top in ("fastncl", "kernels") for p in (ROOT / top).rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[0] == "kernels":
+        parts.insert(0, "fastncl")
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _imports(path: Path, source: str | None = None):
+    """(line, absolute module name, relative?) for every import in the file, nested ones included.
+
+    ``from pkg import name`` yields both ``pkg`` and ``pkg.name`` (the name may be a submodule).
+    """
+    if source is None:
+        source = path.read_text(encoding="utf-8")
+    tree = ast.parse(source, filename=str(path))
+    module = _module_name(path)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name, False
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module
+            yield node.lineno, target, bool(node.level)
+            for alias in node.names:
+                yield node.lineno, f"{target}.{alias.name}", bool(node.level)
+
+
+def _within(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def _rel(path: Path) -> str:
+    return str(path.relative_to(ROOT))
+
+
+def _violations(rule: str, paths, forbidden, sources: dict | None = None) -> list[str]:
+    out = []
+    for path in paths:
+        for line, name, _ in _imports(path, (sources or {}).get(path)):
+            for prefix in forbidden:
+                if _within(name, prefix):
+                    out.append(f"{_rel(path)}:{line}: imports {name} ({rule})")
+    return sorted(set(out))
+
+
+def _under(folder: str) -> list[Path]:
+    return [p for p in SOURCES if p.relative_to(ROOT).parts[: len(Path(folder).parts)] == Path(folder).parts]
+
+
+def test_the_walk_finds_the_layers():
+    names = {_module_name(p) for p in SOURCES}
+    assert {"fastncl.kernels", "fastncl.kernels.reference", "fastncl.methods.sps", "fastncl.cli",
+            "fastncl.data.precomp", "fastncl.models.vse"} <= names
+
+
+def test_relative_imports_are_resolved():
+    found = {name for _, name, rel in _imports(ROOT / "fastncl" / "data" / "__init__.py") if rel}
+    assert "fastncl.data.split" in found
+    found = {name for _, name, rel in _imports(ROOT / "kernels" / "__init__.py") if rel}
+    assert "fastncl.kernels.reference" in found
+
+
+def test_kernels_import_only_themselves_torch_and_the_stdlib():
+    rule = "rule: kernels/ imports nothing from fastncl; only relative imports, torch and the standard library"
+    bad = []
+    for path in _under("kernels"):
+        for line, name, relative in _imports(path):
+            if relative:
+                if not _within(name, "fastncl.kernels"):
+                    bad.append(f"{_rel(path)}:{line}: imports {name} ({rule})")
+                continue
+            top = name.split(".")[0]
+            if top == "torch" or top in sys.stdlib_module_names:
+                continue
+            bad.append(f"{_rel(path)}:{line}: imports {name} ({rule})")
+    assert not bad, "\n".join(sorted(set(bad)))
+
+
+@pytest.mark.parametrize("layer", ["fastncl/models", "fastncl/data"])
+def test_models_and_data_never_import_methods_train_or_cli(layer):
+    rule = f"rule: {layer} never imports fastncl.methods, fastncl.train or fastncl.cli"
+    bad = _violations(rule, _under(layer), ("fastncl.methods", "fastncl.train", "fastncl.cli"))
+    assert not bad, "\n".join(bad)
+
+
+def test_methods_never_import_train_run_cli_or_data():
+    rule = "rule: fastncl/methods never imports fastncl.train, fastncl.run, fastncl.cli or fastncl.data"
+    bad = _violations(rule, _under("fastncl/methods"), ("fastncl.train", "fastncl.run", "fastncl.cli", "fastncl.data"))
+    assert not bad, "\n".join(bad)
+
+
+def test_nothing_imports_the_cli_but_main():
+    rule = "rule: nothing imports fastncl.cli except fastncl/__main__.py"
+    others = [p for p in SOURCES if p != ROOT / "fastncl" / "__main__.py"]
+    bad = _violations(rule, others, ("fastncl.cli",))
+    assert not bad, "\n".join(bad)
+    main_imports = {name for _, name, _ in _imports(ROOT / "fastncl" / "__main__.py")}
+    assert "fastncl.cli" in main_imports
+
+
+def test_a_violation_message_names_file_line_and_rule():
+    """The checker itself: a planted bad import (nested in a function, relative) is reported."""
+    fake = ROOT / "fastncl" / "models" / "zz_planted.py"
+    source = "import torch\n\n\ndef f():\n    from ..train import Trainer\n"
+    bad = _violations("rule: X", [fake], ("fastncl.train",), {fake: source})
+    assert bad == ["fastncl/models/zz_planted.py:5: imports fastncl.train (rule: X)",
+                   "fastncl/models/zz_planted.py:5: imports fastncl.train.Trainer (rule: X)"]
