@@ -64,7 +64,9 @@ class OptimConfig:
     lr: float = 1e-3  # papers: 2e-4 for SGR; the small vse backbone on the default data trains faster at 1e-3
     lr_step: int = 0  # multiply the lr by 0.1 every lr_step co-training epochs (0: never)
     grad_clip: float = 2.0  # all official codes
-    warmup_epochs: int = 2  # SPS code: 5, ESC paper: 10 (on F30K)
+    warmup_epochs: int = 5  # SPS code: 5, ESC paper: 10 (on F30K)
+    fill_epoch: bool = True  # an epoch trains on at least N pairs, cycling small subsets (official: one
+    # pass over the primary subset, so a tiny reliable set gives SPS a tiny epoch)
     epochs: int = 12  # co-training epochs after warm-up (papers: 40 on F30K)
 
 
@@ -114,7 +116,7 @@ class ESCConfig:
     label_anchor_fraction: float = 0.1  # BiCro soft labels: top B/10 + 1 pairs of a batch are anchors
     noise_label_cut: float = 0.5  # BiCro noise_soft: soft labels <= this become 0
     noisy_start: int = 6  # co-training epoch from which the noisy set is trained (paper: 20 of 40)
-    warmup: str = "all"  # "all": l_hard on every pair (paper); "select": smallest warmup_rate (official)
+    warmup: str = "all"  # "all": mean hinge on every pair; "select": smallest warmup_rate only (official)
     warmup_rate: float = 0.3
     separate_steps: bool = False  # official: separate optimizer steps for noisy, clean and L_ESC
 
@@ -160,7 +162,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "intramodal": "pooled", "proxy_label": "official", "proxy_directions": "i2t", "separate_steps": True,
             "quasi_clean_start": 10, "noisy_start": 15,
         },
-        "optim": {"lr": 2e-4, "lr_step": 10, "warmup_epochs": 5, "epochs": 40},
+        "optim": {"lr": 2e-4, "lr_step": 10, "warmup_epochs": 5, "epochs": 40, "fill_epoch": False},
     },
     "esc-official": {
         "method": "esc",
@@ -168,7 +170,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "esc_normalize": True, "train_esc": "anchor", "division_hardest": False, "anchors_clean": False,
             "warmup": "select", "separate_steps": True, "noisy_start": 20,
         },
-        "optim": {"lr": 2e-4, "lr_step": 30, "warmup_epochs": 10, "epochs": 40},
+        "optim": {"lr": 2e-4, "lr_step": 30, "warmup_epochs": 10, "epochs": 40, "fill_epoch": False},
     },
 }
 

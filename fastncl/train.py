@@ -190,12 +190,16 @@ class Trainer:
             log.warning(f"{desc}: the {next(iter(subsets))} subset is empty; model {'AB'[k]} skips this epoch")
             return {}
         loaders = {name: self._batches(subsets[name]) for name in names}
-        primary, others = names[0], {name: loaders[name].cycle() for name in names[1:]}
+        n_steps = len(loaders[names[0]])  # official: one pass over the primary subset
+        if self.cfg.optim.fill_epoch:  # at least as many pairs per epoch as the training set holds
+            n_steps = max(n_steps, -(-self.data.train.num_captions // (self.cfg.optim.batch_size * len(names))))
+        streams = {name: loader.cycle() for name, loader in loaders.items()}
         model.train()
         peer.eval()
         sums, steps = {}, 0
-        for batch in self._bar(loaders[primary], len(loaders[primary]), desc):
-            batches = {primary: batch, **{name: next(it) for name, it in others.items()}}
+        for _ in self._bar(range(n_steps), n_steps, desc):
+            batches = {name: next(it) for name, it in streams.items()}
+            batch = batches[names[0]]
             if co_epoch is None:
                 groups = [lambda b=batch: self.method.warmup_loss(model, b)]
             else:
