@@ -14,15 +14,7 @@ import os
 
 from . import reference
 
-__all__ = [
-    "infonce_terms",
-    "cross_consistency",
-    "metric_consistency",
-    "esc_anchor_terms",
-    "triplet_terms",
-    "proxy_argmax",
-    "resolve_backend",
-]
+__all__ = [*reference.__all__, "resolve_backend"]
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -69,5 +61,5 @@ def proxy_argmax(query, keys, key_mask=None, *, backend="auto"):
     return _impl("proxy_argmax", backend)(query, keys, key_mask)
 
 
-for _name in __all__[:-1]:
+for _name in reference.__all__:
     globals()[_name].__doc__ = getattr(reference, _name).__doc__

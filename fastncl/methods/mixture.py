@@ -8,10 +8,11 @@ the *smaller mean* (identified after fitting, never by index):
   Eq. 10-11, BiCro/ESC code), guarded: losses are clipped to [eps, 1 - eps] for the fit *and*
   the posterior (the official code evaluates the posterior at exactly 0 and 1, where a Beta
   density with a shape below 1 is infinite), log-densities combined with log-sum-exp, and the
-  variance floored so that no shape parameter becomes NaN or infinite; finally, above the clean
-  component's mean, the clean probability is made non-increasing in the loss (a U-shaped Beta
-  component can otherwise give the largest losses a high clean probability, as happens when
-  many losses are exactly 0).
+  variance floored so that no shape parameter becomes NaN or infinite; finally the clean
+  probability is made non-increasing in the loss, outward from the clean component's mean (a
+  Beta component with a shape below 1 has an infinite density at 0 or 1, so the raw posterior
+  can hand the smallest losses to the noisy component, or the largest to the clean one, as
+  happens when many losses are exactly 0).
 """
 from __future__ import annotations
 
@@ -92,9 +93,14 @@ def fit_bmm(losses, iters: int = 10, eps: float = 1e-4) -> MixtureFit:
     order = np.argsort(means)  # clean = smaller mean loss
     params = {"weights": weights[order].tolist(), "alphas": alphas[order].tolist(), "betas": betas[order].tolist()}
     clean = posterior[order[0]]
-    right = np.flatnonzero(x >= means[order[0]])  # losses above the clean component's mean
-    right = right[np.argsort(x[right], kind="stable")]
-    clean[right] = np.minimum.accumulate(clean[right])  # non-increasing in the loss there
+    # non-increasing in the loss: below the clean mean each value is raised to the largest clean
+    # probability between it and the mean, above it lowered to the smallest one
+    by_loss = np.argsort(x, kind="stable")
+    v = clean[by_loss]
+    split = int(np.searchsorted(x[by_loss], means[order[0]]))
+    v[:split] = np.maximum.accumulate(v[: split + 1][::-1])[::-1][:split]  # suffix max, the mean's value included
+    v[split:] = np.minimum.accumulate(v[split:])
+    clean[by_loss] = v
     return MixtureFit(clean, x, "bmm", params)
 
 
