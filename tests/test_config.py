@@ -18,7 +18,7 @@ def overrides(*texts):
 def test_defaults_validate():
     cfg = validate(Config())
     assert cfg.method == "sps" and cfg.data.source == "synthetic" and cfg.data.noise == 0.0
-    assert resolve().to_dict() == Config().to_dict()
+    assert resolve().to_dict() == validate(Config()).to_dict()  # validate fills the method defaults
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
@@ -251,7 +251,7 @@ def test_empty_config_file_is_the_defaults(tmp_path):
     path = tmp_path / "empty.yaml"
     path.write_text("", encoding="utf-8")
     assert load_yaml(path) == {}
-    assert resolve(config_file=str(path)).to_dict() == Config().to_dict()
+    assert resolve(config_file=str(path)).to_dict() == validate(Config()).to_dict()
 
 
 @pytest.mark.parametrize("preset", [None, *PRESETS])
@@ -269,3 +269,9 @@ def test_round_trip_keeps_types():
     back = from_dict(yaml.safe_load(dump_yaml(cfg)), "config.yaml")
     for f in dataclasses.fields(back.optim):
         assert type(getattr(back.optim, f.name)) is type(getattr(cfg.optim, f.name)), f.name
+
+
+@pytest.mark.parametrize("method, epochs", [("vanilla", 4), ("sps", 4), ("ncr", 2), ("esc", 2)])
+def test_warmup_defaults_to_the_methods_own_and_an_explicit_value_wins(method, epochs):
+    assert resolve(method=method).optim.warmup_epochs == epochs
+    assert resolve(method=method, overrides=[("optim.warmup_epochs", 7)]).optim.warmup_epochs == 7
