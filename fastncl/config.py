@@ -87,7 +87,7 @@ class SPSConfig:
     tau: float = 0.07  # SPS Sec. 3.2
     reliable_threshold: float = 0.99  # epsilon_1: paper Fig. 4; official code 0.6
     noisy_threshold: float = 0.5  # epsilon_2
-    min_noisy_fraction: float = 0.01  # official fallback: if every p > epsilon_2, 1 % is made noisy
+    min_noisy_fraction: float = 0.0  # official 0.01: if every p > epsilon_2, 1 % is made noisy
     consistency_margin: float = 0.01  # alpha of Eq. 9-10 (paper: unstated; official: 0, no hinge)
     cross_weight: float = 5.0  # lambda_1 (paper: unstated; official 25 on the SGR sigmoid scale)
     metric_weight: float = 5.0  # lambda_2 (paper: unstated; official 25)
@@ -110,13 +110,14 @@ class ESCConfig:
     division_margin: float = 0.0  # alpha_1 of Eq. 8
     train_margin: float = 0.0  # alpha_2 of Eq. 14
     clean_threshold: float = 0.5  # delta of Eq. 12 (paper: in the supplement; BiCro/ESC code 0.5)
-    min_noisy_fraction: float = 0.01  # official fallback when every pair looks clean
+    min_noisy_fraction: float = 0.0  # official 0.01: 1 % made noisy when every pair looks clean
     mixture: str = "bmm"  # "bmm" (paper) or "gmm" (BiCro's run.py default)
     mixture_iters: int = 10
     division_hardest: bool = True  # l_hard over the hardest negative (paper Eq. 1); official: mean
     esc_normalize: bool = False  # official: row-normalised l_ESC
     train_esc: str = "pseudo_negative"  # L_ESC per-sample pseudo-negatives (Eq. 14) or one "anchor" (official)
     anchors_clean: bool = True  # anchors always in the clean set (Eq. 12); official: by threshold only
+    clean_labels: str = "one"  # clean pairs' label: "one" (paper, Sec. 3.3) or "bicro" (official: 0.5 + c/2)
     label_anchor_fraction: float = 0.1  # BiCro soft labels: top B/10 + 1 pairs of a batch are anchors
     noise_label_cut: float = 0.5  # BiCro noise_soft: soft labels <= this become 0
     noisy_start: int = 6  # co-training epoch from which the noisy set is trained (paper: 20 of 40)
@@ -164,7 +165,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sps": {
             "reliable_threshold": 0.6, "consistency_margin": 0.0, "cross_weight": 25.0, "metric_weight": 25.0,
             "intramodal": "pooled", "proxy_label": "official", "proxy_directions": "i2t", "separate_steps": True,
-            "quasi_clean_start": 10, "noisy_start": 15,
+            "quasi_clean_start": 10, "noisy_start": 15, "min_noisy_fraction": 0.01,
         },
         "optim": {"lr": 2e-4, "lr_step": 10, "warmup_epochs": 5, "epochs": 40, "fill_epoch": False},
     },
@@ -172,7 +173,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "method": "esc",
         "esc": {
             "esc_normalize": True, "train_esc": "anchor", "division_hardest": False, "anchors_clean": False,
-            "warmup": "select", "separate_steps": True, "noisy_start": 20,
+            "warmup": "select", "separate_steps": True, "noisy_start": 20, "clean_labels": "bicro",
+            "min_noisy_fraction": 0.01,
         },
         "optim": {"lr": 2e-4, "lr_step": 30, "warmup_epochs": 10, "epochs": 40, "fill_epoch": False},
     },
@@ -189,6 +191,7 @@ CHOICES = {
     "esc.mixture": ("bmm", "gmm"),
     "esc.train_esc": ("pseudo_negative", "anchor"),
     "esc.warmup": ("all", "select"),
+    "esc.clean_labels": ("one", "bicro"),
     "runtime.backend": ("auto", "torch", "triton"),
 }
 PROBABILITIES = ("ncr.clean_threshold", "sps.reliable_threshold", "sps.noisy_threshold", "esc.clean_threshold",

@@ -92,14 +92,20 @@ def similarity_matrix(models, split, device, chunk: int = 1000) -> torch.Tensor:
 
 
 def split_diagnostics(clean_prob: np.ndarray, noisy_cut: float, clean_mask: np.ndarray | None,
-                      subsets: dict[str, np.ndarray] | None = None) -> dict:
+                      subsets: dict[str, np.ndarray] | None = None, detected: np.ndarray | None = None) -> dict:
     """How well a split found the noisy pairs, against the ground truth when it is known.
 
-    precision/recall/F1 are those of the detected noisy set (clean_prob <= noisy_cut); AUC is the
-    ROC AUC of clean_prob as a score for "clean". ``subsets`` adds each subset's size and its
-    ground-truth clean count (the SPS paper's Figure 3).
+    precision/recall/F1 are those of the detected noisy set: the caption indices ``detected`` (a
+    method's noisy subset, e.g. without ESC's forced-clean anchors), by default
+    clean_prob <= noisy_cut; AUC is the ROC AUC of clean_prob as a score for "clean". ``subsets``
+    adds each subset's size and its ground-truth clean count (the SPS paper's Figure 3).
     """
-    detected = clean_prob <= noisy_cut
+    if detected is None:
+        detected = clean_prob <= noisy_cut
+    else:
+        mask = np.zeros(len(clean_prob), dtype=bool)
+        mask[detected] = True
+        detected = mask
     out = {"noisy_cut": float(noisy_cut), "detected_noisy": int(detected.sum())}
     if subsets:
         out["subsets"] = {name: {"size": int(len(idx))} for name, idx in subsets.items()}

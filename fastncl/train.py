@@ -110,6 +110,7 @@ class Trainer:
             "best_epoch": int(self.best_epoch),
             "numpy_rng": self.rng.bit_generator.state,
             "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "python_rng": random.getstate(),
             "config": self.cfg.to_dict(),
             "last_split": self.last_split,
@@ -123,6 +124,8 @@ class Trainer:
             o.load_state_dict(s)
         self.rng.bit_generator.state = state["numpy_rng"]
         torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python_rng"]))
         self.best_rsum, self.best_epoch = state["best_rsum"], state["best_epoch"]
         self.last_split = state.get("last_split")
@@ -276,7 +279,8 @@ class Trainer:
         per_model = []
         for fit, (_, anchors) in zip(fits, passes):
             subsets = self.method.subsets(fit, anchors, co_epoch)
-            per_model.append(split_diagnostics(fit.clean_prob, self.method.noisy_cut(fit), self.clean_mask, subsets))
+            per_model.append(split_diagnostics(fit.clean_prob, self.method.noisy_cut(fit), self.clean_mask, subsets,
+                                               detected=subsets.get("noisy")))
         mean_prob = (fits[0].clean_prob + fits[1].clean_prob) / 2
         cut = (per_model[0]["noisy_cut"] + per_model[1]["noisy_cut"]) / 2
         split = split_diagnostics(mean_prob, cut, self.clean_mask)

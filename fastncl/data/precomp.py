@@ -43,9 +43,14 @@ def _read_captions(folder: Path, split: str) -> tuple[list[str], Path]:
             lines.append(parts[1])
     else:
         raise FastnclError(f"{folder}: missing {split}_caps.txt (or {split}_caps.tsv)")
-    captions = [line.strip() for line in lines if line.strip()]
+    while lines and not lines[-1].strip():  # trailing blank lines only
+        lines.pop()
+    captions = [line.strip() for line in lines]
     if not captions:
         raise FastnclError(f"{path}: no captions")
+    blank = [n for n, c in enumerate(captions, 1) if not c]
+    if blank:  # a dropped line would shift every later caption onto the wrong image
+        raise FastnclError(f"{path}:{blank[0]}: empty caption line ({len(blank)} in all)")
     return captions, path
 
 

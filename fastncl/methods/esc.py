@@ -119,7 +119,10 @@ class ESC(Method):
         anchors[torch.topk(confidence, k).indices] = True
         img, txt = out.images.pooled, out.captions.pooled
         consistency = bicro_consistency(img, txt, img, txt, anchors, self.backend)
-        labels = {"clean": torch.where(anchors, torch.ones_like(consistency), 0.5 + consistency / 2)}
+        if c.clean_labels == "one":  # paper (Sec. 3.3): every pair of D_c has label 1
+            labels = {"clean": torch.ones_like(consistency)}
+        else:  # official (BiCro): anchors 1, the others 0.5 + consistency / 2
+            labels = {"clean": torch.where(anchors, torch.ones_like(consistency), 0.5 + consistency / 2)}
         if with_noisy:
             n = batches["noisy"]
             out_n = forward_pairs(peer, n.images, n.tokens, n.lengths)

@@ -38,7 +38,8 @@ class SPS(Method):
 
     def noisy_cut(self, fit):
         c = self.cfg.sps
-        return noisy_threshold(fit.clean_prob, c.noisy_threshold, c.min_noisy_fraction)
+        # the fallback quantile may exceed epsilon_1; the three subsets must stay disjoint
+        return min(noisy_threshold(fit.clean_prob, c.noisy_threshold, c.min_noisy_fraction), c.reliable_threshold)
 
     def subsets(self, fit, anchors, co_epoch):
         c, p = self.cfg.sps, fit.clean_prob
@@ -120,7 +121,7 @@ class SPS(Method):
                 img = model.encode_images(re.images[index])
                 loss, prediction = self.infonce(model.similarity(img, cap), c.tau)
                 terms["n_t2i"] = (self._proxy_label(cosine, prediction) * loss).mean()
-                l_n = (terms["n_i2t"] + terms["n_t2i"]) / 2
+                l_n = (terms["n_i2t"] + terms["n_t2i"]) / 2  # averaged: Eq. 18 weighs L^n once
             return {"loss": l_n, "n": l_n, **terms}
 
         groups = {"reliable": reliable, "quasi_clean": quasi_clean, "noisy": noisy}
