@@ -593,3 +593,46 @@ def test_item_call_scanner_finds_calls_but_not_prose(tmp_path):
     assert _item_calls(planted) == ["x.py:2: x = loss.item()  # .item( in a comment"]
     assert _item_calls(ROOT / "fastncl" / "methods" / "base.py") == []  # its docstring mentions .item()
     assert ".item()" in (ROOT / "fastncl" / "methods" / "base.py").read_text()
+
+
+def test_sps_subsets_stay_disjoint_when_the_fallback_cut_exceeds_eps1():
+    """Every p above eps1: the 1 % fallback quantile lies above eps1 too; it is capped at eps1."""
+    method = SPS(config(("sps.min_noisy_fraction", 0.01)))
+    p = np.linspace(0.991, 0.9999, 1000)
+    sub = method.subsets(fake_fit(p), np.zeros(1000, bool), 0)
+    members = np.concatenate(list(sub.values()))
+    assert len(members) == len(np.unique(members)) == 1000  # a partition
+    assert method.noisy_cut(fake_fit(p)) <= 0.99
+
+
+def test_official_presets_force_one_percent_noisy_and_the_papers_do_not():
+    assert config(method="sps").sps.min_noisy_fraction == 0.0
+    assert config(method="esc").esc.min_noisy_fraction == 0.0
+    assert config(preset="sps-official").sps.min_noisy_fraction == 0.01
+    assert config(preset="esc-official").esc.min_noisy_fraction == 0.01
+
+
+@pytest.mark.parametrize("clean_labels", ["one", "bicro"])
+def test_esc_clean_labels_one_by_default_and_bicro_as_the_official_option(clean_labels):
+    cfg = config(("esc.clean_labels", clean_labels), method="esc")
+    peer, batches = tiny_model(1), {"clean": tiny_batch(3, size=20)}
+    labels = ESC(cfg)._peer_labels(peer, batches, with_noisy=False)["clean"]
+    if clean_labels == "one":  # paper Sec. 3.3: every pair of D_c has label 1
+        assert torch.equal(labels, torch.ones(20))
+    else:  # BiCro: the top B/10 + 1 pairs by hinge confidence are anchors (1), the rest 0.5 + c / 2
+        assert int((labels == 1).sum()) >= 3
+        assert float(labels.min()) >= 0.5 and float(labels.max()) <= 1.0
+        assert bool((labels < 1).any())
+    assert config(preset="esc-official").esc.clean_labels == "bicro"
+
+
+def test_detected_noisy_set_is_the_methods_noisy_subset():
+    """ESC forces anchors into the clean set: they must not count as detected noisy."""
+    from fastncl.evaluation import split_diagnostics
+
+    p = np.array([0.9, 0.1, 0.2, 0.8])
+    clean_mask = np.array([True, False, True, True])
+    by_cut = split_diagnostics(p, 0.5, clean_mask)
+    by_subset = split_diagnostics(p, 0.5, clean_mask, detected=np.array([1]))  # pair 2 forced clean
+    assert (by_cut["detected_noisy"], by_cut["precision"]) == (2, 0.5)
+    assert (by_subset["detected_noisy"], by_subset["precision"], by_subset["recall"]) == (1, 1.0, 1.0)

@@ -330,3 +330,21 @@ def test_tokenizer_needs_no_downloads_and_no_nltk():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "['a', 'dog', ',', 'running', '.']"
+
+
+def test_empty_caption_line_is_an_error_naming_the_line(tmp_path):
+    """A dropped blank line would shift every later caption onto the wrong image."""
+    folder = make_scan(tmp_path / "f30k_precomp")
+    path = folder / "train_caps.txt"
+    lines = path.read_text(encoding="utf-8").splitlines()
+    lines[7] = "   "
+    path.write_text("\n".join(lines) + "\n\n", encoding="utf-8")
+    with pytest.raises(FastnclError, match=r"train_caps\.txt:8: empty caption line"):
+        load(folder)
+
+
+def test_trailing_blank_lines_are_ignored(tmp_path):
+    folder = make_scan(tmp_path / "f30k_precomp")
+    path = folder / "train_caps.txt"
+    path.write_text(path.read_text(encoding="utf-8") + "\n\n", encoding="utf-8")
+    assert load(folder).train.num_captions == SPLIT_IMAGES["train"] * 5
