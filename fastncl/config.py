@@ -80,6 +80,8 @@ class NCRConfig:
     soft_margin_base: float = 10.0  # m of the exponential soft margin
     clean_threshold: float = 0.5
     min_noisy_fraction: float = 0.01  # official fallback when every pair looks clean
+    noisy_loss: str = "soft"  # noisy pairs: "soft" margin from their label, or "hard": pairs labelled
+    noise_label_cut: float = 0.5  # <= noise_label_cut are left out (BiCro's noise_train=noise_hard)
 
 
 @dataclass
@@ -120,6 +122,7 @@ class ESCConfig:
     clean_labels: str = "one"  # clean pairs' label: "one" (paper, Sec. 3.3) or "bicro" (official: 0.5 + c/2)
     label_anchor_fraction: float = 0.1  # BiCro soft labels: top B/10 + 1 pairs of a batch are anchors
     noise_label_cut: float = 0.5  # BiCro noise_soft: soft labels <= this become 0
+    noisy_loss: str = "soft"  # "soft" (BiCro scripts, noise_soft) or "hard": labels <= the cut are left out
     noisy_start: int = 6  # co-training epoch from which the noisy set is trained (paper: 20 of 40)
     warmup: str = "all"  # "all": mean hinge on every pair; "select": smallest warmup_rate only (official)
     warmup_rate: float = 0.3
@@ -192,9 +195,11 @@ CHOICES = {
     "esc.train_esc": ("pseudo_negative", "anchor"),
     "esc.warmup": ("all", "select"),
     "esc.clean_labels": ("one", "bicro"),
+    "esc.noisy_loss": ("soft", "hard"),
+    "ncr.noisy_loss": ("soft", "hard"),
     "runtime.backend": ("auto", "torch", "triton"),
 }
-PROBABILITIES = ("ncr.clean_threshold", "sps.reliable_threshold", "sps.noisy_threshold", "esc.clean_threshold",
+PROBABILITIES = ("ncr.clean_threshold", "ncr.noise_label_cut", "sps.reliable_threshold", "sps.noisy_threshold", "esc.clean_threshold",
                  "esc.noise_label_cut", "sps.proxy_cut", "esc.warmup_rate", "esc.label_anchor_fraction",
                  "ncr.min_noisy_fraction", "sps.min_noisy_fraction", "esc.min_noisy_fraction")
 POSITIVE = ("optim.batch_size", "optim.lr", "model.embed_dim", "model.word_dim", "runtime.eval_batch",

@@ -636,3 +636,20 @@ def test_detected_noisy_set_is_the_methods_noisy_subset():
     by_subset = split_diagnostics(p, 0.5, clean_mask, detected=np.array([1]))  # pair 2 forced clean
     assert (by_cut["detected_noisy"], by_cut["precision"]) == (2, 0.5)
     assert (by_subset["detected_noisy"], by_subset["precision"], by_subset["recall"]) == (1, 1.0, 1.0)
+
+
+@pytest.mark.parametrize("method", ["ncr", "esc"])
+def test_noisy_loss_hard_leaves_out_pairs_labelled_at_or_below_the_cut(method):
+    """BiCro's noise_train=noise_hard: noisy pairs whose label is <= the cut add no loss."""
+    from fastncl.methods.ncr import noisy_keep
+
+    cfg = config((f"{method}.noisy_loss", "hard"), method=method)
+    c = getattr(cfg, method)
+    label = torch.tensor([0.0, 0.5, 0.51, 0.9])
+    assert noisy_keep(label, c).tolist() == [0.0, 0.0, 1.0, 1.0]
+    assert noisy_keep(label, getattr(config(method=method), method)) is None  # "soft": every pair counts
+    sim = torch.randn(4, 4, generator=torch.Generator().manual_seed(0))
+    m = build_method(cfg)
+    kept = m._soft_triplet(sim, label, noisy_keep(label, c))
+    margin = soft_margin(label, c.margin, c.soft_margin_base)
+    close(kept, kernels.triplet_terms(sim, margin, hardest=True)[2:].sum())

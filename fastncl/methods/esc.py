@@ -21,7 +21,7 @@ from fastncl.models import forward_pairs
 
 from .base import Method, two_way_split
 from .mixture import fit_bmm, fit_gmm, noisy_threshold
-from .ncr import hinge_confidence, soft_margin
+from .ncr import hinge_confidence, noisy_keep, soft_margin
 
 
 def _ratio(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -96,10 +96,11 @@ class ESC(Method):
         k = max(1, int(losses.shape[0] * c.warmup_rate))
         return {"loss": torch.topk(losses, k, largest=False).values.sum()}
 
-    def _soft_triplet(self, sim, label):
+    def _soft_triplet(self, sim, label, keep=None):
         c = self.cfg.esc
-        return kernels.triplet_terms(sim, soft_margin(label, c.margin, c.soft_margin_base), hardest=True,
-                                     backend=self.backend).sum()
+        terms = kernels.triplet_terms(sim, soft_margin(label, c.margin, c.soft_margin_base), hardest=True,
+                                      backend=self.backend)
+        return (terms if keep is None else terms * keep).sum()
 
     def _esc_train(self, sim):
         """L_ESC (Eq. 14), summed over the batch."""
@@ -140,7 +141,7 @@ class ESC(Method):
             return forward_pairs(model, b.images, b.tokens, b.lengths).sim
 
         def noisy():
-            l_soft = self._soft_triplet(forward("noisy"), labels["noisy"])
+            l_soft = self._soft_triplet(forward("noisy"), labels["noisy"], noisy_keep(labels["noisy"], c))
             return {"loss": l_soft, "soft_noisy": l_soft}
 
         def clean():

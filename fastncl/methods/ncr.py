@@ -28,6 +28,12 @@ def hinge_confidence(sim: torch.Tensor, margin: float, backend: str = "auto") ->
     return ((margin - mean_hinge) / margin).clamp(0, 1)
 
 
+def noisy_keep(label: torch.Tensor, c) -> torch.Tensor | None:
+    """Per-pair weights of the noisy subset's loss: None ("soft": every pair, margin from its
+    label) or, for "hard" (BiCro's noise_train=noise_hard), 0 for labels <= the cut."""
+    return (label > c.noise_label_cut).to(label.dtype) if c.noisy_loss == "hard" else None
+
+
 class NCR(Method):
     name = "ncr"
     subset_names = ("clean", "noisy")
@@ -47,10 +53,11 @@ class NCR(Method):
         sim = forward_pairs(model, batch.images, batch.tokens, batch.lengths).sim
         return {"loss": kernels.triplet_terms(sim, self.cfg.ncr.margin, hardest=False, backend=self.backend).sum()}
 
-    def _soft_triplet(self, sim, label):
+    def _soft_triplet(self, sim, label, keep=None):
         c = self.cfg.ncr
         margin = soft_margin(label, c.margin, c.soft_margin_base)
-        return kernels.triplet_terms(sim, margin, hardest=True, backend=self.backend).sum()
+        terms = kernels.triplet_terms(sim, margin, hardest=True, backend=self.backend)
+        return (terms if keep is None else terms * keep).sum()
 
     def train_groups(self, model, peer, batches, peer_prob, co_epoch):
         def clean():
@@ -62,6 +69,6 @@ class NCR(Method):
             b = batches["noisy"]
             sim = forward_pairs(model, b.images, b.tokens, b.lengths).sim
             label = hinge_confidence(sim.detach(), self.cfg.ncr.margin, self.backend)  # rectified label
-            return {"loss": self._soft_triplet(sim, label)}
+            return {"loss": self._soft_triplet(sim, label, noisy_keep(label, self.cfg.ncr))}
 
         return [clean, noisy] if "noisy" in batches else [clean]
