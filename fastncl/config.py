@@ -80,8 +80,11 @@ class NCRConfig:
     soft_margin_base: float = 10.0  # m of the exponential soft margin
     clean_threshold: float = 0.5
     min_noisy_fraction: float = 0.01  # official fallback when every pair looks clean
-    noisy_loss: str = "soft"  # noisy pairs: "soft" margin from their label, or "hard": pairs labelled
-    noise_label_cut: float = 0.5  # <= noise_label_cut are left out (BiCro's noise_train=noise_hard)
+    # noisy pairs: "hard" leaves out pairs labelled <= noise_label_cut (BiCro's noise_train=noise_hard);
+    # "soft" (NCR's code) trains them all with a margin from their label, which collapses on the
+    # embedded data (README, "Results")
+    noisy_loss: str = "hard"
+    noise_label_cut: float = 0.5
 
 
 @dataclass

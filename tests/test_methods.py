@@ -303,7 +303,10 @@ def test_ncr_subsets_and_objectives():
     b = batches["noisy"]
     sim = forward_pairs(model, b.images, b.tokens, b.lengths).sim
     label = hinge_confidence(sim.detach(), 0.2)  # the model's own rectified label
-    close(noisy()["loss"], kernels.triplet_terms(sim, soft_margin(label, 0.2, 10.0), hardest=True).sum())
+    terms = kernels.triplet_terms(sim, soft_margin(label, 0.2, 10.0), hardest=True)
+    close(noisy()["loss"], (terms * (label > 0.5)).sum())  # default noisy_loss=hard: labels <= 0.5 left out
+    soft = NCR(config(("ncr.noisy_loss", "soft"), method="ncr"))
+    close(soft.train_groups(model, peer, batches, peer_prob, co_epoch=0)[1]()["loss"], terms.sum())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -647,9 +650,15 @@ def test_noisy_loss_hard_leaves_out_pairs_labelled_at_or_below_the_cut(method):
     c = getattr(cfg, method)
     label = torch.tensor([0.0, 0.5, 0.51, 0.9])
     assert noisy_keep(label, c).tolist() == [0.0, 0.0, 1.0, 1.0]
-    assert noisy_keep(label, getattr(config(method=method), method)) is None  # "soft": every pair counts
+    soft = getattr(config((f"{method}.noisy_loss", "soft"), method=method), method)
+    assert noisy_keep(label, soft) is None  # "soft": every pair counts
     sim = torch.randn(4, 4, generator=torch.Generator().manual_seed(0))
     m = build_method(cfg)
     kept = m._soft_triplet(sim, label, noisy_keep(label, c))
     margin = soft_margin(label, c.margin, c.soft_margin_base)
     close(kept, kernels.triplet_terms(sim, margin, hardest=True)[2:].sum())
+
+
+def test_noisy_loss_defaults_ncr_hard_esc_soft():
+    assert config(method="ncr").ncr.noisy_loss == "hard"
+    assert config(method="esc").esc.noisy_loss == "soft"
