@@ -97,8 +97,9 @@ def main(argv=None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     if args.command == "train":  # key=value overrides may sit between options
-        args.overrides += [x for x in extra if "=" in x and not x.startswith("-")]
-        extra = [x for x in extra if not ("=" in x and not x.startswith("-"))]
+        is_override = {x: "=" in x and not x.startswith("-") for x in extra}
+        args.overrides += [x for x in extra if is_override[x]]
+        extra = [x for x in extra if not is_override[x]]
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:

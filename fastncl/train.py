@@ -249,10 +249,10 @@ class Trainer:
                 fits = [self.method.fit(loss) for loss, _ in passes]
             record["time_fit"] = time.perf_counter() - t_split
             record["time_split"] = t_split - t0
-            record["split"] = self._diagnostics(fits, passes, co_epoch)
+            splits = [self.method.subsets(fit, anchors, co_epoch) for fit, (_, anchors) in zip(fits, passes)]
+            record["split"] = self._diagnostics(fits, splits)
             for k in range(2):  # model k trains on its peer's split
-                peer_fit, peer_anchors = fits[1 - k], passes[1 - k][1]
-                subsets = self.method.subsets(peer_fit, peer_anchors, co_epoch)
+                peer_fit, subsets = fits[1 - k], splits[1 - k]
                 active = {name: subsets[name] for name in self.method.active_subsets(co_epoch)}
                 peer_prob = torch.from_numpy(peer_fit.clean_prob).float().to(self.device)
                 with nvtx_range(f"train model {'AB'[k]}"):
@@ -275,10 +275,9 @@ class Trainer:
         self.run.append_metrics(record)
         self._log_epoch(record, total)
 
-    def _diagnostics(self, fits, passes, co_epoch) -> dict:
+    def _diagnostics(self, fits, splits) -> dict:
         per_model = []
-        for fit, (_, anchors) in zip(fits, passes):
-            subsets = self.method.subsets(fit, anchors, co_epoch)
+        for fit, subsets in zip(fits, splits):
             per_model.append(split_diagnostics(fit.clean_prob, self.method.noisy_cut(fit), self.clean_mask, subsets,
                                                detected=subsets.get("noisy")))
         mean_prob = (fits[0].clean_prob + fits[1].clean_prob) / 2

@@ -247,18 +247,15 @@ def test_truncated_features(tmp_path):
         load(folder)
 
 
-@pytest.mark.parametrize("name", ["dev_caps.txt", "train_caps.txt"])
-def test_caption_file_that_is_not_utf8(tmp_path, name):
-    folder = make_scan(tmp_path / "d")
-    (folder / name).write_bytes(b"caf\xe9 au lait\n" * 30)  # Latin-1, not UTF-8
+@pytest.mark.parametrize("make, name, content", [
+    (make_scan, "dev_caps.txt", b"caf\xe9 au lait\n" * 30),  # Latin-1, not UTF-8
+    (make_scan, "train_caps.txt", b"caf\xe9 au lait\n" * 30),
+    (make_cc152k, "test_caps.tsv", b"1\tcaf\xe9\n2\tb\n3\tc\n"),
+], ids=["dev_caps.txt", "train_caps.txt", "test_caps.tsv"])
+def test_caption_file_that_is_not_utf8(tmp_path, make, name, content):
+    folder = make(tmp_path / "d")
+    (folder / name).write_bytes(content)
     with pytest.raises(FastnclError, match=name.replace(".", r"\.")):
-        load(folder)
-
-
-def test_tsv_caption_file_that_is_not_utf8(tmp_path):
-    folder = make_cc152k(tmp_path / "cc")
-    (folder / "test_caps.tsv").write_bytes(b"1\tcaf\xe9\n2\tb\n3\tc\n")
-    with pytest.raises(FastnclError, match=r"test_caps\.tsv"):
         load(folder)
 
 

@@ -21,7 +21,7 @@ from fastncl.models import forward_pairs
 
 from .base import Method, two_way_split
 from .mixture import fit_bmm, fit_gmm, noisy_threshold
-from .ncr import hinge_confidence, noisy_keep, soft_margin
+from .ncr import hinge_confidence, noisy_keep, soft_triplet
 
 
 def _ratio(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -98,9 +98,7 @@ class ESC(Method):
 
     def _soft_triplet(self, sim, label, keep=None):
         c = self.cfg.esc
-        terms = kernels.triplet_terms(sim, soft_margin(label, c.margin, c.soft_margin_base), hardest=True,
-                                      backend=self.backend)
-        return (terms if keep is None else terms * keep).sum()
+        return soft_triplet(sim, label, c.margin, c.soft_margin_base, keep, self.backend)
 
     def _esc_train(self, sim):
         """L_ESC (Eq. 14), summed over the batch."""

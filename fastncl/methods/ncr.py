@@ -28,6 +28,16 @@ def hinge_confidence(sim: torch.Tensor, margin: float, backend: str = "auto") ->
     return ((margin - mean_hinge) / margin).clamp(0, 1)
 
 
+def soft_triplet(sim: torch.Tensor, label: torch.Tensor, margin: float, base: float, keep=None,
+                 backend: str = "auto") -> torch.Tensor:
+    """Soft-margin triplet loss over the hardest negatives (NCR; ESC Eq. 13), summed over the batch.
+
+    ``keep`` (B,) optionally weighs each pair's term (0 leaves a pair out).
+    """
+    terms = kernels.triplet_terms(sim, soft_margin(label, margin, base), hardest=True, backend=backend)
+    return (terms if keep is None else terms * keep).sum()
+
+
 def noisy_keep(label: torch.Tensor, c) -> torch.Tensor | None:
     """Per-pair weights of the noisy subset's loss: None ("soft": every pair, margin from its
     label) or, for "hard" (BiCro's noise_train=noise_hard), 0 for labels <= the cut."""
@@ -55,9 +65,7 @@ class NCR(Method):
 
     def _soft_triplet(self, sim, label, keep=None):
         c = self.cfg.ncr
-        margin = soft_margin(label, c.margin, c.soft_margin_base)
-        terms = kernels.triplet_terms(sim, margin, hardest=True, backend=self.backend)
-        return (terms if keep is None else terms * keep).sum()
+        return soft_triplet(sim, label, c.margin, c.soft_margin_base, keep, self.backend)
 
     def train_groups(self, model, peer, batches, peer_prob, co_epoch):
         def clean():
