@@ -1,64 +1,115 @@
 """fastncl.kernels: the loss ops of noisy correspondence learning, with backend dispatch.
 
 Each public op takes ``backend="auto" | "torch" | "triton"``. ``"torch"`` is the reference in
-``reference.py`` (the contract, and the CPU backend). ``"auto"`` picks Triton for CUDA tensors
-once the Triton kernels exist, and the reference otherwise. The environment variable
-``FASTNCL_BACKEND`` overrides ``"auto"``.
+``reference.py`` (the contract, and the CPU backend); ``"triton"`` the fused Triton kernels (one
+module per op, imported on first use, so that the CPU path never imports ``triton``). ``"auto"``
+picks Triton for fp16/bf16/fp32 CUDA tensors when Triton imports, and the reference otherwise.
+The environment variable ``FASTNCL_BACKEND`` overrides ``"auto"``.
+
+``"triton"`` on CPU tensors runs the kernels in Triton's interpreter, which needs
+``TRITON_INTERPRET=1`` set before ``triton`` is imported (the parity tests do this).
 """
 if __name__ != "fastncl.kernels":  # the folder is installed under fastncl; see pyproject.toml
     raise ImportError(
         f"this folder must be imported as fastncl.kernels, not {__name__!r}; install with `pip install -e .`"
     )
 
+import importlib
 import os
+
+import torch
 
 from . import reference
 
-__all__ = [*reference.__all__, "resolve_backend"]
+__all__ = [*reference.__all__, "resolve_backend", "check_backend"]
 
 BACKENDS = ("auto", "torch", "triton")
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_TRITON_MODULES = {  # op -> the module that holds its Triton twin
+    "infonce_terms": "infonce",
+    "cross_consistency": "consistency",
+    "metric_consistency": "consistency",
+    "esc_anchor_terms": "anchor",
+    "triplet_terms": "triplet",
+    "proxy_argmax": "proxy",
+}
+_triton_available = None
 
 
-def resolve_backend(backend: str = "auto") -> str:
-    """The backend an op call will use: "torch" or "triton"."""
+def triton_available() -> bool:
+    """Whether ``import triton`` works (checked once)."""
+    global _triton_available
+    if _triton_available is None:
+        try:
+            import triton  # noqa: F401
+
+            _triton_available = True
+        except ImportError:
+            _triton_available = False
+    return _triton_available
+
+
+def resolve_backend(backend: str = "auto", tensor: torch.Tensor | None = None) -> str:
+    """The backend an op call on ``tensor`` will use: "torch" or "triton".
+
+    Without a tensor, "auto" stays "auto" unless ``FASTNCL_BACKEND`` names a backend.
+    """
     if backend == "auto":
         backend = os.environ.get("FASTNCL_BACKEND", "auto") or "auto"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "triton":
-        raise NotImplementedError(
-            "backend='triton': the Triton kernels are not part of this version of fastncl; use 'torch' or 'auto'"
-        )
-    return "torch"  # "auto": no Triton kernel is registered yet, so the reference serves every device
+    if backend != "auto" or tensor is None:
+        return backend
+    cuda = tensor.device.type == "cuda" and tensor.dtype in _KERNEL_DTYPES
+    return "triton" if cuda and triton_available() else "torch"
 
 
-def _impl(name: str, backend: str):
-    resolve_backend(backend)
-    return getattr(reference, name)
+def check_backend(backend: str, device: torch.device) -> str:
+    """Validate a configured backend for a device before any work starts; returns the backend every
+    op call will use ("torch" or "triton"), so that hot paths need no lookup."""
+    resolved = resolve_backend(backend)
+    if resolved == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if resolved == "triton":
+        if not triton_available():
+            raise ValueError("backend='triton' needs the triton package: pip install 'fastncl[triton]'")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+            raise ValueError(f"backend='triton' needs a CUDA device (got {device}); on CPU the kernels run only in "
+                             "Triton's interpreter (TRITON_INTERPRET=1, slow, for tests)")
+    return resolved
+
+
+def _impl(name: str, backend: str, tensor: torch.Tensor):
+    if resolve_backend(backend, tensor) == "torch":
+        return getattr(reference, name)
+    if not triton_available():
+        raise ValueError(f"{name}: backend='triton' needs the triton package: pip install 'fastncl[triton]'")
+    module = importlib.import_module(f".{_TRITON_MODULES[name]}", __name__)
+    return getattr(module, name)
 
 
 def infonce_terms(sim, tau, *, backend="auto"):
-    return _impl("infonce_terms", backend)(sim, tau)
+    return _impl("infonce_terms", backend, sim)(sim, tau)
 
 
 def cross_consistency(sim, alpha, *, backend="auto"):
-    return _impl("cross_consistency", backend)(sim, alpha)
+    return _impl("cross_consistency", backend, sim)(sim, alpha)
 
 
 def metric_consistency(sim_img, sim_txt, alpha, *, backend="auto"):
-    return _impl("metric_consistency", backend)(sim_img, sim_txt, alpha)
+    return _impl("metric_consistency", backend, sim_img)(sim_img, sim_txt, alpha)
 
 
 def esc_anchor_terms(sim, anchor, alpha=0.0, normalize=False, *, backend="auto"):
-    return _impl("esc_anchor_terms", backend)(sim, anchor, alpha, normalize)
+    return _impl("esc_anchor_terms", backend, sim)(sim, anchor, alpha, normalize)
 
 
 def triplet_terms(sim, margin, hardest, *, backend="auto"):
-    return _impl("triplet_terms", backend)(sim, margin, hardest)
+    return _impl("triplet_terms", backend, sim)(sim, margin, hardest)
 
 
 def proxy_argmax(query, keys, key_mask=None, *, backend="auto"):
-    return _impl("proxy_argmax", backend)(query, keys, key_mask)
+    return _impl("proxy_argmax", backend, query)(query, keys, key_mask)
 
 
 for _name in reference.__all__:

@@ -1,0 +1,97 @@
+"""Private helpers shared by the Triton modules: input checks, block sizes, device guard, and the
+one in-kernel reduction every scalar-valued op uses.
+
+Imported only when a Triton backend is used (``kernels/__init__.py`` imports the Triton modules
+lazily), so the CPU reference path never imports ``triton``.
+
+On CPU tensors the kernels run under Triton's interpreter, which must be switched on with
+``TRITON_INTERPRET=1`` before ``triton`` is first imported (the test suite's conftest does this on
+machines without a GPU); on CUDA tensors they are compiled.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Low-precision inputs are upcast to fp32 on load; everything accumulates in fp32.
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_inputs(op: str, *tensors: torch.Tensor, dtypes=KERNEL_DTYPES) -> None:
+    """One-line errors for inputs the kernels cannot take: device, dtype, mixed devices."""
+    device = tensors[0].device
+    for t in tensors:
+        if t.device != device:
+            raise ValueError(f"{op}: inputs are on different devices ({device} and {t.device})")
+        if t.dtype not in dtypes:
+            names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+            raise ValueError(f"{op}: the Triton kernel takes {names} inputs, got {str(t.dtype).removeprefix('torch.')}"
+                             " (backend='torch' takes any floating dtype)")
+    if device.type == "cuda":
+        return
+    if device.type == "cpu" and interpreting():
+        return
+    raise ValueError(f"{op}: backend='triton' needs CUDA tensors (got {device}); on CPU set TRITON_INTERPRET=1 "
+                     "before importing triton to run the kernels in Triton's interpreter, or use backend='torch'")
+
+
+def device_guard(t: torch.Tensor):
+    """Launch on the tensor's own CUDA device (any device index); nothing to do on CPU."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def row_block(n: int) -> int:
+    """Rows (or columns) a program owns in a matrix sweep: 16 to 64, a power of two.
+
+    Small matrices get small blocks so that several programs share the work; large ones get 64 so
+    that a (64, 64) fp32 tile stays in registers.
+    """
+    return max(16, min(64, triton.next_power_of_2(max(n, 1)) // 4))
+
+
+def col_block(n: int) -> int:
+    """Columns a program loads per step of a sweep: 16 to 128, a power of two."""
+    return max(16, min(128, triton.next_power_of_2(max(n, 1))))
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def reduction_counter(device: torch.device) -> torch.Tensor:
+    """A per-device int32 counter that ``finish_sum`` leaves at 0 after every launch.
+
+    Allocated once per device (outside any CUDA-graph capture, at the first call), so that a
+    scalar-valued op needs no zero-fill launch before its kernel.
+    """
+    counter = _COUNTERS.get(device)
+    if counter is None:
+        counter = _COUNTERS[device] = torch.zeros(1, dtype=torch.int32, device=device)
+    return counter
+
+
+@triton.jit
+def finish_sum(partials_ptr, counter_ptr, out_ptr, value, pid, n_programs, scale, BLOCK: tl.constexpr):
+    """Store this program's partial sum; the last program to finish adds all partials in index
+    order (deterministic, no float atomics), writes ``scale * total`` and resets the counter.
+
+    The acq_rel atomic orders each program's partial store before its increment, and the last
+    program's loads (volatile, so not served from a stale cache) after it.
+    """
+    tl.store(partials_ptr + pid, value)
+    finished = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+    if finished == n_programs - 1:
+        total = tl.zeros((BLOCK,), dtype=tl.float32)
+        for start in range(0, n_programs, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            total += tl.load(partials_ptr + offs, mask=offs < n_programs, other=0.0, volatile=True)
+        tl.store(out_ptr, tl.sum(total, axis=0) * scale)
+        tl.atomic_xchg(counter_ptr, 0)

@@ -1,0 +1,174 @@
+"""Triton: bidirectional InfoNCE terms of a (B, B) similarity matrix (SPS Eq. 1, 2, 15).
+
+What: ``reference.infonce_terms`` is the definition. With z = sim / tau,
+    loss_i2t[i] = logsumexp_j z[i, j] - z[i, i],   loss_t2i[i] = logsumexp_j z[j, i] - z[i, i],
+    prob = exp(-loss) (the diagonal softmax probabilities).
+
+Cost: eager reads the B^2 matrix about six times and writes three B^2 temporaries (the upcast,
+z, the exp of each logsumexp); this kernel reads it twice (once along rows, once along columns)
+and writes 6 B fp32 numbers. The backward reads it once and writes dsim once.
+
+Algorithm (forward, one launch): a 1-D grid of 2 * ceil(B / BLOCK_M) programs. The first half
+owns row blocks, the second half column blocks: the same code walks the transposed matrix by
+swapping the two strides. Each program sweeps its block in (BLOCK_M, BLOCK_N) tiles keeping a
+running (max, sum) per row [online LSE] in fp32, in base 2 (log2(e) / tau folded into one scale),
+and reads its diagonal entries directly. It writes the log-sum-exp (saved for the backward), the
+loss and the probability of its rows (or columns).
+
+Backward (one launch): with upstream gradients gl (of the losses) and gp (of the
+probabilities), the effective gradient of each loss is a = gl - gp * prob, and
+    dsim[i, j] = (a_r[i] softmax_row[i, j] + a_c[j] softmax_col[i, j] - [i == j] (a_r[i] + a_c[i])) / tau,
+one elementwise pass over a 2-D grid of tiles that recomputes both softmaxes from the saved
+log-sum-exps: the per-sample weights of SPS and ESC are folded in through a_r and a_c.
+
+Limits: fp16, bf16, fp32 inputs (upcast on load), any B >= 1, any strides; outputs fp32, dsim in
+the input's dtype.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import custom_op
+
+from ._launch import check_inputs, col_block, device_guard, row_block
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _infonce_fwd_kernel(
+    sim_ptr, lse_ptr, loss_ptr, prob_ptr,  # pointers: (B, B) input; (2, B) fp32 outputs, row 0 = i2t
+    stride_r, stride_c,  # strides of sim
+    B, scale,  # sizes; scale = log2(e) / tau
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(B, BLOCK_M)
+    direction = pid // n_blocks  # 0: rows (image -> text), 1: columns (text -> image)
+    # 1. the kept axis and the reduced axis: columns are rows of the transposed matrix
+    stride_keep = tl.where(direction == 0, stride_r, stride_c)
+    stride_red = tl.where(direction == 0, stride_c, stride_r)
+    offs_m = (pid % n_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < B
+    m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)  # finite: a padded row never makes inf - inf
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    # 2. [online LSE] fold each tile into the running (max, sum), base 2, fp32
+    for start in range(0, B, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        mask = mask_m[:, None] & (offs_n[None, :] < B)
+        x = tl.load(sim_ptr + offs_m[:, None] * stride_keep + offs_n[None, :] * stride_red, mask=mask,
+                    other=float("-inf")).to(tl.float32) * scale
+        m_new = tl.maximum(m_i, tl.max(x, axis=1))
+        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(x - m_new[:, None]), axis=1)
+        m_i = m_new
+    # 3. the diagonal, read directly, and the outputs in natural-log units
+    diag = tl.load(sim_ptr + offs_m * (stride_r + stride_c), mask=mask_m, other=0.0).to(tl.float32) * scale
+    lse = (m_i + tl.log2(tl.where(mask_m, l_i, 1.0))) * 0.6931471805599453
+    loss = tl.where(mask_m, lse - diag * 0.6931471805599453, 0.0)  # padded rows: no inf in exp
+    out = direction * B + offs_m
+    tl.store(lse_ptr + out, lse, mask=mask_m)
+    tl.store(loss_ptr + out, loss, mask=mask_m)
+    tl.store(prob_ptr + out, tl.exp(-loss), mask=mask_m)
+
+
+@triton.jit
+def _infonce_bwd_kernel(
+    sim_ptr, lse_ptr, prob_ptr, gl_ptr, gp_ptr, dsim_ptr,  # pointers: (B, B); four (2, B) fp32; (B, B) out
+    stride_r, stride_c, stride_dr, stride_dc,  # strides of sim and dsim
+    B, scale, inv_tau,  # sizes; scale = log2(e) / tau
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m, mask_n = offs_m < B, offs_n < B
+    # 1. effective per-sample gradients of the two losses: a = gl - gp * prob
+    a_r = tl.load(gl_ptr + offs_m, mask=mask_m, other=0.0) - tl.load(gp_ptr + offs_m, mask=mask_m, other=0.0) * \
+        tl.load(prob_ptr + offs_m, mask=mask_m, other=0.0)
+    a_c = tl.load(gl_ptr + B + offs_n, mask=mask_n, other=0.0) - \
+        tl.load(gp_ptr + B + offs_n, mask=mask_n, other=0.0) * tl.load(prob_ptr + B + offs_n, mask=mask_n, other=0.0)
+    lse_r = tl.load(lse_ptr + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
+    lse_c = tl.load(lse_ptr + B + offs_n, mask=mask_n, other=0.0) * 1.4426950408889634
+    # 2. [recompute] both softmaxes of this tile from the saved log-sum-exps
+    mask = mask_m[:, None] & mask_n[None, :]
+    x = tl.load(sim_ptr + offs_m[:, None] * stride_r + offs_n[None, :] * stride_c, mask=mask,
+                other=0.0).to(tl.float32) * scale
+    ds = a_r[:, None] * tl.exp2(x - lse_r[:, None]) + a_c[None, :] * tl.exp2(x - lse_c[None, :])
+    # 3. the diagonal's own term: d(-z_ii) for both losses of pair i
+    a_cm = tl.load(gl_ptr + B + offs_m, mask=mask_m, other=0.0) - \
+        tl.load(gp_ptr + B + offs_m, mask=mask_m, other=0.0) * tl.load(prob_ptr + B + offs_m, mask=mask_m, other=0.0)
+    ds = tl.where(offs_m[:, None] == offs_n[None, :], ds - (a_r + a_cm)[:, None], ds) * inv_tau
+    tl.store(dsim_ptr + offs_m[:, None] * stride_dr + offs_n[None, :] * stride_dc,
+             ds.to(dsim_ptr.dtype.element_ty), mask=mask)
+
+
+def _check(sim: torch.Tensor) -> int:
+    if sim.dim() != 2 or sim.shape[0] != sim.shape[1]:
+        raise ValueError(f"infonce_terms: expected a square (B, B) similarity matrix, got shape {tuple(sim.shape)}")
+    check_inputs("infonce_terms", sim)
+    return sim.shape[0]
+
+
+@custom_op("fastncl::infonce_fwd", mutates_args=())
+def infonce_fwd(sim: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(lse, loss, prob), each (2, B) fp32: row 0 image -> text (rows), row 1 text -> image (columns)."""
+    n = _check(sim)
+    lse, loss, prob = (torch.empty(2, n, device=sim.device, dtype=torch.float32) for _ in range(3))
+    block_m = row_block(n)
+    with device_guard(sim):
+        _infonce_fwd_kernel[(2 * triton.cdiv(n, block_m),)](
+            sim, lse, loss, prob, sim.stride(0), sim.stride(1), n, LOG2E / tau,
+            BLOCK_M=block_m, BLOCK_N=col_block(n))
+    return lse, loss, prob
+
+
+@infonce_fwd.register_fake
+def _(sim, tau):
+    n = _check(sim)
+    return tuple(sim.new_empty(2, n, dtype=torch.float32) for _ in range(3))
+
+
+@custom_op("fastncl::infonce_bwd", mutates_args=())
+def infonce_bwd(sim: torch.Tensor, lse: torch.Tensor, prob: torch.Tensor, grad_loss: torch.Tensor,
+                grad_prob: torch.Tensor, tau: float) -> torch.Tensor:
+    """dsim (B, B) in sim's dtype, from the (2, B) upstream gradients of the losses and probabilities."""
+    n = sim.shape[0]
+    dsim = torch.empty_like(sim, memory_format=torch.contiguous_format)
+    grad_loss, grad_prob = grad_loss.float().contiguous(), grad_prob.float().contiguous()
+    block_m = row_block(n)
+    block_n = block_m
+    with device_guard(sim):
+        _infonce_bwd_kernel[(triton.cdiv(n, block_m), triton.cdiv(n, block_n))](
+            sim, lse, prob, grad_loss, grad_prob, dsim, sim.stride(0), sim.stride(1), dsim.stride(0), dsim.stride(1),
+            n, LOG2E / tau, 1.0 / tau, BLOCK_M=block_m, BLOCK_N=block_n)
+    return dsim
+
+
+@infonce_bwd.register_fake
+def _(sim, lse, prob, grad_loss, grad_prob, tau):
+    return torch.empty_like(sim, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    sim, tau = inputs
+    lse, _, prob = output
+    ctx.save_for_backward(sim, lse, prob)
+    ctx.tau = tau
+
+
+def _backward(ctx, grad_lse, grad_loss, grad_prob):
+    sim, lse, prob = ctx.saved_tensors
+    return infonce_bwd(sim, lse, prob, grad_loss, grad_prob, ctx.tau), None
+
+
+infonce_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def infonce_terms(sim: torch.Tensor, tau: float):
+    """Triton twin of ``reference.infonce_terms``: (loss_i2t, loss_t2i, prob_i2t, prob_t2i)."""
+    _, loss, prob = infonce_fwd(sim, float(tau))
+    return loss[0], loss[1], prob[0], prob[1]
+
+
+__all__ = ["infonce_terms"]
