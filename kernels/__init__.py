@@ -79,13 +79,25 @@ def check_backend(backend: str, device: torch.device) -> str:
     return resolved
 
 
+_triton_impls: dict = {}
+
+
+def triton_impl(name: str):
+    """The Triton twin of op ``name``, its module imported on first use and cached, so that a
+    traced call (torch.compile) finds a plain dict lookup."""
+    fn = _triton_impls.get(name)
+    if fn is None:
+        if not triton_available():
+            raise ValueError(f"{name}: backend='triton' needs the triton package: pip install 'fastncl[triton]'")
+        module = importlib.import_module(f".{_TRITON_MODULES[name]}", __name__)
+        fn = _triton_impls[name] = getattr(module, name)
+    return fn
+
+
 def _impl(name: str, backend: str, tensor: torch.Tensor):
     if resolve_backend(backend, tensor) == "torch":
         return getattr(reference, name)
-    if not triton_available():
-        raise ValueError(f"{name}: backend='triton' needs the triton package: pip install 'fastncl[triton]'")
-    module = importlib.import_module(f".{_TRITON_MODULES[name]}", __name__)
-    return getattr(module, name)
+    return triton_impl(name)
 
 
 def infonce_terms(sim, tau, *, backend="auto"):

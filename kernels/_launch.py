@@ -63,6 +63,21 @@ def col_block(n: int) -> int:
     return max(16, min(128, triton.next_power_of_2(max(n, 1))))
 
 
+_ZEROS: dict[torch.device, torch.Tensor] = {}
+
+
+def zero_scalar(like: torch.Tensor) -> torch.Tensor:
+    """An fp32 0-d zero on ``like``'s device: the upstream gradient of an output that received
+    none (read with stride 0). Cached for real tensors, so that an eager backward needs no
+    zero-fill launch; a fresh one while torch.compile traces (fake tensors must not be cached)."""
+    if type(like) is not torch.Tensor:
+        return torch.zeros((), dtype=torch.float32, device=like.device)
+    zero = _ZEROS.get(like.device)
+    if zero is None:
+        zero = _ZEROS[like.device] = torch.zeros((), dtype=torch.float32, device=like.device)
+    return zero
+
+
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
@@ -79,19 +94,22 @@ def reduction_counter(device: torch.device) -> torch.Tensor:
 
 
 @triton.jit
-def finish_sum(partials_ptr, counter_ptr, out_ptr, value, pid, n_programs, scale, BLOCK: tl.constexpr):
-    """Store this program's partial sum; the last program to finish adds all partials in index
-    order (deterministic, no float atomics), writes ``scale * total`` and resets the counter.
+def finish_sum(partials_ptr, counter_ptr, out_ptr, values, pid, n_programs, K: tl.constexpr, BLOCK: tl.constexpr):
+    """Store this program's K partial sums ``values`` (a (K,) tensor); the last program to finish
+    adds every program's partials in index order (deterministic, no float atomics), writes the K
+    totals to ``out_ptr`` and resets the counter.
 
     The acq_rel atomic orders each program's partial store before its increment, and the last
     program's loads (volatile, so not served from a stale cache) after it.
     """
-    tl.store(partials_ptr + pid, value)
+    k = tl.arange(0, K)
+    tl.store(partials_ptr + pid * K + k, values)
     finished = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
     if finished == n_programs - 1:
-        total = tl.zeros((BLOCK,), dtype=tl.float32)
+        total = tl.zeros((BLOCK, K), dtype=tl.float32)
         for start in range(0, n_programs, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            total += tl.load(partials_ptr + offs, mask=offs < n_programs, other=0.0, volatile=True)
-        tl.store(out_ptr, tl.sum(total, axis=0) * scale)
+            rows = start + tl.arange(0, BLOCK)
+            total += tl.load(partials_ptr + rows[:, None] * K + k[None, :], mask=rows[:, None] < n_programs,
+                             other=0.0, volatile=True)
+        tl.store(out_ptr + k, tl.sum(total, axis=0))
         tl.atomic_xchg(counter_ptr, 0)

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from torch.library import custom_op
 
-from ._launch import check_inputs, col_block, device_guard, row_block
+from ._launch import check_inputs, col_block, device_guard, row_block, zero_scalar
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -39,7 +39,7 @@ LN2 = 0.6931471805599453
 
 @triton.jit
 def _infonce_fwd_kernel(
-    sim_ptr, lse_ptr, loss_ptr, prob_ptr,  # pointers: (B, B) input; (2, B) fp32 outputs, row 0 = i2t
+    sim_ptr, lse_ptr, loss_r_ptr, loss_c_ptr, prob_r_ptr, prob_c_ptr,  # (B, B) input; (2, B) and (B,) fp32 out
     stride_r, stride_c,  # strides of sim
     B, scale,  # sizes; scale = log2(e) / tau
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -67,15 +67,28 @@ def _infonce_fwd_kernel(
     diag = tl.load(sim_ptr + offs_m * (stride_r + stride_c), mask=mask_m, other=0.0).to(tl.float32) * scale
     lse = (m_i + tl.log2(tl.where(mask_m, l_i, 1.0))) * 0.6931471805599453
     loss = tl.where(mask_m, lse - diag * 0.6931471805599453, 0.0)  # padded rows: no inf in exp
-    out = direction * B + offs_m
-    tl.store(lse_ptr + out, lse, mask=mask_m)
-    tl.store(loss_ptr + out, loss, mask=mask_m)
-    tl.store(prob_ptr + out, tl.exp(-loss), mask=mask_m)
+    tl.store(lse_ptr + direction * B + offs_m, lse, mask=mask_m)
+    if direction == 0:
+        tl.store(loss_r_ptr + offs_m, loss, mask=mask_m)
+        tl.store(prob_r_ptr + offs_m, tl.exp(-loss), mask=mask_m)
+    else:
+        tl.store(loss_c_ptr + offs_m, loss, mask=mask_m)
+        tl.store(prob_c_ptr + offs_m, tl.exp(-loss), mask=mask_m)
+
+
+@triton.jit
+def _grad(gl_ptr, gl_stride, gp_ptr, gp_stride, prob_ptr, offs, mask):
+    """a = gl - gp * prob: the effective upstream gradient of one direction's losses."""
+    gl = tl.load(gl_ptr + offs * gl_stride, mask=mask, other=0.0).to(tl.float32)
+    gp = tl.load(gp_ptr + offs * gp_stride, mask=mask, other=0.0).to(tl.float32)
+    return gl - gp * tl.load(prob_ptr + offs, mask=mask, other=0.0)
 
 
 @triton.jit
 def _infonce_bwd_kernel(
-    sim_ptr, lse_ptr, prob_ptr, gl_ptr, gp_ptr, dsim_ptr,  # pointers: (B, B); four (2, B) fp32; (B, B) out
+    sim_ptr, lse_ptr, prob_r_ptr, prob_c_ptr, dsim_ptr,  # (B, B) input; saved (2, B) and (B,) fp32; (B, B) out
+    glr_ptr, glc_ptr, gpr_ptr, gpc_ptr,  # upstream gradients of loss_i2t, loss_t2i, prob_i2t, prob_t2i
+    glr_stride, glc_stride, gpr_stride, gpc_stride,  # their strides (0: an unused output's zero)
     stride_r, stride_c, stride_dr, stride_dc,  # strides of sim and dsim
     B, scale, inv_tau,  # sizes; scale = log2(e) / tau
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -84,10 +97,8 @@ def _infonce_bwd_kernel(
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m, mask_n = offs_m < B, offs_n < B
     # 1. effective per-sample gradients of the two losses: a = gl - gp * prob
-    a_r = tl.load(gl_ptr + offs_m, mask=mask_m, other=0.0) - tl.load(gp_ptr + offs_m, mask=mask_m, other=0.0) * \
-        tl.load(prob_ptr + offs_m, mask=mask_m, other=0.0)
-    a_c = tl.load(gl_ptr + B + offs_n, mask=mask_n, other=0.0) - \
-        tl.load(gp_ptr + B + offs_n, mask=mask_n, other=0.0) * tl.load(prob_ptr + B + offs_n, mask=mask_n, other=0.0)
+    a_r = _grad(glr_ptr, glr_stride, gpr_ptr, gpr_stride, prob_r_ptr, offs_m, mask_m)
+    a_c = _grad(glc_ptr, glc_stride, gpc_ptr, gpc_stride, prob_c_ptr, offs_n, mask_n)
     lse_r = tl.load(lse_ptr + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
     lse_c = tl.load(lse_ptr + B + offs_n, mask=mask_n, other=0.0) * 1.4426950408889634
     # 2. [recompute] both softmaxes of this tile from the saved log-sum-exps
@@ -95,9 +106,8 @@ def _infonce_bwd_kernel(
     x = tl.load(sim_ptr + offs_m[:, None] * stride_r + offs_n[None, :] * stride_c, mask=mask,
                 other=0.0).to(tl.float32) * scale
     ds = a_r[:, None] * tl.exp2(x - lse_r[:, None]) + a_c[None, :] * tl.exp2(x - lse_c[None, :])
-    # 3. the diagonal's own term: d(-z_ii) for both losses of pair i
-    a_cm = tl.load(gl_ptr + B + offs_m, mask=mask_m, other=0.0) - \
-        tl.load(gp_ptr + B + offs_m, mask=mask_m, other=0.0) * tl.load(prob_ptr + B + offs_m, mask=mask_m, other=0.0)
+    # 3. the diagonal's own term, d(-z_ii), from both losses of pair i
+    a_cm = _grad(glc_ptr, glc_stride, gpc_ptr, gpc_stride, prob_c_ptr, offs_m, mask_m)
     ds = tl.where(offs_m[:, None] == offs_n[None, :], ds - (a_r + a_cm)[:, None], ds) * inv_tau
     tl.store(dsim_ptr + offs_m[:, None] * stride_dr + offs_n[None, :] * stride_dc,
              ds.to(dsim_ptr.dtype.element_ty), mask=mask)
@@ -111,55 +121,61 @@ def _check(sim: torch.Tensor) -> int:
 
 
 @custom_op("fastncl::infonce_fwd", mutates_args=())
-def infonce_fwd(sim: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(lse, loss, prob), each (2, B) fp32: row 0 image -> text (rows), row 1 text -> image (columns)."""
+def infonce_fwd(sim: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                        torch.Tensor]:
+    """(loss_i2t, loss_t2i, prob_i2t, prob_t2i) (B,) and the (2, B) log-sum-exps, all fp32."""
     n = _check(sim)
-    lse, loss, prob = (torch.empty(2, n, device=sim.device, dtype=torch.float32) for _ in range(3))
+    outs = [torch.empty(n, device=sim.device, dtype=torch.float32) for _ in range(4)]
+    lse = torch.empty(2, n, device=sim.device, dtype=torch.float32)
     block_m = row_block(n)
     with device_guard(sim):
         _infonce_fwd_kernel[(2 * triton.cdiv(n, block_m),)](
-            sim, lse, loss, prob, sim.stride(0), sim.stride(1), n, LOG2E / tau,
-            BLOCK_M=block_m, BLOCK_N=col_block(n))
-    return lse, loss, prob
+            sim, lse, *outs, sim.stride(0), sim.stride(1), n, LOG2E / tau, BLOCK_M=block_m, BLOCK_N=col_block(n))
+    return (*outs, lse)
 
 
 @infonce_fwd.register_fake
 def _(sim, tau):
     n = _check(sim)
-    return tuple(sim.new_empty(2, n, dtype=torch.float32) for _ in range(3))
+    return (*(sim.new_empty(n, dtype=torch.float32) for _ in range(4)), sim.new_empty(2, n, dtype=torch.float32))
 
 
 @custom_op("fastncl::infonce_bwd", mutates_args=())
-def infonce_bwd(sim: torch.Tensor, lse: torch.Tensor, prob: torch.Tensor, grad_loss: torch.Tensor,
-                grad_prob: torch.Tensor, tau: float) -> torch.Tensor:
-    """dsim (B, B) in sim's dtype, from the (2, B) upstream gradients of the losses and probabilities."""
+def infonce_bwd(sim: torch.Tensor, lse: torch.Tensor, prob_i2t: torch.Tensor, prob_t2i: torch.Tensor,
+                grad_loss_i2t: torch.Tensor, grad_loss_t2i: torch.Tensor, grad_prob_i2t: torch.Tensor,
+                grad_prob_t2i: torch.Tensor, tau: float) -> torch.Tensor:
+    """dsim (B, B) in sim's dtype from the upstream gradients of the four outputs ((B,), or a
+    0-d zero for an output that received none)."""
     n = sim.shape[0]
     dsim = torch.empty_like(sim, memory_format=torch.contiguous_format)
-    grad_loss, grad_prob = grad_loss.float().contiguous(), grad_prob.float().contiguous()
-    block_m = row_block(n)
-    block_n = block_m
+    grads = (grad_loss_i2t, grad_loss_t2i, grad_prob_i2t, grad_prob_t2i)
+    strides = [g.stride(0) if g.dim() else 0 for g in grads]
+    block = row_block(n)
     with device_guard(sim):
-        _infonce_bwd_kernel[(triton.cdiv(n, block_m), triton.cdiv(n, block_n))](
-            sim, lse, prob, grad_loss, grad_prob, dsim, sim.stride(0), sim.stride(1), dsim.stride(0), dsim.stride(1),
-            n, LOG2E / tau, 1.0 / tau, BLOCK_M=block_m, BLOCK_N=block_n)
+        _infonce_bwd_kernel[(triton.cdiv(n, block), triton.cdiv(n, block))](
+            sim, lse, prob_i2t, prob_t2i, dsim, *grads, *strides, sim.stride(0), sim.stride(1), dsim.stride(0),
+            dsim.stride(1), n, LOG2E / tau, 1.0 / tau, BLOCK_M=block, BLOCK_N=block)
     return dsim
 
 
 @infonce_bwd.register_fake
-def _(sim, lse, prob, grad_loss, grad_prob, tau):
+def _(sim, lse, prob_i2t, prob_t2i, grad_loss_i2t, grad_loss_t2i, grad_prob_i2t, grad_prob_t2i, tau):
     return torch.empty_like(sim, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
     sim, tau = inputs
-    lse, _, prob = output
-    ctx.save_for_backward(sim, lse, prob)
+    *_, prob_i2t, prob_t2i, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # an unused output costs no zero-fill launch
+    ctx.save_for_backward(sim, lse, prob_i2t, prob_t2i)
     ctx.tau = tau
 
 
-def _backward(ctx, grad_lse, grad_loss, grad_prob):
-    sim, lse, prob = ctx.saved_tensors
-    return infonce_bwd(sim, lse, prob, grad_loss, grad_prob, ctx.tau), None
+def _backward(ctx, *grads):
+    sim, lse, prob_i2t, prob_t2i = ctx.saved_tensors
+    grads = [zero_scalar(sim) if g is None else g for g in grads[:4]]
+    return infonce_bwd(sim, lse, prob_i2t, prob_t2i, *grads, ctx.tau), None
 
 
 infonce_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -167,8 +183,7 @@ infonce_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def infonce_terms(sim: torch.Tensor, tau: float):
     """Triton twin of ``reference.infonce_terms``: (loss_i2t, loss_t2i, prob_i2t, prob_t2i)."""
-    _, loss, prob = infonce_fwd(sim, float(tau))
-    return loss[0], loss[1], prob[0], prob[1]
+    return infonce_fwd(sim, float(tau))[:4]
 
 
 __all__ = ["infonce_terms"]

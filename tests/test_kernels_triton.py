@@ -52,12 +52,23 @@ def _infonce_case(tau):
     )
 
 
-CASES = [_infonce_case(tau) for tau in TAUS]
+CASES = [_infonce_case(tau) for tau in TAUS] + [
+    Case(f"cross_consistency alpha={alpha}",
+         lambda n, gen, dtype: ((random_sim(n, gen, dtype),), ()),
+         lambda sim, backend, alpha=alpha: K.cross_consistency(sim, alpha, backend=backend))
+    for alpha in (0.0, 0.05)
+] + [
+    Case(f"metric_consistency alpha={alpha}",
+         lambda n, gen, dtype: ((random_sim(n, gen, dtype), random_sim(n, gen, dtype)), ()),
+         lambda a, b, backend, alpha=alpha: K.metric_consistency(a, b, alpha, backend=backend))
+    for alpha in (0.0, 0.05)
+]
 
 
 def _run(case: Case, inputs, others, backend, compiled=False):
     fn = case.call
-    if compiled:
+    if compiled:  # after an eager call: autotuning and module imports happen outside the trace
+        fn(*inputs, *others, backend=backend)
         fn = torch.compile(lambda *args: case.call(*args, backend=backend), fullgraph=True)
         return as_tuple(fn(*inputs, *others))
     return as_tuple(fn(*inputs, *others, backend=backend))
@@ -97,6 +108,26 @@ def test_values_and_gradients_match_reference(case, n, dtype, compiled):
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_gradient_of_each_output_alone(case):
+    """An output that receives no gradient (None upstream) contributes nothing to the backward."""
+    gen, seed = make_generator("triton-alone", case.name)
+    inputs, others = case.make(7, gen, torch.float32)
+    ref_inputs = tuple(x.double().to(DEVICE).requires_grad_(True) for x in inputs)
+    expected = _run(case, ref_inputs, _on(DEVICE, others), "torch")
+    for k, e in enumerate(expected):
+        if not e.requires_grad:
+            continue
+        leaves = tuple(x.to(DEVICE).requires_grad_(True) for x in inputs)
+        actual = _run(case, leaves, _on(DEVICE, others), "triton")
+        u = upstream_grad(e.shape, gen).to(DEVICE)
+        grads_e = torch.autograd.grad((e * u).sum(), ref_inputs, retain_graph=True)
+        grads_a = torch.autograd.grad((actual[k].double() * u).sum(), leaves)
+        for a, g in zip(grads_a, grads_e):
+            assert_close(a, g, rtol(torch.float32, "grads"), f"{case.name} output {k} alone seed={seed}",
+                         scale=case.grad_scale([u]))
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_non_contiguous_inputs(case):
     gen, seed = make_generator("triton-strided", case.name)
     inputs, others = case.make(14, gen, torch.float32)
@@ -129,13 +160,17 @@ def test_infonce_unit_similarities_do_not_overflow():
 
 def _opcheck_args(gen):
     sim = random_sim(7, gen).to(DEVICE)
+    other = random_sim(7, gen).to(DEVICE)
     return [
         (torch.ops.fastncl.infonce_fwd.default, (sim.requires_grad_(True), 0.07)),
+        (torch.ops.fastncl.cross_consistency_fwd.default, (sim, 0.05)),
+        (torch.ops.fastncl.metric_consistency_fwd.default, (sim, other.requires_grad_(True), 0.0)),
     ]
 
 
 def test_custom_ops_pass_opcheck():
-    import fastncl.kernels.infonce  # noqa: F401  registers the ops
+    for name in ("infonce_terms", "cross_consistency"):  # imports the Triton modules, which register the ops
+        K.triton_impl(name)
 
     gen, _ = make_generator("opcheck")
     for op, args in _opcheck_args(gen):
