@@ -78,26 +78,28 @@ def zero_scalar(like: torch.Tensor) -> torch.Tensor:
     return zero
 
 
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_COUNTERS: dict[tuple[str, torch.device], torch.Tensor] = {}
 
 
-def reduction_counter(device: torch.device) -> torch.Tensor:
-    """A per-device int32 counter that ``finish_sum`` leaves at 0 after every launch.
+def reduction_counter(op: str, device: torch.device) -> torch.Tensor:
+    """An int32 counter per op and device that ``finish_sum`` leaves at 0 after every launch.
 
-    Allocated once per device (outside any CUDA-graph capture, at the first call), so that a
-    scalar-valued op needs no zero-fill launch before its kernel.
+    Allocated once (at the op's first call, outside any CUDA-graph capture), so that a reduction
+    needs no zero-fill launch before its kernel. One per op: different ops may run on different
+    streams; one op must not run on two streams at once.
     """
-    counter = _COUNTERS.get(device)
+    counter = _COUNTERS.get((op, device))
     if counter is None:
-        counter = _COUNTERS[device] = torch.zeros(1, dtype=torch.int32, device=device)
+        counter = _COUNTERS[op, device] = torch.zeros(1, dtype=torch.int32, device=device)
     return counter
 
 
 @triton.jit
-def finish_sum(partials_ptr, counter_ptr, out_ptr, values, pid, n_programs, K: tl.constexpr, BLOCK: tl.constexpr):
-    """Store this program's K partial sums ``values`` (a (K,) tensor); the last program to finish
-    adds every program's partials in index order (deterministic, no float atomics), writes the K
-    totals to ``out_ptr`` and resets the counter.
+def finish_sum(partials_ptr, counter_ptr, values, pid, n_programs, K: tl.constexpr, BLOCK: tl.constexpr):
+    """Deterministic one-launch sum over programs: store this program's K partial sums
+    (``values``, a (K,) tensor); the last program to finish adds every program's partials in index
+    order (no float atomics) and resets the counter. Returns (is_last, totals): the caller's last
+    program stores the (K,) totals.
 
     The acq_rel atomic orders each program's partial store before its increment, and the last
     program's loads (volatile, so not served from a stale cache) after it.
@@ -105,11 +107,12 @@ def finish_sum(partials_ptr, counter_ptr, out_ptr, values, pid, n_programs, K: t
     k = tl.arange(0, K)
     tl.store(partials_ptr + pid * K + k, values)
     finished = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
-    if finished == n_programs - 1:
-        total = tl.zeros((BLOCK, K), dtype=tl.float32)
+    is_last = finished == n_programs - 1
+    total = tl.zeros((BLOCK, K), dtype=tl.float32)
+    if is_last:
         for start in range(0, n_programs, BLOCK):
             rows = start + tl.arange(0, BLOCK)
             total += tl.load(partials_ptr + rows[:, None] * K + k[None, :], mask=rows[:, None] < n_programs,
                              other=0.0, volatile=True)
-        tl.store(out_ptr + k, tl.sum(total, axis=0))
         tl.atomic_xchg(counter_ptr, 0)
+    return is_last, tl.sum(total, axis=0)

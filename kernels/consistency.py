@@ -50,8 +50,10 @@ def _cross_consistency_fwd_kernel(
         weight = tl.where(bj > bi, 2.0, 1.0) * inv_count  # an off-diagonal pair holds two equal terms
         value += tl.sum(tl.sum(hinge, axis=1), axis=0) * weight
     # 2. [deterministic reduction] the last program adds the partials in index order
-    finish_sum(partials_ptr, counter_ptr, out_ptr, value, bi * tl.num_programs(1) + bj,
-               tl.num_programs(0) * tl.num_programs(1), K=1, BLOCK=128)
+    is_last, total = finish_sum(partials_ptr, counter_ptr, value, bi * tl.num_programs(1) + bj,
+                                tl.num_programs(0) * tl.num_programs(1), K=1, BLOCK=128)
+    if is_last:
+        tl.store(out_ptr + tl.arange(0, 1), total)
 
 
 @triton.jit
@@ -94,8 +96,10 @@ def _metric_consistency_fwd_kernel(
     t = tl.load(txt_ptr + offs_i[:, None] * stride_tr + offs_j[None, :] * stride_tc, mask=mask, other=0.0)
     d = a.to(tl.float32) - t.to(tl.float32)
     value = tl.zeros((1,), dtype=tl.float32) + tl.sum(tl.sum(tl.maximum(d * d - alpha, 0.0), axis=1), axis=0) * inv_count
-    finish_sum(partials_ptr, counter_ptr, out_ptr, value, bi * tl.num_programs(1) + bj,
-               tl.num_programs(0) * tl.num_programs(1), K=1, BLOCK=128)
+    is_last, total = finish_sum(partials_ptr, counter_ptr, value, bi * tl.num_programs(1) + bj,
+                                tl.num_programs(0) * tl.num_programs(1), K=1, BLOCK=128)
+    if is_last:
+        tl.store(out_ptr + tl.arange(0, 1), total)
 
 
 @triton.jit
@@ -127,10 +131,10 @@ def _check_square(op: str, *mats: torch.Tensor) -> int:
     return mats[0].shape[0]
 
 
-def _scalar_workspace(like: torch.Tensor, n_programs: int):
+def _scalar_workspace(op: str, like: torch.Tensor, n_programs: int):
     """(partials, counter, out) for a one-launch scalar reduction."""
     partials = torch.empty(n_programs, device=like.device, dtype=torch.float32)
-    return partials, reduction_counter(like.device), torch.empty((), device=like.device, dtype=torch.float32)
+    return partials, reduction_counter(op, like.device), torch.empty((), device=like.device, dtype=torch.float32)
 
 
 @custom_op("fastncl::cross_consistency_fwd", mutates_args=())
@@ -138,7 +142,7 @@ def cross_consistency_fwd(sim: torch.Tensor, alpha: float) -> torch.Tensor:
     n = _check_square("cross_consistency", sim)
     block = row_block(n)
     grid = (triton.cdiv(n, block), triton.cdiv(n, block))
-    partials, counter, out = _scalar_workspace(sim, grid[0] * grid[1])
+    partials, counter, out = _scalar_workspace("cross_consistency", sim, grid[0] * grid[1])
     with device_guard(sim):
         _cross_consistency_fwd_kernel[grid](sim, partials, counter, out, sim.stride(0), sim.stride(1), n, alpha,
                                             1.0 / (n * n), BLOCK=block)
@@ -173,7 +177,7 @@ def metric_consistency_fwd(sim_img: torch.Tensor, sim_txt: torch.Tensor, alpha: 
     n = _check_square("metric_consistency", sim_img, sim_txt)
     block = row_block(n)
     grid = (triton.cdiv(n, block), triton.cdiv(n, block))
-    partials, counter, out = _scalar_workspace(sim_img, grid[0] * grid[1])
+    partials, counter, out = _scalar_workspace("metric_consistency", sim_img, grid[0] * grid[1])
     with device_guard(sim_img):
         _metric_consistency_fwd_kernel[grid](sim_img, sim_txt, partials, counter, out, sim_img.stride(0),
                                              sim_img.stride(1), sim_txt.stride(0), sim_txt.stride(1), n, alpha,

@@ -38,6 +38,22 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
+def online_lse(m_i, l_i, x):
+    """Fold a (M, N) tile of base-2 logits into the running row (max, sum) [online LSE]."""
+    m_new = tl.maximum(m_i, tl.max(x, axis=1))
+    return m_new, l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(x - m_new[:, None]), axis=1)
+
+
+@triton.jit
+def infonce_dsim(x, lse_r, lse_c, a_r, a_c, a_diag, offs_m, offs_n):
+    """tau * dsim of a tile: both softmaxes recomputed from the base-2 logits ``x`` and the base-2
+    log-sum-exps of its rows and columns, weighted by the effective per-sample gradients of the
+    row losses (a_r), column losses (a_c); on the diagonal minus both of pair i's (a_diag)."""
+    ds = a_r[:, None] * tl.exp2(x - lse_r[:, None]) + a_c[None, :] * tl.exp2(x - lse_c[None, :])
+    return tl.where(offs_m[:, None] == offs_n[None, :], ds - a_diag[:, None], ds)
+
+
+@triton.jit
 def _infonce_fwd_kernel(
     sim_ptr, lse_ptr, loss_r_ptr, loss_c_ptr, prob_r_ptr, prob_c_ptr,  # (B, B) input; (2, B) and (B,) fp32 out
     stride_r, stride_c,  # strides of sim
@@ -60,9 +76,7 @@ def _infonce_fwd_kernel(
         mask = mask_m[:, None] & (offs_n[None, :] < B)
         x = tl.load(sim_ptr + offs_m[:, None] * stride_keep + offs_n[None, :] * stride_red, mask=mask,
                     other=float("-inf")).to(tl.float32) * scale
-        m_new = tl.maximum(m_i, tl.max(x, axis=1))
-        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(x - m_new[:, None]), axis=1)
-        m_i = m_new
+        m_i, l_i = online_lse(m_i, l_i, x)
     # 3. the diagonal, read directly, and the outputs in natural-log units
     diag = tl.load(sim_ptr + offs_m * (stride_r + stride_c), mask=mask_m, other=0.0).to(tl.float32) * scale
     lse = (m_i + tl.log2(tl.where(mask_m, l_i, 1.0))) * 0.6931471805599453
@@ -105,10 +119,9 @@ def _infonce_bwd_kernel(
     mask = mask_m[:, None] & mask_n[None, :]
     x = tl.load(sim_ptr + offs_m[:, None] * stride_r + offs_n[None, :] * stride_c, mask=mask,
                 other=0.0).to(tl.float32) * scale
-    ds = a_r[:, None] * tl.exp2(x - lse_r[:, None]) + a_c[None, :] * tl.exp2(x - lse_c[None, :])
     # 3. the diagonal's own term, d(-z_ii), from both losses of pair i
     a_cm = _grad(glc_ptr, glc_stride, gpc_ptr, gpc_stride, prob_c_ptr, offs_m, mask_m)
-    ds = tl.where(offs_m[:, None] == offs_n[None, :], ds - (a_r + a_cm)[:, None], ds) * inv_tau
+    ds = infonce_dsim(x, lse_r, lse_c, a_r, a_c, a_r + a_cm, offs_m, offs_n) * inv_tau
     tl.store(dsim_ptr + offs_m[:, None] * stride_dr + offs_n[None, :] * stride_dc,
              ds.to(dsim_ptr.dtype.element_ty), mask=mask)
 
@@ -186,4 +199,4 @@ def infonce_terms(sim: torch.Tensor, tau: float):
     return infonce_fwd(sim, float(tau))[:4]
 
 
-__all__ = ["infonce_terms"]
+__all__ = ["infonce_terms"]  # online_lse and infonce_dsim are shared with objectives.py
