@@ -32,6 +32,8 @@ _TRITON_MODULES = {  # op -> the module that holds its Triton twin
     "esc_anchor_terms": "anchor",
     "triplet_terms": "triplet",
     "proxy_argmax": "proxy",
+    "sps_reliable_objective": "objectives",
+    "esc_division_terms": "objectives",
 }
 _triton_available = None
 
@@ -122,6 +124,15 @@ def triplet_terms(sim, margin, hardest, *, backend="auto"):
 
 def proxy_argmax(query, keys, key_mask=None, *, backend="auto"):
     return _impl("proxy_argmax", backend, query)(query, keys, key_mask)
+
+
+def sps_reliable_objective(sim, sim_img, sim_txt, tau, alpha, cross_weight, metric_weight, *, backend="auto"):
+    return _impl("sps_reliable_objective", backend, sim)(sim, sim_img, sim_txt, tau, alpha, cross_weight,
+                                                         metric_weight)
+
+
+def esc_division_terms(sim, margin, esc_weight, alpha=0.0, hardest=True, normalize=False, *, backend="auto"):
+    return _impl("esc_division_terms", backend, sim)(sim, margin, esc_weight, alpha, hardest, normalize)
 
 
 for _name in reference.__all__:

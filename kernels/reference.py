@@ -19,6 +19,8 @@ __all__ = [
     "esc_anchor_terms",
     "triplet_terms",
     "proxy_argmax",
+    "sps_reliable_objective",
+    "esc_division_terms",
 ]
 
 
@@ -157,3 +159,38 @@ def proxy_argmax(query: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor
     value, index = scores.max(dim=1)  # torch.max returns the first maximal index
     index = torch.where(torch.isneginf(value), torch.full_like(index, -1), index)
     return index, value
+
+
+def sps_reliable_objective(sim: torch.Tensor, sim_img: torch.Tensor, sim_txt: torch.Tensor, tau: float,
+                           alpha: float, cross_weight: float, metric_weight: float):
+    """The SPS reliable-batch objective (SPS Eq. 17 with y = 1, plus lambda1 Eq. 9 and lambda2 Eq. 10).
+
+    ``l_re = mean_i (loss_i2t[i] + loss_t2i[i])`` (``infonce_terms``), ``l_cro =
+    cross_consistency(sim, alpha)``, ``l_met = metric_consistency(sim_img, sim_txt, alpha)``.
+
+    Returns:
+        ``(total, l_re, l_cro, l_met)``, 0-d, with ``total = l_re + cross_weight * l_cro +
+        metric_weight * l_met``.
+    """
+    l_i2t, l_t2i, _, _ = infonce_terms(sim, tau)
+    l_re = (l_i2t + l_t2i).mean()
+    l_cro = cross_consistency(sim, alpha)
+    l_met = metric_consistency(sim_img, sim_txt, alpha)
+    return l_re + cross_weight * l_cro + metric_weight * l_met, l_re, l_cro, l_met
+
+
+def esc_division_terms(sim: torch.Tensor, margin, esc_weight: float, alpha: float = 0.0, hardest: bool = True,
+                       normalize: bool = False):
+    """ESC's per-pair division loss (ESC Eq. 9): ``l_hard + esc_weight * l_ESC`` with the batch's anchor.
+
+    The anchor is the most similar pair of the batch, ``a = argmax_i sim[i, i]`` (ESC Eq. 6; ties to
+    the lowest index); ``l_hard = triplet_terms(sim, margin, hardest)`` (Eq. 1) and ``l_ESC =
+    esc_anchor_terms(sim, a, alpha, normalize)`` (Eq. 7-8).
+
+    Returns:
+        ``(loss, anchor)``: (B,) losses and the anchor's index (0-d int64).
+    """
+    _check_square("esc_division_terms", sim)
+    anchor = sim.detach().diagonal().argmax()
+    loss = triplet_terms(sim, margin, hardest) + esc_weight * esc_anchor_terms(sim, anchor, alpha, normalize)
+    return loss, anchor
