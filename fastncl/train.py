@@ -76,11 +76,12 @@ class Trainer:
                                                         cfg.data.noise, seed)
         injected = bool(cfg.data.noise_file) or cfg.data.noise > 0
         self.clean_mask = (self.caption_to_image == true_image) if injected else None
-        try:
-            kernels.resolve_backend(cfg.runtime.backend)
-        except NotImplementedError as e:
+        try:  # resolved once: every op call gets "torch" or "triton", no lookup on the hot path
+            backend = kernels.check_backend(cfg.runtime.backend, self.device)
+        except ValueError as e:
             raise FastnclError(f"runtime.backend={cfg.runtime.backend}: {e}") from None
         self.method = build_method(cfg)
+        self.method.backend = backend
 
         self.run = RunDir.create(cfg.out, resume)
         _setup_logging(self.run)

@@ -62,11 +62,10 @@ class ESC(Method):
     def split_losses(self, model, batch):
         c = self.cfg.esc
         sim = forward_pairs(model, batch.images, batch.tokens, batch.lengths).sim
-        l_hard = kernels.triplet_terms(sim, c.margin, hardest=c.division_hardest, backend=self.backend)
-        anchor = sim.diagonal().argmax()  # Eq. 6: the most similar pair of the batch
-        l_esc = kernels.esc_anchor_terms(sim, anchor, c.division_margin, c.esc_normalize, backend=self.backend)
-        is_anchor = torch.arange(sim.shape[0], device=sim.device) == anchor
-        return l_hard + c.esc_weight * l_esc, is_anchor  # Eq. 9
+        # Eq. 9: l_hard + beta l_ESC against the batch's anchor argmax_i S(I_i, T_i) (Eq. 6)
+        loss, anchor = kernels.esc_division_terms(sim, c.margin, c.esc_weight, c.division_margin,
+                                                  c.division_hardest, c.esc_normalize, backend=self.backend)
+        return loss, torch.arange(sim.shape[0], device=sim.device) == anchor
 
     def fit(self, losses):
         c = self.cfg.esc
