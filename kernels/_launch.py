@@ -101,12 +101,15 @@ def finish_sum(partials_ptr, counter_ptr, values, pid, n_programs, K: tl.constex
     order (no float atomics) and resets the counter. Returns (is_last, totals): the caller's last
     program stores the (K,) totals.
 
-    The acq_rel atomic orders each program's partial store before its increment, and the last
-    program's loads (volatile, so not served from a stale cache) after it.
+    Memory ordering (the CUDA threadfence-reduction pattern): the barrier makes every thread's
+    part of the partial store precede the increment, which one thread performs with acq_rel
+    semantics at GPU scope; the last program's loads come after its acquire and are volatile, so
+    not served from a stale cache.
     """
     k = tl.arange(0, K)
     tl.store(partials_ptr + pid * K + k, values)
-    finished = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+    tl.debug_barrier()
+    finished = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
     is_last = finished == n_programs - 1
     total = tl.zeros((BLOCK, K), dtype=tl.float32)
     if is_last:

@@ -72,11 +72,12 @@ CASES = [_infonce_case(tau) for tau in TAUS] + [
 ]
 
 
-def _run(case: Case, inputs, others, backend, compiled=False):
+def _run(case: Case, inputs, others, backend, compiled=False, compile_backend="inductor"):
     fn = case.call
     if compiled:  # after an eager call: autotuning and module imports happen outside the trace
         fn(*inputs, *others, backend=backend)
-        fn = torch.compile(lambda *args: case.call(*args, backend=backend), fullgraph=True)
+        torch._dynamo.reset()
+        fn = torch.compile(lambda *args: case.call(*args, backend=backend), fullgraph=True, backend=compile_backend)
         return as_tuple(fn(*inputs, *others))
     return as_tuple(fn(*inputs, *others, backend=backend))
 
@@ -112,6 +113,24 @@ def test_values_and_gradients_match_reference(case, n, dtype, compiled):
     for k, (a, e, x) in enumerate(zip(grads_a, grads_e, inputs)):
         assert a.dtype == x.dtype, f"{msg}: gradient {k} dtype {a.dtype}, input {x.dtype}"
         assert_close(a, e, rtol(dtype, "grads"), f"{msg}: gradient {k}", scale=case.grad_scale(ups))
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_traced_without_graph_breaks(case):
+    """torch.compile(fullgraph=True) traces every op (fake implementations, registered autograd)
+    with no graph break; AOTAutograd's eager backend, so that it runs on CPU in the interpreter."""
+    gen, seed = make_generator("triton-traced", case.name)
+    inputs, others = case.make(7, gen, torch.float32)
+    leaves = tuple(x.to(DEVICE).requires_grad_(True) for x in inputs)
+    eager = _run(case, leaves, _on(DEVICE, others), "triton")
+    traced = _run(case, leaves, _on(DEVICE, others), "triton", compiled=True, compile_backend="aot_eager")
+    for a, e in zip(traced, eager, strict=True):
+        assert torch.equal(a, e), f"{case.name} seed={seed}"
+    diff = [k for k, e in enumerate(eager) if e.requires_grad]
+    grads_e = torch.autograd.grad(sum(eager[k].sum() for k in diff), leaves)
+    grads_t = torch.autograd.grad(sum(traced[k].sum() for k in diff), leaves)
+    for a, e in zip(grads_t, grads_e):
+        assert torch.equal(a, e), f"{case.name} gradient seed={seed}"
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
