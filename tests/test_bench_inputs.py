@@ -98,3 +98,36 @@ def test_bench_inputs_run_through_the_reference(name, dtype, mode):
         assert work.leaves and all(x.grad is not None and torch.isfinite(x.grad.float()).all() for x in work.leaves)
     flops, nbytes = module.cost(B, D, HARNESS.DTYPES[dtype].itemsize, mode)
     assert flops > 0 or nbytes > 0
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_triton_provider_runs_the_bench_step_like_the_reference(name):
+    """The "triton" provider's wiring (backend argument, keyword arguments, partial upstream
+    gradients) on the bench's own inputs, in Triton's interpreter on CPU (tests/conftest.py sets
+    TRITON_INTERPRET=1 without a GPU): the gradients match the reference's."""
+    import fastncl.kernels as K
+    from fastncl.kernels import reference
+
+    pytest.importorskip("triton", reason="needs the triton package")
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the benchmarks themselves run the Triton provider")
+    module = MODULES[name]
+    op = _op(module)
+    if not hasattr(K, op) or not hasattr(reference, op):
+        pytest.skip(f"fastncl.kernels has no {op} yet")
+    mode = "fwd" if op == "proxy_argmax" else "fwd+bwd"
+    results = []
+    for fn in (HARNESS.provider_fn(op, "triton"), reference.__dict__[op]):
+        work = module.make(12, 16, torch.float32, mode == "fwd+bwd", HARNESS.generator(0, "cpu"))
+        try:
+            HARNESS.make_step(fn, work, mode)()
+        except (ImportError, NotImplementedError) as e:  # the bench skips these too
+            pytest.skip(f"no Triton kernel for {op} yet ({e})")
+        results.append([x.grad for x in work.leaves] if mode == "fwd+bwd" else
+                       list(HARNESS._outputs(fn(*work.args, **work.kwargs))))
+    # a wiring mistake (a wrong upstream, a dropped argument) is an O(1) difference; the parity
+    # tests hold the tight tolerances (fp32 resolves an InfoNCE gradient p - 1 only to ~eps / tau)
+    for actual, expected in zip(*results):
+        assert actual is not None and actual.shape == expected.shape
+        scale = float(expected.abs().max()) if expected.is_floating_point() else 0.0
+        assert torch.allclose(actual.double(), expected.double(), rtol=1e-3, atol=1e-3 * scale), op
