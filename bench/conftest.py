@@ -313,7 +313,8 @@ def measure(benchmark, *, op: str, provider: str, B: int, D: int | None, dtype: 
 def _timings(step, work: Work, B: int, quick: bool, launches: bool) -> dict:
     from triton.testing import do_bench, do_bench_cudagraph
 
-    leaves = list(work.leaves) or None
+    # only differentiable inputs: do_bench_cudagraph switches requires_grad on for what it is given
+    leaves = [x for x in work.leaves if x.requires_grad] or None
     out = {}
     if quick:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -1,8 +1,10 @@
 """One call on a GPU machine: the GPU parity tests, the benchmarks, and the report against the targets.
 
-On the H100 device machine (one command of at most 10 minutes; files come back from $OUT):
+On the H100 device machine (one command of at most 10 minutes; files come back from $OUT), the
+device tool's call is
 
-    PYTHONUNBUFFERED=1 python3 tools/gpu_report.py --out "$OUT" --commit <sha>
+    run(kind="nvidia-h100-x1", timeout_s=600,
+        command='PYTHONUNBUFFERED=1 python3 tools/gpu_report.py --out "$OUT" --commit <sha>')
 
 with <sha> from ``git rev-parse HEAD`` on the developer's machine (the device gets a copy of the
 working tree without .git; give "<sha>+dirty" if uncommitted changes travel with it). Run it with
@@ -354,6 +356,14 @@ def run_pytest(args: list[str], *, deadline: float, log_path: Path, env_extra: d
     return f"pytest exited with code {rc} (see the log)"
 
 
+def _print_failures(summary: dict, most: int = 10) -> None:
+    for f in summary["failures"][:most]:
+        first = (f["reason"].splitlines() or [""])[0][:200]
+        print(f"  FAILED {f['nodeid']}: {first}", flush=True)
+    if len(summary["failures"]) > most:
+        print(f"  ... and {len(summary['failures']) - most} more (see the report)", flush=True)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     logs = args.out or ROOT / "runs" / "gpu-report"
@@ -397,6 +407,7 @@ def _run(args, logs: Path) -> int:
         results["parity"] = summarize_outcomes(read_jsonl(work / "parity.jsonl"))
         results["parity"]["note"] = note
         print(_outcome_line("parity", results["parity"]), flush=True)
+        _print_failures(results["parity"])
 
     if not args.skip_bench:
         print(f"benchmarks, suite {args.suite} (until +{end - start:.0f} s) ...", flush=True)
@@ -414,6 +425,7 @@ def _run(args, logs: Path) -> int:
         results["bench"]["note"] = note
         results["records"] = list(targets.index(read_jsonl(work / "records.jsonl")).values())
         print(_outcome_line("benchmarks", results["bench"]), flush=True)
+        _print_failures(results["bench"])
 
     meta["elapsed_s"] = round(time.time() - start)
     name = result_name(env["gpu"], date)
