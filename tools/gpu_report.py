@@ -109,6 +109,18 @@ def floor_ms(rec: dict) -> float | None:
     return max(flops / (H100_TFLOPS * 1e12), nbytes / (H100_TBS * 1e12)) * 1e3
 
 
+def rate(rec: dict) -> str:
+    """The record's achieved hardware rate from its model: TFLOP/s if it has FLOPs, else GB/s."""
+    ms = rec.get("median_ms")
+    if not ms or rec.get("oom"):
+        return "—"
+    if rec.get("flops"):
+        return f"{rec['flops'] / (ms * 1e-3) / 1e12:.1f} TFLOP/s"
+    if rec.get("bytes"):
+        return f"{rec['bytes'] / (ms * 1e-3) / 1e9:.0f} GB/s"
+    return "—"
+
+
 def _sort_key(key):
     op, B, D, dtype, mode = key
     return (OP_ORDER.index(op) if op in OP_ORDER else len(OP_ORDER), op, B, D or 0,
@@ -148,15 +160,15 @@ def times_table(records: list[dict]) -> list[str]:
     by_key = targets.index(records)
     shapes = sorted({(r["op"], r["B"], r.get("D"), r["dtype"], r["mode"]) for r in records}, key=_sort_key)
     lines = ["| op | B | D | dtype | mode | triton (p20–p80) | eager | compiled | eager / triton | compiled / triton "
-             "| triton % of floor | CUDA graph t / e / c | loss peak MB t / e / c | launches t / e / c |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| triton rate | triton % of floor | CUDA graph t / e / c | loss peak MB t / e / c | launches t / e / c |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for op, B, D, dtype, mode in shapes:
         t, e, c = (by_key.get((op, p, B, D, dtype, mode)) for p in targets.PROVIDERS)
         fl = floor_ms(t) if t is not None and not t.get("oom") else None
         pct = f"{100 * fl / t['median_ms']:.0f} %" if fl and t.get("median_ms") else "—"
         lines.append(" | ".join([
             f"| {op}", str(B), "—" if D is None else str(D), dtype, mode, _cell_time(t, spread=True), _cell_time(e),
-            _cell_time(c), _ratio(e, t), _ratio(c, t), pct,
+            _cell_time(c), _ratio(e, t), _ratio(c, t), "—" if t is None else rate(t), pct,
             _triple((t, e, c), "graph_ms", targets.fmt_ms),
             _triple((t, e, c), "loss_peak_mb", lambda v: f"{v:.1f}"),
             _triple((t, e, c), "launches", str)]) + " |")
@@ -199,8 +211,9 @@ def render(results: dict) -> str:
     out += [f"| {r['target']} | {r['required']} | {r['measured']} | {r['status']} |" for r in rows]
     out += ["", "## Times", "",
             "Median of `triton.testing.do_bench` (CUDA events, L2 flushed between calls, gradients reset), Triton's "
-            "p20–p80 in brackets; a ratio above 1 means Triton is faster. `% of floor`: the op's FLOP/byte model "
-            f"(its bench file) at {H100_TFLOPS:g} TFLOP/s bf16 and {H100_TBS:g} TB/s over the measured time. CUDA graph: "
+            "p20–p80 in brackets; a ratio above 1 means Triton is faster. Rate: the op's FLOP/byte model (its bench "
+            f"file) over Triton's time; `% of floor`: that model at {H100_TFLOPS:g} TFLOP/s bf16 and {H100_TBS:g} TB/s "
+            "over the measured time. CUDA graph: "
             "median of `do_bench_cudagraph` (B <= 1024). Loss peak: peak allocation minus inputs and their gradients. "
             "Launches: kernels per call (torch.profiler; fused objectives). OOM: out of memory; —: not measured.", ""]
     out += times_table(records) if records else ["No benchmark records."]
