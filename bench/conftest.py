@@ -287,7 +287,7 @@ def measure(benchmark, *, op: str, provider: str, B: int, D: int | None, dtype: 
         skip = f"CUDA out of memory: {op} {provider} B={B} D={D} {dtype} {mode}"
         rec["oom"] = True
     if skip is not None:  # outside the except blocks: no traceback keeps the inputs alive
-        del work, step
+        work = step = None
         _free()
         if rec.get("oom"):
             record(benchmark, rec)
@@ -306,7 +306,7 @@ def measure(benchmark, *, op: str, provider: str, B: int, D: int | None, dtype: 
         rec["pedantic_median_ms"] = stats.median * 1e3
         rec["pedantic_rounds"] = rounds
         record(benchmark, rec)
-    del work, step
+    work = step = None  # the inputs go before the next benchmark allocates its own
     _free()
 
 

@@ -135,7 +135,8 @@ def evaluate(records: list[dict]) -> list[dict]:
         eager = ("not run" if not cap["eager"] else
                  "out of memory" if any(r.get("oom") for r in cap["eager"]) else "ran too")
         peak = max((r.get("loss_peak_mb") or 0.0) for r in cap["triton"])
-        measured = (f"triton ran (loss peak {peak:.1f} MB); eager {eager}" if ran else f"triton out of memory; eager {eager}")
+        measured = (f"triton ran (loss peak {peak:.1f} MB); eager {eager}" if ran
+                    else f"triton out of memory; eager {eager}")
         rows.append(_row(f"infonce_terms_embed B={CAPACITY_B}: runs", "triton runs where eager runs out of memory",
                          measured, ran))
     else:

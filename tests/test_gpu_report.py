@@ -56,7 +56,8 @@ def fake_results() -> dict:
     return {"meta": {"gpu": "NVIDIA H100 80GB HBM3", "torch": "2.11.0+cu130", "triton": "3.6.0", "python": "3.12.3",
                      "date": "2026-11-24", "commit": "abc1234", "suite": "targets", "budget_s": 540, "elapsed_s": 500},
             "parity": {"counts": {"passed": 40, "failed": 1, "skipped": 2},
-                       "failures": [{"nodeid": "tests/test_kernels_triton.py::test_x[8192]", "reason": "E  AssertionError: 3 of 9 differ"}],
+                       "failures": [{"nodeid": "tests/test_kernels_triton.py::test_x[8192]",
+                                     "reason": "E  AssertionError: 3 of 9 differ"}],
                        "skip_reasons": [{"reason": gpu_report_budget_reason(), "count": 2}]},
             "bench": {"counts": {"passed": 14, "skipped": 3}, "failures": [],
                       "skip_reasons": [{"reason": "cross_consistency: no Triton kernel yet (ModuleNotFoundError: x)",
@@ -87,7 +88,8 @@ def test_targets_are_marked_met_missed_or_not_measured_with_the_measured_numbers
     assert _row(rows, "proxy_argmax B=8192 D=256 bf16 fwd: vs eager")["measured"].startswith("4.00x")
     assert _row(rows, "proxy_argmax B=8192 D=256 bf16 fwd: vs compiled")["status"] == "met"
     assert _row(rows, "sps_reliable_objective B=128: time") == {
-        "target": "sps_reliable_objective B=128: time", "required": "<= 25.0 µs", "measured": "20.0 µs", "status": "met"}
+        "target": "sps_reliable_objective B=128: time", "required": "<= 25.0 µs", "measured": "20.0 µs",
+        "status": "met"}
     assert _row(rows, "sps_reliable_objective B=128: launches")["measured"] == "3"
     assert _row(rows, "sps_reliable_objective B=128: in a CUDA graph")["status"] == "met"
     r = _row(rows, "infonce_terms_embed B=8192 D=256: time")
@@ -106,7 +108,8 @@ def test_a_missed_limit_and_an_out_of_memory_kernel_are_reported_as_missed():
     rows = targets.evaluate(records)
     for name in ("sps_reliable_objective B=128: time", "sps_reliable_objective B=128: launches",
                  "sps_reliable_objective B=128: in a CUDA graph", "infonce_terms_embed B=65536: runs",
-                 "infonce_terms_embed B=32768 D=1024: time", "infonce_terms_embed B=32768 D=1024: loss-attributable peak"):
+                 "infonce_terms_embed B=32768 D=1024: time",
+                 "infonce_terms_embed B=32768 D=1024: loss-attributable peak"):
         assert _row(rows, name)["status"] == "missed", name
 
 
@@ -122,7 +125,8 @@ def test_markdown_report_holds_environment_targets_times_ratios_and_outcomes():
     md = gpu_report.render(fake_results())
     assert md.startswith("# fastncl GPU report: NVIDIA H100 80GB HBM3, 2026-11-24")
     for text in ("torch 2.11.0+cu130", "Triton 3.6.0", "commit abc1234", "40 passed, 1 failed, 2 skipped",
-                 "(2 skipped for the time budget)", "| infonce_terms B=1024 bf16 fwd+bwd: vs compiled | >= 1.5x | 1.20x",
+                 "(2 skipped for the time budget)",
+                 "| infonce_terms B=1024 bf16 fwd+bwd: vs compiled | >= 1.5x | 1.20x",
                  "| missed |", "| met |", "| not measured |", "3 × cross_consistency: no Triton kernel yet",
                  "`tests/test_kernels_triton.py::test_x[8192]`: E AssertionError: 3 of 9 differ"):
         assert text in md, text
@@ -140,7 +144,8 @@ def test_markdown_report_holds_environment_targets_times_ratios_and_outcomes():
     (row,) = [line for line in table.splitlines() if line.startswith("| sps_reliable_objective | 128 |")]
     assert "8.0 µs / 90.0 µs / —" in row and "3 / 61 / —" in row
     # rows in a fixed order: fused objectives, matrix ops, embedding ops; bf16 before fp32
-    ops = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ") and "|---" not in line][1:]
+    ops = [line.split("|")[1].strip() for line in table.splitlines()
+           if line.startswith("| ") and "|---" not in line][1:]
     assert ops.index("sps_reliable_objective") < ops.index("infonce_terms") < ops.index("infonce_terms_embed")
 
 
@@ -196,7 +201,8 @@ def test_without_a_gpu_the_run_stops_with_a_one_line_error(tmp_path, capsys):
 def test_outcomes_are_summarized_and_a_cut_jsonl_line_is_ignored(tmp_path):
     path = tmp_path / "o.jsonl"
     lines = [{"nodeid": "a", "outcome": "passed"}, {"nodeid": "b", "outcome": "failed", "reason": "E boom"},
-             {"nodeid": "c", "outcome": "skipped", "reason": "r1"}, {"nodeid": "d", "outcome": "skipped", "reason": "r1"},
+             {"nodeid": "c", "outcome": "skipped", "reason": "r1"},
+             {"nodeid": "d", "outcome": "skipped", "reason": "r1"},
              {"nodeid": "e", "outcome": "error", "reason": "E setup"}]
     path.write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"nodeid": "f", "outc')
     summary = gpu_report.summarize_outcomes(gpu_report.read_jsonl(path))
@@ -207,7 +213,8 @@ def test_outcomes_are_summarized_and_a_cut_jsonl_line_is_ignored(tmp_path):
 
 def _pytest(args, cwd, **env):
     full_env = {**os.environ, "PYTHONPATH": str(ROOT / "tools"), **env}
-    return subprocess.run([sys.executable, "-m", "pytest", "-p", "pytest_budget", "-q", "-p", "no:cacheprovider", *args],
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "pytest_budget", "-q", "-p", "no:cacheprovider",
+                           *args],
                           cwd=cwd, env=full_env, capture_output=True, text=True, timeout=300)
 
 
@@ -220,7 +227,8 @@ def test_budget_plugin_skips_tests_after_the_deadline_and_streams_outcomes(tmp_p
     out = tmp_path / "open.jsonl"
     _pytest(["test_sample.py"], tmp_path, FASTNCL_OUTCOMES=str(out), FASTNCL_DEADLINE=str(time.time() + 600))
     got = {o["nodeid"].split("::")[1]: o for o in gpu_report.read_jsonl(out)}
-    assert {k: o["outcome"] for k, o in got.items()} == {"test_ok": "passed", "test_bad": "failed", "test_skip": "skipped"}
+    assert {k: o["outcome"] for k, o in got.items()} == {
+        "test_ok": "passed", "test_bad": "failed", "test_skip": "skipped"}
     assert "one is not two" in got["test_bad"]["reason"] and got["test_skip"]["reason"] == "not today"
 
     out = tmp_path / "late.jsonl"
@@ -241,7 +249,8 @@ def test_target_benchmarks_run_first_and_every_benchmark_skips_without_a_gpu(tmp
     assert all("no CUDA GPU" in o["reason"] for o in got)
     ids = [o["nodeid"] for o in got]
     assert "sps_reliable_objective-B128-bf16-fwd+bwd-triton" in ids[0]
-    for needed in ("infonce_terms_embed-B65536-D1024-bf16-fwd+bwd-eager", "infonce_terms_embed-B8192-D256-bf16-fwd+bwd-triton",
+    for needed in ("infonce_terms_embed-B65536-D1024-bf16-fwd+bwd-eager",
+                   "infonce_terms_embed-B8192-D256-bf16-fwd+bwd-triton",
                    "proxy_argmax-B1024-D256-bf16-fwd-compiled", "triplet_terms-B8192-bf16-fwd+bwd-eager"):
         assert any(needed in i for i in ids), needed
     assert not any("fp32" in i or "-B128-" in i and "sps" not in i for i in ids)
@@ -261,7 +270,8 @@ def test_a_whole_run_writes_results_and_logs_on_a_machine_that_skips_everything(
     assert code == 0
     (json_path,) = results_dir.glob("fake-gpu-80gb-*.json")
     results = json.loads(json_path.read_text())
-    assert results["meta"]["commit"] == "deadbee" and results["meta"]["select"] == "infonce_terms and B1024 and not embed"
+    assert results["meta"]["commit"] == "deadbee"
+    assert results["meta"]["select"] == "infonce_terms and B1024 and not embed"
     assert results["parity"]["counts"] == {"skipped": 4}
     assert results["bench"]["counts"] == {"skipped": 3} and results["records"] == []
     assert "no CUDA GPU" in results["bench"]["skip_reasons"][0]["reason"]

@@ -124,7 +124,8 @@ def rate(rec: dict) -> str:
 def _sort_key(key):
     op, B, D, dtype, mode = key
     return (OP_ORDER.index(op) if op in OP_ORDER else len(OP_ORDER), op, B, D or 0,
-            DTYPE_ORDER.index(dtype) if dtype in DTYPE_ORDER else 9, MODE_ORDER.index(mode) if mode in MODE_ORDER else 9)
+            DTYPE_ORDER.index(dtype) if dtype in DTYPE_ORDER else 9,
+            MODE_ORDER.index(mode) if mode in MODE_ORDER else 9)
 
 
 def _cell_time(rec: dict | None, spread: bool = False) -> str:
@@ -180,7 +181,8 @@ def _outcome_line(name: str, summary: dict | None) -> str:
         return f"- {name}: not run"
     c = summary["counts"]
     budget = sum(s["count"] for s in summary["skip_reasons"] if "time budget" in s["reason"])
-    parts = [f"{c.get(k, 0)} {k}" for k in ("passed", "failed", "error", "skipped") if c.get(k, 0) or k in ("passed", "failed")]
+    parts = [f"{c.get(k, 0)} {k}" for k in ("passed", "failed", "error", "skipped")
+             if c.get(k, 0) or k in ("passed", "failed")]
     text = f"- {name}: " + ", ".join(parts)
     if budget:
         text += f" ({budget} skipped for the time budget)"
@@ -200,7 +202,8 @@ def render(results: dict) -> str:
            f"Python {meta.get('python', '?')}; commit {meta.get('commit', 'unknown')}",
            f"- run: suite `{meta.get('suite', '?')}`" + (f", `-k {meta['select']}`" if meta.get("select") else "")
            + f"; budget {meta.get('budget_s', '?')} s, used {meta.get('elapsed_s', '?')} s",
-           _outcome_line("parity tests (" + ", ".join(meta.get("parity_tests", PARITY_TESTS)) + ")", results.get("parity")),
+           _outcome_line("parity tests (" + ", ".join(meta.get("parity_tests", PARITY_TESTS)) + ")",
+                         results.get("parity")),
            _outcome_line("benchmarks", results.get("bench")),
            f"- {len(records)} benchmark records ({sum(1 for r in records if r.get('oom'))} out of memory)", "",
            "## Targets", "",
@@ -325,7 +328,8 @@ def environment() -> dict:
             "print(json.dumps(info))\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     if r.returncode != 0:
-        raise FastnclError(f"could not import torch: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+        last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit code {r.returncode}"
+        raise FastnclError(f"could not import torch: {last}")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
