@@ -132,3 +132,127 @@ def test_triton_provider_runs_the_bench_step_like_the_reference(name):
         assert actual is not None and actual.shape == expected.shape
         scale = float(expected.abs().max()) if expected.is_floating_point() else 0.0
         assert torch.allclose(actual.double(), expected.double(), rtol=1e-3, atol=1e-3 * scale), op
+
+
+class _FakeBenchmark:
+    """The parts of pytest-benchmark's fixture that the harness uses."""
+
+    def __init__(self):
+        self.extra_info, self.group, self.calls = {}, None, 0
+
+    def pedantic(self, target, setup, rounds, iterations, warmup_rounds):
+        assert iterations == 1 and rounds >= 1
+        for _ in range(rounds):
+            setup()
+            target()
+            self.calls += 1
+        self.stats = type("Meta", (), {"stats": type("Stats", (), {"median": 2e-3})()})()
+
+
+@pytest.fixture
+def cpu_cuda(monkeypatch):
+    """The CUDA calls of the harness made harmless on CPU, with fixed readings, and do_bench /
+    do_bench_cudagraph replaced by fakes that call the step (so its errors surface)."""
+    import triton.testing
+
+    calls = {"do_bench": 0, "cudagraph": 0}
+
+    def do_bench(fn, warmup, rep, grad_to_none, quantiles):
+        assert quantiles == [0.5, 0.2, 0.8]
+        for _ in range(2):
+            for x in grad_to_none or ():
+                assert x.requires_grad
+                x.grad = None
+            fn()
+        calls["do_bench"] += 1
+        return [1.0, 0.9, 1.1]
+
+    def do_bench_cudagraph(fn, rep, grad_to_none, return_mode):
+        fn()
+        calls["cudagraph"] += 1
+        return 0.5
+
+    class Event:
+        def __init__(self, enable_timing):
+            pass
+
+        def record(self):
+            pass
+
+        def elapsed_time(self, other):
+            return 3.0
+
+    for name, value in (("synchronize", lambda: None), ("reset_peak_memory_stats", lambda: None),
+                        ("memory_allocated", lambda: 2**20), ("max_memory_allocated", lambda: 5 * 2**20),
+                        ("empty_cache", lambda: None), ("Event", Event)):
+        monkeypatch.setattr(torch.cuda, name, value)
+    monkeypatch.setattr(triton.testing, "do_bench", do_bench, raising=False)
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", do_bench_cudagraph, raising=False)
+    monkeypatch.setattr(HARNESS, "generator", lambda seed=0, device="cpu": torch.Generator().manual_seed(seed))
+    monkeypatch.setattr(HARNESS, "count_launches", lambda step, leaves: (step(), {"launches": 7})[1])
+    return calls
+
+
+def _measure(benchmark, name, provider, B, mode, **kwargs):
+    module = MODULES[name]
+    op = _op(module)
+    HARNESS.measure(benchmark, op=op, provider=provider, B=B, D=kwargs.pop("D", None), dtype="fp32", mode=mode,
+                    make=module.make, cost=module.cost, **kwargs)
+
+
+def test_measure_records_every_number_on_cpu_with_faked_cuda_calls(cpu_cuda, tmp_path, monkeypatch):
+    """The harness's control flow (the GPU-only parts faked): one record per benchmark with the
+    times, the CUDA-graph time up to B = 1024, the memory, launches where asked, pedantic's median."""
+    pytest.importorskip("triton", reason="needs the triton package")
+    records = tmp_path / "records.jsonl"
+    monkeypatch.setenv("FASTNCL_BENCH_RECORDS", str(records))
+    monkeypatch.setattr(HARNESS, "PEDANTIC_SECONDS", 0.012)
+    bench = _FakeBenchmark()
+    _measure(bench, "bench_infonce_terms", "eager", 16, "fwd+bwd", launches=True, tau=0.07)
+    assert bench.group == "infonce_terms-B16-fp32-fwd+bwd" and bench.calls == 12  # 12 ms of 1 ms calls
+    assert cpu_cuda == {"do_bench": 1, "cudagraph": 1}
+    lines = HARNESS.json.loads(records.read_text().splitlines()[-1])
+    assert lines == bench.extra_info
+    sim_grad_mb = 16 * 16 * 4 / 2**20
+    assert {k: lines[k] for k in ("op", "provider", "B", "D", "dtype", "mode", "median_ms", "p20_ms", "p80_ms",
+                                   "graph_ms", "launches", "oom", "peak_mb", "pedantic_median_ms", "tau")} == {
+        "op": "infonce_terms", "provider": "eager", "B": 16, "D": None, "dtype": "fp32", "mode": "fwd+bwd",
+        "median_ms": 1.0, "p20_ms": 0.9, "p80_ms": 1.1, "graph_ms": 0.5, "launches": 7, "oom": False,
+        "peak_mb": 4.0, "pedantic_median_ms": 2.0, "tau": 0.07}
+    assert lines["loss_peak_mb"] == pytest.approx(4.0 - sim_grad_mb)
+    assert lines["bytes"] == 3 * 16 * 16 * 4 and lines["flops"] == 0
+
+    # forward only, above the CUDA-graph size: no graph time, no gradients to reset
+    bench = _FakeBenchmark()
+    _measure(bench, "bench_infonce_terms", "eager", 1032, "fwd", tau=0.07)
+    assert "graph_ms" not in bench.extra_info and bench.extra_info["loss_peak_mb"] == 4.0
+    # the capacity run: one timed call, no do_bench
+    if hasattr(__import__("fastncl.kernels.reference").kernels.reference, "infonce_terms_embed"):
+        bench = _FakeBenchmark()
+        _measure(bench, "bench_infonce_terms_embed", "eager", 32, "fwd+bwd", D=8, quick=True, tau=0.07)
+        assert bench.calls == 1 and bench.extra_info["median_ms"] == 3.0 and bench.extra_info["p20_ms"] is None
+
+
+def test_measure_skips_with_the_reason_and_records_out_of_memory(cpu_cuda, tmp_path, monkeypatch):
+    records = tmp_path / "records.jsonl"
+    monkeypatch.setenv("FASTNCL_BENCH_RECORDS", str(records))
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 16.00 GiB")
+
+    monkeypatch.setattr(HARNESS, "provider_fn", lambda op, provider: out_of_memory)
+    bench = _FakeBenchmark()
+    with pytest.raises(pytest.skip.Exception, match="CUDA out of memory: infonce_terms eager B=16"):
+        _measure(bench, "bench_infonce_terms", "eager", 16, "fwd+bwd", tau=0.07)
+    (line,) = [HARNESS.json.loads(x) for x in records.read_text().splitlines()]
+    assert line["oom"] is True and "median_ms" not in line and bench.calls == 0
+
+    def missing(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'fastncl.kernels.consistency'")
+
+    monkeypatch.setattr(HARNESS, "provider_fn", lambda op, provider: missing)
+    with pytest.raises(pytest.skip.Exception, match="no Triton kernel yet"):
+        _measure(_FakeBenchmark(), "bench_cross_consistency", "triton", 16, "fwd+bwd", alpha=0.0)
+    with pytest.raises(ModuleNotFoundError):  # a baseline that does not import is a failure, not a skip
+        _measure(_FakeBenchmark(), "bench_cross_consistency", "eager", 16, "fwd+bwd", alpha=0.0)
+    assert len(records.read_text().splitlines()) == 1  # skips other than out-of-memory write no record
