@@ -263,14 +263,15 @@ def test_a_whole_run_writes_results_and_logs_on_a_machine_that_skips_everything(
         pytest.skip("this checks the CPU behaviour")
     monkeypatch.setattr(gpu_report, "environment", lambda: {"gpu": "Fake GPU 80GB", "torch": "t", "triton": "x",
                                                             "python": "3", "cuda": None})
-    monkeypatch.setattr(gpu_report, "PARITY_TESTS", ("tests/test_cuda_graph_sps.py",))
     out, results_dir = tmp_path / "out", tmp_path / "results"
     code = gpu_report.main(["--out", str(out), "--results-dir", str(results_dir), "--commit", "deadbee",
+                            "--parity-tests", "tests/test_cuda_graph_sps.py",
                             "-k", "infonce_terms and B1024 and not embed", "--budget", "300"])
     assert code == 0
     (json_path,) = results_dir.glob("fake-gpu-80gb-*.json")
     results = json.loads(json_path.read_text())
     assert results["meta"]["commit"] == "deadbee"
+    assert results["meta"]["parity_tests"] == ["tests/test_cuda_graph_sps.py"]
     assert results["meta"]["select"] == "infonce_terms and B1024 and not embed"
     assert results["parity"]["counts"] == {"skipped": 4}
     assert results["bench"]["counts"] == {"skipped": 3} and results["records"] == []

@@ -267,6 +267,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget", type=float, default=520.0,
                    help="seconds for the parity tests, the benchmarks and the report (default 520)")
     p.add_argument("--parity-budget", type=float, default=180.0, help="seconds for the parity tests (default 180)")
+    p.add_argument("--parity-tests", nargs="+", metavar="PATH", help="the parity test files or node ids "
+                   f"(default: {' '.join(PARITY_TESTS)})")
     p.add_argument("--skip-parity", action="store_true", help="benchmarks only")
     p.add_argument("--skip-bench", action="store_true", help="parity tests only")
     p.add_argument("--commit", help="the commit being measured (default: git rev-parse HEAD, where .git exists)")
@@ -412,14 +414,14 @@ def _run(args, logs: Path) -> int:
         raise FastnclError("no CUDA GPU visible: this tool runs the GPU tests and benchmarks (CPU runs skip them)")
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     meta = {**env, "date": date, "commit": commit_of(args.commit), "suite": args.suite, "select": args.select,
-            "budget_s": args.budget, "parity_tests": list(PARITY_TESTS)}
+            "budget_s": args.budget, "parity_tests": list(args.parity_tests or PARITY_TESTS)}
     print(f"{env['gpu']}: torch {env['torch']}, Triton {env['triton']}, commit {meta['commit']}", flush=True)
     results = {"meta": meta, "parity": None, "bench": None, "records": []}
 
     if not args.skip_parity:
         deadline = min(end, time.time() + args.parity_budget)
         print(f"parity tests (until +{deadline - start:.0f} s) ...", flush=True)
-        note = run_pytest(list(PARITY_TESTS), deadline=deadline, log_path=logs / "parity.log",
+        note = run_pytest(meta["parity_tests"], deadline=deadline, log_path=logs / "parity.log",
                           env_extra={"FASTNCL_OUTCOMES": str(work / "parity.jsonl")})
         results["parity"] = summarize_outcomes(read_jsonl(work / "parity.jsonl"))
         results["parity"]["note"] = note
