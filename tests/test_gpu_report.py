@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -280,3 +281,27 @@ def test_a_whole_run_writes_results_and_logs_on_a_machine_that_skips_everything(
         ["bench.log", "parity.log", json_path.name, json_path.with_suffix(".md").name])
     assert (out / json_path.with_suffix(".md").name).read_text() == gpu_report.render(results)
     assert "| not measured |" in capsys.readouterr().out
+
+
+def test_tests_failing_after_a_fatal_cuda_error_run_again_once_in_a_fresh_process(tmp_path):
+    """A CUDA error such as an illegal address poisons the process: the tests failing after it run
+    again in a new process (here: test_b and test_c pass there; test_d fails again and is not
+    retried a second time; test_a, the first to fail with the error, keeps its failure)."""
+    (tmp_path / "test_poison.py").write_text(
+        "POISONED = []\n"
+        "def test_a():\n    POISONED.append(1)\n"
+        "    raise RuntimeError('CUDA error: an illegal memory access was encountered')\n"
+        "def test_b():\n    assert not POISONED, 'CUDA error: an illegal memory access was encountered'\n"
+        "def test_c():\n    assert not POISONED\n"
+        "def test_d():\n    assert False, 'a plain failure'\n")
+    outcomes = tmp_path / "o.jsonl"
+    note = gpu_report.run_phase([str(tmp_path / "test_poison.py")], ["-p", "no:cacheprovider"],
+                                deadline=time.time() + 120, log_path=tmp_path / "log", outcomes=outcomes, env_extra={})
+    lines = gpu_report.read_jsonl(outcomes)
+    runs = Counter(o["nodeid"].split("::")[1] for o in lines)
+    assert runs == {"test_a": 1, "test_b": 2, "test_c": 2, "test_d": 2}
+    final = {o["nodeid"].split("::")[1]: o["outcome"] for o in gpu_report.latest_outcomes(lines)}
+    assert final == {"test_a": "failed", "test_b": "passed", "test_c": "passed", "test_d": "failed"}
+    assert "3 failed tests after it ran again" in note
+    assert gpu_report.summarize_outcomes(lines)["counts"] == {"failed": 2, "passed": 2}
+    assert (tmp_path / "log").read_text().count("$ ") == 2

@@ -5,8 +5,8 @@ Loaded with ``-p pytest_budget`` (tools/ on PYTHONPATH). Two environment variabl
 - ``FASTNCL_DEADLINE``: a Unix time; a test that would start after it is skipped with the reason
   "time budget used up", so that a run cut short still ends normally (JSON and reports written);
 - ``FASTNCL_OUTCOMES``: a file to which every test's outcome is appended as one JSON line
-  (nodeid, outcome, seconds, reason for skips, first lines of the failure), so that nothing is lost
-  if the run is killed.
+  (nodeid and the rootdir it is relative to, outcome, seconds, reason for skips, first lines of the
+  failure), so that nothing is lost if the run is killed.
 """
 from __future__ import annotations
 
@@ -17,6 +17,12 @@ import time
 import pytest
 
 BUDGET_REASON = "time budget used up (tools/gpu_report.py --budget)"
+_rootdir = ""  # node ids are relative to it: written with each outcome, so that a test can be run again
+
+
+def pytest_configure(config):
+    global _rootdir
+    _rootdir = str(config.rootpath)
 
 
 def pytest_runtest_setup(item):
@@ -41,7 +47,7 @@ def pytest_runtest_logreport(report):
     # one line per test: its call, or the setup/teardown phase that failed or skipped
     if report.when == "call" or report.outcome != "passed":
         outcome = "error" if report.failed and report.when != "call" else report.outcome
-        line = {"nodeid": report.nodeid, "when": report.when, "outcome": outcome,
+        line = {"nodeid": report.nodeid, "rootdir": _rootdir, "when": report.when, "outcome": outcome,
                 "seconds": round(report.duration, 3)}
         if outcome != "passed":
             line["reason"] = _reason(report)
