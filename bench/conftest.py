@@ -89,6 +89,7 @@ def gpu_info() -> dict:
 def cuda():
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU on this machine: GPU benchmarks need one (see bench/results/ for committed runs)")
+    pytest.importorskip("triton", reason="the benchmarks time with triton.testing: pip install 'fastncl[triton]'")
     return torch.device("cuda")
 
 
