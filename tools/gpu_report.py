@@ -31,9 +31,10 @@ What it does, each step in a subprocess so that a crash or an out-of-memory stay
 Tests that would start after the budget are skipped with that reason (tools/pytest_budget.py),
 and every outcome and benchmark record is written as it happens, so a run cut short still reports
 what it measured. A CUDA error that poisons the process (an illegal address, a device-side
-assert) fails every later test: those run again once in a fresh process. ``--render results.json`` only rewrites the Markdown from a results JSON (any
-machine). The report is a pure function of the JSON (``render``), tested on CPU in
-tests/test_gpu_report.py.
+assert) fails every later test: those run again once in a fresh process. ``--render results.json``
+only rewrites the Markdown from a results JSON (any machine). The report is a pure function of the
+JSON (``render``), tested on CPU in tests/test_gpu_report.py. Not measured on a GPU yet: the time
+each suite takes there is an estimate.
 """
 from __future__ import annotations
 
