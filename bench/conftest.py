@@ -245,6 +245,24 @@ def record(benchmark, rec: dict) -> None:
             f.write(json.dumps(rec) + "\n")
 
 
+def run_synchronized(benchmark, fn, rounds: int = 50, warmup: int = 5):
+    """Time an opaque ``fn`` (a whole training step, say) with a device synchronisation inside the
+    timed target, after ``warmup`` calls; record the GPU, the versions and the peak memory. The loss
+    ops go through ``measure`` instead."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+
+    def target():
+        fn()
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(target, rounds=rounds, iterations=1)
+    benchmark.extra_info.update(gpu_info())
+    benchmark.extra_info["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+
+
 def _free() -> None:
     gc.collect()
     torch.cuda.empty_cache()

@@ -140,10 +140,11 @@ class _FakeBenchmark:
     def __init__(self):
         self.extra_info, self.group, self.calls = {}, None, 0
 
-    def pedantic(self, target, setup, rounds, iterations, warmup_rounds):
+    def pedantic(self, target, setup=None, rounds=1, iterations=1, warmup_rounds=0):
         assert iterations == 1 and rounds >= 1
         for _ in range(rounds):
-            setup()
+            if setup is not None:
+                setup()
             target()
             self.calls += 1
         self.stats = type("Meta", (), {"stats": type("Stats", (), {"median": 2e-3})()})()
@@ -256,3 +257,11 @@ def test_measure_skips_with_the_reason_and_records_out_of_memory(cpu_cuda, tmp_p
     with pytest.raises(ModuleNotFoundError):  # a baseline that does not import is a failure, not a skip
         _measure(_FakeBenchmark(), "bench_cross_consistency", "eager", 16, "fwd+bwd", alpha=0.0)
     assert len(records.read_text().splitlines()) == 1  # skips other than out-of-memory write no record
+
+
+def test_run_synchronized_times_an_opaque_step(cpu_cuda):
+    """The whole-step timer (end-to-end benchmarks): warm-up calls, then the timed rounds."""
+    calls = []
+    bench = _FakeBenchmark()
+    HARNESS.run_synchronized(bench, lambda: calls.append(1), rounds=3, warmup=2)
+    assert len(calls) == 5 and bench.calls == 3 and bench.extra_info["peak_memory_mb"] == 5.0
