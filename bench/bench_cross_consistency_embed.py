@@ -1,0 +1,25 @@
+"""cross_consistency_embed(img, txt, alpha): SPS Eq. 9 on img @ txt.T from the (B, D) embeddings
+(the Triton kernel never materialises B x B; the references do).
+
+Model (e = bytes per element): forward 2 B^2 D FLOPs (every tile of S once, tile pairs (i, j) and
+(j, i) together), 2 B D e bytes; forward+backward 8 B^2 D FLOPs, 6 B D e bytes.
+"""
+import torch
+
+from conftest import Work, embeddings, measure, params
+
+ALPHA = 0.0  # the SPS code's value (no hinge)
+
+
+def make(B, D, dtype, grad, gen):
+    img, txt = embeddings(B, D, dtype, gen, grad)
+    return Work(args=(img, txt, ALPHA), leaves=(img, txt), upstream=(torch.ones((), device=img.device),))
+
+
+def cost(B, D, e, mode):
+    return (2 if mode == "fwd" else 8) * B * B * D, (2 if mode == "fwd" else 6) * B * D * e
+
+
+@params("cross_consistency_embed", sizes=(128, 1024, 8192, 32768), dims=(256, 1024))
+def bench_cross_consistency_embed(benchmark, cuda, op, provider, B, D, dtype, mode):
+    measure(benchmark, op=op, provider=provider, B=B, D=D, dtype=dtype, mode=mode, make=make, cost=cost, alpha=ALPHA)

@@ -1,0 +1,25 @@
+"""esc_anchor_terms(sim, anchor, normalize=True): the official ESC code's row-normalised terms
+against one anchor pair a = argmax_i S_ii (ESC Eq. 6-8).
+
+Model (e = bytes per element): the forward needs row a, column a and the diagonal, 3 B e bytes;
+the backward writes the dense dS (zero outside row a, column a and the diagonal): forward+backward
+3 B e + B^2 e. Memory-bound.
+"""
+from conftest import Work, embeddings, measure, params, similarity, soft_labels
+
+
+def make(B, D, dtype, grad, gen):
+    sim = similarity(*embeddings(B, 256, dtype, gen), dtype, grad)
+    anchor = sim.detach().diagonal().float().argmax()  # a 0-d CUDA tensor: no host sync in the op
+    return Work(args=(sim, anchor), kwargs={"alpha": 0.0, "normalize": True}, leaves=(sim,),
+                upstream=(soft_labels(B, gen),))
+
+
+def cost(B, D, e, mode):
+    return 0, 3 * B * e + (0 if mode == "fwd" else B * B * e)
+
+
+@params("esc_anchor_terms", sizes=(128, 1024, 8192))
+def bench_esc_anchor_terms(benchmark, cuda, op, provider, B, D, dtype, mode):
+    measure(benchmark, op=op, provider=provider, B=B, D=D, dtype=dtype, mode=mode, make=make, cost=cost,
+            normalize=True)

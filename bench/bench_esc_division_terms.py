@@ -1,0 +1,26 @@
+"""esc_division_terms(sim, margin, esc_weight, alpha, hardest, normalize): ESC's per-pair division
+loss l_hard + beta l_ESC with its anchor, in one call (beta = 0.5, alpha = 0, hardest negatives,
+row-normalised l_ESC: the official code's settings), with its kernel launches counted. The fused
+Triton objective is specified for B <= 256; larger B is skipped if it refuses.
+
+Model (e = bytes per element): forward reads S once, B^2 e bytes; forward+backward 3 B^2 e.
+"""
+from conftest import Work, embeddings, measure, params, similarity, soft_labels
+
+ESC_WEIGHT, ALPHA = 0.5, 0.0
+
+
+def make(B, D, dtype, grad, gen):
+    sim = similarity(*embeddings(B, 256, dtype, gen), dtype, grad)
+    margin = 0.1 + 0.1 * soft_labels(B, gen)  # (B,) soft margins
+    return Work(args=(sim, margin, ESC_WEIGHT, ALPHA, True, True), leaves=(sim,), upstream=(soft_labels(B, gen), None))
+
+
+def cost(B, D, e, mode):
+    return 0, (1 if mode == "fwd" else 3) * B * B * e
+
+
+@params("esc_division_terms", sizes=(128, 1024, 8192))
+def bench_esc_division_terms(benchmark, cuda, op, provider, B, D, dtype, mode):
+    measure(benchmark, op=op, provider=provider, B=B, D=D, dtype=dtype, mode=mode, make=make, cost=cost,
+            launches=True, esc_weight=ESC_WEIGHT, alpha=ALPHA, hardest=True, normalize=True)

@@ -1,0 +1,30 @@
+"""sps_reliable_objective(sim, sim_img, sim_txt, tau, alpha, cross_weight, metric_weight): the SPS
+reliable-batch objective L^re + 25 L^cro + 25 L^met (the SPS code's weights, alpha = 0) in one call,
+with its kernel launches counted (target at B = 128: <= 4 launches, <= 25 us, <= 10 us in a CUDA
+graph). The fused Triton objective is specified for B <= 256; larger B is skipped if it refuses.
+
+Model (e = bytes per element): forward reads the three (B, B) matrices once, 3 B^2 e bytes;
+forward+backward 9 B^2 e. At B = 128 the floor is launch latency, not bytes.
+"""
+import torch
+
+from conftest import Work, embeddings, measure, params, similarity
+
+TAU, ALPHA, CROSS_WEIGHT, METRIC_WEIGHT = 0.07, 0.0, 25.0, 25.0
+
+
+def make(B, D, dtype, grad, gen):
+    img, txt = embeddings(B, 256, torch.float32, gen)
+    sims = similarity(img, txt, dtype, grad), similarity(img, img, dtype, grad), similarity(txt, txt, dtype, grad)
+    return Work(args=(*sims, TAU, ALPHA, CROSS_WEIGHT, METRIC_WEIGHT), leaves=sims,
+                upstream=(torch.ones((), device=img.device), None, None, None))
+
+
+def cost(B, D, e, mode):
+    return 0, (3 if mode == "fwd" else 9) * B * B * e
+
+
+@params("sps_reliable_objective", sizes=(128, 1024, 8192))
+def bench_sps_reliable_objective(benchmark, cuda, op, provider, B, D, dtype, mode):
+    measure(benchmark, op=op, provider=provider, B=B, D=D, dtype=dtype, mode=mode, make=make, cost=cost,
+            launches=True, tau=TAU, alpha=ALPHA, cross_weight=CROSS_WEIGHT, metric_weight=METRIC_WEIGHT)
