@@ -277,7 +277,9 @@ def test_a_whole_run_writes_results_and_logs_on_a_machine_that_skips_everything(
     assert results["parity"]["counts"] == {"skipped": 4}
     assert results["bench"]["counts"] == {"skipped": 3} and results["records"] == []
     assert "no CUDA GPU" in results["bench"]["skip_reasons"][0]["reason"]
-    assert sorted(p.name for p in out.iterdir()) == sorted(
+    # pytest-benchmark writes its raw JSON for a session that skipped every benchmark in some
+    # environments and not in others: it may be there, the rest must
+    assert sorted(p.name for p in out.iterdir() if p.name != "bench-raw.json") == sorted(
         ["bench.log", "parity.log", json_path.name, json_path.with_suffix(".md").name])
     assert (out / json_path.with_suffix(".md").name).read_text() == gpu_report.render(results)
     assert "| not measured |" in capsys.readouterr().out
