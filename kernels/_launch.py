@@ -119,3 +119,15 @@ def finish_sum(partials_ptr, counter_ptr, values, pid, n_programs, K: tl.constex
                              other=0.0, volatile=True)
         tl.atomic_xchg(counter_ptr, 0)
     return is_last, tl.sum(total, axis=0)
+
+
+def dot_needs_fp32_operands(dtype: torch.dtype) -> bool:
+    """Whether a kernel must upcast ``dtype`` operands to fp32 before ``tl.dot`` (pass it as a constexpr).
+
+    [2026-11-24] Triton 3.9 interpreter: ``tl.dot`` on bf16 operands multiplies their raw uint16 bits
+    (the interpreter stores bf16 as uint16 and hands those arrays to numpy's matmul), so results
+    are garbage; fp16 and fp32 are right. Compiled kernels keep the bf16 tensor-core dot, so on CPU
+    the bf16 parity tests exercise the upcast path only. Reproducer:
+    tests/test_kernels_triton.py::test_interpreter_bf16_dot_is_still_broken (remove this when it fails).
+    """
+    return interpreting() and dtype == torch.bfloat16
