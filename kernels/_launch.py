@@ -58,6 +58,11 @@ def row_block(n: int) -> int:
     return max(16, min(64, triton.next_power_of_2(max(n, 1)) // 4))
 
 
+def feature_block(d: int) -> int:
+    """Feature-axis chunk of a ``tl.dot`` (its K size): 16 (the smallest dot) to 64, a power of two."""
+    return max(16, min(64, triton.next_power_of_2(max(d, 1))))
+
+
 def col_block(n: int) -> int:
     """Columns a program loads per step of a sweep: 16 to 128, a power of two."""
     return max(16, min(128, triton.next_power_of_2(max(n, 1))))

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from torch.library import custom_op
 
-from ._launch import check_inputs, col_block, device_guard, dot_needs_fp32_operands, row_block
+from ._launch import check_inputs, device_guard, dot_needs_fp32_operands, feature_block, row_block
 
 
 @triton.jit
@@ -109,7 +109,7 @@ def proxy_argmax_fwd(query: torch.Tensor, keys: torch.Tensor,
             query.stride(0), query.stride(1), keys.stride(0), keys.stride(1),
             key_mask.stride(0) if key_mask is not None else 0, n_query, keys.shape[0], dim,
             HAS_MASK=key_mask is not None, UPCAST=dot_needs_fp32_operands(query.dtype), PRECISION="ieee",
-            BLOCK_M=block_m, BLOCK_N=min(col_block(keys.shape[0]), 64), BLOCK_D=max(16, min(64, triton.next_power_of_2(dim))))
+            BLOCK_M=block_m, BLOCK_N=row_block(keys.shape[0]), BLOCK_D=feature_block(dim))
     return index, value
 
 
