@@ -132,7 +132,7 @@ def dot_needs_fp32_operands(dtype: torch.dtype) -> bool:
     [2026-11-24] Triton 3.9 interpreter: ``tl.dot`` on bf16 operands multiplies their raw uint16 bits
     (the interpreter stores bf16 as uint16 and hands those arrays to numpy's matmul), so results
     are garbage; fp16 and fp32 are right. Compiled kernels keep the bf16 tensor-core dot, so on CPU
-    the bf16 parity tests exercise the upcast path only. Reproducer:
-    tests/test_kernels_triton.py::test_interpreter_bf16_dot_is_still_broken (remove this when it fails).
+    the bf16 parity tests exercise the upcast path only. Reproducer: the bf16 cases of
+    tests/test_kernels_triton.py::test_proxy_argmax_matches_reference fail without it.
     """
     return interpreting() and dtype == torch.bfloat16
