@@ -102,6 +102,8 @@ def proxy_argmax_fwd(query: torch.Tensor, keys: torch.Tensor,
     value = torch.empty(n_query, device=query.device, dtype=torch.float32)
     if n_query == 0:
         return index, value
+    if keys.shape[0] == 0:  # no key at all (an empty tensor's null pointer is no kernel argument on CUDA)
+        return index.fill_(-1), value.fill_(float("-inf"))
     block_m = row_block(n_query)
     with device_guard(query):
         _proxy_argmax_fwd_kernel[(triton.cdiv(n_query, block_m),)](
