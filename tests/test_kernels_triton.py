@@ -55,29 +55,41 @@ def _infonce_case(tau):
 KINK_GAP = 1e-6  # random draws keep every hinge argument this far from its kink (fp32 resolves ~1e-7)
 
 
-def _triplet_kink_free(margin, hardest):
-    """Every cost away from 0 and, for the hardest negative, every positive maximum either an exact
-    tie (which fp32 and float64 both see) or clear of the runner-up."""
-    def ok(s):
-        n = s.shape[0]
-        m = torch.as_tensor(margin, dtype=torch.float64).expand(n).view(n, 1)
-        eye = torch.eye(n, dtype=torch.bool)
-        for cost in (m + s - s.diagonal().view(n, 1), m + s.T - s.diagonal().view(n, 1)):
-            if bool((cost[~eye].abs() <= KINK_GAP).any()):
-                return False
-            if hardest and n > 2:
-                top2 = torch.where(eye, 0.0, cost.clamp_min(0)).topk(2, dim=1).values
-                gap = top2[:, 0] - top2[:, 1]
-                if bool(((gap > 0) & (gap <= KINK_GAP)).any()):
-                    return False
-        return True
-    return ok
+def _triplet_near_kinks(s, margin, hardest):
+    """(B, B) bool: the entries of the float64 matrix ``s`` to redraw so that every cost is away from
+    0 and, for the hardest negative, every positive maximum is an exact tie (which fp32 and float64
+    both see) or clear of the runner-up (whose entry is marked)."""
+    n = s.shape[0]
+    m = torch.as_tensor(margin, dtype=torch.float64).expand(n).view(n, 1)
+    eye = torch.eye(n, dtype=torch.bool)
+    bad = torch.zeros(n, n, dtype=torch.bool)
+    for transposed, cost in ((False, m + s - s.diagonal().view(n, 1)), (True, m + s.T - s.diagonal().view(n, 1))):
+        near = (cost.abs() <= KINK_GAP) & ~eye
+        if hardest and n > 2:
+            top2 = torch.where(eye, 0.0, cost.clamp_min(0)).topk(2, dim=1)
+            gap = top2.values[:, 0] - top2.values[:, 1]
+            rows = ((gap > 0) & (gap <= KINK_GAP)).nonzero().squeeze(1)
+            near[rows, top2.indices[rows, 1]] = True
+        bad |= near.T if transposed else near
+    return bad
+
+
+def _triplet_sim(n, gen, dtype, margin, hardest, tries=20):
+    """A random (n, n) matrix in ``dtype`` off the hinge's kinks: near-kink entries are redrawn (at
+    B = 8192 a whole-matrix redraw would almost never succeed)."""
+    sim = random_sim(n, gen, dtype)
+    for _ in range(tries):
+        bad = _triplet_near_kinks(sim.double(), margin, hardest)
+        if not bool(bad.any()):
+            return sim
+        sim = torch.where(bad, random_sim(n, gen, dtype), sim)
+    raise RuntimeError("could not draw a kink-free matrix")
 
 
 def _triplet_case(margin_kind, hardest):
     def make(n, gen, dtype):
         margin = 0.2 if margin_kind == "float" else uniform((n,), gen, 0.0, 0.5)
-        sim = kink_free_sim(n, gen, _triplet_kink_free(margin, hardest), dtype=dtype)
+        sim = _triplet_sim(n, gen, dtype, margin, hardest)
         # a per-pair margin is a differentiable input: its gradient is compared too
         return ((sim,), (margin,)) if margin_kind == "float" else ((sim, margin), ())
 
@@ -293,7 +305,7 @@ def test_triplet_hardest_ties_share_the_gradient_like_amax():
 
 def test_triplet_zero_dim_margin_gets_the_summed_gradient():
     gen, seed = make_generator("triplet-0d-margin")
-    sim = kink_free_sim(7, gen, _triplet_kink_free(0.3, False), dtype=torch.float32)
+    sim = _triplet_sim(7, gen, torch.float32, 0.3, False)
     margin = torch.tensor(0.3)
     fn = lambda backend: lambda s, m: K.triplet_terms(s, m, False, backend=backend)  # noqa: E731
     out, grads = _grads(fn("triton"), sim, margin)
