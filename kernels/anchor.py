@@ -148,7 +148,7 @@ def _check(sim: torch.Tensor, anchor: Optional[torch.Tensor], anchor_index: int)
     return n
 
 
-def _anchor_args(sim, anchor, anchor_index):
+def _anchor_args(sim, anchor):
     # the int form passes sim as an unused pointer: one kernel serves both forms
     return (sim, 0) if anchor is None else (anchor, anchor.stride(0))
 
@@ -160,7 +160,7 @@ def esc_anchor_fwd(sim: torch.Tensor, anchor: Optional[torch.Tensor], anchor_ind
     n = _check(sim, anchor, anchor_index)
     out = torch.empty(n, device=sim.device, dtype=torch.float32)
     stats = torch.empty(5, n, device=sim.device, dtype=torch.float32)
-    a_ptr, a_stride = _anchor_args(sim, anchor, anchor_index)
+    a_ptr, a_stride = _anchor_args(sim, anchor)
     block_m = row_block(n)
     with device_guard(sim):
         _esc_anchor_fwd_kernel[(triton.cdiv(n, block_m),)](
@@ -189,7 +189,7 @@ def esc_anchor_bwd(sim: torch.Tensor, anchor: Optional[torch.Tensor], anchor_ind
         gu = grad * stats[3]
         wv = torch.zeros(2, n, device=sim.device, dtype=torch.float32).index_add_(
             1, index, torch.stack((gu, gu * stats[4])))
-    a_ptr, a_stride = _anchor_args(sim, anchor, anchor_index)
+    a_ptr, a_stride = _anchor_args(sim, anchor)
     block = row_block(n)
     with device_guard(sim):
         _esc_anchor_bwd_kernel[(triton.cdiv(n, block), triton.cdiv(n, block))](

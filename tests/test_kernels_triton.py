@@ -378,8 +378,9 @@ def test_proxy_argmax_ties_go_to_the_lowest_index():
 def test_proxy_argmax_without_valid_keys_gives_minus_one_and_neg_inf(dtype):
     gen, _ = make_generator("triton-proxy-empty", dtype)
     query = uniform((4, 3), gen, dtype=dtype).to(DEVICE)
-    for keys, mask in ((uniform((70, 3), gen, dtype=dtype), torch.zeros(70, dtype=torch.bool)),
-                       (torch.zeros(0, 3, dtype=dtype), None), (torch.zeros(0, 3, dtype=dtype), torch.zeros(0, dtype=torch.bool))):
+    no_keys = torch.zeros(0, 3, dtype=dtype)
+    for keys, mask in ((uniform((70, 3), gen, dtype=dtype), torch.zeros(70, dtype=torch.bool)),  # all masked
+                       (no_keys, None), (no_keys, torch.zeros(0, dtype=torch.bool))):
         index, value = K.proxy_argmax(query, *_on(DEVICE, (keys, mask)), backend="triton")
         assert index.dtype == torch.int64 and value.dtype == torch.float32
         assert index.cpu().tolist() == [-1] * 4 and bool(torch.isneginf(value).all())
