@@ -58,6 +58,11 @@ def row_block(n: int) -> int:
     return max(16, min(64, triton.next_power_of_2(max(n, 1)) // 4))
 
 
+def feature_block(d: int) -> int:
+    """Feature-axis chunk of a ``tl.dot`` (its K size): 16 (the smallest dot) to 64, a power of two."""
+    return max(16, min(64, triton.next_power_of_2(max(d, 1))))
+
+
 def col_block(n: int) -> int:
     """Columns a program loads per step of a sweep: 16 to 128, a power of two."""
     return max(16, min(128, triton.next_power_of_2(max(n, 1))))
@@ -119,3 +124,15 @@ def finish_sum(partials_ptr, counter_ptr, values, pid, n_programs, K: tl.constex
                              other=0.0, volatile=True)
         tl.atomic_xchg(counter_ptr, 0)
     return is_last, tl.sum(total, axis=0)
+
+
+def dot_needs_fp32_operands(dtype: torch.dtype) -> bool:
+    """Whether a kernel must upcast ``dtype`` operands to fp32 before ``tl.dot`` (pass it as a constexpr).
+
+    [2026-11-24] Triton 3.9 interpreter: ``tl.dot`` on bf16 operands multiplies their raw uint16 bits
+    (the interpreter stores bf16 as uint16 and hands those arrays to numpy's matmul), so results
+    are garbage; fp16 and fp32 are right. Compiled kernels keep the bf16 tensor-core dot, so on CPU
+    the bf16 parity tests exercise the upcast path only. Reproducer: the bf16 cases of
+    tests/test_kernels_triton.py::test_proxy_argmax_matches_reference fail without it.
+    """
+    return interpreting() and dtype == torch.bfloat16

@@ -42,11 +42,12 @@ def reference_grads(fn, inputs, upstreams):
     return torch.autograd.grad(total, leaves)
 
 
-def kink_free_sim(n, gen, ok, tries=200) -> torch.Tensor:
-    """A float64 random similarity matrix for which ``ok(sim)`` holds (keeps hinges off their kinks)."""
+def kink_free_sim(n, gen, ok, tries=200, dtype=torch.float64) -> torch.Tensor:
+    """A random similarity matrix in ``dtype`` for which ``ok(sim)`` holds on its values upcast to
+    float64 (keeps hinges off their kinks)."""
     for _ in range(tries):
-        sim = random_sim(n, gen, torch.float64)
-        if ok(sim):
+        sim = random_sim(n, gen, dtype)
+        if ok(sim.double()):
             return sim
     raise RuntimeError("could not draw a kink-free matrix; loosen the condition")
 

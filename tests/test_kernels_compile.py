@@ -35,6 +35,8 @@ def _describe(value):
         return ["int", value]
     if isinstance(value, float):
         return ["float", value]
+    if isinstance(value, str):  # a constexpr such as input_precision
+        return ["str", value]
     raise TypeError(f"unexpected kernel argument {value!r}")
 
 
@@ -69,6 +71,16 @@ def _record_launches(monkeypatch) -> list[dict]:
                 outs = [o for o in result if o.requires_grad]
                 if outs:
                     torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+    # proxy_argmax has no gradient, so no parity case; record it with the bf16 tl.dot that compiled
+    # kernels use (the interpreter's upcast workaround off: the values are wrong, the launch is right)
+    import fastncl.kernels as K
+
+    K.triton_impl("proxy_argmax")
+    monkeypatch.setattr("fastncl.kernels.proxy.dot_needs_fp32_operands", lambda dtype: False)
+    for dtype in (torch.float32, torch.bfloat16):
+        query, keys = torch.randn(300, 64, generator=gen).to(dtype), torch.randn(200, 64, generator=gen).to(dtype)
+        for mask in (None, torch.rand(200, generator=gen) > 0.5):
+            K.proxy_argmax(query, keys, mask, backend="triton")
     return launches
 
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import fastncl.kernels as K
-from inputs import as_tuple, make_generator, random_sim, uniform, upstream_grad
-from tolerances import assert_close, rtol
+from inputs import as_tuple, kink_free_sim, make_generator, random_sim, uniform, upstream_grad
+from tolerances import assert_argmax_close, assert_close, rtol
 
 triton = pytest.importorskip("triton", reason="the Triton kernels need the triton package (pip install triton)")
 
@@ -52,6 +52,80 @@ def _infonce_case(tau):
     )
 
 
+KINK_GAP = 1e-6  # random draws keep every hinge argument this far from its kink (fp32 resolves ~1e-7)
+
+
+def _triplet_near_kinks(s, margin, hardest):
+    """(B, B) bool: the entries of the float64 matrix ``s`` to redraw so that every cost is away from
+    0 and, for the hardest negative, every positive maximum is an exact tie (which fp32 and float64
+    both see) or clear of the runner-up (whose entry is marked)."""
+    n = s.shape[0]
+    m = torch.as_tensor(margin, dtype=torch.float64).expand(n).view(n, 1)
+    eye = torch.eye(n, dtype=torch.bool)
+    bad = torch.zeros(n, n, dtype=torch.bool)
+    for transposed, cost in ((False, m + s - s.diagonal().view(n, 1)), (True, m + s.T - s.diagonal().view(n, 1))):
+        near = (cost.abs() <= KINK_GAP) & ~eye
+        if hardest and n > 2:
+            top2 = torch.where(eye, 0.0, cost.clamp_min(0)).topk(2, dim=1)
+            gap = top2.values[:, 0] - top2.values[:, 1]
+            rows = ((gap > 0) & (gap <= KINK_GAP)).nonzero().squeeze(1)
+            near[rows, top2.indices[rows, 1]] = True
+        bad |= near.T if transposed else near
+    return bad
+
+
+def _triplet_sim(n, gen, dtype, margin, hardest, tries=20):
+    """A random (n, n) matrix in ``dtype`` off the hinge's kinks: near-kink entries are redrawn (at
+    B = 8192 a whole-matrix redraw would almost never succeed)."""
+    sim = random_sim(n, gen, dtype)
+    for _ in range(tries):
+        bad = _triplet_near_kinks(sim.double(), margin, hardest)
+        if not bool(bad.any()):
+            return sim
+        sim = torch.where(bad, random_sim(n, gen, dtype), sim)
+    raise RuntimeError("could not draw a kink-free matrix")
+
+
+def _triplet_case(margin_kind, hardest):
+    def make(n, gen, dtype):
+        margin = 0.2 if margin_kind == "float" else uniform((n,), gen, 0.0, 0.5)
+        sim = _triplet_sim(n, gen, dtype, margin, hardest)
+        # a per-pair margin is a differentiable input: its gradient is compared too
+        return ((sim,), (margin,)) if margin_kind == "float" else ((sim, margin), ())
+
+    return Case(f"triplet_terms margin={margin_kind} {'hardest' if hardest else 'mean'}", make,
+                lambda sim, margin, backend: K.triplet_terms(sim, margin, hardest, backend=backend))
+
+
+def _esc_anchor(kind, n, gen):
+    """An int, a 0-d tensor, or per-pair anchors with a self-anchored pair (0) and, from B = 3, a
+    mutual pair (1 <-> 2: pair 1's x-tap S[2, 1] is pair 2's y-tap)."""
+    if kind == "int":
+        return int(torch.randint(n, (), generator=gen))
+    if kind == "tensor0d":
+        return torch.randint(n, (), generator=gen)
+    a = torch.randint(n, (n,), generator=gen)
+    a[0] = 0
+    if n >= 3:
+        a[1], a[2] = 2, 1
+    return a
+
+
+def _esc_case(kind, alpha, normalize):
+    def make(n, gen, dtype):
+        anchor = _esc_anchor(kind, n, gen)
+        a, i = torch.as_tensor(anchor).expand(n), torch.arange(n)
+
+        def ok(s):  # d = alpha is relu's kink (d = 0 = alpha is exact in both precisions)
+            return normalize or alpha == 0 or bool((((s[a, i] - s[i, a]) ** 2 - alpha).abs() > KINK_GAP).all())
+
+        return (kink_free_sim(n, gen, ok, dtype=dtype),), (anchor,)
+
+    name = f"esc_anchor_terms anchor={kind} alpha={alpha}{' normalize' if normalize else ''}"
+    return Case(name, make, lambda sim, anchor, backend: K.esc_anchor_terms(sim, anchor, alpha, normalize,
+                                                                             backend=backend))
+
+
 CASES = [_infonce_case(tau) for tau in TAUS] + [
     Case(f"cross_consistency alpha={alpha}",
          lambda n, gen, dtype: ((random_sim(n, gen, dtype),), ()),
@@ -69,6 +143,11 @@ CASES = [_infonce_case(tau) for tau in TAUS] + [
          lambda n, gen, dtype: ((random_sim(n, gen, dtype), random_sim(n, gen, dtype)), ()),
          lambda a, b, backend, alpha=alpha: K.metric_consistency(a, b, alpha, backend=backend))
     for alpha in (0.0, 0.05)
+] + [
+    _triplet_case(kind, hardest) for kind in ("float", "per_pair") for hardest in (True, False)
+] + [
+    _esc_case(kind, alpha, normalize) for kind in ("int", "tensor0d", "per_pair")
+    for alpha, normalize in ((0.0, False), (0.05, False), (0.0, True))
 ]
 
 
@@ -86,24 +165,17 @@ def _on(device, xs):
     return tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in xs)
 
 
-@pytest.mark.parametrize("compiled", COMPILE, ids=lambda c: "compiled" if c else "eager")
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("n", SIZES)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_values_and_gradients_match_reference(case, n, dtype, compiled):
-    gen, seed = make_generator("triton", case.name, n, dtype)
-    inputs, others = case.make(n, gen, dtype)
-    msg = f"{case.name} B={n} {dtype} seed={seed}"
-    # the reference on the same values, upcast to float64
-    ref_inputs = tuple(x.double().to(DEVICE).requires_grad_(True) for x in inputs)
-    expected = _run(case, ref_inputs, _on(DEVICE, others), "torch")
-    leaves = tuple(x.to(DEVICE).requires_grad_(True) for x in inputs)
-    actual = _run(case, leaves, _on(DEVICE, others), "triton", compiled)
+def _compare(case, inputs, others, dtype, gen, msg, compiled=False):
+    """Values and gradients (random upstreams) of the Triton op against the reference run on the
+    same values upcast to float64."""
+    ref_inputs = tuple(x.detach().double().contiguous().requires_grad_(True) for x in inputs)
+    expected = _run(case, ref_inputs, others, "torch")
+    leaves = tuple(x.detach().requires_grad_(True) for x in inputs)
+    actual = _run(case, leaves, others, "triton", compiled)
     scales = case.scales(inputs, others) or [None] * len(expected)
     for k, (a, e, s) in enumerate(zip(actual, expected, scales, strict=True)):
         assert a.shape == e.shape and a.dtype == torch.float32, f"{msg}: output {k} {a.shape} {a.dtype}"
         assert_close(a, e, rtol(dtype), f"{msg}: output {k}", scale=s)
-    # gradients for random upstream gradients
     differentiable = [k for k, e in enumerate(expected) if e.requires_grad]
     if not differentiable:
         return
@@ -113,6 +185,23 @@ def test_values_and_gradients_match_reference(case, n, dtype, compiled):
     for k, (a, e, x) in enumerate(zip(grads_a, grads_e, inputs)):
         assert a.dtype == x.dtype, f"{msg}: gradient {k} dtype {a.dtype}, input {x.dtype}"
         assert_close(a, e, rtol(dtype, "grads"), f"{msg}: gradient {k}", scale=case.grad_scale(ups))
+
+
+@pytest.mark.parametrize("compiled", COMPILE, ids=lambda c: "compiled" if c else "eager")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_values_and_gradients_match_reference(case, n, dtype, compiled):
+    gen, seed = make_generator("triton", case.name, n, dtype)
+    inputs, others = case.make(n, gen, dtype)
+    _compare(case, _on(DEVICE, inputs), _on(DEVICE, others), dtype, gen, f"{case.name} B={n} {dtype} seed={seed}",
+             compiled)
+
+
+def _strided(x):
+    """The same values as every other element of a buffer twice the size along each axis."""
+    view = x.new_zeros(tuple(2 * size for size in x.shape))[(slice(None, None, 2),) * x.dim()]
+    return view.copy_(x)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
@@ -158,14 +247,11 @@ def test_gradient_of_each_output_alone(case):
 def test_non_contiguous_inputs(case):
     gen, seed = make_generator("triton-strided", case.name)
     inputs, others = case.make(14, gen, torch.float32)
-    for view in (lambda x: x.T, lambda x: x[::2, ::2] if x.dim() == 2 else x[::2]):
-        strided = tuple(view(x) if x.dim() == 2 else x for x in inputs)
-        if any(x.shape != strided[0].shape for x in strided if x.dim() == 2):
-            continue
-        actual = _run(case, _on(DEVICE, strided), _on(DEVICE, others), "triton")
-        expected = _run(case, tuple(x.contiguous().double() for x in strided), others, "torch")
-        for a, e in zip(actual, expected):
-            assert_close(a, e, rtol(torch.float32), f"{case.name} seed={seed}", scale=1 / 0.02)
+    inputs, others = _on(DEVICE, inputs), _on(DEVICE, others)
+    for how, view in (("transposed", lambda x: x.T.contiguous().T if x.dim() == 2 else x), ("strided", _strided)):
+        strided = tuple(view(x) for x in inputs)
+        assert not strided[0].is_contiguous()
+        _compare(case, strided, others, torch.float32, gen, f"{case.name} {how} seed={seed}")
 
 
 def test_infonce_unit_similarities_do_not_overflow():
@@ -181,23 +267,165 @@ def test_infonce_unit_similarities_do_not_overflow():
     assert torch.isfinite(leaf.grad.float()).all()
 
 
+def _grads(fn, *inputs):
+    leaves = [x.detach().clone().to(DEVICE).requires_grad_(True) for x in inputs]
+    out = fn(*leaves)
+    return out, torch.autograd.grad(out.sum(), leaves)
+
+
+@pytest.mark.parametrize("hardest", (True, False), ids=("hardest", "mean"))
+def test_triplet_on_the_kink_passes_no_gradient(hardest):
+    # 0.25 + 0.25 - 0.5 == 0 exactly for every negative: torch.relu's convention, mirrored by '>'
+    sim = torch.tensor([[0.5, 0.25], [0.25, 0.5]])
+    for margin in (0.25, torch.tensor([0.25, 0.25])):
+        inputs = (sim, margin) if isinstance(margin, torch.Tensor) else (sim,)
+        out, grads = _grads(lambda s, *m: K.triplet_terms(s, m[0] if m else margin, hardest, backend="triton"), *inputs)
+        assert torch.equal(out.cpu(), torch.zeros(2))
+        for g in grads:
+            assert torch.equal(g.cpu(), torch.zeros_like(g.cpu()))
+
+
+def test_triplet_hardest_ties_share_the_gradient_like_amax():
+    # image 0: captions 1 and 3 tie for the hardest negative (cost 0.25); everything is a multiple
+    # of 1/8, so fp32 and float64 tie exactly
+    sim = torch.tensor([[0.5, 0.375, 0.0, 0.375],
+                        [0.0, 0.5, 0.25, -0.5],
+                        [0.25, 0.25, 0.375, 0.0],
+                        [-0.25, 0.0, 0.125, 0.75]])
+    margin = torch.tensor([0.375, 0.25, 0.25, 0.125])
+    fn = lambda backend: lambda s, m: K.triplet_terms(s, m, True, backend=backend)  # noqa: E731
+    out, grads = _grads(fn("triton"), sim, margin)
+    exp_out, exp_grads = _grads(fn("torch"), sim.double(), margin.double())
+    assert_close(out, exp_out, 1e-6)
+    for g, e in zip(grads, exp_grads):
+        assert_close(g, e, 1e-6)
+    assert grads[0][0, 3] == 0.5  # half of image 0's unit upstream gradient
+    assert grads[0][0, 1] == 1.5  # the other half, plus caption 1's (image 0 is its unique hardest)
+
+
+def test_triplet_zero_dim_margin_gets_the_summed_gradient():
+    gen, seed = make_generator("triplet-0d-margin")
+    sim = _triplet_sim(7, gen, torch.float32, 0.3, False)
+    margin = torch.tensor(0.3)
+    fn = lambda backend: lambda s, m: K.triplet_terms(s, m, False, backend=backend)  # noqa: E731
+    out, grads = _grads(fn("triton"), sim, margin)
+    exp_out, exp_grads = _grads(fn("torch"), sim.double(), margin.double())
+    assert grads[1].shape == () and grads[1].dtype == torch.float32
+    assert_close(out, exp_out, rtol(torch.float32), f"seed={seed}")
+    for g, e in zip(grads, exp_grads):
+        assert_close(g, e, rtol(torch.float32, "grads"), f"seed={seed}")
+
+
+def test_esc_anchor_on_the_kink_passes_no_gradient():
+    # pair 1 against anchor 0: (S[0, 1] - S[1, 0])**2 = 0.25 = alpha exactly
+    sim = torch.tensor([[0.125, 0.5, 0.25], [0.0, 0.375, -0.25], [0.5, 0.0, 0.75]])
+    out, (grad,) = _grads(lambda s: K.esc_anchor_terms(s, 0, 0.25, backend="triton"), sim)
+    _, (expected,) = _grads(lambda s: K.esc_anchor_terms(s, 0, 0.25, backend="torch"), sim.double())
+    assert out[1] == 0 and grad[0, 1] == 0 and grad[1, 0] == 0
+    assert_close(grad, expected, 1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# proxy_argmax: not differentiable, an index and its score
+
+PROXY_SHAPES = ((1, 1, 1), (2, 7, 3), (7, 33, 64), (33, 2, 16), (130, 70, 3), (5, 130, 64))
+
+
+@pytest.mark.parametrize("compiled", COMPILE, ids=lambda c: "compiled" if c else "eager")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("masked", (False, True), ids=("unmasked", "masked"))
+@pytest.mark.parametrize("shape", PROXY_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_proxy_argmax_matches_reference(shape, masked, dtype, compiled):
+    n_query, n_keys, dim = shape
+    gen, seed = make_generator("triton-proxy", shape, masked, dtype)
+    query, keys = uniform((n_query, dim), gen, dtype=dtype), uniform((n_keys, dim), gen, dtype=dtype)
+    mask = None
+    if masked:
+        mask = torch.rand(n_keys, generator=gen) > 0.4
+        mask[-1] = True  # at least one valid key (no valid key: its own test)
+    fn = lambda q, k, m: K.proxy_argmax(q, k, m, backend="triton")  # noqa: E731
+    if compiled:
+        fn = torch.compile(fn, fullgraph=True)
+    index, value = fn(*_on(DEVICE, (query, keys, mask)))
+    assert index.dtype == torch.int64 and value.dtype == torch.float32 and index.shape == value.shape == (n_query,)
+    index, value = index.cpu(), value.cpu()
+    exp_index, exp_value = K.proxy_argmax(query.double(), keys.double(), mask, backend="torch")
+    msg = f"proxy_argmax {shape} {dtype} masked={masked} seed={seed}"
+    assert_close(value, exp_value, rtol(dtype), msg)
+    assert_argmax_close(index, exp_index, exp_value, query.double(), keys.double(), mask, msg)
+
+
+def test_proxy_argmax_ties_go_to_the_lowest_index():
+    # key 0 = key 40 = key 100 (tiles of 64 keys: a tie within a tile and one across tiles),
+    # and key 7 = key 9 only within a tile; query 2 is orthogonal to every key (all scores 0)
+    gen, _ = make_generator("triton-proxy-ties")
+    keys = uniform((130, 4), gen) * 0.5
+    keys[0] = keys[40] = keys[100] = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    keys[7] = keys[9] = torch.tensor([0.0, 0.0, 0.0, 1.0])
+    keys[:, 2] = 0.0
+    query = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0], [0.0, 0.0, 1.0, 0.0]])
+    mask = torch.ones(130, dtype=torch.bool)
+    for masked_out, expected in (([], [0, 7, 0]), ([0, 7], [40, 9, 1]), ([0, 40, 1], [100, 7, 2])):
+        mask[:] = True
+        mask[masked_out] = False
+        index, value = K.proxy_argmax(*_on(DEVICE, (query, keys, mask)), backend="triton")
+        exp_index, exp_value = K.proxy_argmax(query, keys, mask, backend="torch")
+        assert index.cpu().tolist() == expected == exp_index.tolist(), masked_out
+        assert torch.equal(value.cpu(), exp_value)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_proxy_argmax_without_valid_keys_gives_minus_one_and_neg_inf(dtype):
+    gen, _ = make_generator("triton-proxy-empty", dtype)
+    query = uniform((4, 3), gen, dtype=dtype).to(DEVICE)
+    no_keys = torch.zeros(0, 3, dtype=dtype)
+    for keys, mask in ((uniform((70, 3), gen, dtype=dtype), torch.zeros(70, dtype=torch.bool)),  # all masked
+                       (no_keys, None), (no_keys, torch.zeros(0, dtype=torch.bool))):
+        index, value = K.proxy_argmax(query, *_on(DEVICE, (keys, mask)), backend="triton")
+        assert index.dtype == torch.int64 and value.dtype == torch.float32
+        assert index.cpu().tolist() == [-1] * 4 and bool(torch.isneginf(value).all())
+    index, value = K.proxy_argmax(query[:0], *_on(DEVICE, (keys, mask)), backend="triton")  # no queries
+    assert index.shape == value.shape == (0,)
+
+
+def test_proxy_argmax_is_not_differentiable():
+    query = torch.randn(3, 4, device=DEVICE, requires_grad=True)
+    keys = torch.randn(5, 4, device=DEVICE, requires_grad=True)
+    index, value = K.proxy_argmax(query, keys, backend="triton")
+    assert not value.requires_grad and not index.requires_grad
+
+
 # ---------------------------------------------------------------------------------------------
 # the op contract: custom ops, dispatch, errors
 
 
 def _opcheck_args(gen):
-    sim = random_sim(7, gen).to(DEVICE)
-    other = random_sim(7, gen).to(DEVICE)
+    def sim(grad=True):
+        return random_sim(7, gen).to(DEVICE).requires_grad_(grad)
+
+    margin = uniform((7,), gen, 0.0, 0.5).to(DEVICE)
+    anchors = torch.tensor([0, 2, 1, 5, 5, 3, 6], device=DEVICE)  # self-anchored, mutual and shared rows
+    stats = torch.rand(5, 7, generator=gen).to(DEVICE)
+    grad = torch.randn(7, generator=gen).to(DEVICE)
+    query, keys = uniform((5, 3), gen).to(DEVICE), uniform((70, 3), gen).to(DEVICE).T.contiguous().T
     return [
-        (torch.ops.fastncl.infonce_fwd.default, (sim.requires_grad_(True), 0.07)),
-        (torch.ops.fastncl.cross_consistency_fwd.default, (sim, 0.05)),
-        (torch.ops.fastncl.metric_consistency_fwd.default, (sim, other.requires_grad_(True), 0.0)),
+        (torch.ops.fastncl.infonce_fwd.default, (sim(), 0.07)),
+        (torch.ops.fastncl.cross_consistency_fwd.default, (sim(False), 0.05)),
+        (torch.ops.fastncl.metric_consistency_fwd.default, (sim(False), sim(), 0.0)),
+        (torch.ops.fastncl.triplet_fwd.default, (sim(), margin.clone().requires_grad_(True), 0.0, True)),
+        (torch.ops.fastncl.triplet_fwd.default, (sim().T, None, 0.2, False)),
+        (torch.ops.fastncl.triplet_bwd.default, (sim(False), None, 0.2, stats, grad, True)),
+        (torch.ops.fastncl.esc_anchor_fwd.default, (sim(), anchors, 0, 0.01, False)),
+        (torch.ops.fastncl.esc_anchor_fwd.default, (sim().T, None, 3, 0.0, True)),
+        (torch.ops.fastncl.esc_anchor_bwd.default, (sim(False), anchors, 0, stats, grad, True)),
+        (torch.ops.fastncl.proxy_argmax_fwd.default, (query, keys, torch.arange(70, device=DEVICE) % 3 != 1)),
+        (torch.ops.fastncl.proxy_argmax_fwd.default, (query, keys, None)),
     ]
 
 
 def test_custom_ops_pass_opcheck():
-    for name in ("infonce_terms", "cross_consistency"):  # imports the Triton modules, which register the ops
-        K.triton_impl(name)
+    for name in ("infonce_terms", "cross_consistency", "triplet_terms", "esc_anchor_terms", "proxy_argmax"):
+        K.triton_impl(name)  # imports the Triton modules, which register the ops
 
     gen, _ = make_generator("opcheck")
     for op, args in _opcheck_args(gen):
@@ -221,3 +449,20 @@ def test_triton_on_cpu_without_the_interpreter_is_a_clear_error(monkeypatch):
 def test_float64_is_a_clear_error():
     with pytest.raises(ValueError, match="float64"):
         K.infonce_terms(torch.zeros(3, 3, dtype=torch.float64, device=DEVICE), 0.07, backend="triton")
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda s: K.triplet_terms(s, torch.ones(3), True, backend="triton"), "margin must be"),
+    (lambda s: K.triplet_terms(s, torch.ones(7, dtype=torch.long), True, backend="triton"), "margin must be"),
+    (lambda s: K.esc_anchor_terms(s, 7, backend="triton"), "anchor 7 is outside"),
+    (lambda s: K.esc_anchor_terms(s, torch.zeros(7), backend="triton"), "integer tensor"),
+    (lambda s: K.esc_anchor_terms(s, torch.zeros(3, dtype=torch.long), backend="triton"), "integer tensor"),
+    (lambda s: K.proxy_argmax(s, s.to(torch.bfloat16), backend="triton"), "one dtype"),
+    (lambda s: K.proxy_argmax(s, s, torch.ones(6, dtype=torch.bool), backend="triton"), "key_mask must be"),
+    (lambda s: K.proxy_argmax(s, s, torch.ones(7), backend="triton"), "key_mask must be"),
+], ids=("margin-shape", "margin-dtype", "anchor-range", "anchor-dtype", "anchor-shape", "proxy-dtypes",
+        "mask-shape", "mask-dtype"))
+def test_bad_arguments_are_clear_errors(call, match):
+    sim = torch.zeros(7, 7, device=DEVICE)
+    with pytest.raises(ValueError, match=match):
+        call(sim)

@@ -76,3 +76,23 @@ def assert_close(actual, expected, rtol: float, msg: str = "", *, scale: float |
             i = tuple(i)
             lines.append(f"    at {i}: actual {float(a[i]):.9g}, expected {float(e[i]):.9g}")
     raise AssertionError("\n".join(lines))
+
+
+def assert_argmax_close(index, exp_index, exp_value, query, keys, mask=None, msg: str = "", *,
+                        gap: float = 1e-6) -> None:
+    """``proxy_argmax``'s rule (style B7): the index must be the expected one wherever the best
+    score beats the runner-up by more than ``gap`` times the scores' scale; everywhere the float64
+    score at the chosen index must equal the best score (``exp_value``)."""
+    import oracles  # the float64 scores, summed as plain fsums
+
+    index, exp_index = torch.as_tensor(index).cpu(), torch.as_tensor(exp_index).cpu()
+    n_query, n_keys = query.shape[0], keys.shape[0]
+    scores = torch.tensor(oracles.proxy_scores(query, keys), dtype=torch.float64).reshape(n_query, n_keys)
+    if mask is not None:
+        scores[:, ~mask.cpu()] = float("-inf")
+    scale = float(scores[torch.isfinite(scores)].abs().max())
+    top2 = scores.topk(min(2, n_keys), dim=1).values
+    clear = (top2[:, 0] - top2[:, -1] > gap * scale) if n_keys > 1 else torch.ones(n_query, dtype=torch.bool)
+    assert torch.equal(index[clear], exp_index[clear]), f"{msg}: indices differ where the best key wins clearly"
+    chosen = scores.gather(1, index.view(-1, 1)).squeeze(1)
+    assert_close(chosen, exp_value, 1e-5, f"{msg}: scores at the chosen keys")
