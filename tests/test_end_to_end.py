@@ -254,3 +254,26 @@ def test_report_writes_report_md(trained, capsys):
     assert len(rows) == EPOCHS
     assert "Image->Text R@1" in text and "noisy-pair detection" in text
     assert "report written to" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# the Triton backend (in Triton's interpreter on a machine without a GPU)
+
+
+@pytest.mark.parametrize("name", ["vanilla", "ncr", "sps", "esc", "sps-official", "esc-official"])
+def test_triton_backend_trains_like_the_reference(trained, tmp_path, name):
+    """Every method runs end to end with runtime.backend=triton (every loss op, fused objective
+    and argmax through the kernels); the warm-up epoch's losses match the reference backend's run,
+    and every later epoch's are finite (the splits may part on a borderline pair after that)."""
+    pytest.importorskip("triton")
+    out = tmp_path / name
+    assert main(train_args(name, out) + ["runtime.backend=triton"]) == 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["runtime"]["backend"] == "triton"
+    reference, kernels = losses(trained(name)), losses(out)
+    assert len(kernels) == EPOCHS
+    for model in ("A", "B"):
+        for term, value in reference[0][model].items():
+            assert kernels[0][model][term] == pytest.approx(value, rel=1e-4), f"{name} warm-up {model} {term}"
+    for record in kernels[1:]:
+        for model in record.values():
+            assert all(np.isfinite(v) for v in model.values())
