@@ -23,10 +23,16 @@ import torch
 
 from fastncl import kernels
 from fastncl.config import Config
+from fastncl.models import Encoding
 
 from .mixture import MixtureFit, fit_gmm
 
 LossGroup = Callable[[], dict]  # returns named terms; "loss" is what is minimised
+
+# From this batch size on, a dot-product backbone's InfoNCE and consistency terms come straight from
+# its embeddings with the Triton backend (linear memory); below it the (B, B) matrix ops and the
+# fused per-batch objectives (one launch each way) are the faster path.
+EMBED_MIN_BATCH = 512
 
 
 class Method:
@@ -66,9 +72,20 @@ class Method:
         raise NotImplementedError
 
     # -- shared pieces ----------------------------------------------------------------------
-    def infonce(self, sim: torch.Tensor, tau: float):
-        """Per-pair bidirectional InfoNCE loss (SPS Eq. 1) and prediction (SPS Eq. 15), each (B,)."""
-        l_i2t, l_t2i, p_i2t, p_t2i = kernels.infonce_terms(sim, tau, backend=self.backend)
+    def from_embeddings(self, model, n: int) -> bool:
+        """Whether a batch of ``n`` pairs takes its InfoNCE and consistency terms straight from the
+        (n, E) embeddings of a dot-product backbone (Triton backend only): no (n, n) matrix, so
+        memory grows linearly with the batch."""
+        return self.backend == "triton" and getattr(model, "dot_product", False) and n >= EMBED_MIN_BATCH
+
+    def infonce(self, model, img: Encoding, cap: Encoding, tau: float):
+        """Per-pair bidirectional InfoNCE loss (SPS Eq. 1) and prediction (SPS Eq. 15), each (B,),
+        of every image of a batch against every caption."""
+        if self.from_embeddings(model, img.global_.shape[0]):
+            terms = kernels.infonce_terms_embed(img.global_, cap.global_, tau, backend=self.backend)
+        else:
+            terms = kernels.infonce_terms(model.similarity(img, cap), tau, backend=self.backend)
+        l_i2t, l_t2i, p_i2t, p_t2i = terms
         return l_i2t + l_t2i, (p_i2t + p_t2i) / 2
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from fastncl import kernels
-from fastncl.models import forward_pairs, intramodal_similarity
+from fastncl.models import encode_pairs, intramodal_features
 
 from .base import Method
 from .mixture import noisy_threshold
@@ -32,8 +32,7 @@ class SPS(Method):
         return self.cfg.sps.separate_steps
 
     def split_losses(self, model, batch):
-        sim = forward_pairs(model, batch.images, batch.tokens, batch.lengths).sim
-        loss, _ = self.infonce(sim, self.cfg.sps.tau)
+        loss, _ = self.infonce(model, *encode_pairs(model, batch.images, batch.tokens, batch.lengths), self.cfg.sps.tau)
         return loss, None
 
     def noisy_cut(self, fit):
@@ -61,15 +60,22 @@ class SPS(Method):
         return tuple(names)
 
     def warmup_loss(self, model, batch):
-        sim = forward_pairs(model, batch.images, batch.tokens, batch.lengths).sim
-        loss, _ = self.infonce(sim, self.cfg.sps.tau)
+        loss, _ = self.infonce(model, *encode_pairs(model, batch.images, batch.tokens, batch.lengths), self.cfg.sps.tau)
         return {"loss": loss.mean()}
 
-    def _intramodal_features(self, enc) -> torch.Tensor:
-        """(B, E) unit vectors whose dot products are S(I_i, I_j) (or S(T_i, T_j))."""
-        if self.cfg.sps.intramodal == "global":
-            return enc.global_.detach()
-        return torch.nn.functional.normalize(enc.pooled.detach(), dim=-1)
+    def _reliable_objective(self, model, img, cap):
+        """(total, l_re, l_cro, l_met): Eq. 17 with y = 1, plus lambda1 Eq. 9 and lambda2 Eq. 10."""
+        c = self.cfg.sps
+        x_img, x_txt = intramodal_features(img, c.intramodal), intramodal_features(cap, c.intramodal)
+        if not self.from_embeddings(model, x_img.shape[0]):  # one fused op (Triton: one launch each way)
+            return kernels.sps_reliable_objective(model.similarity(img, cap), x_img @ x_img.T, x_txt @ x_txt.T,
+                                                  c.tau, c.consistency_margin, c.cross_weight, c.metric_weight,
+                                                  backend=self.backend)
+        loss, _ = self.infonce(model, img, cap, c.tau)  # large batches: no (B, B) matrix anywhere
+        l_re = loss.mean()
+        l_cro = kernels.cross_consistency_embed(img.global_, cap.global_, c.consistency_margin, backend=self.backend)
+        l_met = kernels.metric_consistency_embed(x_img, x_txt, c.consistency_margin, backend=self.backend)
+        return l_re + c.cross_weight * l_cro + c.metric_weight * l_met, l_re, l_cro, l_met
 
     def _proxy_label(self, cosine: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
         c = self.cfg.sps
@@ -84,20 +90,15 @@ class SPS(Method):
 
         def reliable():
             b = batches["reliable"]
-            out = forward_pairs(model, b.images, b.tokens, b.lengths)
-            # Eq. 17 with y = 1, plus lambda1 Eq. 9 and lambda2 Eq. 10: one fused op (Triton: one launch each way)
-            total, l_re, l_cro, l_met = kernels.sps_reliable_objective(
-                out.sim, intramodal_similarity(out.images, c.intramodal),
-                intramodal_similarity(out.captions, c.intramodal), c.tau, c.consistency_margin, c.cross_weight,
-                c.metric_weight, backend=self.backend)
-            cache["img"] = self._intramodal_features(out.images)
-            cache["txt"] = self._intramodal_features(out.captions)
+            img, cap = encode_pairs(model, b.images, b.tokens, b.lengths)
+            total, l_re, l_cro, l_met = self._reliable_objective(model, img, cap)
+            cache["img"] = intramodal_features(img, c.intramodal).detach()
+            cache["txt"] = intramodal_features(cap, c.intramodal).detach()
             return {"loss": total, "re": l_re, "cro": l_cro, "met": l_met}
 
         def quasi_clean():
             b = batches["quasi_clean"]
-            out = forward_pairs(model, b.images, b.tokens, b.lengths)
-            loss, prediction = self.infonce(out.sim, c.tau)
+            loss, prediction = self.infonce(model, *encode_pairs(model, b.images, b.tokens, b.lengths), c.tau)
             p = peer_prob[b.index].to(loss.dtype)
             label = p + (1 - p) * prediction.detach()  # Eq. 14 with y = 1
             l_qc = (label * loss).mean()  # Eq. 16
@@ -107,17 +108,18 @@ class SPS(Method):
             b, re = batches["noisy"], batches["reliable"]
             # image -> proxy caption (Eq. 11-13): search among the reliable batch's images
             img = model.encode_images(b.images)
-            index, cosine = kernels.proxy_argmax(self._intramodal_features(img), cache["img"], backend=self.backend)
+            index, cosine = kernels.proxy_argmax(intramodal_features(img, c.intramodal).detach(), cache["img"],
+                                                 backend=self.backend)
             cap = model.encode_captions(re.tokens[index], re.lengths[index])
-            loss, prediction = self.infonce(model.similarity(img, cap), c.tau)
+            loss, prediction = self.infonce(model, img, cap, c.tau)
             l_n = (self._proxy_label(cosine, prediction) * loss).mean()
             terms = {"n_i2t": l_n}
             if c.proxy_directions == "both":  # caption -> proxy image
                 cap = model.encode_captions(b.tokens, b.lengths)
-                index, cosine = kernels.proxy_argmax(self._intramodal_features(cap), cache["txt"],
+                index, cosine = kernels.proxy_argmax(intramodal_features(cap, c.intramodal).detach(), cache["txt"],
                                                      backend=self.backend)
                 img = model.encode_images(re.images[index])
-                loss, prediction = self.infonce(model.similarity(img, cap), c.tau)
+                loss, prediction = self.infonce(model, img, cap, c.tau)
                 terms["n_t2i"] = (self._proxy_label(cosine, prediction) * loss).mean()
                 l_n = (terms["n_i2t"] + terms["n_t2i"]) / 2  # averaged: Eq. 18 weighs L^n once
             return {"loss": l_n, "n": l_n, **terms}

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fastncl.models import forward_pairs
+from fastncl.models import encode_pairs
 
 from .base import Method
 
@@ -14,7 +14,7 @@ class Vanilla(Method):
     uses_split = False
 
     def warmup_loss(self, model, batch) -> dict:
-        loss, _ = self.infonce(forward_pairs(model, batch.images, batch.tokens, batch.lengths).sim, self.cfg.sps.tau)
+        loss, _ = self.infonce(model, *encode_pairs(model, batch.images, batch.tokens, batch.lengths), self.cfg.sps.tau)
         return {"loss": loss.mean()}
 
     def subsets(self, fit, anchors, co_epoch) -> dict[str, np.ndarray]:

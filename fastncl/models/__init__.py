@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from fastncl.config import ModelConfig
 
-from .base import BackboneOutput, Encoding, forward_pairs, intramodal_similarity
+from .base import BackboneOutput, Encoding, encode_pairs, forward_pairs, intramodal_features, intramodal_similarity
 from .vse import VSE
 
 
@@ -13,4 +13,5 @@ def build_backbone(cfg: ModelConfig, image_dim: int, vocab_size: int):
     raise ValueError(f"unknown backbone {cfg.backbone!r}")
 
 
-__all__ = ["BackboneOutput", "Encoding", "VSE", "build_backbone", "forward_pairs", "intramodal_similarity"]
+__all__ = ["BackboneOutput", "Encoding", "VSE", "build_backbone", "encode_pairs", "forward_pairs", "intramodal_features",
+           "intramodal_similarity"]

@@ -25,13 +25,24 @@ class BackboneOutput(NamedTuple):
     captions: Encoding
 
 
+def encode_pairs(model, images: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[Encoding, Encoding]:
+    """Encode a batch of pairs: (images, captions)."""
+    return model.encode_images(images), model.encode_captions(tokens, lengths)
+
+
 def forward_pairs(model, images: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> BackboneOutput:
     """Encode a batch of pairs and score every image against every caption."""
-    img, cap = model.encode_images(images), model.encode_captions(tokens, lengths)
+    img, cap = encode_pairs(model, images, tokens, lengths)
     return BackboneOutput(model.similarity(img, cap), img, cap)
+
+
+def intramodal_features(enc: Encoding, which: str) -> torch.Tensor:
+    """(B, E) unit vectors whose dot products are the similarities within one modality, from the
+    "global" embeddings or the L2-normalised "pooled" features."""
+    return enc.global_ if which == "global" else F.normalize(enc.pooled, dim=-1)
 
 
 def intramodal_similarity(enc: Encoding, which: str) -> torch.Tensor:
     """(B, B) cosine similarity within one modality, from "global" or "pooled" features."""
-    x = enc.global_ if which == "global" else F.normalize(enc.pooled, dim=-1)
+    x = intramodal_features(enc, which)
     return x @ x.T

@@ -22,6 +22,10 @@ from .base import Encoding
 
 
 class VSE(nn.Module):
+    # similarity(img, cap) is img.global_ @ cap.global_.T: with the Triton backend, large batches
+    # take their losses straight from the embeddings (fastncl.methods.base.EMBED_MIN_BATCH)
+    dot_product = True
+
     def __init__(self, image_dim: int, vocab_size: int, embed_dim: int = 256, word_dim: int = 128,
                  dropout: float = 0.1, pooling: str = "max"):
         super().__init__()
