@@ -32,6 +32,9 @@ _TRITON_MODULES = {  # op -> the module that holds its Triton twin
     "esc_anchor_terms": "anchor",
     "triplet_terms": "triplet",
     "proxy_argmax": "proxy",
+    "infonce_terms_embed": "infonce_embed",
+    "cross_consistency_embed": "consistency_embed",
+    "metric_consistency_embed": "consistency_embed",
 }
 _triton_available = None
 
@@ -110,6 +113,18 @@ def triplet_terms(sim, margin, hardest, *, backend="auto"):
 
 def proxy_argmax(query, keys, key_mask=None, *, backend="auto"):
     return _impl("proxy_argmax", backend, query)(query, keys, key_mask)
+
+
+def infonce_terms_embed(img, txt, tau, *, backend="auto"):
+    return _impl("infonce_terms_embed", backend, img)(img, txt, tau)
+
+
+def cross_consistency_embed(img, txt, alpha, *, backend="auto"):
+    return _impl("cross_consistency_embed", backend, img)(img, txt, alpha)
+
+
+def metric_consistency_embed(img_feats, txt_feats, alpha, *, backend="auto"):
+    return _impl("metric_consistency_embed", backend, img_feats)(img_feats, txt_feats, alpha)
 
 
 for _name in reference.__all__:

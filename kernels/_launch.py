@@ -95,3 +95,60 @@ def finish_sum(partials_ptr, counter_ptr, out_ptr, value, pid, n_programs, scale
             total += tl.load(partials_ptr + offs, mask=offs < n_programs, other=0.0, volatile=True)
         tl.store(out_ptr, tl.sum(total, axis=0) * scale)
         tl.atomic_xchg(counter_ptr, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# embedding-level ops: tiles of a @ b.T recomputed from (B, D) features, never stored
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """The ``input_precision`` of every ``tl.dot`` on operands of ``dtype`` (``gram_tile``'s PRECISION).
+
+    "ieee" for fp32, so that fp32 inputs keep fp32 parity (Triton's default for fp32 is TF32, or
+    TF32x3 in some versions); fp16/bf16 operands go to the tensor cores with fp32 accumulation
+    ("tf32" is then only a label). Kernels upcast "ieee" operands to fp32 before ``tl.dot``.
+
+    [2026-11-24] Triton 3.9 interpreter: ``tl.dot`` on bf16 operands multiplies their raw uint16
+    bits (``interpreter.py``, ``create_dot``), so under the interpreter bf16 takes "ieee", i.e.
+    exact fp32 products of the bf16 values, as the tensor cores compute them. Removing this makes
+    the bf16 cases of tests/test_kernels_triton.py fail on CPU.
+    """
+    if dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting()):
+        return "ieee"
+    return "tf32"
+
+
+def embed_blocks(n: int, d: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DO) for a sweep over tiles of a (n, d) @ (d, n) product.
+
+    BLOCK_M rows per program and BLOCK_N columns per step as ``row_block`` (16 to 64); the
+    reduction over d runs in BLOCK_D chunks (16 to 64, any d); a backward program accumulates a
+    (BLOCK_M, BLOCK_DO) fp32 gradient block, BLOCK_DO up to 256 (larger d takes several programs
+    per row block, each recomputing the similarities).
+    """
+    block = row_block(n)
+    dpow = triton.next_power_of_2(max(d, 1))
+    return block, block, max(16, min(64, dpow)), max(16, min(256, dpow))
+
+
+@triton.jit
+def gram_tile(a_ptr, b_ptr, offs_m, offs_n, mask_m, mask_n,  # pointers; row indices and masks
+              stride_am, stride_ad, stride_bn, stride_bd,  # strides
+              D,  # sizes
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """The (BLOCK_M, BLOCK_N) fp32 tile ``a[offs_m] @ b[offs_n].T``, reducing over D in BLOCK_D chunks
+    (masked: any D >= 1, padded rows give 0). 16-bit operands keep their dtype, so that they go to
+    the tensor cores; "ieee" operands are fp32 (see ``dot_precision``); the accumulator is fp32."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    offs_d = tl.arange(0, BLOCK_D)
+    for start in range(0, D, BLOCK_D):
+        d = start + offs_d
+        mask_d = d < D
+        a = tl.load(a_ptr + offs_m[:, None] * stride_am + d[None, :] * stride_ad,
+                    mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        b = tl.load(b_ptr + offs_n[:, None] * stride_bn + d[None, :] * stride_bd,
+                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        if PRECISION == "ieee":
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+    return acc

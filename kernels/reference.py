@@ -19,6 +19,9 @@ __all__ = [
     "esc_anchor_terms",
     "triplet_terms",
     "proxy_argmax",
+    "infonce_terms_embed",
+    "cross_consistency_embed",
+    "metric_consistency_embed",
 ]
 
 
@@ -30,6 +33,12 @@ def _acc(x: torch.Tensor) -> torch.Tensor:
 def _check_square(name: str, sim: torch.Tensor) -> None:
     if sim.dim() != 2 or sim.shape[0] != sim.shape[1]:
         raise ValueError(f"{name}: expected a square (B, B) similarity matrix, got shape {tuple(sim.shape)}")
+
+
+def _check_features(name: str, a: torch.Tensor, b: torch.Tensor, same_dim: bool = True) -> None:
+    if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[0] or (same_dim and a.shape[1] != b.shape[1]):
+        want = "(B, D) and (B, D)" if same_dim else "(B, D1) and (B, D2)"
+        raise ValueError(f"{name}: expected embeddings {want}, got shapes {tuple(a.shape)} and {tuple(b.shape)}")
 
 
 def infonce_terms(sim: torch.Tensor, tau: float):
@@ -157,3 +166,28 @@ def proxy_argmax(query: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor
     value, index = scores.max(dim=1)  # torch.max returns the first maximal index
     index = torch.where(torch.isneginf(value), torch.full_like(index, -1), index)
     return index, value
+
+
+# ---------------------------------------------------------------------------------------------
+# embedding-level variants: the matrix ops of a dot-product backbone's similarity matrix, which
+# the Triton kernels compute from the (B, D) embeddings without materialising B x B
+
+
+def infonce_terms_embed(img: torch.Tensor, txt: torch.Tensor, tau: float):
+    """``infonce_terms(img @ txt.T, tau)``: img, txt (B, D) embeddings (rows = pairs)."""
+    _check_features("infonce_terms_embed", img, txt)
+    return infonce_terms(_acc(img) @ _acc(txt).T, tau)
+
+
+def cross_consistency_embed(img: torch.Tensor, txt: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``cross_consistency(img @ txt.T, alpha)``: img, txt (B, D) embeddings (SPS Eq. 9)."""
+    _check_features("cross_consistency_embed", img, txt)
+    return cross_consistency(_acc(img) @ _acc(txt).T, alpha)
+
+
+def metric_consistency_embed(img_feats: torch.Tensor, txt_feats: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``metric_consistency(img_feats @ img_feats.T, txt_feats @ txt_feats.T, alpha)`` (SPS Eq. 10):
+    img_feats (B, D1), txt_feats (B, D2), the features of the two intramodal similarity matrices."""
+    _check_features("metric_consistency_embed", img_feats, txt_feats, same_dim=False)
+    f, g = _acc(img_feats), _acc(txt_feats)
+    return metric_consistency(f @ f.T, g @ g.T, alpha)
