@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -118,17 +119,64 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def embed_blocks(n: int, d: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DO) for a sweep over tiles of a (n, d) @ (d, n) product.
+class EmbedBlocks(NamedTuple):
+    """Launch shape of an embedding-level sweep (see ``embed_blocks``)."""
 
-    BLOCK_M rows per program and BLOCK_N columns per step as ``row_block`` (16 to 64); the
-    reduction over d runs in BLOCK_D chunks (16 to 64, any d); a backward program accumulates a
-    (BLOCK_M, BLOCK_DO) fp32 gradient block, BLOCK_DO up to 256 (larger d takes several programs
-    per row block, each recomputing the similarities).
+    m: int  # rows of the query tower per program
+    n: int  # rows of the key tower per step
+    d: int  # features per chunk of the reduction over D
+    do: int  # gradient columns per backward program
+    one_chunk: bool  # D <= d: the query tiles stay on chip and each key tile serves both GEMMs
+    warps: int
+    stages: int  # software-pipelining depth of the key-tile loop
+
+
+_SMEM_BUDGET = 200 * 1024  # bytes of shared memory a program may plan for (H100: 227 KiB per block)
+
+
+def embed_blocks(n: int, d: int, elem_bytes: int = 2, towers: int = 1) -> EmbedBlocks:
+    """The launch shape of a sweep over tiles of (n, d) @ (d, n) products recomputed from features.
+
+    Rows: ``row_block`` (16 to 64) per program and per step. Features: when the whole row fits one
+    chunk (BLOCK_D = next_pow2(d) <= 256) and ``towers`` query tiles plus one pipelined stage of
+    ``towers`` key tiles (``elem_bytes`` per element) fit in shared memory, the query tiles stay on
+    chip for the sweep and the backward reuses each key tile for dS @ K, as FlashAttention does up
+    to head dim 256 (up to 3 stages, as many as fit). Otherwise D is reduced in chunks of 64 and the
+    backward splits the gradient columns into blocks of up to 256, each program recomputing the
+    similarities. Under the interpreter (the CPU tests) one chunk is at most 64 wide, so that
+    D = 256 and D = 300 cover the chunked path and D <= 64 the one-chunk path.
+
+    [2026-11-24] Chosen from ptxas's register and shared-memory reports for sm_90 (an ahead-of-time
+    compile on a CPU machine), not from timings: no GPU was available to tune on.
     """
     block = row_block(n)
-    dpow = triton.next_power_of_2(max(d, 1))
-    return block, block, max(16, min(64, dpow)), max(16, min(256, dpow))
+    dpow = max(16, triton.next_power_of_2(max(d, 1)))
+    tile = block * dpow * elem_bytes * towers  # bytes of one set of query (or key) tiles
+    stages = min(3, _SMEM_BUDGET // tile - 1) if tile <= _SMEM_BUDGET else 0
+    # fp32 operands take IEEE dots, which run on the FMA units with the operands in registers:
+    # small chunks there (on sm_90 one 256-wide chunk spills tens of KiB per thread)
+    fma = elem_bytes >= 4 and not interpreting()
+    one_chunk = dpow <= (64 if interpreting() else 256) and stages >= 1 and not fma
+    chunk, out_chunk = (32, 64) if fma else (64, 256)
+    if not one_chunk:
+        stages = min(3, _SMEM_BUDGET // (2 * block * chunk * elem_bytes * towers))
+    block_d = dpow if one_chunk else min(chunk, dpow)
+    block_do = block_d if one_chunk else min(out_chunk, dpow)
+    return EmbedBlocks(block, block, block_d, block_do, one_chunk, 8 if block * block_do >= 64 * 128 else 4,
+                       max(1, stages))
+
+
+@triton.jit
+def load_tile(ptr, offs, mask, stride_b, stride_d, start, D,  # pointer; rows, their mask; strides; D chunk
+              BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """Rows ``offs`` x features [start, start + BLOCK_D) of a (B, D) tensor, zero-padded; upcast to
+    fp32 for "ieee" dots (``dot_precision``), else in the tensor's dtype for the tensor cores."""
+    d = start + tl.arange(0, BLOCK_D)
+    x = tl.load(ptr + offs[:, None] * stride_b + d[None, :] * stride_d, mask=mask[:, None] & (d[None, :] < D),
+                other=0.0)
+    if PRECISION == "ieee":
+        x = x.to(tl.float32)
+    return x
 
 
 @triton.jit
@@ -137,18 +185,10 @@ def gram_tile(a_ptr, b_ptr, offs_m, offs_n, mask_m, mask_n,  # pointers; row ind
               D,  # sizes
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """The (BLOCK_M, BLOCK_N) fp32 tile ``a[offs_m] @ b[offs_n].T``, reducing over D in BLOCK_D chunks
-    (masked: any D >= 1, padded rows give 0). 16-bit operands keep their dtype, so that they go to
-    the tensor cores; "ieee" operands are fp32 (see ``dot_precision``); the accumulator is fp32."""
+    (masked: any D >= 1, padded rows give 0; D = 0 gives zeros without loading anything)."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    offs_d = tl.arange(0, BLOCK_D)
     for start in range(0, D, BLOCK_D):
-        d = start + offs_d
-        mask_d = d < D
-        a = tl.load(a_ptr + offs_m[:, None] * stride_am + d[None, :] * stride_ad,
-                    mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-        b = tl.load(b_ptr + offs_n[:, None] * stride_bn + d[None, :] * stride_bd,
-                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        if PRECISION == "ieee":
-            a, b = a.to(tl.float32), b.to(tl.float32)
+        a = load_tile(a_ptr, offs_m, mask_m, stride_am, stride_ad, start, D, BLOCK_D, PRECISION)
+        b = load_tile(b_ptr, offs_n, mask_n, stride_bn, stride_bd, start, D, BLOCK_D, PRECISION)
         acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
     return acc

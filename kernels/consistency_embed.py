@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 from torch.library import custom_op
 
-from ._launch import (check_inputs, device_guard, dot_precision, embed_blocks, finish_sum, gram_tile,
+from ._launch import (check_inputs, device_guard, dot_precision, embed_blocks, finish_sum, gram_tile, load_tile,
                       reduction_counter)
 
 
@@ -94,29 +94,40 @@ def _consistency_embed_bwd_kernel(
     stride_xb, stride_xd, stride_yb, stride_yd, stride_dxb, stride_dxd, stride_dyb, stride_dyd,  # strides
     B, DX, DY, alpha, scale,  # sizes; scalars: hinge threshold, 4 / B^2
     BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, PRECISION: tl.constexpr,
-    CROSS: tl.constexpr,
+    CROSS: tl.constexpr, ONE_CHUNK: tl.constexpr,
 ):
     offs_m = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask_m = offs_m < B
-    offs_o = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)  # the gradient columns this program writes
-    mask_ox, mask_oy = offs_o < DX, offs_o < DY
+    start_o = tl.program_id(1) * BLOCK_DO  # the gradient columns this program writes
+    offs_o = start_o + tl.arange(0, BLOCK_DO)
+    if ONE_CHUNK:  # the row block's features stay on chip for the whole sweep
+        xm = load_tile(x_ptr, offs_m, mask_m, stride_xb, stride_xd, 0, DX, BLOCK_D, PRECISION)
+        ym = load_tile(y_ptr, offs_m, mask_m, stride_yb, stride_yd, 0, DY, BLOCK_D, PRECISION)
     acc_x = tl.zeros((BLOCK, BLOCK_DO), dtype=tl.float32)
     acc_y = tl.zeros((BLOCK, BLOCK_DO), dtype=tl.float32)
     for start in range(0, B, BLOCK):
         offs_n = start + tl.arange(0, BLOCK)
         mask_n = offs_n < B
-        # 1. [recompute] delta on this tile, and E / (4 g / B^2) = delta where the hinge is active
-        delta = _delta_tile(x_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, stride_xb, stride_xd, stride_yb,
-                            stride_yd, DX, DY, BLOCK, BLOCK_D, PRECISION, CROSS)
+        # 1. [recompute] delta on this tile; the key tiles double as the gradient GEMMs' operands
+        if ONE_CHUNK:
+            xn = load_tile(x_ptr, offs_n, mask_n, stride_xb, stride_xd, 0, DX, BLOCK_D, PRECISION)
+            yn = load_tile(y_ptr, offs_n, mask_n, stride_yb, stride_yd, 0, DY, BLOCK_D, PRECISION)
+            if CROSS:
+                delta = tl.dot(xm, tl.trans(yn), input_precision=PRECISION) - \
+                    tl.dot(ym, tl.trans(xn), input_precision=PRECISION)
+            else:
+                delta = tl.dot(xm, tl.trans(xn), input_precision=PRECISION) - \
+                    tl.dot(ym, tl.trans(yn), input_precision=PRECISION)
+        else:
+            delta = _delta_tile(x_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, stride_xb, stride_xd, stride_yb,
+                                stride_yd, DX, DY, BLOCK, BLOCK_D, PRECISION, CROSS)
+            xn = load_tile(x_ptr, offs_n, mask_n, stride_xb, stride_xd, start_o, DX, BLOCK_DO, PRECISION)
+            yn = load_tile(y_ptr, offs_n, mask_n, stride_yb, stride_yd, start_o, DY, BLOCK_DO, PRECISION)
+        # 2. E / (4 g / B^2) = delta where the hinge is active (strict >, as torch.relu), rounded to
+        #    16 bits for 16-bit inputs (the tensor cores' operand)
         e = tl.where(mask_m[:, None] & mask_n[None, :] & (delta * delta - alpha > 0), delta, 0.0)
-        # 2. [FA-2 split] both gradients of the row block: E @ (the other tower or the same one)
-        xn = tl.load(x_ptr + offs_n[:, None] * stride_xb + offs_o[None, :] * stride_xd,
-                     mask=mask_n[:, None] & mask_ox[None, :], other=0.0)
-        yn = tl.load(y_ptr + offs_n[:, None] * stride_yb + offs_o[None, :] * stride_yd,
-                     mask=mask_n[:, None] & mask_oy[None, :], other=0.0)
-        e = e.to(xn.dtype)  # the tensor-core operand; rounds E to 16 bits for 16-bit inputs
-        if PRECISION == "ieee":
-            e, xn, yn = e.to(tl.float32), xn.to(tl.float32), yn.to(tl.float32)
+        e = e.to(x_ptr.dtype.element_ty).to(xn.dtype)
+        # 3. [FA-2 split] both gradients of the row block: E @ (the other tower or the same one)
         if CROSS:
             acc_x = tl.dot(e, yn, acc_x, input_precision=PRECISION)
             acc_y = tl.dot(-e, xn, acc_y, input_precision=PRECISION)
@@ -125,9 +136,9 @@ def _consistency_embed_bwd_kernel(
             acc_y = tl.dot(-e, yn, acc_y, input_precision=PRECISION)
     g = tl.load(grad_ptr).to(tl.float32) * scale
     tl.store(dx_ptr + offs_m[:, None] * stride_dxb + offs_o[None, :] * stride_dxd,
-             (acc_x * g).to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_ox[None, :])
+             (acc_x * g).to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & (offs_o[None, :] < DX))
     tl.store(dy_ptr + offs_m[:, None] * stride_dyb + offs_o[None, :] * stride_dyd,
-             (acc_y * g).to(dy_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_oy[None, :])
+             (acc_y * g).to(dy_ptr.dtype.element_ty), mask=mask_m[:, None] & (offs_o[None, :] < DY))
 
 
 def _check(op: str, x: torch.Tensor, y: torch.Tensor, cross: bool) -> None:
@@ -140,9 +151,7 @@ def _check(op: str, x: torch.Tensor, y: torch.Tensor, cross: bool) -> None:
 
 
 def _blocks(x: torch.Tensor, y: torch.Tensor):
-    n, d = x.shape[0], max(x.shape[1], y.shape[1])
-    block, _, block_d, block_do = embed_blocks(n, d)
-    return n, triton.cdiv(n, block), block, block_d, block_do
+    return embed_blocks(x.shape[0], max(x.shape[1], y.shape[1]), x.element_size(), towers=2)
 
 
 @custom_op("fastncl::consistency_embed_fwd", mutates_args=())
@@ -150,15 +159,16 @@ def consistency_embed_fwd(x: torch.Tensor, y: torch.Tensor, alpha: float, cross:
     """The hinge mean, a 0-d fp32 tensor: cross (x = img, y = txt) or metric (x, y = the two feature sets)."""
     op = "cross_consistency_embed" if cross else "metric_consistency_embed"
     _check(op, x, y, cross)
-    n, nb, block, block_d, _ = _blocks(x, y)
+    n, blocks = x.shape[0], _blocks(x, y)
+    nb = triton.cdiv(n, blocks.m)
     out = torch.empty((), device=x.device, dtype=torch.float32)
     partials = torch.empty(nb * nb, device=x.device, dtype=torch.float32)
     with device_guard(x):
         _consistency_embed_fwd_kernel[(nb, nb)](
             x, y, partials, reduction_counter(x.device), out, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
             n, x.shape[1], y.shape[1], alpha, 1.0 / (n * n),
-            BLOCK=block, BLOCK_D=block_d, BLOCK_R=min(1024, triton.next_power_of_2(nb * nb)),
-            PRECISION=dot_precision(x.dtype), CROSS=cross)
+            BLOCK=blocks.m, BLOCK_D=blocks.d, BLOCK_R=min(1024, triton.next_power_of_2(nb * nb)),
+            PRECISION=dot_precision(x.dtype), CROSS=cross, num_warps=blocks.warps, num_stages=blocks.stages)
     return out
 
 
@@ -172,13 +182,14 @@ def _(x, y, alpha, cross):
 def consistency_embed_bwd(x: torch.Tensor, y: torch.Tensor, grad: torch.Tensor, alpha: float, cross: bool
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, dy) in the inputs' dtype and shapes, from the upstream gradient of the hinge mean."""
-    n, nb, block, block_d, block_do = _blocks(x, y)
+    n, blocks = x.shape[0], _blocks(x, y)
     dx, dy = torch.empty(x.shape, device=x.device, dtype=x.dtype), torch.empty(y.shape, device=y.device, dtype=y.dtype)
     with device_guard(x):
-        _consistency_embed_bwd_kernel[(nb, triton.cdiv(max(x.shape[1], y.shape[1]), block_do))](
+        _consistency_embed_bwd_kernel[(triton.cdiv(n, blocks.m), triton.cdiv(max(x.shape[1], y.shape[1]), blocks.do))](
             x, y, grad, dx, dy, x.stride(0), x.stride(1), y.stride(0), y.stride(1), dx.stride(0), dx.stride(1),
             dy.stride(0), dy.stride(1), n, x.shape[1], y.shape[1], alpha, 4.0 / (n * n),
-            BLOCK=block, BLOCK_D=block_d, BLOCK_DO=block_do, PRECISION=dot_precision(x.dtype), CROSS=cross)
+            BLOCK=blocks.m, BLOCK_D=blocks.d, BLOCK_DO=blocks.do, PRECISION=dot_precision(x.dtype), CROSS=cross,
+            ONE_CHUNK=blocks.one_chunk, num_warps=blocks.warps, num_stages=blocks.stages)
     return dx, dy
 
 

@@ -43,9 +43,105 @@ import triton
 import triton.language as tl
 from torch.library import custom_op
 
-from ._launch import check_inputs, device_guard, dot_precision, embed_blocks, gram_tile
+from ._launch import check_inputs, device_guard, dot_precision, embed_blocks, gram_tile, load_tile
 
 LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _sim_tile(q, q_ptr, k_ptr, offs_m, offs_n, mask_m, mask_n,  # the hoisted query tile (ONE_CHUNK); pointers; rows
+              stride_qb, stride_qd, stride_kb, stride_kd,  # strides
+              D,  # sizes
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+              ONE_CHUNK: tl.constexpr):
+    """(S tile (BLOCK_M, BLOCK_N) fp32, the key tile (BLOCK_N, BLOCK_D) when ONE_CHUNK else None)."""
+    if ONE_CHUNK:
+        k = load_tile(k_ptr, offs_n, mask_n, stride_kb, stride_kd, 0, D, BLOCK_D, PRECISION)
+        return tl.dot(q, tl.trans(k), input_precision=PRECISION), k
+    else:
+        return gram_tile(q_ptr, k_ptr, offs_m, offs_n, mask_m, mask_n, stride_qb, stride_qd, stride_kb, stride_kd, D,
+                         BLOCK_M, BLOCK_N, BLOCK_D, PRECISION), None
+
+
+@triton.jit
+def _row_stats(q_ptr, k_ptr, lse_ptr, loss_ptr, prob_ptr,  # pointers: queries, keys; (2, B) fp32 outputs
+               stride_qb, stride_qd, stride_kb, stride_kd,  # strides
+               block, out, B, D, scale,  # row block; offset of this direction's outputs; sizes; log2(e) / tau
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+               ONE_CHUNK: tl.constexpr):
+    """Log-sum-exp, loss and probability of the rows of q @ k.T in one row block."""
+    offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < B
+    q = load_tile(q_ptr, offs_m, mask_m, stride_qb, stride_qd, 0, D, BLOCK_D, PRECISION) if ONE_CHUNK else None
+    m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)  # finite: a padded row never makes inf - inf
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    # 1. [online LSE] recompute each (BLOCK_M, BLOCK_N) tile of S and fold it into (max, sum), base 2
+    for start in range(0, B, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < B
+        s, _ = _sim_tile(q, q_ptr, k_ptr, offs_m, offs_n, mask_m, mask_n, stride_qb, stride_qd, stride_kb, stride_kd,
+                         D, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, ONE_CHUNK)
+        x = tl.where(mask_n[None, :], s * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(x, axis=1))
+        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(x - m_new[:, None]), axis=1)
+        m_i = m_new
+    # 2. the diagonal S[i, i] = q[i] . k[i], a row-wise dot product in fp32
+    diag = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for start in range(0, D, BLOCK_D):
+        qd = load_tile(q_ptr, offs_m, mask_m, stride_qb, stride_qd, start, D, BLOCK_D, PRECISION)
+        kd = load_tile(k_ptr, offs_m, mask_m, stride_kb, stride_kd, start, D, BLOCK_D, PRECISION)
+        diag += tl.sum(qd.to(tl.float32) * kd.to(tl.float32), axis=1)
+    # 3. outputs in natural-log units
+    lse = (m_i + tl.log2(tl.where(mask_m, l_i, 1.0))) * 0.6931471805599453
+    loss = tl.where(mask_m, lse - diag * scale * 0.6931471805599453, 0.0)
+    tl.store(lse_ptr + out + offs_m, lse, mask=mask_m)
+    tl.store(loss_ptr + out + offs_m, loss, mask=mask_m)
+    tl.store(prob_ptr + out + offs_m, tl.exp(-loss), mask=mask_m)
+
+
+@triton.jit
+def _effective_grad(gl_ptr, gp_ptr, prob_ptr, offs, mask):
+    """a = gl - gp * prob: the gradient of a loss once its probability's gradient is folded in."""
+    return tl.load(gl_ptr + offs, mask=mask, other=0.0) - \
+        tl.load(gp_ptr + offs, mask=mask, other=0.0) * tl.load(prob_ptr + offs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _grad_rows(q_ptr, k_ptr, dq_ptr, lse_ptr, prob_ptr, gl_ptr, gp_ptr,  # pointers
+               stride_qb, stride_qd, stride_kb, stride_kd, stride_gb, stride_gd,  # strides of q, k, dq
+               block, col_block, own, other, B, D, scale, inv_tau,  # blocks; statistics offsets; sizes; scalars
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+               PRECISION: tl.constexpr, ONE_CHUNK: tl.constexpr):
+    """dq[block rows, col_block columns] = (dS @ k) for the rows of q @ k.T ("own" statistics) whose
+    columns carry the "other" statistics."""
+    offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < B
+    offs_o = col_block * BLOCK_DO + tl.arange(0, BLOCK_DO)  # the gradient columns this program writes
+    q = load_tile(q_ptr, offs_m, mask_m, stride_qb, stride_qd, 0, D, BLOCK_D, PRECISION) if ONE_CHUNK else None
+    # 1. effective per-sample gradients a = gl - gp * prob, and the saved log-sum-exps (base 2)
+    a_own = _effective_grad(gl_ptr, gp_ptr, prob_ptr, own + offs_m, mask_m)
+    a_diag = a_own + _effective_grad(gl_ptr, gp_ptr, prob_ptr, other + offs_m, mask_m)
+    lse_own = tl.load(lse_ptr + own + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
+    acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32)
+    for start in range(0, B, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < B
+        a_other = _effective_grad(gl_ptr, gp_ptr, prob_ptr, other + offs_n, mask_n)
+        lse_other = tl.load(lse_ptr + other + offs_n, mask=mask_n, other=0.0) * 1.4426950408889634
+        # 2. [recompute] the S tile and both softmaxes from the saved log-sum-exps
+        s, k = _sim_tile(q, q_ptr, k_ptr, offs_m, offs_n, mask_m, mask_n, stride_qb, stride_qd, stride_kb, stride_kd,
+                         D, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, ONE_CHUNK)
+        x = s * scale
+        ds = a_own[:, None] * tl.exp2(x - lse_own[:, None]) + a_other[None, :] * tl.exp2(x - lse_other[None, :])
+        ds = tl.where(offs_m[:, None] == offs_n[None, :], ds - a_diag[:, None], ds)  # d(-z_ii) of both losses
+        ds = tl.where(mask_m[:, None] & mask_n[None, :], ds, 0.0)
+        # 3. [FA-2 split] acc += dS_tile @ k[:, this program's columns]; one chunk: the tile already loaded
+        if not ONE_CHUNK:
+            k = load_tile(k_ptr, offs_n, mask_n, stride_kb, stride_kd, col_block * BLOCK_DO, D, BLOCK_DO, PRECISION)
+        ds = ds.to(k_ptr.dtype.element_ty).to(k.dtype)  # dS rounded to 16 bits for 16-bit inputs (tensor cores)
+        acc = tl.dot(ds, k, acc, input_precision=PRECISION)
+    tl.store(dq_ptr + offs_m[:, None] * stride_gb + offs_o[None, :] * stride_gd,
+             (acc * inv_tau).to(dq_ptr.dtype.element_ty), mask=mask_m[:, None] & (offs_o[None, :] < D))
 
 
 @triton.jit
@@ -54,46 +150,19 @@ def _infonce_embed_fwd_kernel(
     stride_ib, stride_id, stride_tb, stride_td,  # strides of img and txt
     B, D, scale,  # sizes; scale = log2(e) / tau
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    ONE_CHUNK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_blocks = tl.cdiv(B, BLOCK_M)
-    direction = pid // n_blocks  # 0: image rows (image -> text), 1: caption columns (text -> image)
-    # 1. queries and keys: the column statistics of img @ txt.T are the row statistics of txt @ img.T
-    q_ptr = tl.where(direction == 0, img_ptr, txt_ptr)
-    k_ptr = tl.where(direction == 0, txt_ptr, img_ptr)
-    stride_qb = tl.where(direction == 0, stride_ib, stride_tb)
-    stride_qd = tl.where(direction == 0, stride_id, stride_td)
-    stride_kb = tl.where(direction == 0, stride_tb, stride_ib)
-    stride_kd = tl.where(direction == 0, stride_td, stride_id)
-    offs_m = (pid % n_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < B
-    m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)  # finite: a padded row never makes inf - inf
-    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    # 2. [online LSE] recompute each (BLOCK_M, BLOCK_N) tile of S and fold it into (max, sum), base 2
-    for start in range(0, B, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < B
-        s = gram_tile(q_ptr, k_ptr, offs_m, offs_n, mask_m, mask_n, stride_qb, stride_qd, stride_kb, stride_kd, D,
-                      BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
-        x = tl.where(mask_n[None, :], s * scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(x, axis=1))
-        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(x - m_new[:, None]), axis=1)
-        m_i = m_new
-    # 3. the diagonal S[i, i] = img[i] . txt[i], a row-wise dot product in fp32
-    diag = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for start in range(0, D, BLOCK_D):
-        d = start + tl.arange(0, BLOCK_D)
-        mask = mask_m[:, None] & (d[None, :] < D)
-        q = tl.load(q_ptr + offs_m[:, None] * stride_qb + d[None, :] * stride_qd, mask=mask, other=0.0)
-        k = tl.load(k_ptr + offs_m[:, None] * stride_kb + d[None, :] * stride_kd, mask=mask, other=0.0)
-        diag += tl.sum(q.to(tl.float32) * k.to(tl.float32), axis=1)
-    # 4. outputs in natural-log units
-    lse = (m_i + tl.log2(tl.where(mask_m, l_i, 1.0))) * 0.6931471805599453
-    loss = tl.where(mask_m, lse - diag * scale * 0.6931471805599453, 0.0)
-    out = direction * B + offs_m
-    tl.store(lse_ptr + out, lse, mask=mask_m)
-    tl.store(loss_ptr + out, loss, mask=mask_m)
-    tl.store(prob_ptr + out, tl.exp(-loss), mask=mask_m)
+    # the column statistics of img @ txt.T are the row statistics of txt @ img.T: one helper, the
+    # towers swapped (a branch, not a select of pointers, so that each copy keeps its strides' known
+    # values and its loads vectorise)
+    if pid < n_blocks:  # image rows: image -> text
+        _row_stats(img_ptr, txt_ptr, lse_ptr, loss_ptr, prob_ptr, stride_ib, stride_id, stride_tb, stride_td,
+                   pid, 0, B, D, scale, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, ONE_CHUNK)
+    else:  # caption columns: text -> image
+        _row_stats(txt_ptr, img_ptr, lse_ptr, loss_ptr, prob_ptr, stride_tb, stride_td, stride_ib, stride_id,
+                   pid - n_blocks, B, B, D, scale, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, ONE_CHUNK)
 
 
 @triton.jit
@@ -102,54 +171,18 @@ def _infonce_embed_bwd_kernel(
     stride_ib, stride_id, stride_tb, stride_td, stride_gb, stride_gd,  # strides of img, txt, the gradients
     B, D, scale, inv_tau,  # sizes; scale = log2(e) / tau
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, ONE_CHUNK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_blocks = tl.cdiv(B, BLOCK_M)
-    direction = pid // n_blocks  # 0: d_img = dS @ txt, 1: d_txt = dS.T @ img
-    # 1. queries, keys and output as in the forward; "own" statistics belong to the queries' direction
-    q_ptr = tl.where(direction == 0, img_ptr, txt_ptr)
-    k_ptr = tl.where(direction == 0, txt_ptr, img_ptr)
-    out_ptr = tl.where(direction == 0, dimg_ptr, dtxt_ptr)
-    stride_qb = tl.where(direction == 0, stride_ib, stride_tb)
-    stride_qd = tl.where(direction == 0, stride_id, stride_td)
-    stride_kb = tl.where(direction == 0, stride_tb, stride_ib)
-    stride_kd = tl.where(direction == 0, stride_td, stride_id)
-    own, other = direction * B, (1 - direction) * B
-    offs_m = (pid % n_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < B
-    offs_o = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)  # the gradient columns this program writes
-    mask_o = offs_o < D
-    # 2. effective per-sample gradients a = gl - gp * prob, and the saved log-sum-exps (base 2)
-    a_own = tl.load(gl_ptr + own + offs_m, mask=mask_m, other=0.0) - \
-        tl.load(gp_ptr + own + offs_m, mask=mask_m, other=0.0) * tl.load(prob_ptr + own + offs_m, mask=mask_m, other=0.0)
-    a_diag = a_own + tl.load(gl_ptr + other + offs_m, mask=mask_m, other=0.0) - \
-        tl.load(gp_ptr + other + offs_m, mask=mask_m, other=0.0) * tl.load(prob_ptr + other + offs_m, mask=mask_m,
-                                                                           other=0.0)
-    lse_own = tl.load(lse_ptr + own + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
-    acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32)
-    for start in range(0, B, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < B
-        a_other = tl.load(gl_ptr + other + offs_n, mask=mask_n, other=0.0) - \
-            tl.load(gp_ptr + other + offs_n, mask=mask_n, other=0.0) * \
-            tl.load(prob_ptr + other + offs_n, mask=mask_n, other=0.0)
-        lse_other = tl.load(lse_ptr + other + offs_n, mask=mask_n, other=0.0) * 1.4426950408889634
-        # 3. [recompute] the S tile and both softmaxes from the saved log-sum-exps
-        x = gram_tile(q_ptr, k_ptr, offs_m, offs_n, mask_m, mask_n, stride_qb, stride_qd, stride_kb, stride_kd, D,
-                      BLOCK_M, BLOCK_N, BLOCK_D, PRECISION) * scale
-        ds = a_own[:, None] * tl.exp2(x - lse_own[:, None]) + a_other[None, :] * tl.exp2(x - lse_other[None, :])
-        ds = tl.where(offs_m[:, None] == offs_n[None, :], ds - a_diag[:, None], ds)  # d(-z_ii) of both losses
-        ds = tl.where(mask_m[:, None] & mask_n[None, :], ds, 0.0)
-        # 4. [FA-2 split] this block's gradient rows: acc += dS_tile @ keys[:, this program's columns]
-        k = tl.load(k_ptr + offs_n[:, None] * stride_kb + offs_o[None, :] * stride_kd,
-                    mask=mask_n[:, None] & mask_o[None, :], other=0.0)
-        ds = ds.to(k.dtype)  # the tensor-core operand; rounds dS to 16 bits for 16-bit inputs
-        if PRECISION == "ieee":
-            ds, k = ds.to(tl.float32), k.to(tl.float32)
-        acc = tl.dot(ds, k, acc, input_precision=PRECISION)
-    tl.store(out_ptr + offs_m[:, None] * stride_gb + offs_o[None, :] * stride_gd,
-             (acc * inv_tau).to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_o[None, :])
+    if pid < n_blocks:  # d_img = dS @ txt: rows carry the i2t statistics, columns the t2i ones
+        _grad_rows(img_ptr, txt_ptr, dimg_ptr, lse_ptr, prob_ptr, gl_ptr, gp_ptr, stride_ib, stride_id, stride_tb,
+                   stride_td, stride_gb, stride_gd, pid, tl.program_id(1), 0, B, B, D, scale, inv_tau,
+                   BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DO, PRECISION, ONE_CHUNK)
+    else:  # d_txt = dS.T @ img: the same with the towers and the statistics swapped
+        _grad_rows(txt_ptr, img_ptr, dtxt_ptr, lse_ptr, prob_ptr, gl_ptr, gp_ptr, stride_tb, stride_td, stride_ib,
+                   stride_id, stride_gb, stride_gd, pid - n_blocks, tl.program_id(1), B, 0, B, D, scale, inv_tau,
+                   BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DO, PRECISION, ONE_CHUNK)
 
 
 def _check(img: torch.Tensor, txt: torch.Tensor) -> tuple[int, int]:
@@ -168,11 +201,12 @@ def infonce_embed_fwd(img: torch.Tensor, txt: torch.Tensor, tau: float
     """(lse, loss, prob), each (2, B) fp32: row 0 image -> text, row 1 text -> image."""
     n, d = _check(img, txt)
     lse, loss, prob = (torch.empty(2, n, device=img.device, dtype=torch.float32) for _ in range(3))
-    block_m, block_n, block_d, _ = embed_blocks(n, d)
+    blocks = embed_blocks(n, d, img.element_size())
     with device_guard(img):
-        _infonce_embed_fwd_kernel[(2 * triton.cdiv(n, block_m),)](
+        _infonce_embed_fwd_kernel[(2 * triton.cdiv(n, blocks.m),)](
             img, txt, lse, loss, prob, img.stride(0), img.stride(1), txt.stride(0), txt.stride(1), n, d, LOG2E / tau,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=dot_precision(img.dtype))
+            BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_D=blocks.d, PRECISION=dot_precision(img.dtype),
+            ONE_CHUNK=blocks.one_chunk, num_warps=blocks.warps, num_stages=blocks.stages)
     return lse, loss, prob
 
 
@@ -190,12 +224,13 @@ def infonce_embed_bwd(img: torch.Tensor, txt: torch.Tensor, lse: torch.Tensor, p
     n, d = img.shape
     dimg, dtxt = (torch.empty(n, d, device=img.device, dtype=img.dtype) for _ in range(2))  # one layout, one stride pair
     grad_loss, grad_prob = grad_loss.float().contiguous(), grad_prob.float().contiguous()
-    block_m, block_n, block_d, block_do = embed_blocks(n, d)
+    blocks = embed_blocks(n, d, img.element_size())
     with device_guard(img):
-        _infonce_embed_bwd_kernel[(2 * triton.cdiv(n, block_m), triton.cdiv(d, block_do))](
+        _infonce_embed_bwd_kernel[(2 * triton.cdiv(n, blocks.m), triton.cdiv(d, blocks.do))](
             img, txt, lse, prob, grad_loss, grad_prob, dimg, dtxt, img.stride(0), img.stride(1), txt.stride(0),
             txt.stride(1), dimg.stride(0), dimg.stride(1), n, d, LOG2E / tau, 1.0 / tau,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DO=block_do, PRECISION=dot_precision(img.dtype))
+            BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_D=blocks.d, BLOCK_DO=blocks.do, PRECISION=dot_precision(img.dtype),
+            ONE_CHUNK=blocks.one_chunk, num_warps=blocks.warps, num_stages=blocks.stages)
     return dimg, dtxt
 
 
