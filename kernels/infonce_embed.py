@@ -49,21 +49,6 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _sim_tile(q, q_ptr, k_ptr, offs_m, offs_n, mask_m, mask_n,  # the hoisted query tile (ONE_CHUNK); pointers; rows
-              stride_qb, stride_qd, stride_kb, stride_kd,  # strides
-              D,  # sizes
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-              ONE_CHUNK: tl.constexpr):
-    """(S tile (BLOCK_M, BLOCK_N) fp32, the key tile (BLOCK_N, BLOCK_D) when ONE_CHUNK else None)."""
-    if ONE_CHUNK:
-        k = load_tile(k_ptr, offs_n, mask_n, stride_kb, stride_kd, 0, D, BLOCK_D, PRECISION)
-        return tl.dot(q, tl.trans(k), input_precision=PRECISION), k
-    else:
-        return gram_tile(q_ptr, k_ptr, offs_m, offs_n, mask_m, mask_n, stride_qb, stride_qd, stride_kb, stride_kd, D,
-                         BLOCK_M, BLOCK_N, BLOCK_D, PRECISION), None
-
-
-@triton.jit
 def _row_stats(q_ptr, k_ptr, lse_ptr, loss_ptr, prob_ptr,  # pointers: queries, keys; (2, B) fp32 outputs
                stride_qb, stride_qd, stride_kb, stride_kd,  # strides
                block, out, B, D, scale,  # row block; offset of this direction's outputs; sizes; log2(e) / tau
@@ -72,15 +57,20 @@ def _row_stats(q_ptr, k_ptr, lse_ptr, loss_ptr, prob_ptr,  # pointers: queries, 
     """Log-sum-exp, loss and probability of the rows of q @ k.T in one row block."""
     offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < B
-    q = load_tile(q_ptr, offs_m, mask_m, stride_qb, stride_qd, 0, D, BLOCK_D, PRECISION) if ONE_CHUNK else None
+    if ONE_CHUNK:  # the row block's features stay on chip for the whole sweep
+        q = load_tile(q_ptr, offs_m, mask_m, stride_qb, stride_qd, 0, D, BLOCK_D, PRECISION)
     m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)  # finite: a padded row never makes inf - inf
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     # 1. [online LSE] recompute each (BLOCK_M, BLOCK_N) tile of S and fold it into (max, sum), base 2
     for start in range(0, B, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         mask_n = offs_n < B
-        s, _ = _sim_tile(q, q_ptr, k_ptr, offs_m, offs_n, mask_m, mask_n, stride_qb, stride_qd, stride_kb, stride_kd,
-                         D, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, ONE_CHUNK)
+        if ONE_CHUNK:
+            k = load_tile(k_ptr, offs_n, mask_n, stride_kb, stride_kd, 0, D, BLOCK_D, PRECISION)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        else:
+            s = gram_tile(q_ptr, k_ptr, offs_m, offs_n, mask_m, mask_n, stride_qb, stride_qd, stride_kb, stride_kd, D,
+                          BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
         x = tl.where(mask_n[None, :], s * scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(x, axis=1))
         l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(x - m_new[:, None]), axis=1)
@@ -117,7 +107,8 @@ def _grad_rows(q_ptr, k_ptr, dq_ptr, lse_ptr, prob_ptr, gl_ptr, gp_ptr,  # point
     offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < B
     offs_o = col_block * BLOCK_DO + tl.arange(0, BLOCK_DO)  # the gradient columns this program writes
-    q = load_tile(q_ptr, offs_m, mask_m, stride_qb, stride_qd, 0, D, BLOCK_D, PRECISION) if ONE_CHUNK else None
+    if ONE_CHUNK:  # the row block's features stay on chip for the whole sweep
+        q = load_tile(q_ptr, offs_m, mask_m, stride_qb, stride_qd, 0, D, BLOCK_D, PRECISION)
     # 1. effective per-sample gradients a = gl - gp * prob, and the saved log-sum-exps (base 2)
     a_own = _effective_grad(gl_ptr, gp_ptr, prob_ptr, own + offs_m, mask_m)
     a_diag = a_own + _effective_grad(gl_ptr, gp_ptr, prob_ptr, other + offs_m, mask_m)
@@ -128,16 +119,20 @@ def _grad_rows(q_ptr, k_ptr, dq_ptr, lse_ptr, prob_ptr, gl_ptr, gp_ptr,  # point
         mask_n = offs_n < B
         a_other = _effective_grad(gl_ptr, gp_ptr, prob_ptr, other + offs_n, mask_n)
         lse_other = tl.load(lse_ptr + other + offs_n, mask=mask_n, other=0.0) * 1.4426950408889634
-        # 2. [recompute] the S tile and both softmaxes from the saved log-sum-exps
-        s, k = _sim_tile(q, q_ptr, k_ptr, offs_m, offs_n, mask_m, mask_n, stride_qb, stride_qd, stride_kb, stride_kd,
-                         D, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, ONE_CHUNK)
+        # 2. [recompute] the S tile and both softmaxes from the saved log-sum-exps; k: the key rows'
+        #    columns this program writes (one chunk: the tile S was formed from)
+        if ONE_CHUNK:
+            k = load_tile(k_ptr, offs_n, mask_n, stride_kb, stride_kd, 0, D, BLOCK_D, PRECISION)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        else:
+            s = gram_tile(q_ptr, k_ptr, offs_m, offs_n, mask_m, mask_n, stride_qb, stride_qd, stride_kb, stride_kd, D,
+                          BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+            k = load_tile(k_ptr, offs_n, mask_n, stride_kb, stride_kd, col_block * BLOCK_DO, D, BLOCK_DO, PRECISION)
         x = s * scale
         ds = a_own[:, None] * tl.exp2(x - lse_own[:, None]) + a_other[None, :] * tl.exp2(x - lse_other[None, :])
         ds = tl.where(offs_m[:, None] == offs_n[None, :], ds - a_diag[:, None], ds)  # d(-z_ii) of both losses
         ds = tl.where(mask_m[:, None] & mask_n[None, :], ds, 0.0)
-        # 3. [FA-2 split] acc += dS_tile @ k[:, this program's columns]; one chunk: the tile already loaded
-        if not ONE_CHUNK:
-            k = load_tile(k_ptr, offs_n, mask_n, stride_kb, stride_kd, col_block * BLOCK_DO, D, BLOCK_DO, PRECISION)
+        # 3. [FA-2 split] acc += dS_tile @ k[:, this program's columns]
         ds = ds.to(k_ptr.dtype.element_ty).to(k.dtype)  # dS rounded to 16 bits for 16-bit inputs (tensor cores)
         acc = tl.dot(ds, k, acc, input_precision=PRECISION)
     tl.store(dq_ptr + offs_m[:, None] * stride_gb + offs_o[None, :] * stride_gd,
