@@ -11,9 +11,11 @@ cross and symmetric for metric), the gradients are
 Cost: eager forms two B x B products and about six B^2 temporaries (fp32: 4 B^2 bytes each, and
 autograd keeps several for the backward); memory grows as B^2. Here the forward is 2 B^2 D FLOPs
 (each symmetric tile pair is formed once: two tile products for half of the tile pairs) and writes
-one partial per program; the backward is 8 B^2 D FLOPs (each row block recomputes its two tile
-products and multiplies E by both towers) and writes the two (B, D) gradients. Nothing of size
-B^2 is saved or written; memory is linear in B (plus one fp32 partial per forward program).
+one fp32 partial per program; the backward is 8 B^2 D FLOPs for D <= 256 (each row block
+recomputes its two tile products and multiplies E by both towers), more above (each block of 256
+gradient columns recomputes delta), and writes the two (B, D) gradients. Nothing of size B^2 is
+saved; the forward's partials are ceil(B / BLOCK)^2 fp32 (1 MiB at B = 32768, 1/1024 of one eager
+B x B matrix): the only memory that is not linear in B.
 
 Algorithm (forward, one launch): a 2-D grid of (nb, nb) programs over BLOCK x BLOCK tiles,
 nb = ceil(B / BLOCK). Program (I, J) with I <= J forms the tile products of its symmetric tile pair
@@ -23,13 +25,18 @@ programs with I > J run no loop and contribute 0. ``finish_sum`` adds the partia
 order (deterministic) and scales by 1 / B^2.
 Backward (one launch): a grid of (nb, ceil(max(D1, D2) / BLOCK_DO)) programs; each owns a row block
 and BLOCK_DO gradient columns, sweeps the column tiles recomputing delta, and accumulates both
-gradients in fp32 registers; one store each, no atomics. The hinge mirrors ``torch.relu``: a
-strict ``delta^2 > alpha``, so its kink gets gradient 0.
+gradients in fp32 registers; one store each, no atomics. When D fits one chunk (``embed_blocks``)
+the row block's two feature tiles stay on chip and the column block's two feature tiles serve
+both the tile products and the gradient GEMMs. The hinge mirrors ``torch.relu``: a strict
+``delta^2 > alpha``, so its kink gets gradient 0.
 
 Limits: fp16, bf16, fp32 embeddings of one dtype (tensor-core dots for 16-bit inputs, IEEE fp32
 dots for fp32), any B >= 1, D >= 1, any strides; the loss is fp32, gradients in the input dtype
 (E is rounded to it before the gradient GEMM). Tested on CPU in the interpreter up to B = 130,
-D = 256. Not here: the alpha = 0 closed form through D x D Grams (cheaper when B >> D).
+D = 300. Not here: the alpha = 0 closed form through D x D Grams (cheaper when B >> D).
+[2026-11-24] Not yet run on a GPU: compiled ahead of time for sm_90 with Triton 3.9 (bf16,
+B = 8192, D = 256: at most 196 KiB of shared memory, about 56 bytes of register spills in the
+backward); launch shapes are not tuned.
 """
 from __future__ import annotations
 

@@ -8,33 +8,39 @@ What: ``reference.infonce_terms_embed`` is the definition: ``infonce_terms(img @
 Cost (B pairs, D features): eager computes S = img @ txt.T (2 B^2 D FLOPs) and then reads and
 writes B^2 fp32 matrices about ten times (the upcast, z, the logsumexps, autograd's saved
 softmaxes, dS): memory grows as B^2 (4 GiB of fp32 per matrix at B = 32768). Here the forward is
-4 B^2 D FLOPs (S recomputed once for the row statistics and once for the column statistics),
-reads the embeddings O(B / BLOCK) times from L2 and writes 6 B fp32 numbers; the backward is
-8 B^2 D FLOPs (FA-2 split: each direction recomputes S and multiplies dS by the other tower) and
-writes the two (B, D) gradients. Saved for the backward: 2 B log-sum-exps and probabilities.
-Memory is linear in B.
+4 B^2 D FLOPs (S formed once for the row statistics and once for the column statistics), reads
+the embeddings about 2 B / BLOCK_M times (from L2) and writes 6 B fp32 numbers; the backward is
+8 B^2 D FLOPs for D <= 256 (FA-2 split: each direction recomputes S and multiplies dS by the
+other tower), (4 ceil(D / 256) + 4) B^2 D above, and writes the two (B, D) gradients. Saved for
+the backward: 2 B log-sum-exps and probabilities. Memory is linear in B.
 
 Algorithm (forward, one launch): a 1-D grid of 2 * ceil(B / BLOCK_M) programs. The first half
 owns image row blocks (queries = img, keys = txt), the second half caption blocks (queries = txt,
 keys = img): S.T = txt @ img.T, so the column statistics are the row statistics of the swapped
-towers. Each program sweeps the keys in BLOCK_N tiles, forms each (BLOCK_M, BLOCK_N) tile of S
-with ``tl.dot`` over D in BLOCK_D chunks (``gram_tile``), and keeps a running (max, sum) per row
-[online LSE] in fp32, base 2. No fixed shift: the embeddings need not be normalised. The diagonal
-is a row-wise dot product of the two towers in fp32.
+towers (``_row_stats``, called in two branches of the kernel rather than on selected pointers,
+so that each copy keeps its strides' specialised values and its loads vectorise). Each program
+sweeps the keys in BLOCK_N tiles, forms each (BLOCK_M, BLOCK_N) tile of S with ``tl.dot`` and
+keeps a running (max, sum) per row [online LSE] in fp32, base 2. No fixed shift: the embeddings
+need not be normalised. When D fits one chunk (``embed_blocks``: D <= 256 on a GPU) the query
+tile is loaded once and stays on chip; otherwise each tile reduces over D in chunks
+(``gram_tile``). The diagonal is a row-wise dot product of the two towers in fp32.
 
 Backward (one launch): with upstream gradients gl (losses) and gp (probabilities), a = gl - gp * prob
 is each loss's effective gradient (the SPS/ESC per-sample weights enter here), and
     dS[i, j] = (a_r[i] softmax_row[i, j] + a_c[j] softmax_col[i, j] - [i == j] (a_r[i] + a_c[i])) / tau.
 A grid of (2 * ceil(B / BLOCK_M), ceil(D / BLOCK_DO)) programs: the first half forms d_img = dS @ txt
-for a row block, the second half d_txt = dS.T @ img for a caption block, each recomputing its S
-tiles and both softmaxes from the saved log-sum-exps, and accumulating a (BLOCK_M, BLOCK_DO) fp32
-gradient block in registers; one store, no atomics. D > BLOCK_DO (256) takes several programs per
-row block, each recomputing S.
+for a row block, the second half d_txt = dS.T @ img for a caption block (``_grad_rows``), each
+recomputing its S tiles and both softmaxes from the saved log-sum-exps and accumulating a
+(BLOCK_M, BLOCK_DO) fp32 gradient block in registers; one store, no atomics. With one chunk the
+key tile that formed S is also dS @ K's operand (grid dimension 1 is 1); above, each of the
+ceil(D / 256) column blocks recomputes S.
 
 Limits: fp16, bf16, fp32 embeddings of one dtype (tensor-core dots for 16-bit inputs with fp32
-accumulation, IEEE fp32 dots for fp32), any B >= 1, D >= 1, any strides; outputs fp32, gradients
-in the input dtype (dS is rounded to it before the gradient GEMM). Tested on CPU in the
-interpreter up to B = 130, D = 256.
+accumulation, IEEE fp32 dots on the FMA units for fp32), any B >= 1, D >= 1, any strides; outputs
+fp32, gradients in the input dtype (dS is rounded to it before the gradient GEMM, as
+FlashAttention does). Tested on CPU in the interpreter up to B = 130, D = 256.
+[2026-11-24] Not yet run on a GPU: compiled ahead of time for sm_90 with Triton 3.9 (no spills,
+at most 200 KiB of shared memory for bf16 at B = 8192, D = 256); launch shapes are not tuned.
 """
 from __future__ import annotations
 
