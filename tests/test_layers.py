@@ -82,7 +82,8 @@ def test_relative_imports_are_resolved():
 
 
 def test_kernels_import_only_themselves_torch_and_the_stdlib():
-    rule = "rule: kernels/ imports nothing from fastncl; only relative imports, torch and the standard library"
+    rule = ("rule: kernels/ imports nothing from fastncl; only relative imports, torch, the standard library and, "
+            "outside reference.py (the CPU backend), triton")
     bad = []
     for path in _under("kernels"):
         for line, name, relative in _imports(path):
@@ -91,7 +92,7 @@ def test_kernels_import_only_themselves_torch_and_the_stdlib():
                     bad.append(f"{_rel(path)}:{line}: imports {name} ({rule})")
                 continue
             top = name.split(".")[0]
-            if top == "torch" or top in sys.stdlib_module_names:
+            if top == "torch" or top in sys.stdlib_module_names or (top == "triton" and path.name != "reference.py"):
                 continue
             bad.append(f"{_rel(path)}:{line}: imports {name} ({rule})")
     assert not bad, "\n".join(sorted(set(bad)))
