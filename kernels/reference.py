@@ -174,20 +174,51 @@ def proxy_argmax(query: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor
 
 
 def infonce_terms_embed(img: torch.Tensor, txt: torch.Tensor, tau: float):
-    """``infonce_terms(img @ txt.T, tau)``: img, txt (B, D) embeddings (rows = pairs)."""
+    """``infonce_terms(img @ txt.T, tau)`` from the embeddings of a dot-product backbone.
+
+    The Triton twin never materialises the (B, B) matrix (online log-sum-exp, recomputation in
+    the backward): memory linear in B. It does not assume normalised rows.
+
+    Args:
+        img, txt: (B, D) image and caption embeddings of one floating dtype (rows = pairs).
+        tau: temperature.
+    Returns:
+        ``(loss_i2t, loss_t2i, prob_i2t, prob_t2i)``, each (B,) fp32 (float64 for float64 inputs),
+        as ``infonce_terms``.
+    Raises:
+        ValueError: the inputs are not two (B, D) matrices of one shape.
+    """
     _check_features("infonce_terms_embed", img, txt)
     return infonce_terms(_acc(img) @ _acc(txt).T, tau)
 
 
 def cross_consistency_embed(img: torch.Tensor, txt: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``cross_consistency(img @ txt.T, alpha)``: img, txt (B, D) embeddings (SPS Eq. 9)."""
+    """``cross_consistency(img @ txt.T, alpha)`` (SPS Eq. 9) from the embeddings.
+
+    Args:
+        img, txt: (B, D) image and caption embeddings of one floating dtype.
+        alpha: hinge threshold on the squared asymmetry.
+    Returns:
+        0-d fp32 tensor (float64 for float64 inputs): the mean over all B^2 pairs.
+    Raises:
+        ValueError: the inputs are not two (B, D) matrices of one shape.
+    """
     _check_features("cross_consistency_embed", img, txt)
     return cross_consistency(_acc(img) @ _acc(txt).T, alpha)
 
 
 def metric_consistency_embed(img_feats: torch.Tensor, txt_feats: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``metric_consistency(img_feats @ img_feats.T, txt_feats @ txt_feats.T, alpha)`` (SPS Eq. 10):
-    img_feats (B, D1), txt_feats (B, D2), the features of the two intramodal similarity matrices."""
+    """``metric_consistency(img_feats @ img_feats.T, txt_feats @ txt_feats.T, alpha)`` (SPS Eq. 10)
+    from the features of the two intramodal similarity matrices.
+
+    Args:
+        img_feats: (B, D1) image features; txt_feats: (B, D2) caption features (D1 may differ from D2).
+        alpha: hinge threshold on the squared difference.
+    Returns:
+        0-d fp32 tensor (float64 for float64 inputs): the mean over all B^2 pairs.
+    Raises:
+        ValueError: the inputs are not two matrices with the same number of rows.
+    """
     _check_features("metric_consistency_embed", img_feats, txt_feats, same_dim=False)
     f, g = _acc(img_feats), _acc(txt_feats)
     return metric_consistency(f @ f.T, g @ g.T, alpha)
