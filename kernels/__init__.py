@@ -34,6 +34,9 @@ _TRITON_MODULES = {  # op -> the module that holds its Triton twin
     "proxy_argmax": "proxy",
     "sps_reliable_objective": "objectives",
     "esc_division_terms": "objectives",
+    "infonce_terms_embed": "infonce_embed",
+    "cross_consistency_embed": "consistency_embed",
+    "metric_consistency_embed": "consistency_embed",
 }
 _triton_available = None
 
@@ -136,6 +139,16 @@ def sps_reliable_objective(sim, sim_img, sim_txt, tau, alpha, cross_weight, metr
 
 def esc_division_terms(sim, margin, esc_weight, alpha=0.0, hardest=True, normalize=False, *, backend="auto"):
     return _impl("esc_division_terms", backend, sim)(sim, margin, esc_weight, alpha, hardest, normalize)
+def infonce_terms_embed(img, txt, tau, *, backend="auto"):
+    return _impl("infonce_terms_embed", backend, img)(img, txt, tau)
+
+
+def cross_consistency_embed(img, txt, alpha, *, backend="auto"):
+    return _impl("cross_consistency_embed", backend, img)(img, txt, alpha)
+
+
+def metric_consistency_embed(img_feats, txt_feats, alpha, *, backend="auto"):
+    return _impl("metric_consistency_embed", backend, img_feats)(img_feats, txt_feats, alpha)
 
 
 for _name in reference.__all__:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -136,3 +137,99 @@ def dot_needs_fp32_operands(dtype: torch.dtype) -> bool:
     tests/test_kernels_triton.py::test_proxy_argmax_matches_reference fail without it.
     """
     return interpreting() and dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------------------------------------
+# embedding-level ops: tiles of a @ b.T recomputed from (B, D) features, never stored
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """The ``input_precision`` of every ``tl.dot`` on operands of ``dtype`` (``gram_tile``'s PRECISION).
+
+    "ieee" for fp32, so that fp32 inputs keep fp32 parity (Triton's default for fp32 is TF32, or
+    TF32x3 in some versions); fp16/bf16 operands go to the tensor cores with fp32 accumulation
+    ("tf32" is then only a label). Kernels upcast "ieee" operands to fp32 before ``tl.dot``.
+
+    [2026-11-24] Triton 3.9 interpreter: ``tl.dot`` on bf16 operands multiplies their raw uint16
+    bits (``interpreter.py``, ``create_dot``), so under the interpreter bf16 takes "ieee", i.e.
+    exact fp32 products of the bf16 values, as the tensor cores compute them. Removing this makes
+    the bf16 cases of tests/test_kernels_triton.py fail on CPU.
+    """
+    if dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting()):
+        return "ieee"
+    return "tf32"
+
+
+class EmbedBlocks(NamedTuple):
+    """Launch shape of an embedding-level sweep (see ``embed_blocks``)."""
+
+    m: int  # rows of the query tower per program
+    n: int  # rows of the key tower per step
+    d: int  # features per chunk of the reduction over D
+    do: int  # gradient columns per backward program
+    one_chunk: bool  # D <= d: the query tiles stay on chip and each key tile serves both GEMMs
+    warps: int
+    stages: int  # software-pipelining depth of the key-tile loop
+
+
+_SMEM_BUDGET = 200 * 1024  # bytes of shared memory a program may plan for (H100: 227 KiB per block)
+
+
+def embed_blocks(n: int, d: int, elem_bytes: int = 2, towers: int = 1) -> EmbedBlocks:
+    """The launch shape of a sweep over tiles of (n, d) @ (d, n) products recomputed from features.
+
+    Rows: ``row_block`` (16 to 64) per program and per step. Features: when the whole row fits one
+    chunk (BLOCK_D = next_pow2(d) <= 256) and ``towers`` query tiles plus one pipelined stage of
+    ``towers`` key tiles (``elem_bytes`` per element) fit in shared memory, the query tiles stay on
+    chip for the sweep and the backward reuses each key tile for dS @ K, as FlashAttention does up
+    to head dim 256 (up to 3 stages, as many as fit). Otherwise D is reduced in chunks of 64 and the
+    backward splits the gradient columns into blocks of up to 256, each program recomputing the
+    similarities. Under the interpreter (the CPU tests) one chunk is at most 64 wide, so that
+    D = 256 and D = 300 cover the chunked path and D <= 64 the one-chunk path.
+
+    [2026-11-24] Chosen from ptxas's register and shared-memory reports for sm_90 (an ahead-of-time
+    compile on a CPU machine), not from timings: no GPU was available to tune on.
+    """
+    block = row_block(n)
+    dpow = max(16, triton.next_power_of_2(max(d, 1)))
+    tile = block * dpow * elem_bytes * towers  # bytes of one set of query (or key) tiles
+    stages = min(3, _SMEM_BUDGET // tile - 1) if tile <= _SMEM_BUDGET else 0
+    # fp32 operands take IEEE dots, which run on the FMA units with the operands in registers:
+    # small chunks there (on sm_90 one 256-wide chunk spills tens of KiB per thread)
+    fma = elem_bytes >= 4 and not interpreting()
+    one_chunk = dpow <= (64 if interpreting() else 256) and stages >= 1 and not fma
+    chunk, out_chunk = (32, 64) if fma else (64, 256)
+    if not one_chunk:
+        stages = min(3, _SMEM_BUDGET // (2 * block * chunk * elem_bytes * towers))
+    block_d = dpow if one_chunk else min(chunk, dpow)
+    block_do = block_d if one_chunk else min(out_chunk, dpow)
+    return EmbedBlocks(block, block, block_d, block_do, one_chunk, 8 if block * block_do >= 64 * 128 else 4,
+                       max(1, stages))
+
+
+@triton.jit
+def load_tile(ptr, offs, mask, stride_b, stride_d, start, D,  # pointer; rows, their mask; strides; D chunk
+              BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """Rows ``offs`` x features [start, start + BLOCK_D) of a (B, D) tensor, zero-padded; upcast to
+    fp32 for "ieee" dots (``dot_precision``), else in the tensor's dtype for the tensor cores."""
+    d = start + tl.arange(0, BLOCK_D)
+    x = tl.load(ptr + offs[:, None] * stride_b + d[None, :] * stride_d, mask=mask[:, None] & (d[None, :] < D),
+                other=0.0)
+    if PRECISION == "ieee":
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def gram_tile(a_ptr, b_ptr, offs_m, offs_n, mask_m, mask_n,  # pointers; row indices and masks
+              stride_am, stride_ad, stride_bn, stride_bd,  # strides
+              D,  # sizes
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """The (BLOCK_M, BLOCK_N) fp32 tile ``a[offs_m] @ b[offs_n].T``, reducing over D in BLOCK_D chunks
+    (masked: any D >= 1, padded rows give 0; D = 0 gives zeros without loading anything)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for start in range(0, D, BLOCK_D):
+        a = load_tile(a_ptr, offs_m, mask_m, stride_am, stride_ad, start, D, BLOCK_D, PRECISION)
+        b = load_tile(b_ptr, offs_n, mask_n, stride_bn, stride_bd, start, D, BLOCK_D, PRECISION)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+    return acc

@@ -21,6 +21,9 @@ __all__ = [
     "proxy_argmax",
     "sps_reliable_objective",
     "esc_division_terms",
+    "infonce_terms_embed",
+    "cross_consistency_embed",
+    "metric_consistency_embed",
 ]
 
 
@@ -32,6 +35,12 @@ def _acc(x: torch.Tensor) -> torch.Tensor:
 def _check_square(name: str, sim: torch.Tensor) -> None:
     if sim.dim() != 2 or sim.shape[0] != sim.shape[1]:
         raise ValueError(f"{name}: expected a square (B, B) similarity matrix, got shape {tuple(sim.shape)}")
+
+
+def _check_features(name: str, a: torch.Tensor, b: torch.Tensor, same_dim: bool = True) -> None:
+    if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[0] or (same_dim and a.shape[1] != b.shape[1]):
+        want = "(B, D) and (B, D)" if same_dim else "(B, D1) and (B, D2)"
+        raise ValueError(f"{name}: expected embeddings {want}, got shapes {tuple(a.shape)} and {tuple(b.shape)}")
 
 
 def infonce_terms(sim: torch.Tensor, tau: float):
@@ -194,3 +203,57 @@ def esc_division_terms(sim: torch.Tensor, margin, esc_weight: float, alpha: floa
     anchor = sim.detach().diagonal().argmax()
     loss = triplet_terms(sim, margin, hardest) + esc_weight * esc_anchor_terms(sim, anchor, alpha, normalize)
     return loss, anchor
+# ---------------------------------------------------------------------------------------------
+# embedding-level variants: the matrix ops of a dot-product backbone's similarity matrix, which
+# the Triton kernels compute from the (B, D) embeddings without materialising B x B
+
+
+def infonce_terms_embed(img: torch.Tensor, txt: torch.Tensor, tau: float):
+    """``infonce_terms(img @ txt.T, tau)`` from the embeddings of a dot-product backbone.
+
+    The Triton twin never materialises the (B, B) matrix (online log-sum-exp, recomputation in
+    the backward): memory linear in B. It does not assume normalised rows.
+
+    Args:
+        img, txt: (B, D) image and caption embeddings of one floating dtype (rows = pairs).
+        tau: temperature.
+    Returns:
+        ``(loss_i2t, loss_t2i, prob_i2t, prob_t2i)``, each (B,) fp32 (float64 for float64 inputs),
+        as ``infonce_terms``.
+    Raises:
+        ValueError: the inputs are not two (B, D) matrices of one shape.
+    """
+    _check_features("infonce_terms_embed", img, txt)
+    return infonce_terms(_acc(img) @ _acc(txt).T, tau)
+
+
+def cross_consistency_embed(img: torch.Tensor, txt: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``cross_consistency(img @ txt.T, alpha)`` (SPS Eq. 9) from the embeddings.
+
+    Args:
+        img, txt: (B, D) image and caption embeddings of one floating dtype.
+        alpha: hinge threshold on the squared asymmetry.
+    Returns:
+        0-d fp32 tensor (float64 for float64 inputs): the mean over all B^2 pairs.
+    Raises:
+        ValueError: the inputs are not two (B, D) matrices of one shape.
+    """
+    _check_features("cross_consistency_embed", img, txt)
+    return cross_consistency(_acc(img) @ _acc(txt).T, alpha)
+
+
+def metric_consistency_embed(img_feats: torch.Tensor, txt_feats: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``metric_consistency(img_feats @ img_feats.T, txt_feats @ txt_feats.T, alpha)`` (SPS Eq. 10)
+    from the features of the two intramodal similarity matrices.
+
+    Args:
+        img_feats: (B, D1) image features; txt_feats: (B, D2) caption features (D1 may differ from D2).
+        alpha: hinge threshold on the squared difference.
+    Returns:
+        0-d fp32 tensor (float64 for float64 inputs): the mean over all B^2 pairs.
+    Raises:
+        ValueError: the inputs are not two matrices with the same number of rows.
+    """
+    _check_features("metric_consistency_embed", img_feats, txt_feats, same_dim=False)
+    f, g = _acc(img_feats), _acc(txt_feats)
+    return metric_consistency(f @ f.T, g @ g.T, alpha)

@@ -5,7 +5,12 @@ before ``triton`` is first imported; on a GPU machine they are compiled as in pr
 """
 import os
 
-import torch
+# The interpreter runs every tl.dot as a numpy matmul on a small tile: with BLAS threads on the
+# shared 2-core CI machine, those threads fight each other and a B = 130 parity test runs several
+# times slower. Set before numpy (imported by torch) loads BLAS.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

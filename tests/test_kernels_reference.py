@@ -357,6 +357,11 @@ def _op_calls(n, gen, dtype):
         ("triplet_terms", lambda s, **kw: K.triplet_terms(s, margins, True, **kw), (sim,)),
         ("triplet_terms mean", lambda s, **kw: K.triplet_terms(s, 0.2, False, **kw), (sim,)),
         ("proxy_argmax", lambda q, k, **kw: K.proxy_argmax(q, k, mask, **kw), (sim, other)),
+        # the embedding-level variants, on the same values read as (B, D) embeddings
+        ("infonce_terms_embed", lambda a, b, **kw: K.infonce_terms_embed(a, b, 0.07, **kw), (sim, other)),
+        ("cross_consistency_embed", lambda a, b, **kw: K.cross_consistency_embed(a, b, 0.05, **kw), (sim, other)),
+        ("metric_consistency_embed", lambda a, b, **kw: K.metric_consistency_embed(a, b[:, :3], 0.05, **kw),
+         (sim, other)),
     ]
 
 
@@ -500,7 +505,35 @@ def test_proxy_argmax_shape_mismatch_raises():
         K.proxy_argmax(torch.zeros(4), torch.zeros(5, 4))
 
 
+@pytest.mark.parametrize("dtype", INPUT_DTYPES, ids=str)
+def test_embedding_variants_are_the_matrix_ops_of_the_products(dtype):
+    gen, seed = make_generator("embed-reference", dtype)
+    img, txt, feats = (uniform(shape, gen, dtype=dtype) for shape in ((6, 5), (6, 5), (6, 2)))
+    f, t, g = img.double(), txt.double(), feats.double()
+    pairs = [
+        (K.infonce_terms_embed(img, txt, 0.07), oracles.infonce_terms(f @ t.T, 0.07)),
+        (K.cross_consistency_embed(img, txt, 0.05), oracles.cross_consistency(f @ t.T, 0.05)),
+        (K.metric_consistency_embed(img, feats, 0.05), oracles.metric_consistency(f @ f.T, g @ g.T, 0.05)),
+    ]
+    for actual, expected in pairs:
+        for a, e in zip(as_tuple(actual), as_tuple(expected), strict=True):
+            assert a.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+            assert_close(a, e, rtol(dtype), f"seed={seed}", scale=float((f @ t.T).abs().max()) / 0.07)
+
+
+@pytest.mark.parametrize("shapes", (((3, 4), (3, 5)), ((3, 4), (2, 4)), ((3,), (3,)), ((2, 2, 2), (2, 2, 2))))
+def test_embedding_shape_mismatch_raises(shapes):
+    a, b = (torch.zeros(s) for s in shapes)
+    for call in (lambda: K.infonce_terms_embed(a, b, 0.07), lambda: K.cross_consistency_embed(a, b, 0.0)):
+        with pytest.raises(ValueError, match=r"_embed: expected embeddings \(B, D\) and \(B, D\)"):
+            call()
+    if shapes[0][:1] != shapes[1][:1] or len(shapes[0]) != 2:  # metric takes (B, D1) and (B, D2)
+        with pytest.raises(ValueError, match=r"metric_consistency_embed: expected embeddings \(B, D1\)"):
+            K.metric_consistency_embed(a, b, 0.0)
+    else:
+        K.metric_consistency_embed(a, b, 0.0)
+
+
 def test_public_ops_carry_the_reference_docstrings():
-    for name in ("infonce_terms", "cross_consistency", "metric_consistency", "esc_anchor_terms",
-                 "triplet_terms", "proxy_argmax"):
+    for name in K.reference.__all__:
         assert getattr(K, name).__doc__ == getattr(K.reference, name).__doc__

@@ -38,6 +38,7 @@ class Case(NamedTuple):
     call: Callable
     scales: Callable = lambda inputs, others: None
     grad_scale: Callable = lambda upstreams: None
+    max_n: int | None = None  # larger B are skipped (the GPU's large shapes cost B^2 in the reference)
 
 
 def _infonce_case(tau):
@@ -50,6 +51,60 @@ def _infonce_case(tau):
         # gradients are softmaxes minus one-hots times |upstream| / tau; fp32 resolves 1 - p to eps
         lambda upstreams: max(float(u.abs().max()) for u in upstreams) / tau,
     )
+
+
+def _embeddings(n, d, gen, dtype, normalized=True):
+    """(n, d) rows drawn uniform in [-1, 1), L2-normalised (in float64) unless told otherwise."""
+    x = uniform((n, d), gen, dtype=torch.float64)
+    return (torch.nn.functional.normalize(x, dim=1) if normalized else x).to(dtype)
+
+
+def _infonce_embed_case(tau, d, normalized=True):
+    def make(n, gen, dtype):
+        return (_embeddings(n, d, gen, dtype, normalized), _embeddings(n, d, gen, dtype, normalized)), ()
+
+    def logit_scale(inputs):
+        img, txt = (x.detach().double() for x in inputs)
+        return float((img @ txt.T).abs().max()) / tau, float(txt.norm(dim=1).max().clamp_min(img.norm(dim=1).max()))
+
+    return Case(
+        f"infonce_terms_embed tau={tau} D={d}" + ("" if normalized else " unnormalised"),
+        make,
+        lambda img, txt, backend: K.infonce_terms_embed(img, txt, tau, backend=backend),
+        # as infonce_terms: the losses' floor is the logit scale |S| / tau
+        lambda inputs, others: [logit_scale(inputs)[0]] * 2 + [None, None],
+        # d_img = dS @ txt: dS is |upstream| / tau times softmaxes minus one-hots (fp32 resolves
+        # 1 - p to eps), times rows of norm up to max|row|
+        lambda upstreams: max(float(u.abs().max()) for u in upstreams) / tau,
+        max_n=None if d == 256 else 1024,
+    )
+
+
+def _hinge_alpha(delta, alpha):
+    """alpha = "half-mean": half the mean of delta^2, so that about half of the hinge is active and
+    no entry sits on the kink (a mean is not one of the entries); else the number itself."""
+    return 0.5 * float((delta**2).mean()) if alpha == "half-mean" else alpha
+
+
+def _cross_embed_case(d, alpha):
+    def make(n, gen, dtype):
+        img, txt = _embeddings(n, d, gen, dtype, False), _embeddings(n, d, gen, dtype, False)
+        s = img.double() @ txt.double().T
+        return (img, txt), (_hinge_alpha(s - s.T, alpha),)
+
+    return Case(f"cross_consistency_embed D={d} alpha={alpha}", make,
+                lambda img, txt, a, backend: K.cross_consistency_embed(img, txt, a, backend=backend),
+                max_n=None if d == 256 else 1024)
+
+
+def _metric_embed_case(d1, d2, alpha):
+    def make(n, gen, dtype):
+        f, g = _embeddings(n, d1, gen, dtype, False), _embeddings(n, d2, gen, dtype, False)
+        return (f, g), (_hinge_alpha(f.double() @ f.double().T - g.double() @ g.double().T, alpha),)
+
+    return Case(f"metric_consistency_embed D1={d1} D2={d2} alpha={alpha}", make,
+                lambda f, g, a, backend: K.metric_consistency_embed(f, g, a, backend=backend),
+                max_n=None if min(d1, d2) >= 256 else 1024)
 
 
 KINK_GAP = 1e-6  # random draws keep every hinge argument this far from its kink (fp32 resolves ~1e-7)
@@ -149,6 +204,14 @@ CASES = [_infonce_case(tau) for tau in TAUS] + [
     _esc_case(kind, alpha, normalize) for kind in ("int", "tensor0d", "per_pair")
     for alpha, normalize in ((0.0, False), (0.05, False), (0.0, True))
 ]
+# the embedding-level variants: D in {1, 3, 64, 256} (and 300: two gradient-column blocks), each
+# tau, alpha = 0 (the SPS code's value) and an alpha that leaves about half the hinge active
+CASES += [
+    _infonce_embed_case(0.07, 1), _infonce_embed_case(0.07, 3), _infonce_embed_case(0.02, 64),
+    _infonce_embed_case(1.0, 64, normalized=False), _infonce_embed_case(0.07, 256),
+    _cross_embed_case(3, "half-mean"), _cross_embed_case(64, 0.0), _cross_embed_case(256, "half-mean"),
+    _metric_embed_case(1, 3, "half-mean"), _metric_embed_case(64, 64, 0.0), _metric_embed_case(256, 300, "half-mean"),
+]
 
 
 def _run(case: Case, inputs, others, backend, compiled=False, compile_backend="inductor"):
@@ -192,6 +255,8 @@ def _compare(case, inputs, others, dtype, gen, msg, compiled=False):
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_values_and_gradients_match_reference(case, n, dtype, compiled):
+    if case.max_n is not None and n > case.max_n:
+        pytest.skip(f"{case.name}: B = {n} runs only for the D = 256 embedding cases (the float64 reference costs B^2)")
     gen, seed = make_generator("triton", case.name, n, dtype)
     inputs, others = case.make(n, gen, dtype)
     _compare(case, _on(DEVICE, inputs), _on(DEVICE, others), dtype, gen, f"{case.name} B={n} {dtype} seed={seed}",
@@ -408,6 +473,10 @@ def _opcheck_args(gen):
     stats = torch.rand(5, 7, generator=gen).to(DEVICE)
     grad = torch.randn(7, generator=gen).to(DEVICE)
     query, keys = uniform((5, 3), gen).to(DEVICE), uniform((70, 3), gen).to(DEVICE).T.contiguous().T
+    img, txt = (_embeddings(9, 5, gen, torch.float32).to(DEVICE) for _ in range(2))
+    feats = _embeddings(9, 3, gen, torch.float32).to(DEVICE)
+    lse, _, prob = torch.ops.fastncl.infonce_embed_fwd(img, txt, 0.07)
+    ups = [upstream_grad((2, 9), gen).float().to(DEVICE) for _ in range(2)]
     return [
         (torch.ops.fastncl.infonce_fwd.default, (sim(), 0.07)),
         (torch.ops.fastncl.cross_consistency_fwd.default, (sim(False), 0.05)),
@@ -420,12 +489,17 @@ def _opcheck_args(gen):
         (torch.ops.fastncl.esc_anchor_bwd.default, (sim(False), anchors, 0, stats, grad, True)),
         (torch.ops.fastncl.proxy_argmax_fwd.default, (query, keys, torch.arange(70, device=DEVICE) % 3 != 1)),
         (torch.ops.fastncl.proxy_argmax_fwd.default, (query, keys, None)),
+        (torch.ops.fastncl.infonce_embed_fwd.default, (img.clone().requires_grad_(True), txt.T.contiguous().T, 0.07)),
+        (torch.ops.fastncl.infonce_embed_bwd.default, (img, txt, lse, prob, *ups, 0.07)),
+        (torch.ops.fastncl.consistency_embed_fwd.default, (img.clone().requires_grad_(True), txt[::1], 0.01, True)),
+        (torch.ops.fastncl.consistency_embed_fwd.default, (img.T.contiguous().T.requires_grad_(True), feats, 0.0, False)),
+        (torch.ops.fastncl.consistency_embed_bwd.default, (img, feats, torch.tensor(0.5, device=DEVICE), 0.0, False)),
     ]
 
 
 def test_custom_ops_pass_opcheck():
-    for name in ("infonce_terms", "cross_consistency", "triplet_terms", "esc_anchor_terms", "proxy_argmax"):
-        K.triton_impl(name)  # imports the Triton modules, which register the ops
+    for name in K.reference.__all__:  # imports every Triton module, which registers its ops
+        K.triton_impl(name)
 
     gen, _ = make_generator("opcheck")
     for op, args in _opcheck_args(gen):
@@ -449,6 +523,10 @@ def test_triton_on_cpu_without_the_interpreter_is_a_clear_error(monkeypatch):
 def test_float64_is_a_clear_error():
     with pytest.raises(ValueError, match="float64"):
         K.infonce_terms(torch.zeros(3, 3, dtype=torch.float64, device=DEVICE), 0.07, backend="triton")
+    x = torch.zeros(3, 2, dtype=torch.float64, device=DEVICE)
+    for op in (K.infonce_terms_embed, K.cross_consistency_embed, K.metric_consistency_embed):
+        with pytest.raises(ValueError, match="float64"):
+            op(x, x, 0.07, backend="triton")
 
 
 @pytest.mark.parametrize("call, match", [
@@ -466,3 +544,43 @@ def test_bad_arguments_are_clear_errors(call, match):
     sim = torch.zeros(7, 7, device=DEVICE)
     with pytest.raises(ValueError, match=match):
         call(sim)
+
+
+def test_embedding_ops_reject_mismatched_inputs():
+    a = torch.zeros(4, 3, device=DEVICE)
+    for op in (K.infonce_terms_embed, K.cross_consistency_embed):
+        with pytest.raises(ValueError, match=r"expected embeddings \(B, D\) and \(B, D\), got shapes \(4, 3\) and \(4, 2\)"):
+            op(a, a[:, :2], 0.07, backend="triton")
+        with pytest.raises(ValueError, match="differ in dtype"):
+            op(a, a.bfloat16(), 0.07, backend="triton")
+    with pytest.raises(ValueError, match=r"metric_consistency_embed: expected embeddings \(B, D1\) and \(B, D2\)"):
+        K.metric_consistency_embed(a, a[:3], 0.0, backend="triton")
+    assert K.metric_consistency_embed(a, a[:, :2], 0.0, backend="triton").shape == ()  # D1 != D2 is fine
+
+
+@pytest.mark.skipif(not GPU, reason="peak CUDA memory needs a GPU")
+@pytest.mark.parametrize("op", ("infonce_terms_embed", "cross_consistency_embed", "metric_consistency_embed"))
+def test_embedding_ops_memory_grows_linearly_in_b(op):
+    """Loss-attributable peak memory (forward + backward, less the inputs' gradients) at B = 32768,
+    D = 256 bf16 is under 40 MiB (the issue's target) and, less the consistency forward's
+    ceil(B / BLOCK)^2 fp32 partials (documented in kernels/consistency_embed.py), at most 4.5x the
+    same at B = 8192: linear growth is 4x, the eager reference's B x B matrices 16x."""
+    from fastncl.kernels._launch import embed_blocks
+
+    fn = getattr(K, op)
+    peaks = []
+    for n in (8192, 32768):
+        img, txt = (torch.randn(n, 256, device=DEVICE, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = fn(img, txt, 0.07, backend="triton")
+        sum(o.sum() for o in as_tuple(out)).backward()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base - 2 * img.numel() * img.element_size()
+        partials = 0 if op == "infonce_terms_embed" else 4 * triton.cdiv(n, embed_blocks(n, 256)[0]) ** 2
+        peaks.append((peak, peak - partials))
+        del img, txt, out
+    (_, small), (large, large_linear) = peaks
+    assert large < 40 * 2**20, f"{op}: peak {large} bytes at B = 32768"
+    assert large_linear <= 4.5 * max(small, 1), f"{op}: peaks {peaks} bytes (with, without the partials)"
