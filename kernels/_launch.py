@@ -127,18 +127,6 @@ def finish_sum(partials_ptr, counter_ptr, values, pid, n_programs, K: tl.constex
     return is_last, tl.sum(total, axis=0)
 
 
-def dot_needs_fp32_operands(dtype: torch.dtype) -> bool:
-    """Whether a kernel must upcast ``dtype`` operands to fp32 before ``tl.dot`` (pass it as a constexpr).
-
-    [2026-11-24] Triton 3.9 interpreter: ``tl.dot`` on bf16 operands multiplies their raw uint16 bits
-    (the interpreter stores bf16 as uint16 and hands those arrays to numpy's matmul), so results
-    are garbage; fp16 and fp32 are right. Compiled kernels keep the bf16 tensor-core dot, so on CPU
-    the bf16 parity tests exercise the upcast path only. Reproducer: the bf16 cases of
-    tests/test_kernels_triton.py::test_proxy_argmax_matches_reference fail without it.
-    """
-    return interpreting() and dtype == torch.bfloat16
-
-
 # ---------------------------------------------------------------------------------------------
 # embedding-level ops: tiles of a @ b.T recomputed from (B, D) features, never stored
 

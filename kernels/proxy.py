@@ -19,7 +19,7 @@ strict '>' [online argmax]: an equal score in a later tile never replaces an ear
 Limits: fp16, bf16, fp32 inputs, both of the same dtype; any Bq, Bk >= 0, D >= 1, any strides;
 index int64, value fp32. NaN scores are not handled (never the maximum).
 [2026-11-24] Triton 3.9 interpreter: bf16 ``tl.dot`` multiplies raw bits, so under the interpreter
-bf16 operands are upcast to fp32 first (``_launch.dot_needs_fp32_operands``); compiled kernels
+bf16 operands are upcast to fp32 first (``_launch.dot_precision``); compiled kernels
 use the bf16 dot, which the CPU tests therefore do not cover (GPU parity tests do).
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from torch.library import custom_op
 
-from ._launch import check_inputs, device_guard, dot_needs_fp32_operands, feature_block, row_block
+from ._launch import check_inputs, device_guard, dot_precision, feature_block, gram_tile, row_block
 
 
 @triton.jit
@@ -39,7 +39,7 @@ def _proxy_argmax_fwd_kernel(
     query_ptr, keys_ptr, mask_ptr, index_ptr, value_ptr,  # pointers: (Bq, D), (Bk, D), (Bk,) bool; (Bq,) outputs
     stride_qm, stride_qd, stride_kn, stride_kd, stride_mask,  # strides
     n_query, n_keys, dim,  # sizes
-    HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,  # feature flags (UPCAST: interpreter bf16, see Limits)
+    HAS_MASK: tl.constexpr,  # feature flag
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -50,18 +50,8 @@ def _proxy_argmax_fwd_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < n_keys
         # 1. the score tile, fp32 accumulation over chunks of the feature axis
-        scores = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for start_d in range(0, dim, BLOCK_D):
-            offs_d = start_d + tl.arange(0, BLOCK_D)
-            mask_d = offs_d < dim
-            q = tl.load(query_ptr + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                        mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-            k = tl.load(keys_ptr + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn,
-                        mask=mask_d[:, None] & mask_n[None, :], other=0.0)  # (BLOCK_D, BLOCK_N): keys^T
-            if UPCAST:  # exact: bf16 -> fp32, and "ieee" keeps the fp32 products unrounded
-                q = q.to(tl.float32)
-                k = k.to(tl.float32)
-            scores = tl.dot(q, k, scores, input_precision=PRECISION)
+        scores = gram_tile(query_ptr, keys_ptr, offs_m, offs_n, mask_m, mask_n, stride_qm, stride_qd, stride_kn,
+                           stride_kd, dim, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
         # 2. masked and padded keys can never be chosen
         valid = mask_n
         if HAS_MASK:
@@ -110,7 +100,7 @@ def proxy_argmax_fwd(query: torch.Tensor, keys: torch.Tensor,
             query, keys, key_mask if key_mask is not None else keys, index, value,
             query.stride(0), query.stride(1), keys.stride(0), keys.stride(1),
             key_mask.stride(0) if key_mask is not None else 0, n_query, keys.shape[0], dim,
-            HAS_MASK=key_mask is not None, UPCAST=dot_needs_fp32_operands(query.dtype), PRECISION="ieee",
+            HAS_MASK=key_mask is not None, PRECISION=dot_precision(query.dtype),
             BLOCK_M=block_m, BLOCK_N=row_block(keys.shape[0]), BLOCK_D=feature_block(dim))
     return index, value
 

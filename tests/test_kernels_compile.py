@@ -60,6 +60,14 @@ def _record_launches(monkeypatch) -> list[dict]:
         return run(self, *args, grid=grid, warmup=warmup, **kwargs)
 
     monkeypatch.setattr(InterpretedFunction, "run", recording_run)
+    # record the tl.dot precision that compiled kernels use: the interpreter's bf16 workaround
+    # (_launch.dot_precision) off, so bf16 operands reach tl.dot (the values are wrong, the launch is right)
+    import fastncl.kernels as K
+
+    for name in K.reference.__all__:
+        module = sys.modules[K.triton_impl(name).__module__]
+        if hasattr(module, "dot_precision"):
+            monkeypatch.setattr(module, "dot_precision", lambda dtype: "ieee" if dtype == torch.float32 else "tf32")
     gen = torch.Generator().manual_seed(0)
     for case in parity.CASES:
         for n in (300,):  # the large block sizes (two or more tiles per axis)
@@ -71,13 +79,7 @@ def _record_launches(monkeypatch) -> list[dict]:
                 outs = [o for o in result if o.requires_grad]
                 if outs:
                     torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
-    # proxy_argmax has no gradient, so no parity case; record it with the bf16 tl.dot that compiled
-    # kernels use (the interpreter's upcast workaround off: the values are wrong, the launch is right)
-    import fastncl.kernels as K
-
-    K.triton_impl("proxy_argmax")
-    monkeypatch.setattr("fastncl.kernels.proxy.dot_needs_fp32_operands", lambda dtype: False)
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float32, torch.bfloat16):  # proxy_argmax has no gradient, so no parity case
         query, keys = torch.randn(300, 64, generator=gen).to(dtype), torch.randn(200, 64, generator=gen).to(dtype)
         for mask in (None, torch.rand(200, generator=gen) > 0.5):
             K.proxy_argmax(query, keys, mask, backend="triton")

@@ -315,6 +315,8 @@ def test_non_contiguous_inputs(case):
     inputs, others = _on(DEVICE, inputs), _on(DEVICE, others)
     for how, view in (("transposed", lambda x: x.T.contiguous().T if x.dim() == 2 else x), ("strided", _strided)):
         strided = tuple(view(x) for x in inputs)
+        if how == "transposed" and strided[0].is_contiguous():
+            continue  # a (B, 1) column-major copy is also row-major: nothing to test
         assert not strided[0].is_contiguous()
         _compare(case, strided, others, torch.float32, gen, f"{case.name} {how} seed={seed}")
 
