@@ -334,17 +334,23 @@ def test_triplet_hardest_ties_share_the_gradient_like_amax():
     assert grads[0][0, 1] == 1.5  # the other half, plus caption 1's (image 0 is its unique hardest)
 
 
-def test_triplet_zero_dim_margin_gets_the_summed_gradient():
-    gen, seed = make_generator("triplet-0d-margin")
+@pytest.mark.parametrize("op", ("triplet_terms", "esc_division_terms"))
+def test_zero_dim_margin_gets_the_summed_gradient(op):
+    gen, seed = make_generator({"triplet_terms": "triplet-0d-margin"}.get(op, f"{op}-0d-margin"))
     sim = _triplet_sim(7, gen, torch.float32, 0.3, False)
     margin = torch.tensor(0.3)
-    fn = lambda backend: lambda s, m: K.triplet_terms(s, m, False, backend=backend)  # noqa: E731
+
+    def fn(backend):
+        if op == "triplet_terms":
+            return lambda s, m: K.triplet_terms(s, m, False, backend=backend)
+        return lambda s, m: K.esc_division_terms(s, m, 0.5, 0.0, False, False, backend=backend)[0]
+
     out, grads = _grads(fn("triton"), sim, margin)
     exp_out, exp_grads = _grads(fn("torch"), sim.double(), margin.double())
     assert grads[1].shape == () and grads[1].dtype == torch.float32
-    assert_close(out, exp_out, rtol(torch.float32), f"seed={seed}")
+    assert_close(out, exp_out, rtol(torch.float32), f"{op} seed={seed}")
     for g, e in zip(grads, exp_grads):
-        assert_close(g, e, rtol(torch.float32, "grads"), f"seed={seed}")
+        assert_close(g, e, rtol(torch.float32, "grads"), f"{op} seed={seed}")
 
 
 def test_esc_anchor_on_the_kink_passes_no_gradient():
@@ -370,21 +376,6 @@ def test_esc_division_anchor_ties_go_to_the_lowest_index():
         assert anchor.dtype == torch.int64 and anchor.shape == ()
         assert int(anchor) == int(exp_anchor) == expected, (tied, seed)
         assert_close(loss, exp_loss, rtol(torch.float32), f"ties {tied} seed={seed}")
-
-
-def test_esc_division_zero_dim_margin_gets_the_summed_gradient():
-    gen, seed = make_generator("esc-division-0d-margin")
-    sim = _triplet_sim(7, gen, torch.float32, 0.3, False)
-    margin = torch.tensor(0.3)
-    def fn(backend):
-        return lambda s, m: K.esc_division_terms(s, m, 0.5, 0.0, False, False, backend=backend)[0]
-
-    out, grads = _grads(fn("triton"), sim, margin)
-    exp_out, exp_grads = _grads(fn("torch"), sim.double(), margin.double())
-    assert grads[1].shape == () and grads[1].dtype == torch.float32
-    assert_close(out, exp_out, rtol(torch.float32), f"seed={seed}")
-    for g, e in zip(grads, exp_grads):
-        assert_close(g, e, rtol(torch.float32, "grads"), f"seed={seed}")
 
 
 # ---------------------------------------------------------------------------------------------
