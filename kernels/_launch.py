@@ -127,6 +127,16 @@ def finish_sum(partials_ptr, counter_ptr, values, pid, n_programs, K: tl.constex
     return is_last, tl.sum(total, axis=0)
 
 
+@triton.jit
+def store_stats(stats_ptr, offs_m, mask_m, B, r0, r1, r2, r3, r4):
+    """Store five (BLOCK_M,) rows of a (5, B) fp32 stats tensor for the pairs ``offs_m``."""
+    tl.store(stats_ptr + offs_m, r0, mask=mask_m)
+    tl.store(stats_ptr + B + offs_m, r1, mask=mask_m)
+    tl.store(stats_ptr + 2 * B + offs_m, r2, mask=mask_m)
+    tl.store(stats_ptr + 3 * B + offs_m, r3, mask=mask_m)
+    tl.store(stats_ptr + 4 * B + offs_m, r4, mask=mask_m)
+
+
 # ---------------------------------------------------------------------------------------------
 # embedding-level ops: tiles of a @ b.T recomputed from (B, D) features, never stored
 

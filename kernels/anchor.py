@@ -41,30 +41,24 @@ import triton
 import triton.language as tl
 from torch.library import custom_op
 
-from ._launch import check_inputs, col_block, device_guard, row_block
+from ._launch import check_inputs, col_block, device_guard, row_block, store_stats
 
 
 @triton.jit
-def _esc_anchor_fwd_kernel(
-    sim_ptr, anchor_ptr, out_ptr, stats_ptr,  # pointers: (B, B) input; (B,) anchors; (B,) out; (5, B) fp32 stats
-    stride_r, stride_c, stride_a,  # strides of sim and of the anchors
-    B, anchor_index, alpha,  # sizes; scalars: the shared anchor (if not PER_PAIR), the hinge's alpha
-    PER_PAIR: tl.constexpr, NORMALIZE: tl.constexpr,  # feature flags
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def esc_anchor_sweep(
+    sim_ptr, stride_r, stride_c,  # (B, B) input and its strides
+    a, offs_m, mask_m, B, alpha,  # (BLOCK_M,) int32 anchors of the pairs offs_m; sizes; the hinge's alpha
+    NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < B
-    # 1. the anchors and the two gathered taps x = S[a, i], y = S[i, a]
-    if PER_PAIR:
-        a = tl.load(anchor_ptr + offs_m * stride_a, mask=mask_m, other=0).to(tl.int32)
-    else:
-        a = tl.zeros((BLOCK_M,), dtype=tl.int32) + anchor_index
+    """The forward of pairs I = offs_m against anchors a: (out, q, scale, S1, u, y), each (BLOCK_M,)
+    fp32 (out, then the module docstring's stats in their order)."""
+    # the two gathered taps x = S[a, i], y = S[i, a]
     x = tl.load(sim_ptr + a * stride_r + offs_m * stride_c, mask=mask_m, other=0.0).to(tl.float32)
     y = tl.load(sim_ptr + offs_m * stride_r + a * stride_c, mask=mask_m, other=0.0).to(tl.float32)
     q = x - y  # exactly 0 for a pair that is its own anchor (x and y are one element)
     d = q * q
     if NORMALIZE:
-        # 2. [row sweep] D_i and S1_i over the anchor row of each pair, fp32
+        # [row sweep] D_i and S1_i over the anchor row of each pair, fp32
         den = tl.zeros((BLOCK_M,), dtype=tl.float32)
         s1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for start in range(0, B, BLOCK_N):
@@ -86,12 +80,52 @@ def _esc_anchor_fwd_kernel(
         scale = tl.where(z > 0, 1.0, 0.0)
         s1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
         u = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    return out, q, scale, s1, u, y
+
+
+@triton.jit
+def esc_anchor_dsim(
+    s, stats_ptr,  # the fp32 (BLOCK_M, BLOCK_N) tile S[R, C] (used if NORMALIZE); (5, B) fp32 stats
+    offs_m, offs_n, mask_m, mask_n, a_r, a_c, g_r, g_c, w, v, B,  # rows R, columns C: anchors, upstreams; W, V of R
+    NORMALIZE: tl.constexpr,
+):
+    """The (BLOCK_M, BLOCK_N) fp32 tile of dsim (module docstring, Backward) for upstream gradients
+    g_r of the row owners and g_c of the column owners."""
+    # [owner-computes] the x-term of each column owner and the y-term of each row owner
+    x_term = 2.0 * g_c * tl.load(stats_ptr + offs_n, mask=mask_n, other=0.0) * \
+        tl.load(stats_ptr + B + offs_n, mask=mask_n, other=0.0)
+    y_term = 2.0 * g_r * tl.load(stats_ptr + offs_m, mask=mask_m, other=0.0) * \
+        tl.load(stats_ptr + B + offs_m, mask=mask_m, other=0.0) + \
+        g_r * tl.load(stats_ptr + 3 * B + offs_m, mask=mask_m, other=0.0) * \
+        tl.load(stats_ptr + 2 * B + offs_m, mask=mask_m, other=0.0)
+    ds = tl.where(a_c[None, :] == offs_m[:, None], x_term[None, :], 0.0) - \
+        tl.where(a_r[:, None] == offs_n[None, :], y_term[:, None], 0.0)
+    if NORMALIZE:
+        # the dense term of the pairs whose anchor row is r: S[r, c] W_r - V_r
+        ds += s * w[:, None] - v[:, None]
+    return ds
+
+
+@triton.jit
+def _esc_anchor_fwd_kernel(
+    sim_ptr, anchor_ptr, out_ptr, stats_ptr,  # pointers: (B, B) input; (B,) anchors; (B,) out; (5, B) fp32 stats
+    stride_r, stride_c, stride_a,  # strides of sim and of the anchors
+    B, anchor_index, alpha,  # sizes; scalars: the shared anchor (if not PER_PAIR), the hinge's alpha
+    PER_PAIR: tl.constexpr, NORMALIZE: tl.constexpr,  # feature flags
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < B
+    # 1. the anchors
+    if PER_PAIR:
+        a = tl.load(anchor_ptr + offs_m * stride_a, mask=mask_m, other=0).to(tl.int32)
+    else:
+        a = tl.zeros((BLOCK_M,), dtype=tl.int32) + anchor_index
+    # 2. the terms (and, when normalizing, the anchor-row sweep)
+    out, q, scale, s1, u, y = esc_anchor_sweep(sim_ptr, stride_r, stride_c, a, offs_m, mask_m, B, alpha, NORMALIZE,
+                                               BLOCK_M, BLOCK_N)
     tl.store(out_ptr + offs_m, out, mask=mask_m)
-    tl.store(stats_ptr + offs_m, q, mask=mask_m)
-    tl.store(stats_ptr + B + offs_m, scale, mask=mask_m)
-    tl.store(stats_ptr + 2 * B + offs_m, s1, mask=mask_m)
-    tl.store(stats_ptr + 3 * B + offs_m, u, mask=mask_m)
-    tl.store(stats_ptr + 4 * B + offs_m, y, mask=mask_m)
+    store_stats(stats_ptr, offs_m, mask_m, B, q, scale, s1, u, y)
 
 
 @triton.jit
@@ -112,24 +146,18 @@ def _esc_anchor_bwd_kernel(
     else:
         a_r = tl.zeros((BLOCK_M,), dtype=tl.int32) + anchor_index
         a_c = tl.zeros((BLOCK_N,), dtype=tl.int32) + anchor_index
-    # 1. [owner-computes] the x-term of each column owner and the y-term of each row owner
-    g_c = tl.load(grad_ptr + offs_n, mask=mask_n, other=0.0)
-    x_term = 2.0 * g_c * tl.load(stats_ptr + offs_n, mask=mask_n, other=0.0) * \
-        tl.load(stats_ptr + B + offs_n, mask=mask_n, other=0.0)
     g_r = tl.load(grad_ptr + offs_m, mask=mask_m, other=0.0)
-    y_term = 2.0 * g_r * tl.load(stats_ptr + offs_m, mask=mask_m, other=0.0) * \
-        tl.load(stats_ptr + B + offs_m, mask=mask_m, other=0.0) + \
-        g_r * tl.load(stats_ptr + 3 * B + offs_m, mask=mask_m, other=0.0) * \
-        tl.load(stats_ptr + 2 * B + offs_m, mask=mask_m, other=0.0)
-    ds = tl.where(a_c[None, :] == offs_m[:, None], x_term[None, :], 0.0) - \
-        tl.where(a_r[:, None] == offs_n[None, :], y_term[:, None], 0.0)
-    if NORMALIZE:
-        # 2. the dense term of the pairs whose anchor row is r: S[r, c] W_r - V_r
-        w = tl.load(wv_ptr + offs_m, mask=mask_m, other=0.0)
-        v = tl.load(wv_ptr + B + offs_m, mask=mask_m, other=0.0)
+    g_c = tl.load(grad_ptr + offs_n, mask=mask_n, other=0.0)
+    if NORMALIZE:  # the dense term reads S and the anchor rows' W, V
         s = tl.load(sim_ptr + offs_m[:, None] * stride_r + offs_n[None, :] * stride_c, mask=mask,
                     other=0.0).to(tl.float32)
-        ds += s * w[:, None] - v[:, None]
+        w = tl.load(wv_ptr + offs_m, mask=mask_m, other=0.0)
+        v = tl.load(wv_ptr + B + offs_m, mask=mask_m, other=0.0)
+    else:
+        s = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # unused: no load
+        w = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        v = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    ds = esc_anchor_dsim(s, stats_ptr, offs_m, offs_n, mask_m, mask_n, a_r, a_c, g_r, g_c, w, v, B, NORMALIZE)
     tl.store(dsim_ptr + offs_m[:, None] * stride_dr + offs_n[None, :] * stride_dc,
              ds.to(dsim_ptr.dtype.element_ty), mask=mask)
 

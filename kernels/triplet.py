@@ -39,27 +39,20 @@ import triton
 import triton.language as tl
 from torch.library import custom_op
 
-from ._launch import check_inputs, col_block, device_guard, row_block
+from ._launch import check_inputs, col_block, device_guard, row_block, store_stats
 
 
 @triton.jit
-def _triplet_fwd_kernel(
-    sim_ptr, margin_ptr, out_ptr, stats_ptr,  # pointers: (B, B) input; (B,) margins; (B,) out; (5, B) fp32 stats
-    stride_r, stride_c, stride_m,  # strides of sim and of the margins
-    B, margin, inv_neg,  # sizes; scalars: the float margin (if not PER_PAIR), 1 / max(B - 1, 1)
-    HARDEST: tl.constexpr, PER_PAIR: tl.constexpr,  # feature flags
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def triplet_sweep(
+    sim_ptr, stride_r, stride_c,  # (B, B) input and its strides
+    offs_m, mask_m, m, B, inv_neg,  # the block's pairs, their fp32 margins; sizes; 1 / max(B - 1, 1)
+    HARDEST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < B
-    # 1. the pairs' diagonals and margins, fp32
+    """The forward of pairs I = offs_m: (out, max or sum^r, ties or active^r, max or sum^c, ties or
+    active^c, share), each (BLOCK_M,) fp32 (the module docstring's stats, in its order)."""
     d = tl.load(sim_ptr + offs_m * (stride_r + stride_c), mask=mask_m, other=0.0).to(tl.float32)
-    if PER_PAIR:
-        m = tl.load(margin_ptr + offs_m * stride_m, mask=mask_m, other=0.0).to(tl.float32)
-    else:
-        m = tl.zeros((BLOCK_M,), dtype=tl.float32) + margin
-    # 2. per direction: running max (or sum) of the hinges and tie (or active) count; a hinge is >= 0
-    #    and the reference's max also sees the masked diagonal's 0, so the max starts at 0
+    # per direction: running max (or sum) of the hinges and tie (or active) count; a hinge is >= 0
+    # and the reference's max also sees the masked diagonal's 0, so the max starts at 0
     acc_r = tl.zeros((BLOCK_M,), dtype=tl.float32)
     cnt_r = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc_c = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -73,7 +66,7 @@ def _triplet_fwd_kernel(
                       other=0.0).to(tl.float32)
         s_c = tl.load(sim_ptr + offs_n[None, :] * stride_r + offs_m[:, None] * stride_c, mask=mask,
                       other=0.0).to(tl.float32)
-        cost_r = (m[:, None] + s_r) - d[:, None]  # the backward recomputes exactly this expression
+        cost_r = (m[:, None] + s_r) - d[:, None]  # triplet_dsim recomputes exactly this expression
         cost_c = (m[:, None] + s_c) - d[:, None]
         hinge_r = tl.where(valid & (cost_r > 0), cost_r, 0.0)  # strict '>': torch.relu's kink
         hinge_c = tl.where(valid & (cost_c > 0), cost_c, 0.0)
@@ -94,48 +87,29 @@ def _triplet_fwd_kernel(
             acc_c += tl.sum(hinge_c, axis=1)
             cnt_r += tl.sum(tl.where(hinge_r > 0, 1.0, 0.0), axis=1)
             cnt_c += tl.sum(tl.where(hinge_c > 0, 1.0, 0.0), axis=1)
-    # 3. the loss and d out / d margin (the backward's diagonal and the margin's gradient)
+    # the loss and d out / d margin (the backward's diagonal and the margin's gradient)
     if HARDEST:
         out = acc_r + acc_c
         share = tl.where(acc_r > 0, 1.0, 0.0) + tl.where(acc_c > 0, 1.0, 0.0)
     else:
         out = (acc_r + acc_c) * inv_neg
         share = (cnt_r + cnt_c) * inv_neg
-    tl.store(out_ptr + offs_m, out, mask=mask_m)
-    tl.store(stats_ptr + offs_m, acc_r, mask=mask_m)
-    tl.store(stats_ptr + B + offs_m, cnt_r, mask=mask_m)
-    tl.store(stats_ptr + 2 * B + offs_m, acc_c, mask=mask_m)
-    tl.store(stats_ptr + 3 * B + offs_m, cnt_c, mask=mask_m)
-    tl.store(stats_ptr + 4 * B + offs_m, share, mask=mask_m)
+    return out, acc_r, cnt_r, acc_c, cnt_c, share
 
 
 @triton.jit
-def _triplet_bwd_kernel(
-    sim_ptr, margin_ptr, stats_ptr, grad_ptr, dsim_ptr,  # pointers: (B, B); (B,); (5, B) fp32; (B,) fp32; (B, B) out
-    stride_r, stride_c, stride_m, stride_dr, stride_dc,  # strides of sim, the margins and dsim
-    B, margin, inv_neg,  # sizes; scalars as in the forward
-    HARDEST: tl.constexpr, PER_PAIR: tl.constexpr,  # feature flags
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def triplet_dsim(
+    s, sim_ptr, stats_ptr, stride_r, stride_c,  # the fp32 (BLOCK_M, BLOCK_N) tile S[R, C]; sim; (5, B) stats
+    offs_m, offs_n, mask_m, mask_n, m_r, m_c, g_r, g_c, B, inv_neg,  # rows R, columns C: margins, upstreams
+    HARDEST: tl.constexpr,
 ):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # rows r: the row direction of pair r
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # columns c: the column direction of pair c
-    mask_m, mask_n = offs_m < B, offs_n < B
+    """The (BLOCK_M, BLOCK_N) fp32 tile of dsim (module docstring, Backward) for upstream gradients
+    g_r of the row owners and g_c of the column owners."""
     mask = mask_m[:, None] & mask_n[None, :]
     valid = mask & (offs_m[:, None] != offs_n[None, :])
-    # 1. per-pair numbers of the row owners and the column owners
     d_r = tl.load(sim_ptr + offs_m * (stride_r + stride_c), mask=mask_m, other=0.0).to(tl.float32)
     d_c = tl.load(sim_ptr + offs_n * (stride_r + stride_c), mask=mask_n, other=0.0).to(tl.float32)
-    if PER_PAIR:
-        m_r = tl.load(margin_ptr + offs_m * stride_m, mask=mask_m, other=0.0).to(tl.float32)
-        m_c = tl.load(margin_ptr + offs_n * stride_m, mask=mask_n, other=0.0).to(tl.float32)
-    else:
-        m_r = tl.zeros((BLOCK_M,), dtype=tl.float32) + margin
-        m_c = tl.zeros((BLOCK_N,), dtype=tl.float32) + margin
-    g_r = tl.load(grad_ptr + offs_m, mask=mask_m, other=0.0)
-    g_c = tl.load(grad_ptr + offs_n, mask=mask_n, other=0.0)
-    # 2. [recompute] both costs of this tile, bit-identical to the forward's
-    s = tl.load(sim_ptr + offs_m[:, None] * stride_r + offs_n[None, :] * stride_c, mask=mask,
-                other=0.0).to(tl.float32)
+    # [recompute] both costs of this tile, bit-identical to the forward's
     cost_r = (m_r[:, None] + s) - d_r[:, None]
     cost_c = (m_c[None, :] + s) - d_c[None, :]
     if HARDEST:
@@ -151,9 +125,59 @@ def _triplet_bwd_kernel(
     else:
         ds = tl.where(valid & (cost_r > 0), g_r[:, None] * inv_neg, 0.0) + \
             tl.where(valid & (cost_c > 0), g_c[None, :] * inv_neg, 0.0)
-    # 3. the diagonal: minus everything pair r's two directions passed to their negatives
+    # the diagonal: minus everything pair r's two directions passed to their negatives
     share_r = tl.load(stats_ptr + 4 * B + offs_m, mask=mask_m, other=0.0)
-    ds = tl.where(offs_m[:, None] == offs_n[None, :], -(g_r * share_r)[:, None], ds)
+    return tl.where(offs_m[:, None] == offs_n[None, :], -(g_r * share_r)[:, None], ds)
+
+
+@triton.jit
+def _triplet_fwd_kernel(
+    sim_ptr, margin_ptr, out_ptr, stats_ptr,  # pointers: (B, B) input; (B,) margins; (B,) out; (5, B) fp32 stats
+    stride_r, stride_c, stride_m,  # strides of sim and of the margins
+    B, margin, inv_neg,  # sizes; scalars: the float margin (if not PER_PAIR), 1 / max(B - 1, 1)
+    HARDEST: tl.constexpr, PER_PAIR: tl.constexpr,  # feature flags
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < B
+    # 1. the pairs' margins, fp32
+    if PER_PAIR:
+        m = tl.load(margin_ptr + offs_m * stride_m, mask=mask_m, other=0.0).to(tl.float32)
+    else:
+        m = tl.zeros((BLOCK_M,), dtype=tl.float32) + margin
+    # 2. [row and column sweep] the hinges' maxima (or sums) and counts
+    out, acc_r, cnt_r, acc_c, cnt_c, share = triplet_sweep(sim_ptr, stride_r, stride_c, offs_m, mask_m, m, B,
+                                                           inv_neg, HARDEST, BLOCK_M, BLOCK_N)
+    tl.store(out_ptr + offs_m, out, mask=mask_m)
+    store_stats(stats_ptr, offs_m, mask_m, B, acc_r, cnt_r, acc_c, cnt_c, share)
+
+
+@triton.jit
+def _triplet_bwd_kernel(
+    sim_ptr, margin_ptr, stats_ptr, grad_ptr, dsim_ptr,  # pointers: (B, B); (B,); (5, B) fp32; (B,) fp32; (B, B) out
+    stride_r, stride_c, stride_m, stride_dr, stride_dc,  # strides of sim, the margins and dsim
+    B, margin, inv_neg,  # sizes; scalars as in the forward
+    HARDEST: tl.constexpr, PER_PAIR: tl.constexpr,  # feature flags
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # rows r: the row direction of pair r
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # columns c: the column direction of pair c
+    mask_m, mask_n = offs_m < B, offs_n < B
+    mask = mask_m[:, None] & mask_n[None, :]
+    # 1. per-pair numbers of the row owners and the column owners
+    if PER_PAIR:
+        m_r = tl.load(margin_ptr + offs_m * stride_m, mask=mask_m, other=0.0).to(tl.float32)
+        m_c = tl.load(margin_ptr + offs_n * stride_m, mask=mask_n, other=0.0).to(tl.float32)
+    else:
+        m_r = tl.zeros((BLOCK_M,), dtype=tl.float32) + margin
+        m_c = tl.zeros((BLOCK_N,), dtype=tl.float32) + margin
+    g_r = tl.load(grad_ptr + offs_m, mask=mask_m, other=0.0)
+    g_c = tl.load(grad_ptr + offs_n, mask=mask_n, other=0.0)
+    # 2. the tile's gradient
+    s = tl.load(sim_ptr + offs_m[:, None] * stride_r + offs_n[None, :] * stride_c, mask=mask,
+                other=0.0).to(tl.float32)
+    ds = triplet_dsim(s, sim_ptr, stats_ptr, stride_r, stride_c, offs_m, offs_n, mask_m, mask_n, m_r, m_c, g_r, g_c,
+                      B, inv_neg, HARDEST)
     tl.store(dsim_ptr + offs_m[:, None] * stride_dr + offs_n[None, :] * stride_dc,
              ds.to(dsim_ptr.dtype.element_ty), mask=mask)
 

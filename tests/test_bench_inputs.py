@@ -122,8 +122,8 @@ def test_triton_provider_runs_the_bench_step_like_the_reference(name):
         work = module.make(12, 16, torch.float32, mode == "fwd+bwd", HARNESS.generator(0, "cpu"))
         try:
             HARNESS.make_step(fn, work, mode)()
-        except (ImportError, NotImplementedError) as e:  # the bench skips these too
-            pytest.skip(f"no Triton kernel for {op} yet ({e})")
+        except ImportError as e:  # no triton package: the bench skips these too
+            pytest.skip(f"no Triton for {op} ({e})")
         results.append([x.grad for x in work.leaves] if mode == "fwd+bwd" else
                        list(HARNESS._outputs(fn(*work.args, **work.kwargs))))
     # a wiring mistake (a wrong upstream, a dropped argument) is an O(1) difference; the parity

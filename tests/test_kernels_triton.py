@@ -181,6 +181,30 @@ def _esc_case(kind, alpha, normalize):
                                                                              backend=backend))
 
 
+DIAG_GAP = 1e-3  # the diagonal's maximum leads its runner-up by this much: the anchor is unambiguous
+
+
+def _esc_division_case(margin_kind, hardest, alpha, normalize):
+    """ESC's division terms: the triplet's kinks and exact ties as in ``_triplet_sim``, the anchor
+    hinge off its kink, and a diagonal whose maximum (the anchor) is clear of the runner-up."""
+    def make(n, gen, dtype):
+        margin = 0.2 if margin_kind == "float" else uniform((n,), gen, 0.0, 0.5)
+        for _ in range(200):
+            sim = _triplet_sim(n, gen, dtype, margin, hardest)
+            s = sim.double()
+            top = s.diagonal().topk(min(n, 2)).values
+            a, i = s.diagonal().argmax(), torch.arange(n)
+            if (n == 1 or float(top[0] - top[1]) > DIAG_GAP) and (
+                    normalize or alpha == 0 or bool((((s[a, i] - s[i, a]) ** 2 - alpha).abs() > KINK_GAP).all())):
+                return ((sim,), (margin,)) if margin_kind == "float" else ((sim, margin), ())
+        raise RuntimeError("could not draw a kink-free matrix with a clear anchor")
+
+    name = (f"esc_division_terms margin={margin_kind} {'hardest' if hardest else 'mean'} alpha={alpha}"
+            f"{' normalize' if normalize else ''}")
+    return Case(name, make, lambda sim, margin, backend: K.esc_division_terms(sim, margin, 0.5, alpha, hardest,
+                                                                              normalize, backend=backend))
+
+
 CASES = [_infonce_case(tau) for tau in TAUS] + [
     Case(f"cross_consistency alpha={alpha}",
          lambda n, gen, dtype: ((random_sim(n, gen, dtype),), ()),
@@ -203,6 +227,10 @@ CASES = [_infonce_case(tau) for tau in TAUS] + [
 ] + [
     _esc_case(kind, alpha, normalize) for kind in ("int", "tensor0d", "per_pair")
     for alpha, normalize in ((0.0, False), (0.05, False), (0.0, True))
+] + [
+    _esc_division_case("float", True, 0.0, False), _esc_division_case("float", False, 0.05, False),
+    _esc_division_case("float", True, 0.0, True), _esc_division_case("per_pair", True, 0.05, False),
+    _esc_division_case("per_pair", False, 0.0, True),
 ]
 # the embedding-level variants: D in {1, 3, 64, 256} (and 300: two gradient-column blocks), each
 # tau, alpha = 0 (the SPS code's value) and an alpha that leaves about half the hinge active
@@ -237,6 +265,9 @@ def _compare(case, inputs, others, dtype, gen, msg, compiled=False):
     actual = _run(case, leaves, others, "triton", compiled)
     scales = case.scales(inputs, others) or [None] * len(expected)
     for k, (a, e, s) in enumerate(zip(actual, expected, scales, strict=True)):
+        if not e.is_floating_point():  # an index (esc_division_terms' anchor): exactly
+            assert a.dtype == e.dtype and torch.equal(a.cpu(), e.cpu()), f"{msg}: output {k} {a} != {e}"
+            continue
         assert a.shape == e.shape and a.dtype == torch.float32, f"{msg}: output {k} {a.shape} {a.dtype}"
         assert_close(a, e, rtol(dtype), f"{msg}: output {k}", scale=s)
     differentiable = [k for k, e in enumerate(expected) if e.requires_grad]
@@ -370,17 +401,23 @@ def test_triplet_hardest_ties_share_the_gradient_like_amax():
     assert grads[0][0, 1] == 1.5  # the other half, plus caption 1's (image 0 is its unique hardest)
 
 
-def test_triplet_zero_dim_margin_gets_the_summed_gradient():
-    gen, seed = make_generator("triplet-0d-margin")
+@pytest.mark.parametrize("op", ("triplet_terms", "esc_division_terms"))
+def test_zero_dim_margin_gets_the_summed_gradient(op):
+    gen, seed = make_generator({"triplet_terms": "triplet-0d-margin"}.get(op, f"{op}-0d-margin"))
     sim = _triplet_sim(7, gen, torch.float32, 0.3, False)
     margin = torch.tensor(0.3)
-    fn = lambda backend: lambda s, m: K.triplet_terms(s, m, False, backend=backend)  # noqa: E731
+
+    def fn(backend):
+        if op == "triplet_terms":
+            return lambda s, m: K.triplet_terms(s, m, False, backend=backend)
+        return lambda s, m: K.esc_division_terms(s, m, 0.5, 0.0, False, False, backend=backend)[0]
+
     out, grads = _grads(fn("triton"), sim, margin)
     exp_out, exp_grads = _grads(fn("torch"), sim.double(), margin.double())
     assert grads[1].shape == () and grads[1].dtype == torch.float32
-    assert_close(out, exp_out, rtol(torch.float32), f"seed={seed}")
+    assert_close(out, exp_out, rtol(torch.float32), f"{op} seed={seed}")
     for g, e in zip(grads, exp_grads):
-        assert_close(g, e, rtol(torch.float32, "grads"), f"seed={seed}")
+        assert_close(g, e, rtol(torch.float32, "grads"), f"{op} seed={seed}")
 
 
 def test_esc_anchor_on_the_kink_passes_no_gradient():
@@ -390,6 +427,22 @@ def test_esc_anchor_on_the_kink_passes_no_gradient():
     _, (expected,) = _grads(lambda s: K.esc_anchor_terms(s, 0, 0.25, backend="torch"), sim.double())
     assert out[1] == 0 and grad[0, 1] == 0 and grad[1, 0] == 0
     assert_close(grad, expected, 1e-6)
+
+
+def test_esc_division_anchor_ties_go_to_the_lowest_index():
+    # B = 130: the forward sweeps the diagonal in tiles of 128, one running (max, index) per lane;
+    # 1 and 129 share a lane, 5 and 70 a tile, 70 and 129 neither
+    gen, seed = make_generator("triton-esc-ties")
+    base = uniform((130, 130), gen, -0.5, 0.5)
+    for tied, expected in (([5, 70, 129], 5), ([70, 129], 70), ([129, 1], 1), ([129], 129)):
+        sim = base.clone()
+        sim.diagonal()[tied] = 0.75
+        sim = sim.to(DEVICE).requires_grad_(True)
+        loss, anchor = K.esc_division_terms(sim, 0.2, 0.5, 0.0, True, True, backend="triton")
+        exp_loss, exp_anchor = K.esc_division_terms(sim.detach().double(), 0.2, 0.5, 0.0, True, True, backend="torch")
+        assert anchor.dtype == torch.int64 and anchor.shape == ()
+        assert int(anchor) == int(exp_anchor) == expected, (tied, seed)
+        assert_close(loss, exp_loss, rtol(torch.float32), f"ties {tied} seed={seed}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -489,6 +542,12 @@ def _opcheck_args(gen):
         (torch.ops.fastncl.esc_anchor_fwd.default, (sim(), anchors, 0, 0.01, False)),
         (torch.ops.fastncl.esc_anchor_fwd.default, (sim().T, None, 3, 0.0, True)),
         (torch.ops.fastncl.esc_anchor_bwd.default, (sim(False), anchors, 0, stats, grad, True)),
+        (torch.ops.fastncl.esc_division_fwd.default, (sim(), None, 0.2, 0.5, 0.01, True, False)),
+        (torch.ops.fastncl.esc_division_fwd.default, (sim().T, margin.clone().requires_grad_(True), 0.0, 0.5, 0.0,
+                                                      False, True)),
+        (torch.ops.fastncl.esc_division_bwd.default, (sim(False), None, 0.2, torch.tensor(3, device=DEVICE),
+                                                      torch.rand(10, 7, generator=gen).to(DEVICE), grad, 0.5, True,
+                                                      True)),
         (torch.ops.fastncl.proxy_argmax_fwd.default, (query, keys, torch.arange(70, device=DEVICE) % 3 != 1)),
         (torch.ops.fastncl.proxy_argmax_fwd.default, (query, keys, None)),
         (torch.ops.fastncl.infonce_embed_fwd.default, (img.clone().requires_grad_(True), txt.T.contiguous().T, 0.07)),
@@ -534,14 +593,16 @@ def test_float64_is_a_clear_error():
 @pytest.mark.parametrize("call, match", [
     (lambda s: K.triplet_terms(s, torch.ones(3), True, backend="triton"), "margin must be"),
     (lambda s: K.triplet_terms(s, torch.ones(7, dtype=torch.long), True, backend="triton"), "margin must be"),
+    (lambda s: K.esc_division_terms(s, torch.ones(3), 0.5, backend="triton"), "margin must be"),
+    (lambda s: K.esc_division_terms(s[:0, :0], 0.2, 0.5, backend="triton"), "B must be >= 1"),
     (lambda s: K.esc_anchor_terms(s, 7, backend="triton"), "anchor 7 is outside"),
     (lambda s: K.esc_anchor_terms(s, torch.zeros(7), backend="triton"), "integer tensor"),
     (lambda s: K.esc_anchor_terms(s, torch.zeros(3, dtype=torch.long), backend="triton"), "integer tensor"),
     (lambda s: K.proxy_argmax(s, s.to(torch.bfloat16), backend="triton"), "one dtype"),
     (lambda s: K.proxy_argmax(s, s, torch.ones(6, dtype=torch.bool), backend="triton"), "key_mask must be"),
     (lambda s: K.proxy_argmax(s, s, torch.ones(7), backend="triton"), "key_mask must be"),
-], ids=("margin-shape", "margin-dtype", "anchor-range", "anchor-dtype", "anchor-shape", "proxy-dtypes",
-        "mask-shape", "mask-dtype"))
+], ids=("margin-shape", "margin-dtype", "division-margin-shape", "division-empty", "anchor-range", "anchor-dtype",
+        "anchor-shape", "proxy-dtypes", "mask-shape", "mask-dtype"))
 def test_bad_arguments_are_clear_errors(call, match):
     sim = torch.zeros(7, 7, device=DEVICE)
     with pytest.raises(ValueError, match=match):
