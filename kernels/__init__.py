@@ -81,6 +81,9 @@ def check_backend(backend: str, device: torch.device) -> str:
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
             raise ValueError(f"backend='triton' needs a CUDA device (got {device}); on CPU the kernels run only in "
                              "Triton's interpreter (TRITON_INTERPRET=1, slow, for tests)")
+    if resolved == "triton":
+        for name in _TRITON_MODULES:  # imported now, never while torch.compile traces a step
+            triton_impl(name)
     return resolved
 
 
