@@ -4,7 +4,9 @@ Training pairs are indexed by caption: pair k is (image ``caption_to_image[k]``,
 each epoch visits every caption once (the NCR convention). Every batch has exactly the batch size
 (shapes stay static for torch.compile and CUDA graphs): the last batch of an epoch is filled up
 with other pairs of the same subset, drawn without repetition inside the batch. A subset smaller
-than one batch yields a single batch of its own size.
+than one batch yields a single batch of its own size. With ``length_multiple`` the token ids are
+cut to the batch's longest caption rounded up to that multiple (a pairwise head's cost grows with
+the caption length; a few length buckets keep the number of compiled shapes small).
 """
 from __future__ import annotations
 
@@ -32,17 +34,21 @@ class PairBatches:
     """Shuffled fixed-size batches over ``subset`` (caption indices) of the training pairs."""
 
     def __init__(self, split: Split, caption_to_image: np.ndarray, subset: np.ndarray, batch_size: int,
-                 rng: np.random.Generator, device="cpu"):
+                 rng: np.random.Generator, device="cpu", length_multiple: int = 0):
         self.split, self.caption_to_image = split, caption_to_image
         self.subset = np.asarray(subset, dtype=np.int64)
         self.batch_size = min(batch_size, len(self.subset))
         self.rng, self.device = rng, device
+        self.length_multiple = length_multiple
 
     def __len__(self) -> int:
         return -(-len(self.subset) // self.batch_size) if len(self.subset) else 0
 
     def batch(self, index: np.ndarray) -> Batch:
         tokens, lengths = self.split.caption_batch(index)
+        if self.length_multiple > 0:  # on the host, from the numpy lengths: no device sync
+            m = self.length_multiple
+            tokens = tokens[:, : min(tokens.shape[1], -(-int(lengths.max()) // m) * m)]
         images = self.split.image_batch(self.caption_to_image[index])
         return Batch(torch.from_numpy(index), images, tokens, lengths).to(self.device)
 
