@@ -146,7 +146,9 @@ class RuntimeConfig:
     compile: bool = False  # torch.compile the backbones (training step, split pass, evaluation)
     cuda_graphs: bool = True  # with compile on a GPU: CUDA graphs (mode="reduce-overhead") for steps and split pass
     amp: str = "off"  # mixed precision: "off", "auto" (bf16 where supported, else fp16), "bf16", "fp16" (+ scaler)
-    length_multiple: int = 8  # training captions cut to the batch's longest, rounded up to this (0: never)
+    # training captions cut to the batch's longest, rounded up to this (0: never); None: 8 for the
+    # pairwise sgr/saf heads (cost grows with the length), 0 for vse (keeps its dropout draws as before)
+    length_multiple: int | None = None
 
 
 @dataclass
@@ -322,6 +324,8 @@ def validate(cfg: Config) -> Config:
             raise FastnclError(f"{flag}: must be one of {', '.join(choices)}; got {_get(cfg, path)!r}")
     if cfg.optim.warmup_epochs is None:
         cfg.optim.warmup_epochs = WARMUP_EPOCHS[cfg.method]
+    if cfg.runtime.length_multiple is None:
+        cfg.runtime.length_multiple = 0 if cfg.model.backbone == "vse" else 8
     if not 0.0 <= cfg.data.noise < 1.0:
         raise FastnclError(f"--noise: the noise rate must be in [0, 1), got {cfg.data.noise}")
     for path in PROBABILITIES:

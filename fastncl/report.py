@@ -25,7 +25,7 @@ def evaluate_run(run_dirs, split: str = "test", checkpoint: str = "best") -> str
     from fastncl.data import load_dataset
     from fastncl.evaluation import fold5_metrics, retrieval_metrics, similarity_matrix
     from fastncl.models import build_backbone
-    from fastncl.step import Precision, resolve_amp
+    from fastncl.step import CompiledBackbone, Precision, resolve_amp
     from fastncl.train import format_results, resolve_device
 
     run_dirs = [run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs)
@@ -46,7 +46,7 @@ def evaluate_run(run_dirs, split: str = "test", checkpoint: str = "best") -> str
         for weights in state["models"]:
             model = build_backbone(run_cfg.model, data.image_dim, len(data.vocab), data.train.images.shape[1])
             model.to(device).load_state_dict(weights)
-            models.append(model)
+            models.append(CompiledBackbone(model) if run_cfg.runtime.compile else model)
         with Precision(resolve_amp(run_cfg.runtime.amp, device), device).autocast():
             sims.append(similarity_matrix(models, part, device, run_cfg.runtime.eval_batch))
     sim = sum(sims) / len(sims)

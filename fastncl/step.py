@@ -26,13 +26,17 @@ from fastncl.profiling import nvtx_range
 AMP_MODES = ("off", "auto", "bf16", "fp16")
 
 
-def _set_recompile_limit(limit: int) -> None:
-    """Dynamo's per-function cache: two models x grad modes x caption-length buckets need more than 8."""
+def _raise_recompile_limits(per_function: int = 256, total: int = 1024) -> None:
+    """Dynamo's caches: each compiled function sees two models x train/eval x grad/no-grad x
+    caption-length buckets (x a short batch), more than the default 8 entries; past the limit it
+    would silently fall back to eager."""
     config = torch._dynamo.config
     for name in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
         if hasattr(config, name):
-            setattr(config, name, max(getattr(config, name), limit))
-            return
+            setattr(config, name, max(getattr(config, name), per_function))
+            break
+    if hasattr(config, "accumulated_recompile_limit"):
+        config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, total)
 
 
 class CompiledBackbone:
@@ -46,7 +50,7 @@ class CompiledBackbone:
         self.module = module
         pairwise = hasattr(module, "score_block")
         options = dict(dynamic=False, fullgraph=pairwise, mode=mode)  # vse's packed GRU breaks the graph
-        _set_recompile_limit(64)
+        _raise_recompile_limits()
         self.encode_images = torch.compile(module.encode_images, **options)
         self.encode_captions = torch.compile(module.encode_captions, **options)
         self._score = torch.compile(module.score_block if pairwise else module.similarity, **options)
