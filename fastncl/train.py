@@ -175,16 +175,19 @@ class Trainer:
         losses, anchors = np.zeros(n), np.zeros(n, dtype=bool)
         model.eval()
         loader = self._batches(np.arange(n))
+        done = []  # kept on the device, copied once at the end: no host sync per batch
         for batch in self._bar(loader, len(loader), "split pass"):
             if self.graphs:
                 mark_step()
             with self.precision.autocast():
                 loss, anchor = self.method.split_losses(model, batch)
-            idx = batch.index.cpu().numpy()
-            losses[idx] = loss.float().cpu().numpy()
-            if anchor is not None:
-                anchors[idx[anchor.cpu().numpy()]] = True
+            # clone: a CUDA-graph output is overwritten by the next replay
+            done.append((batch.index, loss.float().clone(), None if anchor is None else anchor.clone()))
         model.train()
+        idx = torch.cat([i for i, _, _ in done]).cpu().numpy()
+        losses[idx] = torch.cat([loss for _, loss, _ in done]).cpu().numpy()
+        if done and done[0][2] is not None:
+            anchors[idx[torch.cat([a for _, _, a in done]).cpu().numpy()]] = True
         return losses, anchors
 
     def _train_model(self, k: int, subsets: dict, peer_prob, co_epoch: int | None, desc: str) -> dict:
