@@ -79,8 +79,10 @@ class BiGRU(nn.Module):
     def _run(self, x: torch.Tensor, suffix: str, unrolled: bool) -> torch.Tensor:
         w_ih, w_hh, b_ih, b_hh = self._weights(suffix)
         h = x.new_zeros(x.shape[0], self.hidden_dim)
-        if not unrolled:
-            return torch.gru(x, h.unsqueeze(0), [w_ih, w_hh, b_ih, b_hh], True, 1, 0.0, self.training, False, True)[0]
+        if not unrolled:  # in the input's precision (fp32 under autocast: cuDNN GRUs take no bf16)
+            with torch.autocast(x.device.type, enabled=False):
+                weights = [w.to(x.dtype) for w in (w_ih, w_hh, b_ih, b_hh)]
+                return torch.gru(x, h.unsqueeze(0), weights, True, 1, 0.0, self.training, False, True)[0]
         hidden = self.hidden_dim  # PyTorch's GRU equations, one time step at a time
         gates_x = F.linear(x, w_ih, b_ih)  # (B, L, 3H), all steps at once
         outputs = []
