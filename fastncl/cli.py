@@ -2,7 +2,7 @@
 
     fastncl train --method {vanilla,ncr,sps,esc} [--data synthetic|PATH] [--noise RATE]
                   [--noise-file F] [--preset NAME] [--config FILE.yaml] [--out DIR] [--seed N]
-                  [--backbone vse|sgr|saf] [--compile] [--amp [auto|bf16|fp16]]
+                  [--backbone vse|sgr|saf] [--compile] [--amp]
                   [--resume] [key.path=value ...]
     fastncl eval RUN_DIR [RUN_DIR ...] [--split test|dev]   (several runs: their ensemble, e.g. SGRAF)
     fastncl report RUN_DIR
@@ -27,7 +27,8 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train two co-teaching models and evaluate the best checkpoint")
     t.add_argument("--method", choices=METHODS, help="default: sps, or the preset's method")
-    t.add_argument("--data", help="'synthetic' (the embedded default) or a SCAN/NCR precomputed-feature folder")
+    t.add_argument("--data", help="'synthetic' (the embedded default), 'synthetic-f30k' (Flickr30K shapes, for "
+                   "benchmarks) or a SCAN/NCR precomputed-feature folder")
     t.add_argument("--noise", type=float, help="NCR-protocol noise rate in [0, 1)")
     t.add_argument("--noise-file", help="caption -> image index (.npy) saved by an earlier run")
     t.add_argument("--preset", help=f"one of: {', '.join(PRESETS)}")
@@ -38,8 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--backbone", choices=CHOICES["model.backbone"], help="vse (default), or the papers' sgr / saf")
     t.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile the backbones (with CUDA graphs on a GPU: runtime.cuda_graphs)")
-    t.add_argument("--amp", nargs="?", const="auto", choices=CHOICES["runtime.amp"],
-                   help="mixed precision: bf16 where supported (default with the bare flag), or fp16 with a scaler")
+    t.add_argument("--amp", action="store_const", const="auto",
+                   help="mixed precision: bf16 autocast where supported (fp16 with a gradient scaler: "
+                        "runtime.amp=fp16 instead of --amp)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoints/last.pt")
     t.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bars (default: when stderr is a terminal)")

@@ -40,7 +40,7 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # "synthetic", or a SCAN/NCR precomputed-feature folder
+    source: str = "synthetic"  # "synthetic", "synthetic-f30k" (Flickr30K shapes), or a SCAN/NCR folder
     noise: float = 0.0  # NCR-protocol noise rate in [0, 1)
     noise_file: str | None = None  # a saved caption -> image index (.npy); overrides `noise`
     noise_seed: int | None = None  # default: the run seed

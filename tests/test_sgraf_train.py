@@ -92,7 +92,7 @@ def test_ensemble_of_runs_on_different_data_is_refused(runs, tmp_path, capsys):
 
 
 def test_amp_on_cpu_trains_in_bf16_autocast(runs):
-    run = runs("vanilla", "--amp", key="vanilla-amp")
+    run = runs("vanilla", "--amp", "model.pair_block=64", key="vanilla-amp")  # a flag between overrides
     assert yaml.safe_load((run / "config.yaml").read_text())["runtime"]["amp"] == "auto"
     plain = json.loads((runs("vanilla") / "results.json").read_text())["test"]["rsum"]
     amp = json.loads((run / "results.json").read_text())["test"]["rsum"]
@@ -101,7 +101,7 @@ def test_amp_on_cpu_trains_in_bf16_autocast(runs):
 
 def test_fp16_amp_on_cpu_is_refused_before_any_output(tmp_path, capsys):
     out = tmp_path / "fp16"
-    assert main(_args("vanilla", out, "--amp", "fp16")) == 2
+    assert main(_args("vanilla", out, "runtime.amp=fp16")) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "runtime.amp=fp16" in err and "CUDA" in err
     assert not out.exists()
