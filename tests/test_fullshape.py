@@ -47,3 +47,20 @@ def test_features_are_never_materialised(data):
     held = images.pool.nbytes + images.codes.nbytes + images.scale.nbytes
     assert held < 25e6  # against 8.6 GB for the dense array
     assert data.train.tokens.nbytes < 100e6
+
+
+def test_batches_have_a_fixed_size_and_caption_lengths_in_multiples_of_8(data):
+    from fastncl.data.batches import PairBatches
+
+    train = data.train
+    subset = np.arange(1000)
+    loader = PairBatches(train, np.arange(train.num_captions) // 5, subset, 128, np.random.default_rng(0),
+                         length_multiple=8)
+    widths = set()
+    for batch in loader:
+        assert batch.images.shape == (128, 36, 2048) and batch.tokens.shape[0] == 128
+        width = batch.tokens.shape[1]
+        assert int(batch.lengths.max()) <= width and (width % 8 == 0 or width == train.tokens.shape[1])
+        assert width - int(batch.lengths.max()) < 8
+        widths.add(width)
+    assert len(loader) == 8 and len(widths) <= 4  # 1000 pairs: 7 full batches and one filled up
