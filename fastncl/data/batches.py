@@ -10,6 +10,7 @@ the caption length; a few length buckets keep the number of compiled shapes smal
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -17,6 +18,16 @@ import numpy as np
 import torch
 
 from .split import Split
+
+
+_PREFETCHER: list[ThreadPoolExecutor] = []
+
+
+def _prefetcher() -> ThreadPoolExecutor:
+    """One worker thread for every loader: host-side batch assembly overlaps the device's work."""
+    if not _PREFETCHER:
+        _PREFETCHER.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastncl-batches"))
+    return _PREFETCHER[0]
 
 
 @dataclass
@@ -65,8 +76,16 @@ class PairBatches:
         return batches
 
     def __iter__(self) -> Iterator[Batch]:
+        """The epoch's batches, each assembled (rows gathered, copied to the device) on a background
+        thread while the previous one is in use; the order was drawn up front, so it is unchanged."""
+        pending = None
         for index in self.epoch_indices():
-            yield self.batch(index)
+            future = _prefetcher().submit(self.batch, index)
+            if pending is not None:
+                yield pending.result()
+            pending = future
+        if pending is not None:
+            yield pending.result()
 
     def cycle(self) -> Iterator[Batch]:
         """Endless batches, reshuffled at each pass (secondary subsets that must keep pace)."""
