@@ -44,6 +44,8 @@ class LoopBackbone:
         return loop_similarity(self.module, images, captions)
 
     def __getattr__(self, name):
+        if name == "module":
+            raise AttributeError(name)
         return getattr(self.module, name)
 
 

@@ -62,6 +62,8 @@ class CompiledBackbone:
         return self._score(images, captions)
 
     def __getattr__(self, name):
+        if name == "module":  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
         return getattr(self.module, name)
 
 
