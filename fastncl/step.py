@@ -39,6 +39,22 @@ def _raise_recompile_limits(per_function: int = 256, total: int = 1024) -> None:
         config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, total)
 
 
+def _clone(value):
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, tuple):  # Encoding (a NamedTuple) and plain tuples
+        items = [_clone(v) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+    return value
+
+
+def _cloned(fn):
+    def call(*args, **kwargs):
+        return _clone(fn(*args, **kwargs))
+
+    return call
+
+
 class CompiledBackbone:
     """``module``'s encode_images / encode_captions / pairwise scorer under torch.compile.
 
@@ -51,9 +67,13 @@ class CompiledBackbone:
         pairwise = hasattr(module, "score_block")
         options = dict(dynamic=False, fullgraph=pairwise, mode=mode)  # vse's packed GRU breaks the graph
         _raise_recompile_limits()
-        self.encode_images = torch.compile(module.encode_images, **options)
-        self.encode_captions = torch.compile(module.encode_captions, **options)
-        self._score = torch.compile(module.score_block if pairwise else module.similarity, **options)
+        # CUDA graphs overwrite their outputs at the next replay of a new iteration, and a method may
+        # keep an encoding across its loss groups (SPS's proxy search after a separate reliable
+        # step): under graphs every output is cloned out of the graph's memory (cheap: O(B) rows)
+        wrap = _cloned if mode == "reduce-overhead" else (lambda fn: fn)
+        self.encode_images = wrap(torch.compile(module.encode_images, **options))
+        self.encode_captions = wrap(torch.compile(module.encode_captions, **options))
+        self._score = wrap(torch.compile(module.score_block if pairwise else module.similarity, **options))
         self._pairwise = pairwise
 
     def similarity(self, images, captions) -> torch.Tensor:

@@ -63,3 +63,15 @@ def test_compiled_backbone_delegates_to_its_module():
     view.eval()
     assert not module.training and view.training is False
     assert list(view.parameters()) == list(module.parameters())
+
+
+def test_graphed_outputs_are_cloned_out_of_graph_memory():
+    from fastncl.models.base import Encoding
+
+    enc = Encoding(global_=torch.ones(2, 3), pooled=torch.zeros(2, 3), local=None, mask=None)
+    out = step._cloned(lambda: enc)()
+    assert isinstance(out, Encoding) and out.local is None
+    assert torch.equal(out.global_, enc.global_) and out.global_.data_ptr() != enc.global_.data_ptr()
+    t = torch.ones(3, requires_grad=True)
+    (step._cloned(lambda: t * 2)()).sum().backward()  # clones stay in the autograd graph
+    assert torch.equal(t.grad, torch.full((3,), 2.0))
