@@ -136,10 +136,11 @@ def test_bf16_autocast_on_cpu_returns_fp32_similarities_close_to_fp32():
     assert_close(low, ref, 5e-2)
 
 
-@pytest.mark.parametrize("fn", ["encode_images", "encode_captions", "score_block"])
-def test_compiled_functions_have_no_graph_break(fn):
+@pytest.mark.parametrize("head, fn", [("sgr", "encode_images"), ("sgr", "encode_captions"), ("sgr", "score_block"),
+                                      ("saf", "score_block")])
+def test_compiled_functions_have_no_graph_break(head, fn):
     """Dynamo traces each compiled function of the backbone into one graph (backend-independent)."""
-    model = _model("sgr", dtype=torch.float32).train()
+    model = _model(head, dtype=torch.float32).train()
     images, tokens, lengths = _inputs(3, 4, dtype=torch.float32)
     img, cap = model.encode_images(images), model.encode_captions(tokens, lengths)
     args = {"encode_images": (images,), "encode_captions": (tokens, lengths),
