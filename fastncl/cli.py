@@ -2,8 +2,9 @@
 
     fastncl train --method {vanilla,ncr,sps,esc} [--data synthetic|PATH] [--noise RATE]
                   [--noise-file F] [--preset NAME] [--config FILE.yaml] [--out DIR] [--seed N]
+                  [--backbone vse|sgr|saf] [--compile] [--amp]
                   [--resume] [key.path=value ...]
-    fastncl eval RUN_DIR [--split test|dev]
+    fastncl eval RUN_DIR [RUN_DIR ...] [--split test|dev]   (several runs: their ensemble, e.g. SGRAF)
     fastncl report RUN_DIR
 
 A problem with the input (a file, an option, a config value) is one line on stderr and exit
@@ -16,7 +17,7 @@ import sys
 from pathlib import Path
 
 from fastncl import FastnclError, __version__
-from fastncl.config import METHODS, PRESETS, parse_override
+from fastncl.config import CHOICES, METHODS, PRESETS, parse_override
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,7 +27,8 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train two co-teaching models and evaluate the best checkpoint")
     t.add_argument("--method", choices=METHODS, help="default: sps, or the preset's method")
-    t.add_argument("--data", help="'synthetic' (the embedded default) or a SCAN/NCR precomputed-feature folder")
+    t.add_argument("--data", help="'synthetic' (the embedded default), 'synthetic-f30k' (Flickr30K shapes, for "
+                   "benchmarks) or a SCAN/NCR precomputed-feature folder")
     t.add_argument("--noise", type=float, help="NCR-protocol noise rate in [0, 1)")
     t.add_argument("--noise-file", help="caption -> image index (.npy) saved by an earlier run")
     t.add_argument("--preset", help=f"one of: {', '.join(PRESETS)}")
@@ -34,13 +36,19 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="run folder (default: runs/<method>-noise<r>-seed<s>-<time>)")
     t.add_argument("--seed", type=int)
     t.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    t.add_argument("--backbone", choices=CHOICES["model.backbone"], help="vse (default), or the papers' sgr / saf")
+    t.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the backbones (with CUDA graphs on a GPU: runtime.cuda_graphs)")
+    t.add_argument("--amp", action="store_const", const="auto",
+                   help="mixed precision: bf16 autocast where supported (fp16 with a gradient scaler: "
+                        "runtime.amp=fp16 instead of --amp)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoints/last.pt")
     t.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bars (default: when stderr is a terminal)")
     t.add_argument("overrides", nargs="*", metavar="key.path=value", help="any config value, e.g. optim.epochs=20")
 
-    e = sub.add_parser("eval", help="evaluate a run's best checkpoint")
-    e.add_argument("run_dir")
+    e = sub.add_parser("eval", help="evaluate a run's best checkpoint; several runs: their ensemble (SGRAF)")
+    e.add_argument("run_dir", nargs="+")
     e.add_argument("--split", choices=("test", "dev"), default="test")
     e.add_argument("--checkpoint", choices=("best", "last"), default="best")
 
@@ -57,7 +65,8 @@ def _train(args) -> int:
         if not args.out:
             raise FastnclError("--resume: give the run folder with --out")
         others = [f"--{k.replace('_', '-')}" for k in ("method", "data", "noise", "noise_file", "preset", "config",
-                                                      "seed", "device") if getattr(args, k) is not None]
+                                                      "seed", "device", "backbone", "compile", "amp")
+                  if getattr(args, k) is not None]
         if others or args.overrides:
             raise FastnclError(f"--resume continues with {args.out}/config.yaml; drop {', '.join(others + args.overrides)}")
         cfg_path = Path(args.out) / "config.yaml"
@@ -69,7 +78,8 @@ def _train(args) -> int:
         return 0
     overrides = [parse_override(o) for o in args.overrides]
     flags = {"data.source": args.data, "data.noise": args.noise, "data.noise_file": args.noise_file,
-             "out": args.out, "seed": args.seed, "runtime.device": args.device, "runtime.progress": args.progress}
+             "out": args.out, "seed": args.seed, "runtime.device": args.device, "runtime.progress": args.progress,
+             "model.backbone": args.backbone, "runtime.compile": args.compile, "runtime.amp": args.amp}
     overrides += [(k, v) for k, v in flags.items() if v is not None]
     method = args.method if args.method or args.preset else "sps"
     cfg = resolve(preset=args.preset, config_file=args.config, overrides=overrides, method=method)

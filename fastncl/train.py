@@ -28,6 +28,7 @@ from fastncl.methods import build_method
 from fastncl.models import build_backbone
 from fastncl.profiling import nvtx_range
 from fastncl.run import RunDir, environment, write_atomic
+from fastncl.step import CompiledBackbone, Precision, mark_step, resolve_amp, run_step
 
 log = logging.getLogger("fastncl")
 
@@ -61,6 +62,7 @@ class Trainer:
     def __init__(self, cfg: Config, resume: bool = False):
         self.cfg = cfg
         self.device = resolve_device(cfg.runtime.device)
+        self.precision = Precision(resolve_amp(cfg.runtime.amp, self.device), self.device)
         if cfg.runtime.threads:
             torch.set_num_threads(cfg.runtime.threads)
         self.progress = sys.stderr.isatty() if cfg.runtime.progress is None else cfg.runtime.progress
@@ -87,9 +89,18 @@ class Trainer:
         _setup_logging(self.run)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
-        self.models = [build_backbone(cfg.model, self.data.image_dim, len(self.data.vocab)).to(self.device)
-                       for _ in range(2)]
-        self.optims = [torch.optim.Adam(m.parameters(), lr=cfg.optim.lr) for m in self.models]
+        self.models = [build_backbone(cfg.model, self.data.image_dim, len(self.data.vocab),
+                                      self.data.train.images.shape[1]).to(self.device) for _ in range(2)]
+        # fused Adam on GPUs (one kernel); the CPU keeps the default implementation
+        fused = {"fused": True} if self.device.type == "cuda" else {}
+        self.optims = [torch.optim.Adam(m.parameters(), lr=cfg.optim.lr, **fused) for m in self.models]
+        # what the methods call: the modules, or their compiled forms (step.py); evaluation has its own
+        self.graphs = cfg.runtime.compile and cfg.runtime.cuda_graphs and self.device.type == "cuda"
+        if cfg.runtime.compile:
+            self.fast = [CompiledBackbone(m, "reduce-overhead" if self.graphs else None) for m in self.models]
+            self.eval_views = [CompiledBackbone(m) for m in self.models]
+        else:
+            self.fast = self.eval_views = self.models
         self.rng = np.random.default_rng(cfg.seed)
         self.start_epoch, self.best_rsum, self.best_epoch = 0, -1.0, -1
         self.last_split = None
@@ -113,6 +124,7 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "python_rng": random.getstate(),
+            "grad_scaler": self.precision.state_dict(),
             "config": self.cfg.to_dict(),
             "last_split": self.last_split,
         }
@@ -128,6 +140,7 @@ class Trainer:
         if state.get("cuda_rng") and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python_rng"]))
+        self.precision.load_state_dict(state.get("grad_scaler", {}))
         self.best_rsum, self.best_epoch = state["best_rsum"], state["best_epoch"]
         self.last_split = state.get("last_split")
         self.start_epoch = state["epoch"] + 1
@@ -146,30 +159,15 @@ class Trainer:
 
     def _batches(self, subset: np.ndarray) -> PairBatches:
         return PairBatches(self.data.train, self.caption_to_image, subset, self.cfg.optim.batch_size, self.rng,
-                           self.device)
+                           self.device, length_multiple=self.cfg.runtime.length_multiple)
 
     def _bar(self, it, total, desc):
         return tqdm(it, total=total, desc=desc, leave=False, disable=not self.progress, dynamic_ncols=True)
 
     def _step(self, model, opt, groups) -> dict:
-        """One iteration: all loss groups in one optimizer step, or one step per group."""
-        clip = self.cfg.optim.grad_clip
-        terms = {}
-        chunks = [[g] for g in groups] if self.method.separate_steps else [groups]
-        for chunk in chunks:
-            opt.zero_grad(set_to_none=True)
-            loss = 0.0
-            for group in chunk:
-                out = group()
-                loss = loss + out.pop("loss")
-                terms.update(out)
-            loss.backward()
-            if clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            opt.step()
-            terms.setdefault("loss", 0.0)
-            terms["loss"] = terms["loss"] + loss.detach()
-        return terms
+        """One iteration: all loss groups in one optimizer step, or one step per group (step.run_step)."""
+        return run_step(opt, groups, self.method.separate_steps, self.cfg.optim.grad_clip,
+                        getattr(self, "precision", Precision()), getattr(self, "graphs", False))
 
     @torch.no_grad()
     def split_pass(self, model) -> tuple[np.ndarray, np.ndarray]:
@@ -178,17 +176,23 @@ class Trainer:
         losses, anchors = np.zeros(n), np.zeros(n, dtype=bool)
         model.eval()
         loader = self._batches(np.arange(n))
+        done = []  # kept on the device, copied once at the end: no host sync per batch
         for batch in self._bar(loader, len(loader), "split pass"):
-            loss, anchor = self.method.split_losses(model, batch)
-            idx = batch.index.cpu().numpy()
-            losses[idx] = loss.float().cpu().numpy()
-            if anchor is not None:
-                anchors[idx[anchor.cpu().numpy()]] = True
+            if self.graphs:
+                mark_step()
+            with self.precision.autocast():
+                loss, anchor = self.method.split_losses(model, batch)
+            # clone: a CUDA-graph output is overwritten by the next replay
+            done.append((batch.index, loss.float().clone(), None if anchor is None else anchor.clone()))
         model.train()
+        idx = torch.cat([i for i, _, _ in done]).cpu().numpy()
+        losses[idx] = torch.cat([loss for _, loss, _ in done]).cpu().numpy()
+        if done and done[0][2] is not None:
+            anchors[idx[torch.cat([a for _, _, a in done]).cpu().numpy()]] = True
         return losses, anchors
 
     def _train_model(self, k: int, subsets: dict, peer_prob, co_epoch: int | None, desc: str) -> dict:
-        model, opt, peer = self.models[k], self.optims[k], self.models[1 - k]
+        model, opt, peer = self.fast[k], self.optims[k], self.fast[1 - k]
         names = [name for name in subsets if len(subsets[name])]
         if not names or names[0] != next(iter(subsets)):
             log.warning(f"{desc}: the {next(iter(subsets))} subset is empty; model {'AB'[k]} skips this epoch")
@@ -205,17 +209,21 @@ class Trainer:
             batches = {name: next(it) for name, it in streams.items()}
             batch = batches[names[0]]
             if co_epoch is None:
-                groups = [lambda b=batch: self.method.warmup_loss(model, b)]
+                def warmup(b=batch):
+                    return self.method.warmup_loss(model, b)
+                groups = [warmup]
             else:
                 groups = self.method.train_groups(model, peer, batches, peer_prob, co_epoch)
-            for name, value in self._step(model, opt, groups).items():
-                sums[name] = sums.get(name, 0.0) + value.detach()
+            with nvtx_range("step"):
+                for name, value in self._step(model, opt, groups).items():
+                    sums[name] = sums.get(name, 0.0) + value.detach()
             steps += 1
         peer.train()
         return {name: float(v) / steps for name, v in sums.items()}  # sync: once per epoch
 
     def evaluate(self, split) -> torch.Tensor:
-        return similarity_matrix(self.models, split, self.device, self.cfg.runtime.eval_batch)
+        with self.precision.autocast():
+            return similarity_matrix(self.eval_views, split, self.device, self.cfg.runtime.eval_batch)
 
     # -- the loop --------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -244,7 +252,7 @@ class Trainer:
                     losses["AB"[k]] = self._train_model(k, all_pairs, None, co_epoch, f"epoch {epoch} {'AB'[k]}")
         else:
             with nvtx_range("split pass"):
-                passes = [self.split_pass(m) for m in self.models]
+                passes = [self.split_pass(m) for m in self.fast]
             t_split = time.perf_counter()
             with nvtx_range("mixture fit"):
                 fits = [self.method.fit(loss) for loss, _ in passes]

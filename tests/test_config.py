@@ -181,7 +181,7 @@ def test_noise_zero_and_just_below_one_are_fine():
     ("esc.train_esc", "both"),
     ("esc.warmup", "some"),
     ("runtime.backend", "cuda"),
-    ("model.backbone", "sgr"),
+    ("model.backbone", "clip"),
     ("data.test_protocol", "5k"),
 ])
 def test_bad_choice_raises_naming_key_and_choices(key, value):

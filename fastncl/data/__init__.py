@@ -11,6 +11,12 @@ def load_dataset(cfg: DataConfig) -> Dataset:
         from .synthetic import make_synthetic
 
         return make_synthetic(cfg.synthetic)
+    if cfg.source == "synthetic-f30k":  # Flickr30K's shapes, for benchmarks
+        from .fullshape import make_f30k_shaped
+
+        dataset = make_f30k_shaped(cfg.synthetic.seed, cfg.max_len)
+        dataset.dev = dataset.dev.truncated(cfg.dev_images)
+        return dataset
     from .precomp import load_precomp
 
     dataset = load_precomp(cfg.source, dev_split=cfg.dev_split, test_split=cfg.test_split, vocab_path=cfg.vocab,

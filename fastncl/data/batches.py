@@ -4,10 +4,13 @@ Training pairs are indexed by caption: pair k is (image ``caption_to_image[k]``,
 each epoch visits every caption once (the NCR convention). Every batch has exactly the batch size
 (shapes stay static for torch.compile and CUDA graphs): the last batch of an epoch is filled up
 with other pairs of the same subset, drawn without repetition inside the batch. A subset smaller
-than one batch yields a single batch of its own size.
+than one batch yields a single batch of its own size. With ``length_multiple`` the token ids are
+cut to the batch's longest caption rounded up to that multiple (a pairwise head's cost grows with
+the caption length; a few length buckets keep the number of compiled shapes small).
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -15,6 +18,16 @@ import numpy as np
 import torch
 
 from .split import Split
+
+
+_PREFETCHER: list[ThreadPoolExecutor] = []
+
+
+def _prefetcher() -> ThreadPoolExecutor:
+    """One worker thread for every loader: host-side batch assembly overlaps the device's work."""
+    if not _PREFETCHER:
+        _PREFETCHER.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastncl-batches"))
+    return _PREFETCHER[0]
 
 
 @dataclass
@@ -32,17 +45,21 @@ class PairBatches:
     """Shuffled fixed-size batches over ``subset`` (caption indices) of the training pairs."""
 
     def __init__(self, split: Split, caption_to_image: np.ndarray, subset: np.ndarray, batch_size: int,
-                 rng: np.random.Generator, device="cpu"):
+                 rng: np.random.Generator, device="cpu", length_multiple: int = 0):
         self.split, self.caption_to_image = split, caption_to_image
         self.subset = np.asarray(subset, dtype=np.int64)
         self.batch_size = min(batch_size, len(self.subset))
         self.rng, self.device = rng, device
+        self.length_multiple = length_multiple
 
     def __len__(self) -> int:
         return -(-len(self.subset) // self.batch_size) if len(self.subset) else 0
 
     def batch(self, index: np.ndarray) -> Batch:
         tokens, lengths = self.split.caption_batch(index)
+        if self.length_multiple > 0:  # on the host, from the numpy lengths: no device sync
+            m = self.length_multiple
+            tokens = tokens[:, : min(tokens.shape[1], -(-int(lengths.max()) // m) * m)]
         images = self.split.image_batch(self.caption_to_image[index])
         return Batch(torch.from_numpy(index), images, tokens, lengths).to(self.device)
 
@@ -59,8 +76,16 @@ class PairBatches:
         return batches
 
     def __iter__(self) -> Iterator[Batch]:
+        """The epoch's batches, each assembled (rows gathered, copied to the device) on a background
+        thread while the previous one is in use; the order was drawn up front, so it is unchanged."""
+        pending = None
         for index in self.epoch_indices():
-            yield self.batch(index)
+            future = _prefetcher().submit(self.batch, index)
+            if pending is not None:
+                yield pending.result()
+            pending = future
+        if pending is not None:
+            yield pending.result()
 
     def cycle(self) -> Iterator[Batch]:
         """Endless batches, reshuffled at each pass (secondary subsets that must keep pace)."""

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 class Encoding(NamedTuple):
     global_: torch.Tensor  # (B, E) L2-normalised global embedding
     pooled: torch.Tensor  # (B, E) mean of the normalised local features (official "mean-pooled")
+    local: torch.Tensor | None = None  # pairwise heads: (B, R, E) regions or (B, L, E) words, zero at padding
+    mask: torch.Tensor | None = None  # pairwise heads, captions: (B, L) bool, True at valid words
 
 
 class BackboneOutput(NamedTuple):

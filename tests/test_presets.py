@@ -1,0 +1,59 @@
+"""The per-dataset SGR presets (notes section H) load, validate and say what the papers and codes say."""
+from __future__ import annotations
+
+import pytest
+
+from fastncl.config import DATASETS, PRESETS, resolve
+
+DATASET_PRESETS = [f"{m}{v}-{d}" for m in ("sps", "esc") for v in ("", "-official") for d in DATASETS]
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_resolves(name):
+    cfg = resolve(preset=name)
+    assert cfg.preset == name and cfg.method == PRESETS[name]["method"]
+
+
+def test_the_dataset_presets_exist_and_the_old_names_are_unchanged():
+    assert set(DATASET_PRESETS) <= set(PRESETS)
+    assert resolve(preset="sps").model.backbone == "vse"
+    official = resolve(preset="sps-official")
+    assert (official.model.backbone, official.optim.lr, official.optim.epochs) == ("vse", 2e-4, 40)
+
+
+@pytest.mark.parametrize("name", DATASET_PRESETS)
+def test_dataset_presets_train_the_papers_sgr_with_batch_128(name):
+    cfg = resolve(preset=name)
+    m = cfg.model
+    assert (m.backbone, m.embed_dim, m.word_dim, m.sim_dim, m.sgr_steps, m.dropout, m.smooth) == \
+        ("sgr", 1024, 300, 256, 3, 0.4, 9.0)
+    assert cfg.optim.batch_size == 128 and cfg.optim.lr == 2e-4 and cfg.optim.grad_clip == 2.0
+    assert cfg.runtime.length_multiple == 8
+    coco = name.endswith("coco")
+    assert (cfg.data.test_split, cfg.data.test_protocol) == (("testall", "coco") if coco else ("test", "full"))
+    assert cfg.optim.fill_epoch is ("official" not in name)
+
+
+@pytest.mark.parametrize("dataset, epochs", [("f30k", 40), ("coco", 20), ("cc152k", 40)])
+def test_sps_schedules(dataset, epochs):
+    for name in (f"sps-{dataset}", f"sps-official-{dataset}"):
+        cfg = resolve(preset=name)
+        assert (cfg.optim.warmup_epochs, cfg.optim.epochs, cfg.optim.lr_step) == (5, epochs, 10)
+        assert (cfg.sps.quasi_clean_start, cfg.sps.noisy_start) == (10, 15)
+    paper, official = resolve(preset=f"sps-{dataset}"), resolve(preset=f"sps-official-{dataset}")
+    assert paper.sps.reliable_threshold == 0.99 and official.sps.reliable_threshold == 0.6
+    assert official.sps.cross_weight == official.sps.metric_weight == 25.0 and official.sps.separate_steps
+
+
+@pytest.mark.parametrize("dataset", list(DATASETS))
+def test_esc_schedules(dataset):
+    paper, official = resolve(preset=f"esc-{dataset}"), resolve(preset=f"esc-official-{dataset}")
+    for cfg in (paper, official):
+        assert (cfg.optim.warmup_epochs, cfg.optim.epochs, cfg.optim.lr_step, cfg.esc.noisy_start) == (10, 40, 30, 20)
+    assert paper.esc.warmup == "all" and official.esc.warmup == "select" and official.esc.esc_normalize
+    assert official.seed == 96 and paper.seed == 0
+
+
+def test_a_preset_value_can_still_be_overridden():
+    cfg = resolve(preset="sps-f30k", overrides=[("model.sim_dim", 64), ("optim.epochs", 2)])
+    assert cfg.model.sim_dim == 64 and cfg.optim.epochs == 2 and cfg.model.embed_dim == 1024
