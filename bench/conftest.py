@@ -293,7 +293,7 @@ def measure(benchmark, *, op: str, provider: str, B: int, D: int | None, dtype: 
         except ImportError as e:  # no triton package
             if provider != "triton":
                 raise
-            skip = f"{op}: no Triton ({type(e).__name__}: {e})"
+            skip = f"{op}: no Triton kernel yet ({type(e).__name__}: {e})"
         except ValueError as e:  # the fused objectives' Triton kernels refuse B > 256
             if not (provider == "triton" and op in targets.FUSED_OPS and B > FUSED_MAX_B):
                 raise

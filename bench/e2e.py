@@ -1,4 +1,4 @@
-"""The end-to-end SGR setups that bench_e2e.py times and tools/profile.py profiles (GPU).
+"""The end-to-end SGR setups that bench_e2e.py times and tools/profile_nsys.py profiles (GPU).
 
 Three ways to run the same SGR model (the papers' sizes: E 1024, words 300, S 256, 3 steps) on
 Flickr30K-shaped synthetic data (fastncl/data/fullshape.py), B = 128:

@@ -36,7 +36,7 @@ def _bench_modules():
     sys.modules["conftest"] = harness
     try:
         modules = {p.stem: _load(p, f"bench_module_{p.stem}") for p in sorted(BENCH.glob("bench_*.py"))
-                   if p.stem != "bench_train_cpu"}
+                   if p.stem not in ("bench_train_cpu", "bench_e2e")}  # whole-run benchmarks
     finally:
         if saved is not None:
             sys.modules["conftest"] = saved

@@ -475,7 +475,7 @@ def _run(args, logs: Path) -> int:
     if not args.skip_bench:
         print(f"benchmarks, suite {args.suite} (until +{end - start:.0f} s) ...", flush=True)
         raw = logs / "bench-raw.json"
-        select = ["--ignore=bench/bench_train_cpu.py", f"--benchmark-json={raw}",
+        select = ["--ignore=bench/bench_train_cpu.py", "--ignore=bench/bench_e2e.py", f"--benchmark-json={raw}",
                   "--benchmark-columns", "median,iqr,rounds", "--benchmark-sort", "name"]
         if args.suite == "targets":
             select += ["-m", "target"]

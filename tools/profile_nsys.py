@@ -1,11 +1,11 @@
 """Profile steady-state SGR training steps under Nsight Systems and print the NVTX and kernel summaries.
 
-    python tools/profile.py [--variant fast|batched|loop] [--steps 5] [--eval] [--out runs/profile/sgr]
+    python tools/profile_nsys.py [--variant fast|batched|loop] [--steps 5] [--eval] [--out runs/profile/sgr]
 
 It runs itself under
 
     nsys profile -t cuda,nvtx,osrt --capture-range=cudaProfilerApi --capture-range-end=stop
-                 --cuda-graph-trace=node -o OUT python tools/profile.py --child ...
+                 --cuda-graph-trace=node -o OUT python tools/profile_nsys.py --child ...
 
 where the child builds the end-to-end benchmark's setup (bench/e2e.py: SGR at B = 128 on
 Flickr30K-shaped data), runs every prepared batch twice (compilation, CUDA-graph recording),
@@ -64,11 +64,11 @@ def main(argv=None) -> int:
     import torch
 
     if not torch.cuda.is_available():
-        print("tools/profile.py: no CUDA GPU on this machine; profiling needs one", file=sys.stderr)
+        print("tools/profile_nsys.py: no CUDA GPU on this machine; profiling needs one", file=sys.stderr)
         return 2
     nsys = shutil.which("nsys")
     if nsys is None:
-        print("tools/profile.py: `nsys` (Nsight Systems) is not on PATH", file=sys.stderr)
+        print("tools/profile_nsys.py: `nsys` (Nsight Systems) is not on PATH", file=sys.stderr)
         return 2
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
