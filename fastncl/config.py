@@ -40,7 +40,7 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # "synthetic", or a SCAN/NCR precomputed-feature folder
+    source: str = "synthetic"  # "synthetic", "emoji" (built once into the cache), or a SCAN/NCR folder
     noise: float = 0.0  # NCR-protocol noise rate in [0, 1)
     noise_file: str | None = None  # a saved caption -> image index (.npy); overrides `noise`
     noise_seed: int | None = None  # default: the run seed
@@ -139,6 +139,7 @@ class RuntimeConfig:
     eval_batch: int = 1000  # images/captions encoded per chunk in evaluation and the split pass
     progress: bool | None = None  # progress bars; default: when stderr is a terminal
     threads: int = 0  # torch CPU threads (0: torch's default)
+    tensorboard: bool = False  # also log to RUN/tb (needs the tensorboard package)
 
 
 @dataclass
