@@ -118,7 +118,10 @@ def _epoch_table(records: list[dict]) -> list[str]:
 
 
 def _cut_at(normalized: np.ndarray, clean_prob: np.ndarray, threshold: float, clean_mean: float) -> float | None:
-    """The normalised loss at which the clean probability falls to ``threshold`` (above the clean mean)."""
+    """The normalised loss at which the clean probability falls to ``threshold`` (above the clean mean);
+    None when no pair's clean probability exceeds it."""
+    if not (clean_prob > threshold).any():
+        return None
     order = np.argsort(normalized, kind="stable")
     x, p = normalized[order], clean_prob[order]
     above = x >= clean_mean
@@ -170,6 +173,8 @@ def loss_histogram(plt, split: dict, epoch: int, method: str, cfg: dict, path: P
             at = _cut_at(x, fit.clean_prob, threshold, _clean_mean(fit))
             if at is not None:
                 ax.axvline(at, color=color, ls="--", lw=1.2, label=f"{label}: p(clean) = {threshold:g}")
+            else:  # e.g. SPS's reliable set is empty: no pair is that likely clean
+                ax.plot([], [], color=color, ls="--", label=f"{label} = {threshold:g}: no pair above it")
         ax.set_ylim(0, 1.15 * np.histogram(x, bins=bins)[0].max())
         ax.set_xlabel("normalised division loss")
         ax.set_title(f"model {'AB'[k]} (split used by model {'BA'[k]})")
@@ -197,7 +202,7 @@ def split_quality(plt, records: list[dict], splits: dict, method: str, path: Pat
         ax.set_ylabel("noisy-pair detection")
         ax.set_title("split quality (dotted: model A, dashed: model B)")
     else:
-        ax.plot(e1, [x["detected_noisy"] for x in s], marker="o")
+        ax.plot(e1, [x["detected_noisy"] for x in s], marker="o", label="detected noisy (mean of A, B)")
         ax.set_ylabel("pairs detected noisy")
         ax.set_title("split (no ground truth: no injected noise)")
     _epoch_axis(ax)
@@ -253,6 +258,8 @@ def dev_curves(plt, records: list[dict], path: Path) -> Path:
     lr_ax.step(e1, [r["lr"] for r in records], where="mid", color="tab:orange", alpha=0.6, lw=1)
     lr_ax.set_yscale("log")
     lr_ax.set_ylabel("learning rate", color="tab:orange")
+    ax.set_zorder(lr_ax.get_zorder() + 1)  # the curves and legend above the lr steps
+    ax.patch.set_visible(False)
     ax.legend(fontsize=7, loc="lower right")
     ax.set_title("dev RSum per epoch (orange: learning rate)")
     path = _save(fig, path)

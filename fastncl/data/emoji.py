@@ -30,6 +30,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -76,7 +77,12 @@ def ensure_emoji() -> Path:
     """The cached emoji folder, built on first use."""
     folder = cache_root() / f"emoji-v{VERSION}"
     if not (folder / "manifest.json").exists():
-        build_emoji(folder)
+        print(f"fastncl: building the emoji data set into {folder} (once; about 20 s)", file=sys.stderr)
+        try:
+            build_emoji(folder)
+        except FastnclError:
+            if not (folder / "manifest.json").exists():  # else a concurrent build finished first
+                raise
     return folder
 
 
@@ -255,14 +261,14 @@ def build_emoji(out_dir: str | Path, limit: int | None = None) -> Path:
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         tmp.chmod(0o755)
-        if out.exists():
-            out.rmdir()  # empty (checked above); a concurrent build may win the rename below
         try:
+            if out.exists():
+                out.rmdir()  # empty (checked above)
             os.rename(tmp, out)
         except OSError:
             if not (out / "manifest.json").exists():
                 raise
-            shutil.rmtree(tmp)  # another process built the same folder first
+            shutil.rmtree(tmp)  # a concurrent build of the same folder finished first
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
