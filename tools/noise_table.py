@@ -21,7 +21,6 @@ from pathlib import Path
 from fastncl.report import RECALLS, compare_rows
 
 METHODS = ("vanilla", "ncr", "sps", "esc")
-NOISY_RATES = (0.2, 0.4, 0.6)
 
 
 def run(out: Path, method: str, noise: float, seed: int, threads: int, data: str, extra: list[str]) -> Path:
@@ -56,10 +55,12 @@ def main() -> int:
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (each with threads = 1 when jobs > 1)")
     p.add_argument("--data", default="synthetic", help="--data of every run (synthetic, emoji or a folder)")
     p.add_argument("--clean-methods", default="vanilla", help="methods also trained without noise (comma-separated)")
+    p.add_argument("--noise-rates", default="0.2,0.4,0.6", help="noise rates every method is trained at")
     p.add_argument("extra", nargs="*", help="config overrides passed to every run")
     args = p.parse_args()
     clean = [m for m in args.clean_methods.split(",") if m]
-    runs = [(m, 0.0) for m in METHODS if m in clean] + [(m, r) for r in NOISY_RATES for m in METHODS]
+    rates = [float(r) for r in args.noise_rates.split(",") if r]
+    runs = [(m, 0.0) for m in METHODS if m in clean] + [(m, r) for r in rates for m in METHODS]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     threads = 1 if args.jobs > 1 else 0
