@@ -5,7 +5,9 @@
                   [--backbone vse|sgr|saf] [--compile] [--amp]
                   [--resume] [key.path=value ...]
     fastncl eval RUN_DIR [RUN_DIR ...] [--split test|dev]   (several runs: their ensemble, e.g. SGRAF)
-    fastncl report RUN_DIR
+    fastncl report RUN_DIR [--epochs 5,12]
+    fastncl compare RUN_DIR... [--format md|csv]
+    fastncl data emoji OUT_DIR [--limit N]
 
 A problem with the input (a file, an option, a config value) is one line on stderr and exit
 status 2, and leaves no half-written run folder behind.
@@ -13,6 +15,7 @@ status 2, and leaves no half-written run folder behind.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -27,8 +30,8 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train two co-teaching models and evaluate the best checkpoint")
     t.add_argument("--method", choices=METHODS, help="default: sps, or the preset's method")
-    t.add_argument("--data", help="'synthetic' (the embedded default), 'synthetic-f30k' (Flickr30K shapes, for "
-                   "benchmarks) or a SCAN/NCR precomputed-feature folder")
+    t.add_argument("--data", help="'synthetic' (the embedded default), 'emoji' (built on first use), "
+                   "'synthetic-f30k' (Flickr30K shapes, for benchmarks) or a SCAN/NCR precomputed-feature folder")
     t.add_argument("--noise", type=float, help="NCR-protocol noise rate in [0, 1)")
     t.add_argument("--noise-file", help="caption -> image index (.npy) saved by an earlier run")
     t.add_argument("--preset", help=f"one of: {', '.join(PRESETS)}")
@@ -45,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoints/last.pt")
     t.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bars (default: when stderr is a terminal)")
+    t.add_argument("--tensorboard", action="store_true", default=None,
+                   help="also log the metrics and loss histograms to RUN/tb (needs the tensorboard package)")
     t.add_argument("overrides", nargs="*", metavar="key.path=value", help="any config value, e.g. optim.epochs=20")
 
     e = sub.add_parser("eval", help="evaluate a run's best checkpoint; several runs: their ensemble (SGRAF)")
@@ -52,9 +57,30 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--split", choices=("test", "dev"), default="test")
     e.add_argument("--checkpoint", choices=("best", "last"), default="best")
 
-    r = sub.add_parser("report", help="summarise a run folder: epochs, split quality, R@K")
+    r = sub.add_parser("report", help="report.md with figures: loss histograms, split quality, dev RSum, R@K")
     r.add_argument("run_dir")
+    r.add_argument("--epochs", type=_epoch_list, help="epochs (1-based, comma-separated) of the loss histograms; "
+                   "default: the first, middle and last split")
+
+    c = sub.add_parser("compare", help="one table across run folders (method, noise, seed, R@K, RSum, split AUC)")
+    c.add_argument("run_dirs", nargs="+")
+    c.add_argument("--format", choices=("md", "csv"), default="md")
+
+    d = sub.add_parser("data", help="build a dataset folder in the SCAN/NCR layout")
+    d.add_argument("name", choices=("emoji",), help="emoji: Twemoji images with their names (needs fastncl[demo])")
+    d.add_argument("out_dir")
+    d.add_argument("--limit", type=int, help="about this many images only (a small build, for tests)")
     return p
+
+
+def _epoch_list(text: str) -> list[int]:
+    try:
+        epochs = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated epoch numbers, got {text!r}") from None
+    if not epochs or min(epochs) < 1:
+        raise argparse.ArgumentTypeError(f"expected epoch numbers from 1, got {text!r}")
+    return epochs
 
 
 def _train(args) -> int:
@@ -65,7 +91,7 @@ def _train(args) -> int:
         if not args.out:
             raise FastnclError("--resume: give the run folder with --out")
         others = [f"--{k.replace('_', '-')}" for k in ("method", "data", "noise", "noise_file", "preset", "config",
-                                                      "seed", "device", "backbone", "compile", "amp")
+                                                      "seed", "device", "backbone", "compile", "amp", "tensorboard")
                   if getattr(args, k) is not None]
         if others or args.overrides:
             raise FastnclError(f"--resume continues with {args.out}/config.yaml; drop {', '.join(others + args.overrides)}")
@@ -79,7 +105,8 @@ def _train(args) -> int:
     overrides = [parse_override(o) for o in args.overrides]
     flags = {"data.source": args.data, "data.noise": args.noise, "data.noise_file": args.noise_file,
              "out": args.out, "seed": args.seed, "runtime.device": args.device, "runtime.progress": args.progress,
-             "model.backbone": args.backbone, "runtime.compile": args.compile, "runtime.amp": args.amp}
+             "model.backbone": args.backbone, "runtime.compile": args.compile, "runtime.amp": args.amp,
+             "runtime.tensorboard": args.tensorboard}
     overrides += [(k, v) for k, v in flags.items() if v is not None]
     method = args.method if args.method or args.preset else "sps"
     cfg = resolve(preset=args.preset, config_file=args.config, overrides=overrides, method=method)
@@ -97,9 +124,28 @@ def _eval(args) -> int:
 def _report(args) -> int:
     from fastncl.report import write_report
 
-    path, text = write_report(args.run_dir)
+    path, text = write_report(args.run_dir, epochs=args.epochs)
     print(text)
-    print(f"report written to {path}")
+    print(f"report written to {path} (figures in {path.parent / 'report'})")
+    return 0
+
+
+def _compare(args) -> int:
+    from fastncl.report import compare_rows, compare_table
+
+    print(compare_table(compare_rows(args.run_dirs), args.format), end="")
+    return 0
+
+
+def _data(args) -> int:
+    from fastncl.data.emoji import build_emoji
+
+    if args.limit is not None and args.limit < 10:
+        raise FastnclError(f"--limit: at least 10 images, got {args.limit}")
+    out = build_emoji(args.out_dir, limit=args.limit)
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    print(f"emoji data written to {out}: " + ", ".join(f"{s} {n} images" for s, n in manifest["images"].items())
+          + f", {manifest['captions_per_image']} captions each (Twemoji by Twitter, Inc. and contributors, CC-BY 4.0)")
     return 0
 
 
@@ -113,7 +159,8 @@ def main(argv=None) -> int:
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return {"train": _train, "eval": _eval, "report": _report}[args.command](args)
+        commands = {"train": _train, "eval": _eval, "report": _report, "compare": _compare, "data": _data}
+        return commands[args.command](args)
     except FastnclError as e:
         print(f"fastncl: error: {e}", file=sys.stderr)
         return 2

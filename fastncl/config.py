@@ -40,7 +40,8 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # "synthetic", "synthetic-f30k" (Flickr30K shapes), or a SCAN/NCR folder
+    source: str = "synthetic"  # "synthetic", "emoji" (built once into the cache), "synthetic-f30k" (Flickr30K
+    # shapes), or a SCAN/NCR folder
     noise: float = 0.0  # NCR-protocol noise rate in [0, 1)
     noise_file: str | None = None  # a saved caption -> image index (.npy); overrides `noise`
     noise_seed: int | None = None  # default: the run seed
@@ -149,6 +150,7 @@ class RuntimeConfig:
     # training captions cut to the batch's longest, rounded up to this (0: never); None: 8 for the
     # pairwise sgr/saf heads (cost grows with the length), 0 for vse (keeps its dropout draws as before)
     length_multiple: int | None = None
+    tensorboard: bool = False  # also log to RUN/tb (needs the tensorboard package)
 
 
 @dataclass

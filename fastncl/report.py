@@ -1,11 +1,34 @@
-"""`fastncl eval` and `fastncl report`: read a run folder back."""
+"""`fastncl eval`, `fastncl report` and `fastncl compare`: read run folders back.
+
+``fastncl report RUN`` writes ``RUN/report.md`` and its figures in ``RUN/report/`` (matplotlib,
+Agg backend, imported only here):
+* ``losses_epochNN.png``: per-sample division losses of both models at chosen epochs, stacked by
+  the ground truth (clean / noisy) when the noise was injected, with the fitted mixture's
+  weighted component densities and the thresholds (SPS ε1 and ε2, ESC δ, NCR's cut) drawn at the
+  loss where the clean probability crosses them;
+* ``split_quality.png``: precision, recall and AUC of the noisy-pair detection per epoch, and for
+  SPS the ground-truth composition of the reliable, quasi-clean and noisy subsets (SPS Fig. 3);
+* ``dev_rsum.png``: dev RSum per epoch of each model and of their ensemble, with the learning
+  rate, the warm-up and the curriculum stages marked.
+Nothing in it depends on the backbone: it reads ``metrics.jsonl``, ``splits/*.npz``,
+``config.yaml`` and ``results.json``.
+"""
 from __future__ import annotations
 
+import csv
+import io
 import json
 from pathlib import Path
 
+import numpy as np
+
 from fastncl import FastnclError
 from fastncl.run import RunDir, write_atomic
+
+RECALLS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
+REPORT_HINT = "pip install 'fastncl[report]' (matplotlib)"
+# the thresholds a method draws on its loss histogram: label -> where the clean-probability cut comes from
+CUT_LABELS = {"sps": "ε2", "esc": "δ", "ncr": "cut"}
 
 
 def _run(run_dir: str) -> RunDir:
@@ -13,6 +36,12 @@ def _run(run_dir: str) -> RunDir:
     if not run.file("config.yaml").exists():
         raise FastnclError(f"{run.path}: not a fastncl run folder (no config.yaml)")
     return run
+
+
+def _config(run: RunDir) -> dict:
+    from fastncl.config import load_yaml
+
+    return load_yaml(run.file("config.yaml"))
 
 
 def evaluate_run(run_dirs, split: str = "test", checkpoint: str = "best") -> str:
@@ -63,15 +92,36 @@ def evaluate_run(run_dirs, split: str = "test", checkpoint: str = "best") -> str
     return text
 
 
-def write_report(run_dir: str) -> tuple[Path, str]:
-    """A Markdown summary of a run: per-epoch dev RSum and split quality, and the test table."""
-    from fastncl.train import format_results
+# -- report.md ---------------------------------------------------------------------------------
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise FastnclError(f"fastncl report draws its figures with matplotlib: {REPORT_HINT}") from None
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
 
-    run = _run(run_dir)
-    records = run.read_metrics()
-    lines = [f"# fastncl run `{run.path}`", ""]
-    lines += ["| epoch | phase | lr | dev RSum | split AUC | precision | recall | subsets (size / GT clean) | time (s) |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    return plt
+
+
+def _epoch_axis(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _save(fig, path: Path) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    write_atomic(path, buf.getvalue())
+    return path
+
+
+def _epoch_table(records: list[dict]) -> list[str]:
+    lines = ["| epoch | phase | lr | dev RSum (A / B / ensemble) | split AUC | precision | recall | "
+             "subsets (size / GT clean) | time (s) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         s = r.get("split") or {}
 
@@ -80,14 +130,257 @@ def write_report(run_dir: str) -> tuple[Path, str]:
 
         subsets = ", ".join(f"{name} {v['size']}/{v.get('clean', '-')}"
                             for name, v in (s.get("models") or [{}])[0].get("subsets", {}).items())
-        lines.append(f"| {r['epoch'] + 1} | {r['phase']} | {r['lr']:.1e} | {r['dev']['rsum']:.1f} | {fmt('auc')} | "
+        models = r.get("dev_models") or {}
+        dev = " / ".join([f"{models[m]['rsum']:.1f}" for m in ("A", "B") if m in models] + [f"{r['dev']['rsum']:.1f}"])
+        lines.append(f"| {r['epoch'] + 1} | {r['phase']} | {r['lr']:.1e} | {dev} | {fmt('auc')} | "
                      f"{fmt('precision')} | {fmt('recall')} | {subsets or '-'} | {r['time']:.1f} |")
+    return lines
+
+
+def _cut_at(normalized: np.ndarray, clean_prob: np.ndarray, threshold: float, clean_mean: float) -> float | None:
+    """The normalised loss at which the clean probability falls to ``threshold`` (above the clean mean);
+    None when no pair's clean probability exceeds it."""
+    if not (clean_prob > threshold).any():
+        return None
+    order = np.argsort(normalized, kind="stable")
+    x, p = normalized[order], clean_prob[order]
+    above = x >= clean_mean
+    below_cut = np.flatnonzero(above & (p <= threshold))
+    if not len(below_cut):
+        return None
+    i = below_cut[0]
+    return float((x[i] + x[i - 1]) / 2) if i > 0 else float(x[i])
+
+
+def _mixture(split: dict, k: int):
+    from fastncl.methods.mixture import MixtureFit
+
+    params = json.loads(str(split["params"]))[k]
+    return MixtureFit(split["clean_prob"][k].astype(np.float64), split["normalized"][k].astype(np.float64),
+                      str(split["mixture"]), params)
+
+
+def _clean_mean(fit) -> float:
+    if fit.kind == "gmm":
+        return float(fit.params["means"][0])
+    a, b = fit.params["alphas"][0], fit.params["betas"][0]
+    return float(a / (a + b))
+
+
+def loss_histogram(plt, split: dict, epoch: int, method: str, cfg: dict, path: Path) -> Path:
+    """Both models' division losses at one epoch, by ground truth, with the mixture and thresholds."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+    bins = np.linspace(0, 1, 51)
+    width = bins[1] - bins[0]
+    grid = np.linspace(0.002, 0.998, 400)
+    clean_mask = split.get("clean_mask")
+    for k, ax in enumerate(axes):
+        fit = _mixture(split, k)
+        x = fit.normalized
+        if clean_mask is not None:
+            ax.hist([x[clean_mask], x[~clean_mask]], bins=bins, stacked=True, color=["tab:blue", "tab:red"],
+                    label=[f"clean pairs ({int(clean_mask.sum())})", f"noisy pairs ({int((~clean_mask).sum())})"],
+                    alpha=0.75)
+        else:
+            ax.hist(x, bins=bins, color="tab:gray", alpha=0.75, label=f"pairs ({len(x)})")
+        density = fit.density(grid) * len(x) * width  # expected counts per bin
+        ax.plot(grid, density[0], color="navy", lw=1.5, label=f"{fit.kind.upper()} clean component")
+        ax.plot(grid, density[1], color="darkred", lw=1.5, label=f"{fit.kind.upper()} noisy component")
+        cuts = [(CUT_LABELS.get(method, "cut"), float(split["noisy_cut"][k]), "black")]
+        if method == "sps":
+            cuts.insert(0, ("ε1", float(cfg.get("sps", {}).get("reliable_threshold", 0.99)), "green"))
+        for label, threshold, color in cuts:
+            at = _cut_at(x, fit.clean_prob, threshold, _clean_mean(fit))
+            if at is not None:
+                ax.axvline(at, color=color, ls="--", lw=1.2, label=f"{label}: p(clean) = {threshold:g}")
+            else:  # e.g. SPS's reliable set is empty: no pair is that likely clean
+                ax.plot([], [], color=color, ls="--", label=f"{label} = {threshold:g}: no pair above it")
+        ax.set_ylim(0, 1.15 * np.histogram(x, bins=bins)[0].max())
+        ax.set_xlabel("normalised division loss")
+        ax.set_title(f"model {'AB'[k]} (split used by model {'BA'[k]})")
+    axes[0].set_ylabel("pairs per bin")
+    axes[1].legend(fontsize=7, loc="upper right")
+    fig.suptitle(f"{method}: per-sample division losses, epoch {epoch + 1}")
+    path = _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def split_quality(plt, records: list[dict], splits: dict, method: str, path: Path) -> Path:
+    epochs = [r["epoch"] for r in records if r.get("split")]
+    s = [next(r["split"] for r in records if r["epoch"] == e) for e in epochs]
+    has_truth = any(x.get("auc") is not None for x in s)
+    composition = method == "sps" and has_truth
+    fig, axes = plt.subplots(1, 2 if composition else 1, figsize=(12 if composition else 6.5, 3.8), squeeze=False)
+    ax = axes[0, 0]
+    e1 = [e + 1 for e in epochs]
+    if has_truth:
+        for key, color in (("precision", "tab:blue"), ("recall", "tab:orange"), ("auc", "tab:green")):
+            ax.plot(e1, [x.get(key) for x in s], marker="o", color=color, label=f"{key} (mean of A, B)")
+            for m, style in ((0, ":"), (1, "--")):
+                ax.plot(e1, [x["models"][m].get(key) for x in s], ls=style, color=color, lw=0.8, alpha=0.7)
+        ax.set_ylabel("noisy-pair detection")
+        ax.set_title("split quality (dotted: model A, dashed: model B)")
+    else:
+        ax.plot(e1, [x["detected_noisy"] for x in s], marker="o", label="detected noisy (mean of A, B)")
+        ax.set_ylabel("pairs detected noisy")
+        ax.set_title("split (no ground truth: no injected noise)")
+    _epoch_axis(ax)
+    ax.legend(fontsize=7)
+    if composition:  # SPS Fig. 3: each subset's size and its ground-truth clean part, model A's split
+        ax = axes[0, 1]
+        names = list(s[0]["models"][0]["subsets"])
+        width = 0.8 / len(names)
+        colors = {"reliable": "tab:green", "quasi_clean": "tab:olive", "noisy": "tab:red"}
+        for j, name in enumerate(names):
+            sizes = np.array([x["models"][0]["subsets"][name]["size"] for x in s])
+            clean = np.array([x["models"][0]["subsets"][name]["clean"] for x in s])
+            pos = np.array(e1) + (j - (len(names) - 1) / 2) * width
+            ax.bar(pos, clean, width, color=colors.get(name, "tab:gray"), label=f"{name}: GT clean")
+            ax.bar(pos, sizes - clean, width, bottom=clean, color=colors.get(name, "tab:gray"), alpha=0.35,
+                   hatch="//", label=f"{name}: GT noisy")
+        _epoch_axis(ax)
+        ax.set_ylabel("pairs")
+        ax.set_title("subsets of model A's split by ground truth")
+        ax.legend(fontsize=7, ncol=3)
+    path = _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def dev_curves(plt, records: list[dict], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(8, 4))
+    e1 = [r["epoch"] + 1 for r in records]
+    for m, style, color in (("A", ":", "tab:blue"), ("B", "--", "tab:green")):
+        if all(m in (r.get("dev_models") or {}) for r in records):
+            ax.plot(e1, [r["dev_models"][m]["rsum"] for r in records], ls=style, marker=".", color=color,
+                    label=f"model {m}")
+    ax.plot(e1, [r["dev"]["rsum"] for r in records], color="black", marker="o", label="ensemble (A+B)/2")
+    best = max(records, key=lambda r: r["dev"]["rsum"])
+    ax.plot([best["epoch"] + 1], [best["dev"]["rsum"]], marker="*", ms=14, color="gold", mec="black", ls="",
+            label=f"best (epoch {best['epoch'] + 1})")
+    warm = [r["epoch"] + 1 for r in records if r["phase"] == "warmup"]
+    if warm:
+        ax.axvspan(min(warm) - 0.5, max(warm) + 0.5, color="gray", alpha=0.15, label="warm-up")
+    previous = None
+    for r in records:  # curriculum: a subset joins the training
+        active = r.get("active_subsets")
+        if active and previous is not None and active != previous:
+            joined = [a for a in active if a not in previous]
+            if joined:
+                ax.axvline(r["epoch"] + 0.5, color="purple", ls="-.", lw=1)
+                ax.text(r["epoch"] + 0.55, 0.02, "+ " + ", ".join(joined), rotation=90, fontsize=8, va="bottom",
+                        color="purple", transform=ax.get_xaxis_transform())
+        previous = active or previous
+    _epoch_axis(ax)
+    ax.set_ylabel("dev RSum")
+    lr_ax = ax.twinx()
+    lr_ax.step(e1, [r["lr"] for r in records], where="mid", color="tab:orange", alpha=0.6, lw=1)
+    lr_ax.set_yscale("log")
+    lr_ax.set_ylabel("learning rate", color="tab:orange")
+    ax.set_zorder(lr_ax.get_zorder() + 1)  # the curves and legend above the lr steps
+    ax.patch.set_visible(False)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title("dev RSum per epoch (orange: learning rate)")
+    path = _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def _chosen_epochs(available: list[int], wanted: list[int] | None) -> list[int]:
+    if wanted:
+        missing = [e for e in wanted if e - 1 not in available]
+        if missing:
+            shown = ", ".join(str(e + 1) for e in available) or "none"
+            raise FastnclError(f"--epochs: no split saved for epoch {missing[0]} (epochs with a split: {shown})")
+        return [e - 1 for e in wanted]
+    if not available:
+        return []
+    return sorted({available[0], available[len(available) // 2], available[-1]})
+
+
+def write_report(run_dir: str, epochs: list[int] | None = None) -> tuple[Path, str]:
+    """report.md with the figures in RUN/report/; returns its path and its text."""
+    from fastncl.train import format_results
+
+    run = _run(run_dir)
+    records = run.read_metrics()
+    if not records:
+        raise FastnclError(f"{run.path}: no epochs in metrics.jsonl yet")
+    plt = _pyplot()
+    cfg = _config(run)
+    method = cfg.get("method", "?")
+    splits = run.read_splits()
+    figdir = run.file("report")
+    figures = []
+    for epoch in _chosen_epochs(sorted(splits), epochs):
+        figures.append(("Per-sample division losses, epoch " + str(epoch + 1),
+                        loss_histogram(plt, splits[epoch], epoch, method, cfg, figdir / f"losses_epoch{epoch + 1:02d}.png")))
+    if any(r.get("split") for r in records):
+        figures.append(("Split quality", split_quality(plt, records, splits, method, figdir / "split_quality.png")))
+    figures.append(("Dev RSum per epoch", dev_curves(plt, records, figdir / "dev_rsum.png")))
+    for stale in set(figdir.glob("*.png")) - {path for _, path in figures}:  # e.g. other --epochs earlier
+        stale.unlink()
+
+    lines = [f"# fastncl run `{run.path}`", "", f"method {method}, noise {cfg.get('data', {}).get('noise')}, "
+             f"seed {cfg.get('seed')}, backbone {cfg.get('model', {}).get('backbone')}, data "
+             f"{cfg.get('data', {}).get('source')}", ""]
+    lines += _epoch_table(records)
     results_path = run.file("results.json")
     if results_path.exists():
         results = json.loads(results_path.read_text(encoding="utf-8"))
-        lines += ["", format_results(results)]
+        lines += ["", "## Test", "", format_results(results)]
     else:
         lines += ["", "(no results.json: the run has not finished)"]
+    lines += ["", "## Figures", ""]
+    for title, path in figures:
+        lines += [f"### {title}", "", f"![{title}]({path.relative_to(run.path).as_posix()})", ""]
     text = "\n".join(lines) + "\n"
     write_atomic(run.file("report.md"), text)
     return run.file("report.md"), text
+
+
+# -- fastncl compare ---------------------------------------------------------------------------
+COMPARE_COLUMNS = ("run", "method", "noise", "seed", "backbone", "data", *RECALLS, "rsum", "split_auc", "split_f1",
+                   "best_epoch", "time_s")
+
+
+def compare_rows(run_dirs: list[str]) -> list[dict]:
+    rows = []
+    for run_dir in run_dirs:
+        run = _run(run_dir)
+        path = run.file("results.json")
+        if not path.exists():
+            raise FastnclError(f"{path}: the run has not finished (no results.json)")
+        results = json.loads(path.read_text(encoding="utf-8"))
+        cfg = _config(run)
+        split = results.get("split") or {}
+        row = {"run": run.path.name, "method": results["method"], "noise": results["noise"], "seed": results["seed"],
+               "backbone": cfg.get("model", {}).get("backbone", "?"), "data": results.get("data", "?"),
+               **{k: results["test"][k] for k in (*RECALLS, "rsum")},
+               "split_auc": split.get("auc"), "split_f1": split.get("f1"), "best_epoch": results["best_epoch"] + 1,
+               "time_s": sum(r.get("time", 0.0) for r in run.read_metrics())}
+        rows.append(row)
+    return rows
+
+
+def compare_table(rows: list[dict], fmt: str = "md") -> str:
+    """Markdown (the papers' layout) or CSV of compare_rows."""
+    if fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=COMPARE_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if row[k] is None else round(row[k], 4) if isinstance(row[k], float) else row[k]
+                             for k in COMPARE_COLUMNS})
+        return buf.getvalue()
+    lines = ["| run | method | noise | seed | backbone | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | RSum | "
+             "split AUC | F1 | time (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        recalls = " | ".join(f"{r[k]:.1f}" for k in RECALLS)
+        auc = "-" if r["split_auc"] is None else f"{r['split_auc']:.3f}"
+        f1 = "-" if r["split_f1"] is None else f"{r['split_f1']:.3f}"
+        lines.append(f"| {r['run']} | {r['method']} | {r['noise']:.0%} | {r['seed']} | {r['backbone']} | {recalls} | "
+                     f"**{r['rsum']:.1f}** | {auc} | {f1} | {r['time_s']:.0f} |")
+    return "\n".join(lines) + "\n"

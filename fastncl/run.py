@@ -2,7 +2,9 @@
 
 Layout: ``config.yaml`` (the resolved config), ``env.json`` (versions, device, noise-index hash),
 ``log.txt``, ``metrics.jsonl`` (one line per epoch), ``noise_index.npy`` (caption -> image, int64),
-``checkpoints/{last,best}.pt`` and ``results.json``. Checkpoints hold only tensors, plain
+``checkpoints/{last,best}.pt``, ``results.json`` and, for the methods that split the training
+set, ``splits/epoch_NNN.npz`` (per-sample division losses, clean probabilities, subsets and the
+fitted mixture of both models at that epoch; what ``fastncl report`` plots). Checkpoints hold only tensors, plain
 containers and scalars, so ``torch.load(weights_only=True)`` reads them.
 """
 from __future__ import annotations
@@ -77,6 +79,23 @@ class RunDir:
         kept = [r for r in self.read_metrics() if r.get("epoch", -1) <= last_epoch]
         write_atomic(self.file("metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in kept))
 
+    def write_split(self, epoch: int, arrays: dict) -> None:
+        """One epoch's split (``split_arrays``) as a compressed .npz, atomically."""
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **arrays)
+        write_atomic(self.file(f"splits/epoch_{epoch:03d}.npz"), buf.getvalue())
+
+    def read_splits(self) -> dict[int, dict]:
+        """Epoch -> the arrays of splits/epoch_NNN.npz (only the epochs the metrics still hold)."""
+        epochs = {r["epoch"] for r in self.read_metrics()}
+        out = {}
+        for path in sorted(self.file("splits").glob("epoch_*.npz")):
+            epoch = int(path.stem.split("_")[1])
+            if epoch in epochs:
+                with np.load(path, allow_pickle=False) as z:
+                    out[epoch] = {k: z[k] for k in z.files}
+        return out
+
     def save_checkpoint(self, name: str, state: dict) -> None:
         buf = io.BytesIO()
         torch.save(state, buf)
@@ -90,6 +109,34 @@ class RunDir:
             return torch.load(path, map_location=map_location, weights_only=True)
         except Exception as e:  # a truncated or foreign file
             raise FastnclError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e})") from None
+
+
+def split_arrays(losses, fits, cuts, splits, clean_mask) -> dict:
+    """The per-sample record of one epoch's split, for both models (axis 0 = model A, B).
+
+    losses: raw division losses; fits: MixtureFit per model (normalised losses, clean
+    probabilities, mixture kind and parameters); cuts: the clean-probability cut at or below
+    which a pair is detected noisy; splits: subset name -> caption indices per model;
+    clean_mask: ground truth (True = clean pair) when the noise was injected, else None.
+    """
+    names = list(splits[0])
+    subset = np.full((len(fits), len(fits[0].clean_prob)), -1, dtype=np.int8)
+    for k, split in enumerate(splits):
+        for code, name in enumerate(names):
+            subset[k, split[name]] = code
+    out = {
+        "losses": np.stack([np.asarray(x, dtype=np.float32) for x in losses]),
+        "normalized": np.stack([f.normalized.astype(np.float32) for f in fits]),
+        "clean_prob": np.stack([f.clean_prob.astype(np.float32) for f in fits]),
+        "noisy_cut": np.asarray(cuts, dtype=np.float64),
+        "subset": subset,
+        "subset_names": np.asarray(names, dtype=str),
+        "mixture": np.asarray(fits[0].kind),
+        "params": np.asarray(json.dumps([f.params for f in fits])),
+    }
+    if clean_mask is not None:
+        out["clean_mask"] = np.asarray(clean_mask, dtype=bool)
+    return out
 
 
 def environment(device: torch.device) -> dict:

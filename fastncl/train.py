@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from fastncl import FastnclError, kernels
+from fastncl.board import Board, check_tensorboard
 from fastncl.config import Config, dump_yaml
 from fastncl.data import load_dataset
 from fastncl.data.batches import PairBatches
@@ -27,7 +28,7 @@ from fastncl.evaluation import fold5_metrics, retrieval_metrics, similarity_matr
 from fastncl.methods import build_method
 from fastncl.models import build_backbone
 from fastncl.profiling import nvtx_range
-from fastncl.run import RunDir, environment, write_atomic
+from fastncl.run import RunDir, environment, split_arrays, write_atomic
 from fastncl.step import CompiledBackbone, Precision, mark_step, resolve_amp, run_step
 
 log = logging.getLogger("fastncl")
@@ -84,9 +85,12 @@ class Trainer:
             raise FastnclError(f"runtime.backend={cfg.runtime.backend}: {e}") from None
         self.method = build_method(cfg)
         self.method.backend = backend
+        if cfg.runtime.tensorboard:
+            check_tensorboard()
 
         self.run = RunDir.create(cfg.out, resume)
         _setup_logging(self.run)
+        self.board = Board(self.run.file("tb")) if cfg.runtime.tensorboard else None
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         self.models = [build_backbone(cfg.model, self.data.image_dim, len(self.data.vocab),
@@ -245,7 +249,7 @@ class Trainer:
         co_epoch = None if warmup else epoch - o.warmup_epochs
         record = {"epoch": epoch, "phase": "warmup" if warmup else "train", "lr": lr}
         all_pairs = {"all": np.arange(self.data.train.num_captions)}
-        losses = {}
+        losses, arrays = {}, None
         if warmup or not self.method.uses_split:
             for k in range(2):
                 with nvtx_range(f"train model {'AB'[k]}"):
@@ -260,6 +264,10 @@ class Trainer:
             record["time_split"] = t_split - t0
             splits = [self.method.subsets(fit, anchors, co_epoch) for fit, (_, anchors) in zip(fits, passes)]
             record["split"] = self._diagnostics(fits, splits)
+            record["active_subsets"] = list(self.method.active_subsets(co_epoch))
+            cuts = [m["noisy_cut"] for m in record["split"]["models"]]
+            arrays = split_arrays([loss for loss, _ in passes], fits, cuts, splits, self.clean_mask)
+            self.run.write_split(epoch, arrays)
             for k in range(2):  # model k trains on its peer's split
                 peer_fit, subsets = fits[1 - k], splits[1 - k]
                 active = {name: subsets[name] for name in self.method.active_subsets(co_epoch)}
@@ -268,9 +276,12 @@ class Trainer:
                     losses["AB"[k]] = self._train_model(k, active, peer_prob, co_epoch, f"epoch {epoch} {'AB'[k]}")
         record["losses"] = losses
         t_train = time.perf_counter()
-        with nvtx_range("evaluation"):
-            dev = retrieval_metrics(self.evaluate(self.data.dev), self.data.dev.captions_per_image)
+        with nvtx_range("evaluation"):  # each model's matrix, then their average (the ensemble)
+            k = self.data.dev.captions_per_image
+            sims = [similarity_matrix([m], self.data.dev, self.device, cfg.runtime.eval_batch) for m in self.models]
+            dev = retrieval_metrics((sims[0] + sims[1]) / 2, k)
         record["dev"] = dev
+        record["dev_models"] = {"AB"[i]: retrieval_metrics(s, k) for i, s in enumerate(sims)}
         record["time_eval"] = time.perf_counter() - t_train
         improved = dev["rsum"] > self.best_rsum
         if improved:
@@ -282,6 +293,8 @@ class Trainer:
                 self.run.save_checkpoint("best", state)
         record["time"] = time.perf_counter() - t0
         self.run.append_metrics(record)
+        if self.board is not None:
+            self.board.log(record, arrays)
         self._log_epoch(record, total)
 
     def _diagnostics(self, fits, splits) -> dict:
@@ -331,6 +344,8 @@ class Trainer:
         if cfg.data.test_protocol == "coco":
             results["test_coco1k"] = fold5_metrics(test_sim, k)
         self.run.write_json("results.json", results)
+        if self.board is not None:
+            self.board.close()
         log.info(format_results(results))
         return results
 

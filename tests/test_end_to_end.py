@@ -7,8 +7,11 @@ wait on each other on a busy machine.
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -277,3 +280,122 @@ def test_triton_backend_trains_like_the_reference(trained, tmp_path, name):
     for record in kernels[1:]:
         for model in record.values():
             assert all(np.isfinite(v) for v in model.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# report figures, split files, compare, TensorBoard
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_report_figures_for_every_method(trained, capsys, name):
+    run = trained(name)
+    capsys.readouterr()
+    assert main(["report", str(run)]) == 0
+    out = capsys.readouterr().out
+    figures = {p.name: p for p in (run / "report").glob("*.png")}
+    # the split of every co-training epoch is plotted (first, middle and last of 2); vanilla has no split
+    expected = {"dev_rsum.png"} if name == "vanilla" else {
+        "dev_rsum.png", "split_quality.png", *(f"losses_epoch{e + 1:02d}.png" for e in range(1, EPOCHS))}
+    assert set(figures) == expected
+    text = (run / "report.md").read_text()
+    for fig_name, path in figures.items():
+        data = path.read_bytes()
+        assert data.startswith(PNG) and len(data) > 5000, fig_name
+        assert f"(report/{fig_name})" in text
+    assert f"figures in {run / 'report'}" in out
+
+
+def test_report_chosen_epochs_and_stale_figures(trained, capsys):
+    run = trained("ncr")
+    assert main(["report", str(run), "--epochs", "3"]) == 0
+    assert sorted(p.name for p in (run / "report").glob("losses_*.png")) == ["losses_epoch03.png"]
+    capsys.readouterr()
+    assert main(["report", str(run), "--epochs", "1"]) == 2  # a warm-up epoch has no split
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--epochs: no split saved for epoch 1 (epochs with a split: 2, 3)" in err
+
+
+def test_report_without_matplotlib_names_the_extra(trained, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main(["report", str(trained("vanilla"))]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'fastncl[report]'" in err
+
+
+def test_split_files_hold_each_epochs_per_sample_record(trained):
+    run = trained("esc")
+    files = sorted((run / "splits").glob("*.npz"))
+    assert [f.name for f in files] == [f"epoch_{e:03d}.npz" for e in range(1, EPOCHS)]
+    records = {r["epoch"]: r for r in read_metrics(run)}
+    truth = np.load(run / "noise_index.npy") == np.arange(TRAIN_IMAGES * CPI) // CPI
+    for f in files:
+        record = records[int(f.stem.split("_")[1])]
+        with np.load(f, allow_pickle=False) as z:
+            assert z["losses"].shape == z["normalized"].shape == z["clean_prob"].shape == (2, TRAIN_IMAGES * CPI)
+            assert str(z["mixture"]) == "bmm" and len(json.loads(str(z["params"]))) == 2
+            assert np.array_equal(z["clean_mask"], truth)
+            for k, model in enumerate(record["split"]["models"]):
+                assert z["noisy_cut"][k] == model["noisy_cut"]
+                for code, name in enumerate(z["subset_names"]):
+                    assert (z["subset"][k] == code).sum() == model["subsets"][str(name)]["size"]
+
+
+def test_dev_rsum_of_each_model_and_the_ensemble(trained):
+    for r in read_metrics(trained("sps")):
+        assert set(r["dev_models"]) == {"A", "B"}
+        assert set(r["dev_models"]["A"]) == set(r["dev"])
+    assert read_metrics(trained("sps"))[-1]["active_subsets"] == ["reliable", "quasi_clean", "noisy"]
+
+
+def test_compare_markdown_and_csv(trained, capsys):
+    runs = [trained(name) for name in ("vanilla", "sps")]
+    capsys.readouterr()
+    assert main(["compare", *map(str, runs)]) == 0
+    md = capsys.readouterr().out.splitlines()
+    assert md[0].startswith("| run | method | noise | seed | backbone |") and len(md) == 4
+    for run, line in zip(runs, md[2:]):
+        res = results(run)
+        assert line.startswith(f"| {run.name} | {res['method']} | 40% | 0 | vse |")
+        assert f"**{res['test']['rsum']:.1f}**" in line
+    assert main(["compare", *map(str, runs), "--format", "csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [r["method"] for r in rows] == ["vanilla", "sps"]
+    assert float(rows[1]["rsum"]) == pytest.approx(results(runs[1])["test"]["rsum"], abs=1e-3)
+    assert rows[0]["split_auc"] == "" and float(rows[1]["split_auc"]) == pytest.approx(results(runs[1])["split"]["auc"], abs=1e-4)
+    assert float(rows[0]["time_s"]) > 0
+
+
+def test_compare_an_unfinished_run(trained, tmp_path, capsys):
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(trained("vanilla"), unfinished)
+    (unfinished / "results.json").unlink()
+    assert main(["compare", str(trained("vanilla")), str(unfinished)]) == 2
+    assert "the run has not finished (no results.json)" in capsys.readouterr().err
+
+
+def test_tensorboard_logs_the_metrics_and_loss_histograms(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    assert main(train_args("ncr", out) + ["--tensorboard"]) == 0
+    board = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0, "histograms": 0})
+    board.Reload()
+    tags = board.Tags()
+    assert {"dev/rsum", "dev_models/A/rsum", "split/auc", "losses/A/loss", "lr", "time"} <= set(tags["scalars"])
+    metrics = read_metrics(out)
+    logged = board.Scalars("dev/rsum")
+    assert [e.step for e in logged] == [r["epoch"] + 1 for r in metrics]
+    assert [e.value for e in logged] == pytest.approx([r["dev"]["rsum"] for r in metrics], rel=1e-6)
+    assert {"split_losses/A", "split_losses/A_clean", "split_losses/B_noisy", "clean_prob/A"} <= set(tags["histograms"])
+    assert [e.step for e in board.Histograms("split_losses/A")] == list(range(2, EPOCHS + 1))
+
+
+def test_tensorboard_missing_is_one_line_and_no_run_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    out = tmp_path / "run"
+    assert main(train_args("vanilla", out) + ["--tensorboard"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'fastncl[tensorboard]'" in err
+    assert not out.exists()

@@ -1,7 +1,9 @@
-"""Reproduce the README's results table: vanilla on clean data, and vanilla, NCR, SPS and ESC at
+"""Reproduce the README's results tables: vanilla on clean data, and vanilla, NCR, SPS and ESC at
 20/40/60 % noise, all with the defaults on the embedded data, the same seed and budget.
 
     python tools/noise_table.py --out runs/table --jobs 2
+    python tools/noise_table.py --data emoji --clean-methods vanilla,ncr,sps,esc --out runs/emoji --jobs 2 \
+        optim.warmup_epochs=2 optim.epochs=6 optim.lr_step=4 sps.quasi_clean_start=2 sps.noisy_start=3 esc.noisy_start=3
 
 Each run is a normal `fastncl train` (its run folder is kept); the table is printed and written
 to OUT/table.md. Runs whose results.json exists are not repeated.
@@ -16,34 +18,33 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-RUNS = [("vanilla", 0.0)] + [(m, r) for r in (0.2, 0.4, 0.6) for m in ("vanilla", "ncr", "sps", "esc")]
+from fastncl.report import RECALLS, compare_rows
+
+METHODS = ("vanilla", "ncr", "sps", "esc")
 
 
-def run(out: Path, method: str, noise: float, seed: int, threads: int, extra: list[str]) -> dict:
+def run(out: Path, method: str, noise: float, seed: int, threads: int, data: str, extra: list[str]) -> Path:
     folder = out / f"{method}-noise{noise:g}-seed{seed}"
     if not (folder / "results.json").exists():
         if folder.exists():  # an unfinished run: start it again
             shutil.rmtree(folder)
-        cmd = ["fastncl", "train", "--method", method, "--noise", str(noise), "--seed", str(seed),
+        cmd = ["fastncl", "train", "--method", method, "--noise", str(noise), "--seed", str(seed), "--data", data,
                "--out", str(folder), "--no-progress", f"runtime.threads={threads}", *extra]
         with open(out / f"{folder.name}.log", "w") as log:
             subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=True)
-    results = json.loads((folder / "results.json").read_text())
-    metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    results["wall_time_s"] = sum(r["time"] for r in metrics)
-    return results
+    return folder
 
 
-def table(results: list[dict]) -> str:
+def table(rows: list[dict]) -> str:
+    """The README's layout of `fastncl compare` rows."""
     lines = ["| noise | method | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | RSum | split AUC | F1 | time (s) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        t, s = r["test"], r.get("split") or {}
-        auc = f"{s['auc']:.3f}" if s.get("auc") is not None else "-"
-        f1 = f"{s['f1']:.3f}" if s.get("f1") is not None else "-"
-        recalls = " | ".join(f"{t[k]:.1f}" for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"))
-        lines.append(f"| {r['noise']:.0%} | {r['method']} | {recalls} | **{t['rsum']:.1f}** | {auc} | {f1} | "
-                     f"{r['wall_time_s']:.0f} |")
+    for r in rows:
+        auc = f"{r['split_auc']:.3f}" if r["split_auc"] is not None else "-"
+        f1 = f"{r['split_f1']:.3f}" if r["split_f1"] is not None else "-"
+        recalls = " | ".join(f"{r[k]:.1f}" for k in RECALLS)
+        lines.append(f"| {r['noise']:.0%} | {r['method']} | {recalls} | **{r['rsum']:.1f}** | {auc} | {f1} | "
+                     f"{r['time_s']:.0f} |")
     return "\n".join(lines)
 
 
@@ -52,14 +53,20 @@ def main() -> int:
     p.add_argument("--out", default="runs/table")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (each with threads = 1 when jobs > 1)")
+    p.add_argument("--data", default="synthetic", help="--data of every run (synthetic, emoji or a folder)")
+    p.add_argument("--clean-methods", default="vanilla", help="methods also trained without noise (comma-separated)")
+    p.add_argument("--noise-rates", default="0.2,0.4,0.6", help="noise rates every method is trained at")
     p.add_argument("extra", nargs="*", help="config overrides passed to every run")
     args = p.parse_args()
+    clean = [m for m in args.clean_methods.split(",") if m]
+    rates = [float(r) for r in args.noise_rates.split(",") if r]
+    runs = [(m, 0.0) for m in METHODS if m in clean] + [(m, r) for r in rates for m in METHODS]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     threads = 1 if args.jobs > 1 else 0
     with ThreadPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(lambda mr: run(out, *mr, args.seed, threads, args.extra), RUNS))
-    text = table(results)
+        folders = list(pool.map(lambda mr: run(out, *mr, args.seed, threads, args.data, args.extra), runs))
+    text = table(compare_rows([str(f) for f in folders]))
     (out / "table.md").write_text(text + "\n")
     print(text)
     return 0

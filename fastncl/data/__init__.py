@@ -1,4 +1,4 @@
-"""Data: the embedded synthetic default, the SCAN/NCR precomputed layout, noise, batches."""
+"""Data: the embedded synthetic default, the emoji set (built on first use), the SCAN/NCR precomputed layout, noise, batches."""
 from __future__ import annotations
 
 from fastncl.config import DataConfig
@@ -19,9 +19,16 @@ def load_dataset(cfg: DataConfig) -> Dataset:
         return dataset
     from .precomp import load_precomp
 
-    dataset = load_precomp(cfg.source, dev_split=cfg.dev_split, test_split=cfg.test_split, vocab_path=cfg.vocab,
+    source = cfg.source
+    if source == "emoji":  # built once into the cache (fastncl.data.emoji)
+        from .emoji import ensure_emoji
+
+        source = ensure_emoji()
+    dataset = load_precomp(source, dev_split=cfg.dev_split, test_split=cfg.test_split, vocab_path=cfg.vocab,
                            max_len=cfg.max_len)
     dataset.dev = dataset.dev.truncated(cfg.dev_images)
+    if cfg.source == "emoji":
+        dataset.name = "emoji"
     return dataset
 
 

