@@ -128,6 +128,14 @@ def finish_sum(partials_ptr, counter_ptr, values, pid, n_programs, K: tl.constex
 
 
 @triton.jit
+def finish_scalar(partials_ptr, counter_ptr, out_ptr, value, pid, n_programs, BLOCK: tl.constexpr):
+    """``finish_sum`` of one (1,) partial per program; the last program stores the 0-d total."""
+    is_last, total = finish_sum(partials_ptr, counter_ptr, value, pid, n_programs, K=1, BLOCK=BLOCK)
+    if is_last:
+        tl.store(out_ptr + tl.arange(0, 1), total)
+
+
+@triton.jit
 def store_stats(stats_ptr, offs_m, mask_m, B, r0, r1, r2, r3, r4):
     """Store five (BLOCK_M,) rows of a (5, B) fp32 stats tensor for the pairs ``offs_m``."""
     tl.store(stats_ptr + offs_m, r0, mask=mask_m)

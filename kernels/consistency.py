@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch.library import custom_op
 
-from ._launch import check_inputs, device_guard, finish_sum, reduction_counter, row_block
+from ._launch import check_inputs, device_guard, finish_scalar, reduction_counter, row_block
 
 
 @triton.jit
@@ -50,10 +50,8 @@ def _cross_consistency_fwd_kernel(
         weight = tl.where(bj > bi, 2.0, 1.0) * inv_count  # an off-diagonal pair holds two equal terms
         value += tl.sum(tl.sum(hinge, axis=1), axis=0) * weight
     # 2. [deterministic reduction] the last program adds the partials in index order
-    is_last, total = finish_sum(partials_ptr, counter_ptr, value, bi * tl.num_programs(1) + bj,
-                                tl.num_programs(0) * tl.num_programs(1), K=1, BLOCK=128)
-    if is_last:
-        tl.store(out_ptr + tl.arange(0, 1), total)
+    finish_scalar(partials_ptr, counter_ptr, out_ptr, value, bi * tl.num_programs(1) + bj,
+                  tl.num_programs(0) * tl.num_programs(1), BLOCK=128)
 
 
 @triton.jit
@@ -96,10 +94,8 @@ def _metric_consistency_fwd_kernel(
     t = tl.load(txt_ptr + offs_i[:, None] * stride_tr + offs_j[None, :] * stride_tc, mask=mask, other=0.0)
     d = a.to(tl.float32) - t.to(tl.float32)
     value = tl.zeros((1,), dtype=tl.float32) + tl.sum(tl.sum(tl.maximum(d * d - alpha, 0.0), axis=1), axis=0) * inv_count
-    is_last, total = finish_sum(partials_ptr, counter_ptr, value, bi * tl.num_programs(1) + bj,
-                                tl.num_programs(0) * tl.num_programs(1), K=1, BLOCK=128)
-    if is_last:
-        tl.store(out_ptr + tl.arange(0, 1), total)
+    finish_scalar(partials_ptr, counter_ptr, out_ptr, value, bi * tl.num_programs(1) + bj,
+                  tl.num_programs(0) * tl.num_programs(1), BLOCK=128)
 
 
 @triton.jit

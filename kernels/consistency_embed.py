@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 from torch.library import custom_op
 
-from ._launch import (check_inputs, device_guard, dot_precision, embed_blocks, finish_sum, gram_tile, load_tile,
+from ._launch import (check_inputs, device_guard, dot_precision, embed_blocks, finish_scalar, gram_tile, load_tile,
                       reduction_counter)
 
 
@@ -91,10 +91,8 @@ def _consistency_embed_fwd_kernel(
     hinge = tl.where(mask_m[:, None] & mask_n[None, :] & (hinge > 0), hinge, 0.0)
     value = tl.zeros((1,), dtype=tl.float32) + tl.sum(tl.sum(hinge, axis=1), axis=0) * (weight * scale)
     # 3. [deterministic reduction] the last program adds the partials in order
-    is_last, total = finish_sum(partials_ptr, counter_ptr, value, bi * tl.num_programs(1) + bj,
-                                tl.num_programs(0) * tl.num_programs(1), K=1, BLOCK=BLOCK_R)
-    if is_last:
-        tl.store(out_ptr + tl.arange(0, 1), total)
+    finish_scalar(partials_ptr, counter_ptr, out_ptr, value, bi * tl.num_programs(1) + bj,
+                  tl.num_programs(0) * tl.num_programs(1), BLOCK=BLOCK_R)
 
 
 @triton.jit
