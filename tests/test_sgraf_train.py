@@ -121,3 +121,18 @@ def test_compiled_training_traces_without_graph_breaks(tmp_path, monkeypatch):
     res = json.loads((out / "results.json").read_text())
     assert np.isfinite(res["test"]["rsum"])
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name", ["sps", "esc"])
+def test_report_and_compare_read_sgr_runs(runs, capsys, name):
+    """fastncl report and compare are backbone-agnostic: the figures of an SGR run, and its backbone
+    in the comparison table."""
+    run = runs(name)
+    capsys.readouterr()
+    assert main(["report", str(run)]) == 0
+    figures = sorted(p.name for p in (run / "report").glob("*.png"))
+    assert {"dev_rsum.png", "split_quality.png"} <= set(figures) and any(f.startswith("losses_") for f in figures)
+    assert all((run / "report" / f).stat().st_size > 5000 for f in figures)
+    capsys.readouterr()
+    assert main(["compare", str(run)]) == 0
+    assert f"| {name} | 40% | 0 | sgr |" in capsys.readouterr().out
