@@ -282,6 +282,33 @@ def test_triton_backend_trains_like_the_reference(trained, tmp_path, name):
             assert all(np.isfinite(v) for v in model.values())
 
 
+
+@pytest.mark.parametrize("name", ["vanilla", "sps"])
+def test_embedding_level_ops_train_like_the_matrix_ops(trained, tmp_path, monkeypatch, name):
+    """With the Triton backend a vse batch from fastncl.methods.base.EMBED_MIN_BATCH pairs on takes
+    its InfoNCE (and SPS's consistency terms) straight from the embeddings; here every batch does:
+    the warm-up losses match the reference backend's run, and every later epoch's are finite."""
+    pytest.importorskip("triton")
+    import fastncl.methods.base
+
+    monkeypatch.setattr(fastncl.methods.base, "EMBED_MIN_BATCH", 1)
+    called = []
+    import fastncl.kernels as K
+    for op in ("infonce_terms_embed", "cross_consistency_embed", "metric_consistency_embed"):
+        monkeypatch.setattr(K, op, lambda *a, _op=getattr(K, op), _name=op, **kw: called.append(_name) or _op(*a, **kw))
+    out = tmp_path / name
+    assert main(train_args(name, out) + ["runtime.backend=triton"]) == 0
+    assert {"infonce_terms_embed"} <= set(called)
+    if name == "sps":
+        assert {"cross_consistency_embed", "metric_consistency_embed"} <= set(called)
+    reference, kernels = losses(trained(name)), losses(out)
+    for model in ("A", "B"):
+        for term, value in reference[0][model].items():
+            assert kernels[0][model][term] == pytest.approx(value, rel=1e-4), f"{name} warm-up {model} {term}"
+    for record in kernels[1:]:
+        for model in record.values():
+            assert all(np.isfinite(v) for v in model.values())
+
 # ---------------------------------------------------------------------------------------------
 # report figures, split files, compare, TensorBoard
 
