@@ -345,6 +345,8 @@ def validate(cfg: Config) -> Config:
     for path in ("seed", "data.noise_seed", "data.synthetic.seed"):
         if (_get(cfg, path) or 0) < 0:
             raise FastnclError(f"{'--seed' if path == 'seed' else path}: must not be negative, got {_get(cfg, path)}")
+    if not 0.0 <= cfg.model.dropout < 1.0:
+        raise FastnclError(f"model.dropout: must be in [0, 1), got {cfg.model.dropout}")
     if cfg.data.synthetic.regions < 7:
         raise FastnclError("data.synthetic.regions: must be at least 7 (one region per attribute, plus one)")
     if cfg.optim.epochs + cfg.optim.warmup_epochs == 0:

@@ -61,6 +61,8 @@ def resolve_backend(backend: str = "auto", tensor: torch.Tensor | None = None) -
     """
     if backend == "auto":
         backend = os.environ.get("FASTNCL_BACKEND", "auto") or "auto"
+        if backend not in BACKENDS:
+            raise ValueError(f"the environment variable FASTNCL_BACKEND must be one of {BACKENDS}, got {backend!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto" or tensor is None:
@@ -74,8 +76,8 @@ def check_backend(backend: str, device: torch.device) -> str:
     op call will use ("torch" or "triton"), so that hot paths need no lookup."""
     resolved = resolve_backend(backend)
     if resolved == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
-    if resolved == "triton":
+        resolved = "triton" if device.type == "cuda" and triton_available() else "torch"
+    elif resolved == "triton":
         if not triton_available():
             raise ValueError("backend='triton' needs the triton package: pip install 'fastncl[triton]'")
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
@@ -139,6 +141,8 @@ def sps_reliable_objective(sim, sim_img, sim_txt, tau, alpha, cross_weight, metr
 
 def esc_division_terms(sim, margin, esc_weight, alpha=0.0, hardest=True, normalize=False, *, backend="auto"):
     return _impl("esc_division_terms", backend, sim)(sim, margin, esc_weight, alpha, hardest, normalize)
+
+
 def infonce_terms_embed(img, txt, tau, *, backend="auto"):
     return _impl("infonce_terms_embed", backend, img)(img, txt, tau)
 

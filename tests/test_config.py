@@ -204,6 +204,12 @@ def test_non_positive_sizes_raise(key, value):
         resolve(overrides=[(key, value)])
 
 
+@pytest.mark.parametrize("value", [-0.1, 1.0, 1.5])
+def test_dropout_outside_unit_interval_raises(value):
+    with pytest.raises(FastnclError, match=r"model\.dropout: must be in \[0, 1\)"):
+        resolve(overrides=[("model.dropout", value)])
+
+
 def test_noisy_threshold_above_reliable_threshold_raises():
     with pytest.raises(FastnclError, match="sps.noisy_threshold"):
         resolve(overrides=[("sps.reliable_threshold", 0.4), ("sps.noisy_threshold", 0.5)])

@@ -573,6 +573,17 @@ def test_auto_uses_the_reference_on_cpu(monkeypatch):
     assert K.check_backend("auto", torch.device("cpu")) == "torch"
 
 
+def test_check_backend_imports_every_kernel_module_when_triton_is_chosen(monkeypatch):
+    """Resolved to Triton, explicitly or by "auto" on a CUDA device, every kernel module is imported
+    before any step runs (none is imported while torch.compile traces)."""
+    monkeypatch.delenv("FASTNCL_BACKEND", raising=False)
+    for backend in ("auto", "triton"):
+        loaded = []
+        monkeypatch.setattr(K, "triton_impl", loaded.append)
+        assert K.check_backend(backend, torch.device("cuda")) == "triton"
+        assert sorted(loaded) == sorted(K.reference.__all__)
+
+
 def test_triton_on_cpu_without_the_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="CUDA"):

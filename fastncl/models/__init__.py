@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from fastncl.config import ModelConfig
 
-from .base import BackboneOutput, Encoding, encode_pairs, forward_pairs, intramodal_features, intramodal_similarity
+from .base import BackboneOutput, Encoding, encode_pairs, forward_pairs, intramodal_features
 from .sgraf import SGRAF
 from .vse import VSE
 
@@ -21,4 +21,4 @@ def build_backbone(cfg: ModelConfig, image_dim: int, vocab_size: int, num_region
 
 
 __all__ = ["BackboneOutput", "Encoding", "SGRAF", "VSE", "build_backbone", "encode_pairs", "forward_pairs",
-           "intramodal_features", "intramodal_similarity"]
+           "intramodal_features"]

@@ -42,9 +42,3 @@ def intramodal_features(enc: Encoding, which: str) -> torch.Tensor:
     """(B, E) unit vectors whose dot products are the similarities within one modality, from the
     "global" embeddings or the L2-normalised "pooled" features."""
     return enc.global_ if which == "global" else F.normalize(enc.pooled, dim=-1)
-
-
-def intramodal_similarity(enc: Encoding, which: str) -> torch.Tensor:
-    """(B, B) cosine similarity within one modality, from "global" or "pooled" features."""
-    x = intramodal_features(enc, which)
-    return x @ x.T
