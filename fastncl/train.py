@@ -225,9 +225,11 @@ class Trainer:
         peer.train()
         return {name: float(v) / steps for name, v in sums.items()}  # sync: once per epoch
 
-    def evaluate(self, split) -> torch.Tensor:
+    def evaluate(self, split, models=None) -> torch.Tensor:
+        """The similarity matrix of a split, averaged over ``models`` (default: both), computed as
+        training runs them (compiled views, mixed precision)."""
         with self.precision.autocast():
-            return similarity_matrix(self.eval_views, split, self.device, self.cfg.runtime.eval_batch)
+            return similarity_matrix(models or self.eval_views, split, self.device, self.cfg.runtime.eval_batch)
 
     # -- the loop --------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -278,7 +280,7 @@ class Trainer:
         t_train = time.perf_counter()
         with nvtx_range("evaluation"):  # each model's matrix, then their average (the ensemble)
             k = self.data.dev.captions_per_image
-            sims = [similarity_matrix([m], self.data.dev, self.device, cfg.runtime.eval_batch) for m in self.models]
+            sims = [self.evaluate(self.data.dev, [view]) for view in self.eval_views]
             dev = retrieval_metrics((sims[0] + sims[1]) / 2, k)
         record["dev"] = dev
         record["dev_models"] = {"AB"[i]: retrieval_metrics(s, k) for i, s in enumerate(sims)}

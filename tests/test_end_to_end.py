@@ -426,3 +426,22 @@ def test_tensorboard_missing_is_one_line_and_no_run_folder(tmp_path, capsys, mon
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install 'fastncl[tensorboard]'" in err
     assert not out.exists()
+
+
+def test_amp_dev_recalls_are_those_of_fastncl_eval(tmp_path, capsys):
+    """Under --amp the per-epoch dev evaluation runs as `fastncl eval` does (same precision, same
+    views), and the vse similarities stay fp32 under autocast."""
+    from fastncl.models import build_backbone
+    from fastncl.config import ModelConfig
+    from fastncl.report import evaluate_run
+
+    model = build_backbone(ModelConfig(embed_dim=8, word_dim=4), 6, 20)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        img = model.encode_images(torch.randn(3, 5, 6))
+        cap = model.encode_captions(torch.randint(1, 20, (4, 7)), torch.tensor([7, 5, 3, 1]))
+        assert model.similarity(img, cap).dtype == torch.float32
+    out = tmp_path / "amp"
+    assert main(train_args("vanilla", out) + ["--amp"]) == 0
+    last = read_metrics(out)[-1]["dev"]
+    text = evaluate_run(str(out), split="dev", checkpoint="last")
+    assert f"| {last['rsum']:.1f} |" in text, (text, last)

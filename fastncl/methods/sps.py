@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from fastncl import kernels
-from fastncl.models import encode_pairs, intramodal_features
+from fastncl.models import cosine_matrix, encode_pairs, intramodal_features
 
 from .base import Method
 from .mixture import noisy_threshold
@@ -68,7 +68,8 @@ class SPS(Method):
         c = self.cfg.sps
         x_img, x_txt = intramodal_features(img, c.intramodal), intramodal_features(cap, c.intramodal)
         if not self.from_embeddings(model, x_img.shape[0]):  # one fused op (Triton: one launch each way)
-            return kernels.sps_reliable_objective(model.similarity(img, cap), x_img @ x_img.T, x_txt @ x_txt.T,
+            return kernels.sps_reliable_objective(model.similarity(img, cap), cosine_matrix(x_img, x_img),
+                                                  cosine_matrix(x_txt, x_txt),
                                                   c.tau, c.consistency_margin, c.cross_weight, c.metric_weight,
                                                   backend=self.backend)
         loss, _ = self.infonce(model, img, cap, c.tau)  # large batches: no (B, B) matrix anywhere

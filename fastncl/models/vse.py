@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from .base import Encoding
+from .base import Encoding, cosine_matrix
 
 
 class VSE(nn.Module):
@@ -61,5 +61,5 @@ class VSE(nn.Module):
         return Encoding(global_=F.normalize(pool, dim=-1), pooled=pooled)
 
     def similarity(self, images: Encoding, captions: Encoding) -> torch.Tensor:
-        """(B_img, B_cap) cosine similarities, rows = images."""
-        return images.global_ @ captions.global_.T
+        """(B_img, B_cap) cosine similarities, rows = images (fp32, also under autocast)."""
+        return cosine_matrix(images.global_, captions.global_)
