@@ -168,10 +168,9 @@ class Trainer:
     def _bar(self, it, total, desc):
         return tqdm(it, total=total, desc=desc, leave=False, disable=not self.progress, dynamic_ncols=True)
 
-    def _step(self, model, opt, groups) -> dict:
+    def _step(self, opt, groups) -> dict:
         """One iteration: all loss groups in one optimizer step, or one step per group (step.run_step)."""
-        return run_step(opt, groups, self.method.separate_steps, self.cfg.optim.grad_clip,
-                        getattr(self, "precision", Precision()), getattr(self, "graphs", False))
+        return run_step(opt, groups, self.method.separate_steps, self.cfg.optim.grad_clip, self.precision, self.graphs)
 
     @torch.no_grad()
     def split_pass(self, model) -> tuple[np.ndarray, np.ndarray]:
@@ -219,7 +218,7 @@ class Trainer:
             else:
                 groups = self.method.train_groups(model, peer, batches, peer_prob, co_epoch)
             with nvtx_range("step"):
-                for name, value in self._step(model, opt, groups).items():
+                for name, value in self._step(opt, groups).items():
                     sums[name] = sums.get(name, 0.0) + value.detach()
             steps += 1
         peer.train()

@@ -31,6 +31,17 @@ from ._launch import check_inputs, device_guard, finish_scalar, reduction_counte
 
 
 @triton.jit
+def _cross_difference(sim_ptr, bi, bj, stride_r, stride_c, B, BLOCK: tl.constexpr):
+    """Rows I, columns J, their mask, and the fp32 tile S[I, J] - S[J, I]^T."""
+    offs_i = bi * BLOCK + tl.arange(0, BLOCK)
+    offs_j = bj * BLOCK + tl.arange(0, BLOCK)
+    mask = (offs_i[:, None] < B) & (offs_j[None, :] < B)
+    s_ij = tl.load(sim_ptr + offs_i[:, None] * stride_r + offs_j[None, :] * stride_c, mask=mask, other=0.0)
+    s_ji = tl.load(sim_ptr + offs_j[None, :] * stride_r + offs_i[:, None] * stride_c, mask=mask, other=0.0)
+    return offs_i, offs_j, mask, s_ij.to(tl.float32) - s_ji.to(tl.float32)
+
+
+@triton.jit
 def _cross_consistency_fwd_kernel(
     sim_ptr, partials_ptr, counter_ptr, out_ptr,  # pointers: (B, B) input; workspace; 0-d fp32 out
     stride_r, stride_c,  # strides of sim
@@ -40,12 +51,7 @@ def _cross_consistency_fwd_kernel(
     bi, bj = tl.program_id(0), tl.program_id(1)
     value = tl.zeros((1,), dtype=tl.float32)
     if bj >= bi:  # 1. [symmetric tile pairs] (I, J) and (J, I) in one program
-        offs_i = bi * BLOCK + tl.arange(0, BLOCK)
-        offs_j = bj * BLOCK + tl.arange(0, BLOCK)
-        mask = (offs_i[:, None] < B) & (offs_j[None, :] < B)
-        s_ij = tl.load(sim_ptr + offs_i[:, None] * stride_r + offs_j[None, :] * stride_c, mask=mask, other=0.0)
-        s_ji = tl.load(sim_ptr + offs_j[None, :] * stride_r + offs_i[:, None] * stride_c, mask=mask, other=0.0)
-        d = s_ij.to(tl.float32) - s_ji.to(tl.float32)
+        offs_i, offs_j, mask, d = _cross_difference(sim_ptr, bi, bj, stride_r, stride_c, B, BLOCK)
         hinge = tl.maximum(d * d - alpha, 0.0)
         weight = tl.where(bj > bi, 2.0, 1.0) * inv_count  # an off-diagonal pair holds two equal terms
         value += tl.sum(tl.sum(hinge, axis=1), axis=0) * weight
@@ -63,12 +69,7 @@ def _cross_consistency_bwd_kernel(
 ):
     bi, bj = tl.program_id(0), tl.program_id(1)
     if bj >= bi:
-        offs_i = bi * BLOCK + tl.arange(0, BLOCK)
-        offs_j = bj * BLOCK + tl.arange(0, BLOCK)
-        mask = (offs_i[:, None] < B) & (offs_j[None, :] < B)
-        s_ij = tl.load(sim_ptr + offs_i[:, None] * stride_r + offs_j[None, :] * stride_c, mask=mask, other=0.0)
-        s_ji = tl.load(sim_ptr + offs_j[None, :] * stride_r + offs_i[:, None] * stride_c, mask=mask, other=0.0)
-        d = s_ij.to(tl.float32) - s_ji.to(tl.float32)
+        offs_i, offs_j, mask, d = _cross_difference(sim_ptr, bi, bj, stride_r, stride_c, B, BLOCK)
         # S_ij enters the (i, j) and the (j, i) terms, each with derivative 2 d_ij
         g = tl.load(grad_ptr) * 4.0 * inv_count
         ds = tl.where(d * d > alpha, g * d, 0.0)

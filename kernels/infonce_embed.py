@@ -50,6 +50,7 @@ import triton.language as tl
 from torch.library import custom_op
 
 from ._launch import check_inputs, device_guard, dot_precision, embed_blocks, gram_tile, load_tile
+from .infonce import online_lse
 
 LOG2E = 1.4426950408889634
 
@@ -77,10 +78,7 @@ def _row_stats(q_ptr, k_ptr, lse_ptr, loss_ptr, prob_ptr,  # pointers: queries, 
         else:
             s = gram_tile(q_ptr, k_ptr, offs_m, offs_n, mask_m, mask_n, stride_qb, stride_qd, stride_kb, stride_kd, D,
                           BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
-        x = tl.where(mask_n[None, :], s * scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(x, axis=1))
-        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(x - m_new[:, None]), axis=1)
-        m_i = m_new
+        m_i, l_i = online_lse(m_i, l_i, tl.where(mask_n[None, :], s * scale, float("-inf")))
     # 2. the diagonal S[i, i] = q[i] . k[i], a row-wise dot product in fp32
     diag = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for start in range(0, D, BLOCK_D):

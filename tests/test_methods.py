@@ -23,6 +23,7 @@ from fastncl.methods.esc import bicro_consistency, pseudo_negative
 from fastncl.methods.mixture import MixtureFit
 from fastncl.methods.ncr import hinge_confidence, soft_margin
 from fastncl.models import VSE, Encoding, forward_pairs
+from fastncl.step import Precision
 from fastncl.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -559,7 +560,8 @@ def test_trainer_step_runs_the_groups_and_updates_the_model(name):
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     before = [p.detach().clone() for p in model.parameters()]
     groups = method.train_groups(model, peer, batches, peer_prob, co_epoch=1000)
-    terms = Trainer._step(SimpleNamespace(cfg=cfg, method=method), model, opt, groups)
+    trainer = SimpleNamespace(cfg=cfg, method=method, precision=Precision(), graphs=False)
+    terms = Trainer._step(trainer, opt, groups)
     assert torch.isfinite(terms["loss"]) and terms["loss"].dim() == 0
     assert any(not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
     if method.separate_steps:
