@@ -33,7 +33,8 @@ both the tile products and the gradient GEMMs. The hinge mirrors ``torch.relu``:
 Limits: fp16, bf16, fp32 embeddings of one dtype (tensor-core dots for 16-bit inputs, IEEE fp32
 dots for fp32), any B >= 1, D >= 1, any strides; the loss is fp32, gradients in the input dtype
 (E is rounded to it before the gradient GEMM). Tested on CPU in the interpreter up to B = 130,
-D = 300. Not here: the alpha = 0 closed form through D x D Grams (cheaper when B >> D).
+D = 300. For alpha <= 0 and B >= 8 D the ops take a closed form through D x D Grams instead
+(``_closed_form``; plain torch, fp32 Grams).
 [2026-11-24] Not yet run on a GPU: compiled ahead of time for sm_90 with Triton 3.9 (bf16,
 B = 8192, D = 256: at most 196 KiB of shared memory, about 56 bytes of register spills in the
 backward); launch shapes are not tuned.
@@ -220,14 +221,59 @@ def _backward(ctx, grad):
 consistency_embed_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+# ---------------------------------------------------------------------------------------------
+# alpha <= 0: the hinge never clips, and the mean of delta^2 has a closed form in D x D Grams
+
+
+CLOSED_FORM_MIN_RATIO = 8  # B >= this * D takes the closed form (estimated from FLOP rates, not timed)
+
+
+def _closed_form(x: torch.Tensor, y: torch.Tensor, alpha: float, cross: bool) -> torch.Tensor:
+    """The hinge mean for alpha <= 0, where max(delta^2 - alpha, 0) = delta^2 - alpha everywhere:
+    with F = x.T x, G = y.T y and M = y.T x (cross) or x.T y (metric), all fp32 D x D,
+        cross:  sum delta^2 = 2 <F, G> - 2 tr(M M);     metric: sum delta^2 = |F|^2 + |G|^2 - 2 |M|^2.
+
+    Cost: three (D, B) @ (B, D) products forward and six (B, D) @ (D, D) backward (autograd), about
+    18 B D^2 FLOPs on the fp32 units (H100: 67 TFLOP/s), against the tile kernels' 10 B^2 D on the
+    tensor cores (a few hundred TFLOP/s): by those rates it wins from B of about 7 D on, which
+    ``CLOSED_FORM_MIN_RATIO`` rounds up to 8; at B = 32768, D = 256 the FLOP time is about 1/20.
+    Memory: the fp32 copies of x and y and three D x D Grams, linear in B.
+
+    Numerics: a difference of two sums of size |S|^2, which cancels as delta -> 0 (S symmetric, or
+    the two Gram matrices equal): the Grams accumulate in fp32 with autocast off (16-bit inputs are
+    upcast first, so their products are exact), the D^2-term sums are taken in float64, and the
+    result is clamped at 0. The absolute error is then about 1e-7 of mean(S^2), not of the result
+    (tests/test_kernels_triton.py checks both a generic and a nearly symmetric draw).
+    """
+    n = x.shape[0]
+    with torch.autocast(x.device.type, enabled=False):
+        f, g = x.float(), y.float()
+        ff, gg = (f.T @ f).double(), (g.T @ g).double()
+        if cross:
+            m = (g.T @ f).double()
+            total = 2.0 * (ff * gg).sum() - 2.0 * (m * m.T).sum()
+        else:
+            m = (f.T @ g).double()
+            total = (ff * ff).sum() + (gg * gg).sum() - 2.0 * (m * m).sum()
+        return (total.clamp_min(0.0) / (n * n) - alpha).float()
+
+
+def _consistency(x: torch.Tensor, y: torch.Tensor, alpha: float, cross: bool) -> torch.Tensor:
+    """The closed form for alpha <= 0 and B >= CLOSED_FORM_MIN_RATIO * D, else the tile kernels."""
+    _check("cross_consistency_embed" if cross else "metric_consistency_embed", x, y, cross)
+    if alpha <= 0.0 and x.shape[0] >= CLOSED_FORM_MIN_RATIO * max(x.shape[1], y.shape[1]):
+        return _closed_form(x, y, alpha, cross)
+    return consistency_embed_fwd(x, y, alpha, cross)
+
+
 def cross_consistency_embed(img: torch.Tensor, txt: torch.Tensor, alpha: float) -> torch.Tensor:
     """Triton twin of ``reference.cross_consistency_embed``: a 0-d fp32 tensor."""
-    return consistency_embed_fwd(img, txt, float(alpha), True)
+    return _consistency(img, txt, float(alpha), True)
 
 
 def metric_consistency_embed(img_feats: torch.Tensor, txt_feats: torch.Tensor, alpha: float) -> torch.Tensor:
     """Triton twin of ``reference.metric_consistency_embed``: a 0-d fp32 tensor."""
-    return consistency_embed_fwd(img_feats, txt_feats, float(alpha), False)
+    return _consistency(img_feats, txt_feats, float(alpha), False)
 
 
 __all__ = ["cross_consistency_embed", "metric_consistency_embed"]

@@ -233,12 +233,16 @@ CASES = [_infonce_case(tau) for tau in TAUS] + [
     _esc_division_case("per_pair", False, 0.0, True),
 ]
 # the embedding-level variants: D in {1, 3, 64, 256} (and 300: two gradient-column blocks), each
-# tau, alpha = 0 (the SPS code's value) and an alpha that leaves about half the hinge active
+# tau, alpha = 0 (the SPS code's value) and an alpha that leaves about half the hinge active. With
+# alpha = 0 the consistency ops take the tile kernels for B < 8 D (D = 64 here; D = 2 and 3 at
+# B <= 7) and the D x D closed form from B >= 8 D on (D = 2 and 3 at B >= 33)
 CASES += [
     _infonce_embed_case(0.07, 1), _infonce_embed_case(0.07, 3), _infonce_embed_case(0.02, 64),
     _infonce_embed_case(1.0, 64, normalized=False), _infonce_embed_case(0.07, 256),
     _cross_embed_case(3, "half-mean"), _cross_embed_case(64, 0.0), _cross_embed_case(256, "half-mean"),
+    _cross_embed_case(3, 0.0),
     _metric_embed_case(1, 3, "half-mean"), _metric_embed_case(64, 64, 0.0), _metric_embed_case(256, 300, "half-mean"),
+    _metric_embed_case(3, 2, 0.0),
 ]
 
 
@@ -630,6 +634,55 @@ def test_embedding_ops_reject_mismatched_inputs():
     with pytest.raises(ValueError, match=r"metric_consistency_embed: expected embeddings \(B, D1\) and \(B, D2\)"):
         K.metric_consistency_embed(a, a[:3], 0.0, backend="triton")
     assert K.metric_consistency_embed(a, a[:, :2], 0.0, backend="triton").shape == ()  # D1 != D2 is fine
+
+
+@pytest.mark.parametrize("cross", (True, False), ids=("cross", "metric"))
+def test_consistency_closed_form_is_taken_for_alpha_zero_and_large_b(monkeypatch, cross):
+    """alpha <= 0 and B >= 8 D: the D x D closed form, no kernel launch; alpha > 0 or B < 8 D: the kernel.
+    A negative alpha (the hinge never clips) adds -alpha, as the reference does."""
+    from fastncl.kernels import consistency_embed as ce
+
+    launches = []
+    kernel = ce.consistency_embed_fwd
+    monkeypatch.setattr(ce, "consistency_embed_fwd", lambda *args: launches.append(args) or kernel(*args))
+    op = K.cross_consistency_embed if cross else K.metric_consistency_embed
+    gen = torch.Generator().manual_seed(1)
+    x, y = (_embeddings(40, 5, gen, torch.float32, False).to(DEVICE) for _ in range(2))
+    for alpha, n, kernel_expected in ((0.0, 40, False), (-0.25, 40, False), (0.01, 40, True), (0.0, 39, True)):
+        launches.clear()
+        actual = op(x[:n], y[:n], alpha, backend="triton")
+        expected = op(x[:n].double(), y[:n].double(), alpha, backend="torch")
+        assert bool(launches) == kernel_expected, (alpha, n)
+        assert_close(actual, expected, rtol(torch.float32), f"alpha={alpha} B={n}")
+
+
+@pytest.mark.parametrize("cross", (True, False), ids=("cross", "metric"))
+def test_consistency_closed_form_nearly_symmetric_and_under_autocast(cross):
+    """The closed form subtracts two sums of size |S|^2. When the two sides are nearly equal (delta
+    about 3e-2 |S|, so the result is about 1e-3 of those sums), its fp32 Grams keep the absolute
+    error within fp32 rtol of mean(S^2), for the value and the gradients (16-bit Grams miss by
+    about 4e-5 of it). Autocast does not lower the Grams to 16 bits (the same result as without)."""
+    gen = torch.Generator().manual_seed(2)
+    n, d = 256, 16
+    x = _embeddings(n, d, gen, torch.float64, False)
+    y = x + 3e-2 * _embeddings(n, d, gen, torch.float64, False)  # cross: S nearly symmetric; metric: y y^T ~ x x^T
+    op = K.cross_consistency_embed if cross else K.metric_consistency_embed
+    ref = [t.clone().requires_grad_(True) for t in (x, y)]
+    expected = op(*ref, 0.0, backend="torch")
+    expected_grads = torch.autograd.grad(expected, ref)
+    leaves = [t.float().to(DEVICE).requires_grad_(True) for t in (x, y)]
+    actual = op(*leaves, 0.0, backend="triton")
+    grads = torch.autograd.grad(actual, leaves)
+    mean_sq = float(((x @ x.T) ** 2).mean())  # the size of the two cancelling sums, per pair
+    assert float(expected.detach()) < 1e-2 * mean_sq  # the draw does cancel
+    assert_close(actual, expected, rtol(torch.float32), "value", scale=mean_sq)
+    for k, (a, e) in enumerate(zip(grads, expected_grads)):
+        # each gradient row is 4 / B^2 sum_j delta_ij (a row of the other tower): the cancelling
+        # products have size 4 / B * |S| * |row|
+        scale = 4.0 / n * float((x @ x.T).abs().max()) * float(x.norm(dim=1).max())
+        assert_close(a, e, rtol(torch.float32, "grads"), f"gradient {k}", scale=scale)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        assert torch.equal(op(*leaves, 0.0, backend="triton").detach(), actual.detach())
 
 
 @pytest.mark.skipif(not GPU, reason="peak CUDA memory needs a GPU")
