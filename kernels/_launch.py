@@ -181,7 +181,7 @@ class EmbedBlocks(NamedTuple):
 _SMEM_BUDGET = 200 * 1024  # bytes of shared memory a program may plan for (H100: 227 KiB per block)
 
 
-def embed_blocks(n: int, d: int, elem_bytes: int = 2, towers: int = 1) -> EmbedBlocks:
+def embed_blocks(n: int, d: int, elem_bytes: int = 2, towers: int = 1, gpu: bool | None = None) -> EmbedBlocks:
     """The launch shape of a sweep over tiles of (n, d) @ (d, n) products recomputed from features.
 
     Rows: ``row_block`` (16 to 64) per program and per step. Features: when the whole row fits one
@@ -191,19 +191,21 @@ def embed_blocks(n: int, d: int, elem_bytes: int = 2, towers: int = 1) -> EmbedB
     to head dim 256 (up to 3 stages, as many as fit). Otherwise D is reduced in chunks of 64 and the
     backward splits the gradient columns into blocks of up to 256, each program recomputing the
     similarities. Under the interpreter (the CPU tests) one chunk is at most 64 wide, so that
-    D = 256 and D = 300 cover the chunked path and D <= 64 the one-chunk path.
+    D = 256 and D = 300 cover the chunked path and D <= 64 the one-chunk path; ``gpu`` (default: not
+    interpreting) picks the compiled shapes anyway (tests/test_kernels_compile.py compiles those).
 
     [2026-11-24] Chosen from ptxas's register and shared-memory reports for sm_90 (an ahead-of-time
     compile on a CPU machine), not from timings: no GPU was available to tune on.
     """
+    gpu = not interpreting() if gpu is None else gpu
     block = row_block(n)
     dpow = max(16, triton.next_power_of_2(max(d, 1)))
     tile = block * dpow * elem_bytes * towers  # bytes of one set of query (or key) tiles
     stages = min(3, _SMEM_BUDGET // tile - 1) if tile <= _SMEM_BUDGET else 0
     # fp32 operands take IEEE dots, which run on the FMA units with the operands in registers:
     # small chunks there (on sm_90 one 256-wide chunk spills tens of KiB per thread)
-    fma = elem_bytes >= 4 and not interpreting()
-    one_chunk = dpow <= (64 if interpreting() else 256) and stages >= 1 and not fma
+    fma = elem_bytes >= 4 and gpu
+    one_chunk = dpow <= (256 if gpu else 64) and stages >= 1 and not fma
     chunk, out_chunk = (32, 64) if fma else (64, 256)
     if not one_chunk:
         stages = min(3, _SMEM_BUDGET // (2 * block * chunk * elem_bytes * towers))

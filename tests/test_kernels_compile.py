@@ -4,11 +4,13 @@ Without a GPU the parity tests run the kernels in Triton's interpreter, which ex
 Python and misses what only the compiler checks (a global read inside a kernel, branch types,
 unsupported operations, layouts). This test records every kernel launch the parity cases make
 (argument types and compile-time constants), then compiles each distinct signature to a cubin
-with the interpreter switched off, in a subprocess (the triton wheel ships ptxas). On a GPU the
+with the interpreter switched off, in a subprocess (the triton wheel ships ptxas), and checks that
+none asks for more shared memory than an H100 block can have (which fails only at launch). On a GPU the
 parity tests compile the kernels for real, so the test is skipped there.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import os
@@ -66,17 +68,23 @@ def _record_launches(monkeypatch) -> list[dict]:
         if key not in seen and (low_precision or launch["module"] in _DOT_MODULES):
             seen.add(key)
             launches.append(launch)
+            if "BLOCK_R" in launch["args"]:  # the reduction's width at large B (B = 130 gives 16)
+                launches.append({**launch, "args": launch["args"] | {"BLOCK_R": ["int", 1024]}})
         return run(self, *args, grid=grid, warmup=warmup, **kwargs)
 
     monkeypatch.setattr(InterpretedFunction, "run", recording_run)
     # record the tl.dot precision that compiled kernels use: the interpreter's bf16 workaround
     # (_launch.dot_precision) off, so bf16 operands reach tl.dot (the values are wrong, the launch is right)
     import fastncl.kernels as K
+    from fastncl.kernels import _launch
 
     for name in K.reference.__all__:
         module = sys.modules[K.triton_impl(name).__module__]
         if hasattr(module, "dot_precision"):
             monkeypatch.setattr(module, "dot_precision", lambda dtype: "ieee" if dtype == torch.float32 else "tf32")
+        # and the launch shapes of a GPU (the interpreter's are smaller; see _launch.embed_blocks)
+        if hasattr(module, "embed_blocks"):
+            monkeypatch.setattr(module, "embed_blocks", functools.partial(_launch.embed_blocks, gpu=True))
     gen = torch.Generator().manual_seed(0)
     for case in parity.CASES:
         for n in (130,):  # two or more tiles per axis
@@ -101,28 +109,39 @@ _COMPILE = textwrap.dedent("""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    H100_SHARED_PER_BLOCK = 232448  # cudaDevAttrMaxSharedMemoryPerBlockOptin on sm_90 (227 KiB)
+
     def compile_one(launch):
         fn = getattr(importlib.import_module(launch["module"]), launch["name"])
         signature, constants = {}, {}
+        options = {k: launch["args"][k][1] for k in ("num_warps", "num_stages") if k in launch["args"]}
         for param in fn.params:
             kind, value = launch["args"][param.name]
             if param.is_constexpr:
                 signature[param.name], constants[param.name] = "constexpr", value
             else:
                 signature[param.name] = {"ptr": value, "int": "i32", "float": "fp32", "bool": "i1"}[kind]
+        where = f"{launch['module']}.{launch['name']} ({sorted(set(signature.values()))}, {constants}, {options})"
         try:
-            triton.compile(ASTSource(fn, signature, constexprs=constants), target=GPUTarget("cuda", 90, 32))
+            kernel = triton.compile(ASTSource(fn, signature, constexprs=constants), target=GPUTarget("cuda", 90, 32),
+                                    options=options)
         except Exception as e:  # noqa: BLE001 - every failure is reported
             lines = str(e).strip().splitlines() or [""]
-            return (f"{launch['module']}.{launch['name']} ({sorted(set(signature.values()))}, {constants}): "
-                    f"{type(e).__name__}: {lines[-1][:300]}")
-        return None
+            return launch["name"], None, f"{where}: {type(e).__name__}: {lines[-1][:300]}"
+        # a launch asking for more shared memory than a block may have fails at run time, not here
+        shared = kernel.metadata.shared
+        if shared > H100_SHARED_PER_BLOCK:
+            return launch["name"], shared, f"{where}: needs {shared} bytes of shared memory, over {H100_SHARED_PER_BLOCK}"
+        return launch["name"], shared, None
 
     if __name__ == "__main__":
         launches = json.load(open(sys.argv[1]))
         with concurrent.futures.ProcessPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-            failures = [f for f in pool.map(compile_one, launches) if f]
-        print(json.dumps(failures))
+            results = list(pool.map(compile_one, launches))
+        shared = {}
+        for name, nbytes, _ in results:
+            shared[name] = max(shared.get(name, 0), nbytes or 0)
+        print(json.dumps({"failures": [f for _, _, f in results if f], "shared": shared}))
 """)
 
 
@@ -138,7 +157,8 @@ def test_every_kernel_compiles_for_sm90(monkeypatch, tmp_path):
     proc = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True, env=env,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    failures = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert not failures, "kernels that do not compile for sm_90:\n" + "\n".join(failures)
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not report["failures"], "kernels that do not compile for sm_90:\n" + "\n".join(report["failures"])
+    print(f"{len(launches)} launch signatures; most shared memory per kernel (bytes): {report['shared']}")
     names = {launch["name"] for launch in launches}
     assert len(names) >= 2, names
