@@ -199,4 +199,4 @@ def infonce_terms(sim: torch.Tensor, tau: float):
     return infonce_fwd(sim, float(tau))[:4]
 
 
-__all__ = ["infonce_terms"]  # online_lse and infonce_dsim are shared with objectives.py
+__all__ = ["infonce_terms"]  # online_lse and infonce_dsim are shared with sps_objective.py
