@@ -51,6 +51,8 @@ _compiled: dict[str, Callable] = {}
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "target: the benchmark's numbers enter one of the issue's targets")
+    config.addinivalue_line("markers", "variant: another configuration of an op (recorded as 'op (variant)'), "
+                            "behind no target")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -60,6 +62,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         p = getattr(item, "callspec", None)
         if p is not None and {"op", "B", "D", "dtype", "mode"} <= p.params.keys() and \
+                item.get_closest_marker("variant") is None and \
                 targets.is_target(p.params["op"], p.params["B"], p.params["D"], p.params["dtype"], p.params["mode"]):
             item.add_marker(pytest.mark.target)
     families = (targets.FUSED_OPS, ("infonce_terms_embed",), targets.MATRIX_OPS, targets.EMBED_OPS)
@@ -270,16 +273,17 @@ def _free() -> None:
 
 def measure(benchmark, *, op: str, provider: str, B: int, D: int | None, dtype: str, mode: str,
             make: Callable[..., Work], cost: Callable | None = None, launches: bool = False, quick: bool = False,
-            **info) -> None:
+            variant: str | None = None, **info) -> None:
     """Benchmark one (op, provider, B, D, dtype, mode); see the module docstring for the steps.
 
     ``make(B, D, torch_dtype, grad, gen)`` builds the Work; ``cost(B, D, element_size, mode)`` gives
     the op's minimal (FLOPs, bytes) (its file's model), from which the report derives TFLOP/s, GB/s
     and the fraction of the H100 floor. ``quick``: one timed call only (capacity runs); ``info``
-    goes into extra_info as is (tau, alpha, ...)."""
-    benchmark.group = f"{op}-B{B}" + (f"-D{D}" if D else "") + f"-{dtype}-{mode}"
+    goes into extra_info as is (tau, alpha, ...); ``variant`` records the op as "op (variant)"."""
+    label = op if variant is None else f"{op} ({variant})"
+    benchmark.group = f"{label}-B{B}" + (f"-D{D}" if D else "") + f"-{dtype}-{mode}"
     flops, nbytes = cost(B, D, DTYPES[dtype].itemsize, mode) if cost else (0.0, 0.0)
-    rec = {**gpu_info(), "op": op, "provider": provider, "B": B, "D": D, "dtype": dtype, "mode": mode,
+    rec = {**gpu_info(), "op": label, "provider": provider, "B": B, "D": D, "dtype": dtype, "mode": mode,
            "flops": float(flops), "bytes": float(nbytes), **info}
     fn = provider_fn(op, provider)
     if provider == "compiled":

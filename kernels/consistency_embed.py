@@ -33,8 +33,8 @@ both the tile products and the gradient GEMMs. The hinge mirrors ``torch.relu``:
 Limits: fp16, bf16, fp32 embeddings of one dtype (tensor-core dots for 16-bit inputs, IEEE fp32
 dots for fp32), any B >= 1, D >= 1, any strides; the loss is fp32, gradients in the input dtype
 (E is rounded to it before the gradient GEMM). Tested on CPU in the interpreter up to B = 130,
-D = 300. For alpha <= 0 and B >= 8 D the ops take a closed form through D x D Grams instead
-(``_closed_form``; plain torch, fp32 Grams).
+D = 300. For alpha <= 0 and B >= 8 D (fp32: 2 D) the ops take a closed form through D x D Grams
+instead (``_ClosedForm``: torch matmuls, fp32 Grams, no Triton launch).
 [2026-11-24] Not yet run on a GPU: compiled ahead of time for sm_90 with Triton 3.9 (bf16,
 B = 8192, D = 256: at most 196 KiB of shared memory, about 56 bytes of register spills in the
 backward); launch shapes are not tuned.
@@ -225,44 +225,87 @@ consistency_embed_fwd.register_autograd(_backward, setup_context=_setup_context)
 # alpha <= 0: the hinge never clips, and the mean of delta^2 has a closed form in D x D Grams
 
 
-CLOSED_FORM_MIN_RATIO = 8  # B >= this * D takes the closed form (estimated from FLOP rates, not timed)
+# B >= ratio * D takes the closed form: estimated from FLOP rates, not timed (see _ClosedForm)
+CLOSED_FORM_MIN_RATIO = {torch.float16: 8, torch.bfloat16: 8, torch.float32: 2}
+_CHUNK_BYTES = 4 * 2**20  # fp32 bytes of one upcast row chunk
 
 
-def _closed_form(x: torch.Tensor, y: torch.Tensor, alpha: float, cross: bool) -> torch.Tensor:
+def _chunks(n: int, d: int):
+    rows = max(1, _CHUNK_BYTES // (4 * max(d, 1)))
+    return [(start, min(n, start + rows)) for start in range(0, n, rows)]
+
+
+class _ClosedForm(torch.autograd.Function):
     """The hinge mean for alpha <= 0, where max(delta^2 - alpha, 0) = delta^2 - alpha everywhere:
-    with F = x.T x, G = y.T y and M = y.T x (cross) or x.T y (metric), all fp32 D x D,
-        cross:  sum delta^2 = 2 <F, G> - 2 tr(M M);     metric: sum delta^2 = |F|^2 + |G|^2 - 2 |M|^2.
+    with F = x.T x, G = y.T y, and M = y.T x (cross) or N = x.T y (metric), all fp32 and D x D,
+        cross:  sum delta^2 = 2 <F, G> - 2 tr(M M),    d/dx = 4 (x G - y M.T),  d/dy = 4 (y F - x M);
+        metric: sum delta^2 = |F|^2 + |G|^2 - 2 |N|^2, d/dx = 4 (x F - y N.T),  d/dy = 4 (y G - x N)
+    (divided by B^2). These are the tile kernels' E @ y and -E @ x regrouped: (E @ y)_i sums
+    delta_ij y_j over j, and sum_j (x_i . y_j) y_j = x_i G.
 
-    Cost: three (D, B) @ (B, D) products forward and six (B, D) @ (D, D) backward (autograd), about
-    18 B D^2 FLOPs on the fp32 units (H100: 67 TFLOP/s), against the tile kernels' 10 B^2 D on the
-    tensor cores (a few hundred TFLOP/s): by those rates it wins from B of about 7 D on, which
-    ``CLOSED_FORM_MIN_RATIO`` rounds up to 8; at B = 32768, D = 256 the FLOP time is about 1/20.
-    Memory: the fp32 copies of x and y and three D x D Grams, linear in B.
+    Cost: about 6 B D^2 FLOPs forward and 8 B D^2 backward (D x D Grams, then (B, D) @ (D, D)), on
+    the fp32 units (H100: 67 TFLOP/s), against the tile kernels' 10 B^2 D, which run on the tensor
+    cores (a few hundred TFLOP/s) for 16-bit inputs and on the fp32 units for fp32 inputs: by those
+    rates the closed form wins from B of about 5 to 6 D on for 16-bit inputs (``CLOSED_FORM_MIN_RATIO``
+    rounds up to 8) and from B of about 1.5 D for fp32 (2); at B = 32768, D = 256 its FLOP time is
+    about 1/20. Memory: the inputs are saved as they are, the Grams are 3 D^2 fp32, and rows are
+    upcast 4 MiB at a time (16-bit inputs), so nothing beyond the gradients grows with B.
 
     Numerics: a difference of two sums of size |S|^2, which cancels as delta -> 0 (S symmetric, or
     the two Gram matrices equal): the Grams accumulate in fp32 with autocast off (16-bit inputs are
-    upcast first, so their products are exact), the D^2-term sums are taken in float64, and the
-    result is clamped at 0. The absolute error is then about 1e-7 of mean(S^2), not of the result
-    (tests/test_kernels_triton.py checks both a generic and a nearly symmetric draw).
+    upcast first, so their products are exact even where a float32 matmul precision of "high"
+    allows TF32; fp32 inputs then lose TF32's rounding), their D^2-term sums are taken in float64,
+    and the value is clamped at 0 (the gradient is not: it is about 0 there). The absolute error
+    is then about 1e-7 of mean(S^2), not of the result (tests/test_kernels_triton.py).
     """
-    n = x.shape[0]
-    with torch.autocast(x.device.type, enabled=False):
-        f, g = x.float(), y.float()
-        ff, gg = (f.T @ f).double(), (g.T @ g).double()
-        if cross:
-            m = (g.T @ f).double()
-            total = 2.0 * (ff * gg).sum() - 2.0 * (m * m.T).sum()
-        else:
-            m = (f.T @ g).double()
-            total = (ff * ff).sum() + (gg * gg).sum() - 2.0 * (m * m).sum()
+
+    @staticmethod
+    def forward(ctx, x, y, alpha: float, cross: bool):
+        n = x.shape[0]
+        with torch.autocast(x.device.type, enabled=False):
+            ff = x.new_zeros((x.shape[1], x.shape[1]), dtype=torch.float32)
+            gg = y.new_zeros((y.shape[1], y.shape[1]), dtype=torch.float32)
+            m = x.new_zeros((y.shape[1], x.shape[1]) if cross else (x.shape[1], y.shape[1]), dtype=torch.float32)
+            for start, stop in _chunks(n, max(x.shape[1], y.shape[1])):
+                f, g = x[start:stop].float(), y[start:stop].float()
+                ff.addmm_(f.T, f)
+                gg.addmm_(g.T, g)
+                if cross:
+                    m.addmm_(g.T, f)
+                else:
+                    m.addmm_(f.T, g)
+            f64, g64, m64 = ff.double(), gg.double(), m.double()
+            if cross:
+                total = 2.0 * (f64 * g64).sum() - 2.0 * (m64 * m64.T).sum()
+            else:
+                total = (f64 * f64).sum() + (g64 * g64).sum() - 2.0 * (m64 * m64).sum()
+        ctx.save_for_backward(x, y, ff, gg, m)
+        ctx.cross = cross
         return (total.clamp_min(0.0) / (n * n) - alpha).float()
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, y, ff, gg, m = ctx.saved_tensors
+        n = x.shape[0]
+        scale = grad.float() * (4.0 / (n * n))
+        dx, dy = torch.empty_like(x), torch.empty_like(y)
+        with torch.autocast(x.device.type, enabled=False):
+            for start, stop in _chunks(n, max(x.shape[1], y.shape[1])):
+                f, g = x[start:stop].float(), y[start:stop].float()
+                if ctx.cross:  # d/dx = x G - y M.T, d/dy = y F - x M
+                    dx[start:stop] = ((f @ gg - g @ m.T) * scale).to(x.dtype)
+                    dy[start:stop] = ((g @ ff - f @ m) * scale).to(y.dtype)
+                else:  # d/dx = x F - y N.T, d/dy = y G - x N
+                    dx[start:stop] = ((f @ ff - g @ m.T) * scale).to(x.dtype)
+                    dy[start:stop] = ((g @ gg - f @ m) * scale).to(y.dtype)
+        return dx, dy, None, None
 
 
 def _consistency(x: torch.Tensor, y: torch.Tensor, alpha: float, cross: bool) -> torch.Tensor:
     """The closed form for alpha <= 0 and B >= CLOSED_FORM_MIN_RATIO * D, else the tile kernels."""
     _check("cross_consistency_embed" if cross else "metric_consistency_embed", x, y, cross)
-    if alpha <= 0.0 and x.shape[0] >= CLOSED_FORM_MIN_RATIO * max(x.shape[1], y.shape[1]):
-        return _closed_form(x, y, alpha, cross)
+    if alpha <= 0.0 and x.shape[0] >= CLOSED_FORM_MIN_RATIO[x.dtype] * max(x.shape[1], y.shape[1]):
+        return _ClosedForm.apply(x, y, alpha, cross)
     return consistency_embed_fwd(x, y, alpha, cross)
 
 

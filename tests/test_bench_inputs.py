@@ -50,7 +50,9 @@ HARNESS, MODULES = _bench_modules()
 
 
 def _op(module) -> str:
-    (mark,) = [m for m in module.__dict__.values() if callable(m) and getattr(m, "__name__", "").startswith("bench_")]
+    """The op a bench file times: its one bench_<op> function (variants, marked ``variant``, aside)."""
+    (mark,) = [m for m in module.__dict__.values() if callable(m) and getattr(m, "__name__", "").startswith("bench_")
+               and not any(mk.name == "variant" for mk in getattr(m, "pytestmark", []))]
     return mark.__name__.removeprefix("bench_")
 
 

@@ -5,7 +5,8 @@ Each method trains twice with the README's first command (default data and sched
 seed 0) on CUDA, once per backend. The two runs sum in different orders (fused kernels against
 PyTorch's), so their weights part after the first steps, as with any change of summation order:
 on this data a change of CPU thread count alone moved the final test RSum by 0.6 (567.9 against
-568.5, README). The bound, 3 RSum points, is five times that. Both RSums are printed (``-s``).
+568.5, README). The bound on the best dev RSum, 3 points, is a judgement from that one spread
+(five times it), not a measured noise level. Both RSums are printed (``-s``).
 
     pytest tests/test_gpu_methods.py -s
 

@@ -234,8 +234,8 @@ CASES = [_infonce_case(tau) for tau in TAUS] + [
 ]
 # the embedding-level variants: D in {1, 3, 64, 256} (and 300: two gradient-column blocks), each
 # tau, alpha = 0 (the SPS code's value) and an alpha that leaves about half the hinge active. With
-# alpha = 0 the consistency ops take the tile kernels for B < 8 D (D = 64 here; D = 2 and 3 at
-# B <= 7) and the D x D closed form from B >= 8 D on (D = 2 and 3 at B >= 33)
+# alpha = 0 the consistency ops take the D x D closed form from B >= 8 D on for bf16 (D = 3 at
+# B >= 33) and from B >= 2 D for fp32 (D = 3 at B >= 7, D = 64 at B = 130), the tile kernels below
 CASES += [
     _infonce_embed_case(0.07, 1), _infonce_embed_case(0.07, 3), _infonce_embed_case(0.02, 64),
     _infonce_embed_case(1.0, 64, normalized=False), _infonce_embed_case(0.07, 256),
@@ -636,24 +636,59 @@ def test_embedding_ops_reject_mismatched_inputs():
     assert K.metric_consistency_embed(a, a[:, :2], 0.0, backend="triton").shape == ()  # D1 != D2 is fine
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("cross", (True, False), ids=("cross", "metric"))
-def test_consistency_closed_form_is_taken_for_alpha_zero_and_large_b(monkeypatch, cross):
-    """alpha <= 0 and B >= 8 D: the D x D closed form, no kernel launch; alpha > 0 or B < 8 D: the kernel.
-    A negative alpha (the hinge never clips) adds -alpha, as the reference does."""
+def test_consistency_closed_form_is_taken_for_alpha_zero_and_large_b(monkeypatch, cross, dtype):
+    """alpha <= 0 and B >= ratio * D (8 for 16-bit inputs, 2 for fp32): the D x D closed form, no
+    kernel launch; alpha > 0 or a smaller B: the kernel. A negative alpha (the hinge never clips)
+    adds -alpha, as the reference does. Rows are upcast in chunks (here of 3 rows): the same values."""
     from fastncl.kernels import consistency_embed as ce
 
     launches = []
     kernel = ce.consistency_embed_fwd
     monkeypatch.setattr(ce, "consistency_embed_fwd", lambda *args: launches.append(args) or kernel(*args))
+    monkeypatch.setattr(ce, "_CHUNK_BYTES", 3 * 4 * 5)
     op = K.cross_consistency_embed if cross else K.metric_consistency_embed
     gen = torch.Generator().manual_seed(1)
-    x, y = (_embeddings(40, 5, gen, torch.float32, False).to(DEVICE) for _ in range(2))
-    for alpha, n, kernel_expected in ((0.0, 40, False), (-0.25, 40, False), (0.01, 40, True), (0.0, 39, True)):
+    switch = ce.CLOSED_FORM_MIN_RATIO[dtype] * 5
+    x, y = (_embeddings(switch, 5, gen, dtype, False).to(DEVICE).requires_grad_(True) for _ in range(2))
+    for alpha, n, kernel_expected in ((0.0, switch, False), (-0.25, switch, False), (0.01, switch, True),
+                                      (0.0, switch - 1, True)):
         launches.clear()
         actual = op(x[:n], y[:n], alpha, backend="triton")
-        expected = op(x[:n].double(), y[:n].double(), alpha, backend="torch")
+        refs = [t[:n].detach().double().requires_grad_(True) for t in (x, y)]
+        expected = op(*refs, alpha, backend="torch")
         assert bool(launches) == kernel_expected, (alpha, n)
-        assert_close(actual, expected, rtol(torch.float32), f"alpha={alpha} B={n}")
+        assert_close(actual, expected, rtol(dtype), f"alpha={alpha} B={n}")
+        up = torch.tensor(0.75, dtype=torch.float64)
+        for k, (a, e) in enumerate(zip(torch.autograd.grad(actual * up, (x, y)), torch.autograd.grad(expected * up, refs))):
+            assert a.dtype == dtype
+            assert_close(a[:n], e, rtol(dtype, "grads"), f"alpha={alpha} B={n} gradient {k}")
+
+
+@pytest.mark.parametrize("cross", (True, False), ids=("cross", "metric"))
+def test_consistency_closed_form_saves_only_the_inputs_and_grams(cross):
+    """Memory linear in B with nothing of size B beyond the inputs: the backward keeps the inputs
+    themselves (16-bit, not fp32 copies) and the three D x D fp32 Grams. On towers that differ by
+    1e-6 the true value (about 1e-12 |S|^2) is below the Grams' rounding, which is as often
+    negative as positive: the value is clamped at 0, never negative."""
+    from fastncl.kernels import consistency_embed as ce
+
+    gen = torch.Generator().manual_seed(3)
+    x, y = (_embeddings(256, 16, gen, torch.bfloat16, False).to(DEVICE).requires_grad_(True) for _ in range(2))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = (K.cross_consistency_embed if cross else K.metric_consistency_embed)(x, y, 0.0, backend="triton")
+    others = [t for t in saved if t.data_ptr() not in (x.data_ptr(), y.data_ptr())]
+    assert len(saved) == 5 and sum(t.numel() * t.element_size() for t in others) == 3 * 16 * 16 * 4, \
+        [(tuple(t.shape), t.dtype) for t in saved]
+    assert 256 >= ce.CLOSED_FORM_MIN_RATIO[torch.bfloat16] * 16 and out.requires_grad
+    for op in (K.cross_consistency_embed, K.metric_consistency_embed):
+        for seed in range(4):
+            gen = torch.Generator().manual_seed(seed)
+            z = _embeddings(256, 16, gen, torch.float64, False)
+            w = z + 1e-6 * _embeddings(256, 16, gen, torch.float64, False)
+            assert float(op(z.float().to(DEVICE), w.float().to(DEVICE), 0.0, backend="triton")) >= 0.0
 
 
 @pytest.mark.parametrize("cross", (True, False), ids=("cross", "metric"))
@@ -686,8 +721,10 @@ def test_consistency_closed_form_nearly_symmetric_and_under_autocast(cross):
 
 
 @pytest.mark.skipif(not GPU, reason="peak CUDA memory needs a GPU")
-@pytest.mark.parametrize("op", ("infonce_terms_embed", "cross_consistency_embed", "metric_consistency_embed"))
-def test_embedding_ops_memory_grows_linearly_in_b(op):
+@pytest.mark.parametrize("op, arg", [("infonce_terms_embed", 0.07), ("cross_consistency_embed", 0.07),
+                                     ("metric_consistency_embed", 0.07), ("cross_consistency_embed", 0.0),
+                                     ("metric_consistency_embed", 0.0)])
+def test_embedding_ops_memory_grows_linearly_in_b(op, arg):
     """Loss-attributable peak memory (forward + backward, less the inputs' gradients) at B = 32768,
     D = 256 bf16 is under 40 MiB (the issue's target) and, less the consistency forward's
     ceil(B / BLOCK)^2 fp32 partials (documented in kernels/consistency_embed.py), at most 4.5x the
@@ -701,11 +738,12 @@ def test_embedding_ops_memory_grows_linearly_in_b(op):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        out = fn(img, txt, 0.07, backend="triton")
+        out = fn(img, txt, arg, backend="triton")  # alpha = 0: the consistency ops' closed form
         sum(o.sum() for o in as_tuple(out)).backward()
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base - 2 * img.numel() * img.element_size()
-        partials = 0 if op == "infonce_terms_embed" else 4 * triton.cdiv(n, embed_blocks(n, 256)[0]) ** 2
+        tiles = op != "infonce_terms_embed" and arg > 0
+        partials = 4 * triton.cdiv(n, embed_blocks(n, 256)[0]) ** 2 if tiles else 0
         peaks.append((peak, peak - partials))
         del img, txt, out
     (_, small), (large, large_linear) = peaks
