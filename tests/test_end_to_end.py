@@ -310,6 +310,32 @@ def test_embedding_level_ops_train_like_the_matrix_ops(trained, tmp_path, monkey
     assert_trains_like_the_reference(trained(name), out, name)
 
 
+def test_consistency_closed_form_trains_like_the_reference(tmp_path, monkeypatch):
+    """SPS with the SPS code's alpha = 0 and every batch through the embedding-level ops takes the
+    consistency terms' D x D closed form (here from any B): the warm-up losses and the consistency
+    terms of every epoch match the reference backend's run with the same alpha."""
+    pytest.importorskip("triton")
+    import fastncl.methods.base
+    from fastncl.kernels import consistency_embed
+
+    monkeypatch.setattr(fastncl.methods.base, "EMBED_MIN_BATCH", 1)
+    monkeypatch.setattr(consistency_embed, "CLOSED_FORM_MIN_RATIO", dict.fromkeys(consistency_embed.CLOSED_FORM_MIN_RATIO, 0))
+    calls = []
+    apply = consistency_embed._ClosedForm.apply
+    monkeypatch.setattr(consistency_embed._ClosedForm, "apply", lambda *a: calls.append(a[3]) or apply(*a))
+    args = train_args("sps", tmp_path / "torch") + ["sps.consistency_margin=0"]
+    assert main(args) == 0
+    assert not calls  # the reference backend never takes it
+    assert main(train_args("sps", tmp_path / "triton") + ["sps.consistency_margin=0", "runtime.backend=triton"]) == 0
+    assert set(calls) == {True, False}  # cross and metric
+    assert_trains_like_the_reference(tmp_path / "torch", tmp_path / "triton", "sps alpha=0")
+    # and the consistency terms of the co-training epochs too (this run's splits do not part)
+    for epoch, (reference, kernels) in enumerate(zip(losses(tmp_path / "torch"), losses(tmp_path / "triton"))):
+        for model in ("A", "B"):
+            for term in set(reference[model]) & {"cro", "met"}:
+                assert kernels[model][term] == pytest.approx(reference[model][term], rel=1e-4), (epoch, model, term)
+
+
 # ---------------------------------------------------------------------------------------------
 # report figures, split files, compare, TensorBoard
 
