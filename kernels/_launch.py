@@ -27,8 +27,22 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+MAX_OFFSET = 2**31 - 1  # the kernels index elements with 32-bit integers
+
+
 def check_inputs(op: str, *tensors: torch.Tensor, dtypes=KERNEL_DTYPES) -> None:
-    """One-line errors for inputs the kernels cannot take: device, dtype, mixed devices."""
+    """One-line errors for inputs the kernels cannot take: size, device, dtype, mixed devices.
+
+    Size: element offsets (row * stride) are 32-bit in the kernels, as are the outputs' (allocated
+    contiguous, of the inputs' shapes), so no input may span 2^31 elements or more: a (B, B)
+    matrix from B = 46341 on. Such a batch gets an error instead of a wrong address.
+    """
+    for t in tensors:
+        span = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()) if size > 0)
+        if max(span, t.numel() - 1) > MAX_OFFSET:
+            raise ValueError(f"{op}: an input of shape {tuple(t.shape)} spans more than 2^31 elements, beyond the "
+                             "Triton kernels' 32-bit offsets; use the embedding-level ops (linear in B) or "
+                             "backend='torch'")
     device = tensors[0].device
     for t in tensors:
         if t.device != device:

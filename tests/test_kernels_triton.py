@@ -624,6 +624,20 @@ def test_bad_arguments_are_clear_errors(call, match):
         call(sim)
 
 
+def test_inputs_beyond_32_bit_offsets_are_a_clear_error():
+    """The kernels' element offsets are 32-bit: a (46341, 46341) matrix (2^31 + 81 elements) is
+    refused in one line before anything is launched; (46340, 46340) passes that check (the meta
+    device then fails the device check)."""
+    big = torch.empty((46341, 46341), dtype=torch.bfloat16, device="meta")
+    with pytest.raises(ValueError, match=r"infonce_terms: an input of shape \(46341, 46341\) spans more than 2\^31"):
+        K.infonce_terms(big, 0.07, backend="triton")
+    strided = torch.empty((2, 2), dtype=torch.bfloat16, device="meta").as_strided((3, 3), (2**30, 1))
+    with pytest.raises(ValueError, match="spans more than 2"):
+        K.cross_consistency(strided, 0.0, backend="triton")
+    with pytest.raises(ValueError, match="needs CUDA tensors|different devices"):
+        K.infonce_terms(torch.empty((46340, 46340), dtype=torch.bfloat16, device="meta"), 0.07, backend="triton")
+
+
 def test_embedding_ops_reject_mismatched_inputs():
     a = torch.zeros(4, 3, device=DEVICE)
     for op in (K.infonce_terms_embed, K.cross_consistency_embed):
