@@ -37,9 +37,9 @@ def check_inputs(op: str, *tensors: torch.Tensor, dtypes=KERNEL_DTYPES) -> None:
     contiguous, of the inputs' shapes), so no input may span 2^31 elements or more: a (B, B)
     matrix from B = 46341 on. Such a batch gets an error instead of a wrong address.
     """
-    for t in tensors:
-        span = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()) if size > 0)
-        if max(span, t.numel() - 1) > MAX_OFFSET:
+    for t in tensors:  # a contiguous tensor spans numel - 1 (the common case: no loop in Python)
+        if t.numel() - 1 > MAX_OFFSET or (not t.is_contiguous() and MAX_OFFSET < sum(
+                (size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()) if size > 0)):
             raise ValueError(f"{op}: an input of shape {tuple(t.shape)} spans more than 2^31 elements, beyond the "
                              "Triton kernels' 32-bit offsets; use the embedding-level ops (linear in B) or "
                              "backend='torch'")
