@@ -91,7 +91,7 @@ def _infonce_fwd_kernel(
 
 
 @triton.jit
-def _grad(gl_ptr, gl_stride, gp_ptr, gp_stride, prob_ptr, offs, mask):
+def effective_grad(gl_ptr, gl_stride, gp_ptr, gp_stride, prob_ptr, offs, mask):
     """a = gl - gp * prob: the effective upstream gradient of one direction's losses."""
     gl = tl.load(gl_ptr + offs * gl_stride, mask=mask, other=0.0).to(tl.float32)
     gp = tl.load(gp_ptr + offs * gp_stride, mask=mask, other=0.0).to(tl.float32)
@@ -111,8 +111,8 @@ def _infonce_bwd_kernel(
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m, mask_n = offs_m < B, offs_n < B
     # 1. effective per-sample gradients of the two losses: a = gl - gp * prob
-    a_r = _grad(glr_ptr, glr_stride, gpr_ptr, gpr_stride, prob_r_ptr, offs_m, mask_m)
-    a_c = _grad(glc_ptr, glc_stride, gpc_ptr, gpc_stride, prob_c_ptr, offs_n, mask_n)
+    a_r = effective_grad(glr_ptr, glr_stride, gpr_ptr, gpr_stride, prob_r_ptr, offs_m, mask_m)
+    a_c = effective_grad(glc_ptr, glc_stride, gpc_ptr, gpc_stride, prob_c_ptr, offs_n, mask_n)
     lse_r = tl.load(lse_ptr + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
     lse_c = tl.load(lse_ptr + B + offs_n, mask=mask_n, other=0.0) * 1.4426950408889634
     # 2. [recompute] both softmaxes of this tile from the saved log-sum-exps
@@ -120,7 +120,7 @@ def _infonce_bwd_kernel(
     x = tl.load(sim_ptr + offs_m[:, None] * stride_r + offs_n[None, :] * stride_c, mask=mask,
                 other=0.0).to(tl.float32) * scale
     # 3. the diagonal's own term, d(-z_ii), from both losses of pair i
-    a_cm = _grad(glc_ptr, glc_stride, gpc_ptr, gpc_stride, prob_c_ptr, offs_m, mask_m)
+    a_cm = effective_grad(glc_ptr, glc_stride, gpc_ptr, gpc_stride, prob_c_ptr, offs_m, mask_m)
     ds = infonce_dsim(x, lse_r, lse_c, a_r, a_c, a_r + a_cm, offs_m, offs_n) * inv_tau
     tl.store(dsim_ptr + offs_m[:, None] * stride_dr + offs_n[None, :] * stride_dc,
              ds.to(dsim_ptr.dtype.element_ty), mask=mask)
@@ -199,4 +199,5 @@ def infonce_terms(sim: torch.Tensor, tau: float):
     return infonce_fwd(sim, float(tau))[:4]
 
 
-__all__ = ["infonce_terms"]  # online_lse and infonce_dsim are shared with sps_objective.py
+# online_lse, infonce_dsim and effective_grad are shared with sps_objective.py and infonce_embed.py
+__all__ = ["infonce_terms"]

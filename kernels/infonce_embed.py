@@ -50,9 +50,7 @@ import triton.language as tl
 from torch.library import custom_op
 
 from ._launch import check_inputs, device_guard, dot_precision, embed_blocks, gram_tile, load_tile
-from .infonce import online_lse
-
-LOG2E = 1.4426950408889634
+from .infonce import LOG2E, effective_grad, infonce_dsim, online_lse
 
 
 @triton.jit
@@ -94,13 +92,6 @@ def _row_stats(q_ptr, k_ptr, lse_ptr, loss_ptr, prob_ptr,  # pointers: queries, 
 
 
 @triton.jit
-def _effective_grad(gl_ptr, gp_ptr, prob_ptr, offs, mask):
-    """a = gl - gp * prob: the gradient of a loss once its probability's gradient is folded in."""
-    return tl.load(gl_ptr + offs, mask=mask, other=0.0) - \
-        tl.load(gp_ptr + offs, mask=mask, other=0.0) * tl.load(prob_ptr + offs, mask=mask, other=0.0)
-
-
-@triton.jit
 def _grad_rows(q_ptr, k_ptr, dq_ptr, lse_ptr, prob_ptr, gl_ptr, gp_ptr,  # pointers
                stride_qb, stride_qd, stride_kb, stride_kd, stride_gb, stride_gd,  # strides of q, k, dq
                block, col_block, own, other, B, D, scale, inv_tau,  # blocks; statistics offsets; sizes; scalars
@@ -114,14 +105,14 @@ def _grad_rows(q_ptr, k_ptr, dq_ptr, lse_ptr, prob_ptr, gl_ptr, gp_ptr,  # point
     if ONE_CHUNK:  # the row block's features stay on chip for the whole sweep
         q = load_tile(q_ptr, offs_m, mask_m, stride_qb, stride_qd, 0, D, BLOCK_D, PRECISION)
     # 1. effective per-sample gradients a = gl - gp * prob, and the saved log-sum-exps (base 2)
-    a_own = _effective_grad(gl_ptr, gp_ptr, prob_ptr, own + offs_m, mask_m)
-    a_diag = a_own + _effective_grad(gl_ptr, gp_ptr, prob_ptr, other + offs_m, mask_m)
+    a_own = effective_grad(gl_ptr + own, 1, gp_ptr + own, 1, prob_ptr + own, offs_m, mask_m)
+    a_diag = a_own + effective_grad(gl_ptr + other, 1, gp_ptr + other, 1, prob_ptr + other, offs_m, mask_m)
     lse_own = tl.load(lse_ptr + own + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
     acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32)
     for start in range(0, B, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         mask_n = offs_n < B
-        a_other = _effective_grad(gl_ptr, gp_ptr, prob_ptr, other + offs_n, mask_n)
+        a_other = effective_grad(gl_ptr + other, 1, gp_ptr + other, 1, prob_ptr + other, offs_n, mask_n)
         lse_other = tl.load(lse_ptr + other + offs_n, mask=mask_n, other=0.0) * 1.4426950408889634
         # 2. [recompute] the S tile and both softmaxes from the saved log-sum-exps; k: the key rows'
         #    columns this program writes (one chunk: the tile S was formed from)
@@ -132,9 +123,7 @@ def _grad_rows(q_ptr, k_ptr, dq_ptr, lse_ptr, prob_ptr, gl_ptr, gp_ptr,  # point
             s = gram_tile(q_ptr, k_ptr, offs_m, offs_n, mask_m, mask_n, stride_qb, stride_qd, stride_kb, stride_kd, D,
                           BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
             k = load_tile(k_ptr, offs_n, mask_n, stride_kb, stride_kd, col_block * BLOCK_DO, D, BLOCK_DO, PRECISION)
-        x = s * scale
-        ds = a_own[:, None] * tl.exp2(x - lse_own[:, None]) + a_other[None, :] * tl.exp2(x - lse_other[None, :])
-        ds = tl.where(offs_m[:, None] == offs_n[None, :], ds - a_diag[:, None], ds)  # d(-z_ii) of both losses
+        ds = infonce_dsim(s * scale, lse_own, lse_other, a_own, a_other, a_diag, offs_m, offs_n)
         ds = tl.where(mask_m[:, None] & mask_n[None, :], ds, 0.0)
         # 3. [FA-2 split] acc += dS_tile @ k[:, this program's columns]
         ds = ds.to(k_ptr.dtype.element_ty).to(k.dtype)  # dS rounded to 16 bits for 16-bit inputs (tensor cores)
