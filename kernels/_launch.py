@@ -114,6 +114,13 @@ def reduction_counter(op: str, device: torch.device) -> torch.Tensor:
     return counter
 
 
+def scalar_workspace(op: str, like: torch.Tensor, n_programs: int):
+    """(partials, counter, out) of a one-launch scalar reduction (``finish_scalar``) over
+    ``n_programs`` programs: fp32 partials, the op's counter, a 0-d fp32 output."""
+    partials = torch.empty(n_programs, device=like.device, dtype=torch.float32)
+    return partials, reduction_counter(op, like.device), torch.empty((), device=like.device, dtype=torch.float32)
+
+
 @triton.jit
 def finish_sum(partials_ptr, counter_ptr, values, pid, n_programs, K: tl.constexpr, BLOCK: tl.constexpr):
     """Deterministic one-launch sum over programs: store this program's K partial sums

@@ -42,6 +42,7 @@ import triton.language as tl
 from torch.library import custom_op
 
 from ._launch import check_inputs, col_block, device_guard, row_block, store_stats
+from .reference import _check_square
 
 
 @triton.jit
@@ -163,8 +164,7 @@ def _esc_anchor_bwd_kernel(
 
 
 def _check(sim: torch.Tensor, anchor: Optional[torch.Tensor], anchor_index: int) -> int:
-    if sim.dim() != 2 or sim.shape[0] != sim.shape[1]:
-        raise ValueError(f"esc_anchor_terms: expected a square (B, B) similarity matrix, got shape {tuple(sim.shape)}")
+    _check_square("esc_anchor_terms", sim)
     check_inputs("esc_anchor_terms", sim)
     n = sim.shape[0]
     if anchor is None:

@@ -27,7 +27,8 @@ import triton
 import triton.language as tl
 from torch.library import custom_op
 
-from ._launch import check_inputs, device_guard, finish_scalar, reduction_counter, row_block
+from ._launch import check_inputs, device_guard, finish_scalar, row_block, scalar_workspace
+from .reference import _check_square
 
 
 @triton.jit
@@ -118,28 +119,21 @@ def _metric_consistency_bwd_kernel(
     tl.store(dtxt_ptr + out, (-ds).to(dtxt_ptr.dtype.element_ty), mask=mask)
 
 
-def _check_square(op: str, *mats: torch.Tensor) -> int:
+def _check_squares(op: str, *mats: torch.Tensor) -> int:
     for m in mats:
-        if m.dim() != 2 or m.shape[0] != m.shape[1]:
-            raise ValueError(f"{op}: expected a square (B, B) similarity matrix, got shape {tuple(m.shape)}")
+        _check_square(op, m)
     if len(mats) == 2 and mats[0].shape != mats[1].shape:
         raise ValueError(f"{op}: sim_img {tuple(mats[0].shape)} and sim_txt {tuple(mats[1].shape)} differ in shape")
     check_inputs(op, *mats)
     return mats[0].shape[0]
 
 
-def _scalar_workspace(op: str, like: torch.Tensor, n_programs: int):
-    """(partials, counter, out) for a one-launch scalar reduction."""
-    partials = torch.empty(n_programs, device=like.device, dtype=torch.float32)
-    return partials, reduction_counter(op, like.device), torch.empty((), device=like.device, dtype=torch.float32)
-
-
 @custom_op("fastncl::cross_consistency_fwd", mutates_args=())
 def cross_consistency_fwd(sim: torch.Tensor, alpha: float) -> torch.Tensor:
-    n = _check_square("cross_consistency", sim)
+    n = _check_squares("cross_consistency", sim)
     block = row_block(n)
     grid = (triton.cdiv(n, block), triton.cdiv(n, block))
-    partials, counter, out = _scalar_workspace("cross_consistency", sim, grid[0] * grid[1])
+    partials, counter, out = scalar_workspace("cross_consistency", sim, grid[0] * grid[1])
     with device_guard(sim):
         _cross_consistency_fwd_kernel[grid](sim, partials, counter, out, sim.stride(0), sim.stride(1), n, alpha,
                                             1.0 / (n * n), BLOCK=block)
@@ -148,7 +142,7 @@ def cross_consistency_fwd(sim: torch.Tensor, alpha: float) -> torch.Tensor:
 
 @cross_consistency_fwd.register_fake
 def _(sim, alpha):
-    _check_square("cross_consistency", sim)
+    _check_squares("cross_consistency", sim)
     return sim.new_empty((), dtype=torch.float32)
 
 
@@ -171,10 +165,10 @@ def _(sim, grad, alpha):
 
 @custom_op("fastncl::metric_consistency_fwd", mutates_args=())
 def metric_consistency_fwd(sim_img: torch.Tensor, sim_txt: torch.Tensor, alpha: float) -> torch.Tensor:
-    n = _check_square("metric_consistency", sim_img, sim_txt)
+    n = _check_squares("metric_consistency", sim_img, sim_txt)
     block = row_block(n)
     grid = (triton.cdiv(n, block), triton.cdiv(n, block))
-    partials, counter, out = _scalar_workspace("metric_consistency", sim_img, grid[0] * grid[1])
+    partials, counter, out = scalar_workspace("metric_consistency", sim_img, grid[0] * grid[1])
     with device_guard(sim_img):
         _metric_consistency_fwd_kernel[grid](sim_img, sim_txt, partials, counter, out, sim_img.stride(0),
                                              sim_img.stride(1), sim_txt.stride(0), sim_txt.stride(1), n, alpha,
@@ -184,7 +178,7 @@ def metric_consistency_fwd(sim_img: torch.Tensor, sim_txt: torch.Tensor, alpha: 
 
 @metric_consistency_fwd.register_fake
 def _(sim_img, sim_txt, alpha):
-    _check_square("metric_consistency", sim_img, sim_txt)
+    _check_squares("metric_consistency", sim_img, sim_txt)
     return sim_img.new_empty((), dtype=torch.float32)
 
 

@@ -47,7 +47,8 @@ import triton.language as tl
 from torch.library import custom_op
 
 from ._launch import (check_inputs, device_guard, dot_precision, embed_blocks, finish_scalar, gram_tile, load_tile,
-                      reduction_counter)
+                      scalar_workspace)
+from .reference import _check_features
 
 
 @triton.jit
@@ -150,9 +151,7 @@ def _consistency_embed_bwd_kernel(
 
 
 def _check(op: str, x: torch.Tensor, y: torch.Tensor, cross: bool) -> None:
-    if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0] or (cross and x.shape != y.shape):
-        want = "(B, D) and (B, D)" if cross else "(B, D1) and (B, D2)"
-        raise ValueError(f"{op}: expected embeddings {want}, got shapes {tuple(x.shape)} and {tuple(y.shape)}")
+    _check_features(op, x, y, same_dim=cross)
     check_inputs(op, x, y)
     if x.dtype != y.dtype:
         raise ValueError(f"{op}: the two embeddings differ in dtype ({x.dtype} and {y.dtype})")
@@ -169,11 +168,10 @@ def consistency_embed_fwd(x: torch.Tensor, y: torch.Tensor, alpha: float, cross:
     _check(op, x, y, cross)
     n, blocks = x.shape[0], _blocks(x, y)
     nb = triton.cdiv(n, blocks.m)
-    out = torch.empty((), device=x.device, dtype=torch.float32)
-    partials = torch.empty(nb * nb, device=x.device, dtype=torch.float32)
+    partials, counter, out = scalar_workspace(op, x, nb * nb)
     with device_guard(x):
         _consistency_embed_fwd_kernel[(nb, nb)](
-            x, y, partials, reduction_counter(op, x.device), out, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+            x, y, partials, counter, out, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
             n, x.shape[1], y.shape[1], alpha, 1.0 / (n * n),
             BLOCK=blocks.m, BLOCK_D=blocks.d, BLOCK_R=min(1024, triton.next_power_of_2(nb * nb)),
             PRECISION=dot_precision(x.dtype), CROSS=cross, num_warps=blocks.warps, num_stages=blocks.stages)

@@ -45,6 +45,7 @@ from torch.library import custom_op
 
 from ._launch import check_inputs, col_block, device_guard, row_block, store_stats
 from .anchor import esc_anchor_dsim, esc_anchor_sweep
+from .reference import _check_square
 from .triplet import triplet_dsim, triplet_sweep
 
 
@@ -131,9 +132,7 @@ def _esc_division_bwd_kernel(
 
 
 def _check_esc(sim: torch.Tensor, margin: Optional[torch.Tensor]) -> int:
-    if sim.dim() != 2 or sim.shape[0] != sim.shape[1]:
-        raise ValueError(f"esc_division_terms: expected a square (B, B) similarity matrix, got shape "
-                         f"{tuple(sim.shape)}")
+    _check_square("esc_division_terms", sim)
     check_inputs("esc_division_terms", sim)
     n = sim.shape[0]
     if n == 0:

@@ -32,9 +32,9 @@ import triton.language as tl
 from torch.library import custom_op
 
 from ._launch import check_inputs, col_block, device_guard, row_block, zero_scalar
+from .reference import _check_square
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 @triton.jit
@@ -127,8 +127,7 @@ def _infonce_bwd_kernel(
 
 
 def _check(sim: torch.Tensor) -> int:
-    if sim.dim() != 2 or sim.shape[0] != sim.shape[1]:
-        raise ValueError(f"infonce_terms: expected a square (B, B) similarity matrix, got shape {tuple(sim.shape)}")
+    _check_square("infonce_terms", sim)
     check_inputs("infonce_terms", sim)
     return sim.shape[0]
 

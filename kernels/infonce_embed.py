@@ -51,6 +51,7 @@ from torch.library import custom_op
 
 from ._launch import check_inputs, device_guard, dot_precision, embed_blocks, gram_tile, load_tile
 from .infonce import LOG2E, effective_grad, infonce_dsim, online_lse
+from .reference import _check_features
 
 
 @triton.jit
@@ -174,9 +175,7 @@ def _infonce_embed_bwd_kernel(
 
 
 def _check(img: torch.Tensor, txt: torch.Tensor) -> tuple[int, int]:
-    if img.dim() != 2 or txt.shape != img.shape:
-        raise ValueError(f"infonce_terms_embed: expected embeddings (B, D) and (B, D), got shapes {tuple(img.shape)} "
-                         f"and {tuple(txt.shape)}")
+    _check_features("infonce_terms_embed", img, txt)
     check_inputs("infonce_terms_embed", img, txt)
     if img.dtype != txt.dtype:
         raise ValueError(f"infonce_terms_embed: img and txt differ in dtype ({img.dtype} and {txt.dtype})")

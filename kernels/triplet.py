@@ -40,6 +40,7 @@ import triton.language as tl
 from torch.library import custom_op
 
 from ._launch import check_inputs, col_block, device_guard, row_block, store_stats
+from .reference import _check_square
 
 
 @triton.jit
@@ -183,8 +184,7 @@ def _triplet_bwd_kernel(
 
 
 def _check(sim: torch.Tensor, margin: Optional[torch.Tensor]) -> int:
-    if sim.dim() != 2 or sim.shape[0] != sim.shape[1]:
-        raise ValueError(f"triplet_terms: expected a square (B, B) similarity matrix, got shape {tuple(sim.shape)}")
+    _check_square("triplet_terms", sim)
     check_inputs("triplet_terms", sim)
     n = sim.shape[0]
     if margin is not None:
