@@ -24,7 +24,7 @@ from . import reference
 __all__ = [*reference.__all__, "resolve_backend", "check_backend"]
 
 BACKENDS = ("auto", "torch", "triton")
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # upcast to fp32 on load; fp32 accumulation
 _TRITON_MODULES = {  # op -> the module that holds its Triton twin
     "infonce_terms": "infonce",
     "cross_consistency": "consistency",
@@ -39,6 +39,11 @@ _TRITON_MODULES = {  # op -> the module that holds its Triton twin
     "metric_consistency_embed": "consistency_embed",
 }
 _triton_available = None
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def triton_available() -> bool:
@@ -67,7 +72,7 @@ def resolve_backend(backend: str = "auto", tensor: torch.Tensor | None = None) -
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto" or tensor is None:
         return backend
-    cuda = tensor.device.type == "cuda" and tensor.dtype in _KERNEL_DTYPES
+    cuda = tensor.device.type == "cuda" and tensor.dtype in KERNEL_DTYPES
     return "triton" if cuda and triton_available() else "torch"
 
 
@@ -80,7 +85,7 @@ def check_backend(backend: str, device: torch.device) -> str:
     elif resolved == "triton":
         if not triton_available():
             raise ValueError("backend='triton' needs the triton package: pip install 'fastncl[triton]'")
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        if device.type != "cuda" and not interpreting():
             raise ValueError(f"backend='triton' needs a CUDA device (got {device}); on CPU the kernels run only in "
                              "Triton's interpreter (TRITON_INTERPRET=1, slow, for tests)")
     if resolved == "triton":

@@ -11,20 +11,13 @@ machines without a GPU); on CUDA tensors they are compiled.
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-# Low-precision inputs are upcast to fp32 on load; everything accumulates in fp32.
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from . import KERNEL_DTYPES, interpreting
 
 
 MAX_OFFSET = 2**31 - 1  # the kernels index elements with 32-bit integers
