@@ -23,4 +23,4 @@ def cost(B, D, e, mode):
 @params("esc_division_terms", sizes=(128, 1024, 8192))
 def bench_esc_division_terms(benchmark, cuda, op, provider, B, D, dtype, mode):
     measure(benchmark, op=op, provider=provider, B=B, D=D, dtype=dtype, mode=mode, make=make, cost=cost,
-            esc_weight=ESC_WEIGHT, alpha=ALPHA, hardest=True, normalize=True)
+            launches=True, esc_weight=ESC_WEIGHT, alpha=ALPHA, hardest=True, normalize=True)

@@ -27,4 +27,4 @@ def cost(B, D, e, mode):
 @params("sps_reliable_objective", sizes=(128, 1024, 8192))
 def bench_sps_reliable_objective(benchmark, cuda, op, provider, B, D, dtype, mode):
     measure(benchmark, op=op, provider=provider, B=B, D=D, dtype=dtype, mode=mode, make=make, cost=cost,
-            tau=TAU, alpha=ALPHA, cross_weight=CROSS_WEIGHT, metric_weight=METRIC_WEIGHT)
+            launches=True, tau=TAU, alpha=ALPHA, cross_weight=CROSS_WEIGHT, metric_weight=METRIC_WEIGHT)

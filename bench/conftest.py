@@ -15,7 +15,7 @@ parametrization, its inputs and its FLOP/byte model; ``measure`` does the rest:
    autotuned before capture);
 5. loss-attributable peak memory: peak allocation during one call minus what was allocated before
    it (the inputs) and minus the inputs' gradients;
-6. kernel launches per call (torch.profiler) for the fused objectives (targets.FUSED_OPS);
+6. kernel launches per call (torch.profiler) where asked (the fused objectives);
 7. ``benchmark.pedantic`` with ``torch.cuda.synchronize()`` inside the target (pytest-benchmark's
    own statistics and JSON).
 
@@ -273,7 +273,7 @@ def _free() -> None:
 
 
 def measure(benchmark, *, op: str, provider: str, B: int, D: int | None, dtype: str, mode: str,
-            make: Callable[..., Work], cost: Callable | None = None, quick: bool = False,
+            make: Callable[..., Work], cost: Callable | None = None, launches: bool = False, quick: bool = False,
             variant: str | None = None, **info) -> None:
     """Benchmark one (op, provider, B, D, dtype, mode); see the module docstring for the steps.
 
@@ -304,7 +304,7 @@ def measure(benchmark, *, op: str, provider: str, B: int, D: int | None, dtype: 
         if skip is None:
             clear_grads(work.leaves)
             torch.cuda.synchronize()
-            rec.update(_timings(step, work, B, quick, launches=op in targets.FUSED_OPS))
+            rec.update(_timings(step, work, B, quick, launches))
     except torch.cuda.OutOfMemoryError:
         skip = f"CUDA out of memory: {op} {provider} B={B} D={D} {dtype} {mode}"
         rec["oom"] = True
