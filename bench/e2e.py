@@ -125,10 +125,10 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def warm_up(setup: Setup, steps: int | None = None) -> float:
+def warm_up(setup: Setup) -> float:
     """Run every prepared batch once (compiles each caption-length bucket); seconds taken."""
     t0 = time.perf_counter()
-    for _ in range(steps or len(setup.batches)):
+    for _ in range(len(setup.batches)):
         setup.step()
     synchronize(setup.device)
     return time.perf_counter() - t0

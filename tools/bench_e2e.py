@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 import tempfile
@@ -20,19 +19,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+from gpu_report import commit_of, result_name  # noqa: E402  (one file-name and commit convention)
+
+from fastncl.run import write_atomic  # noqa: E402
 NAMES = {"loop": "(a) papers' loop, fp32", "batched": "(b) batched, fp32", "fast": "(c) batched + compile + graphs + bf16"}
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def table(report: dict) -> str:
@@ -75,6 +66,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for the JSON and the table")
     p.add_argument("-k", help="pytest -k expression (e.g. 'fast or batched' to skip the slow loop)")
+    p.add_argument("--commit", help="the commit measured, where the tree has no .git (default: git rev-parse HEAD)")
     args = p.parse_args(argv)
     import torch
 
@@ -92,13 +84,12 @@ def main(argv=None) -> int:
             print("tools/bench_e2e.py: the benchmark produced no results", file=sys.stderr)
             return done.returncode or 1
         report = json.loads(raw.read_text())
-    report["fastncl_commit"] = _commit()
+    report["fastncl_commit"] = commit_of(args.commit)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M")
-    base = Path(args.out) / f"{_slug(torch.cuda.get_device_name())}-{stamp}-e2e"
-    base.parent.mkdir(parents=True, exist_ok=True)
-    base.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    base = Path(args.out) / (result_name(torch.cuda.get_device_name(), stamp) + "-e2e")
+    write_atomic(base.with_suffix(".json"), json.dumps(report, indent=1))
     text = table(report)
-    base.with_suffix(".md").write_text(text)
+    write_atomic(base.with_suffix(".md"), text)
     print(text)
     print(f"written: {base}.json, {base}.md")
     return done.returncode
