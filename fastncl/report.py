@@ -206,9 +206,9 @@ def loss_histogram(plt, split: dict, epoch: int, method: str, cfg: dict, path: P
     return path
 
 
-def split_quality(plt, records: list[dict], splits: dict, method: str, path: Path) -> Path:
-    epochs = [r["epoch"] for r in records if r.get("split")]
-    s = [next(r["split"] for r in records if r["epoch"] == e) for e in epochs]
+def split_quality(plt, records: list[dict], method: str, path: Path) -> Path:
+    with_split = [r for r in records if r.get("split")]  # metrics.jsonl holds one record per epoch
+    epochs, s = [r["epoch"] for r in with_split], [r["split"] for r in with_split]
     has_truth = any(x.get("auc") is not None for x in s)
     composition = method == "sps" and has_truth
     fig, axes = plt.subplots(1, 2 if composition else 1, figsize=(12 if composition else 6.5, 3.8), squeeze=False)
@@ -310,14 +310,14 @@ def write_report(run_dir: str, epochs: list[int] | None = None) -> tuple[Path, s
     plt = _pyplot()
     cfg = _config(run)
     method = cfg.get("method", "?")
-    splits = run.read_splits()
     figdir = run.file("report")
     figures = []
-    for epoch in _chosen_epochs(sorted(splits), epochs):
+    for epoch in _chosen_epochs(run.split_epochs(records), epochs):  # reads only the splits it draws
         figures.append(("Per-sample division losses, epoch " + str(epoch + 1),
-                        loss_histogram(plt, splits[epoch], epoch, method, cfg, figdir / f"losses_epoch{epoch + 1:02d}.png")))
+                        loss_histogram(plt, run.read_split(epoch), epoch, method, cfg,
+                                       figdir / f"losses_epoch{epoch + 1:02d}.png")))
     if any(r.get("split") for r in records):
-        figures.append(("Split quality", split_quality(plt, records, splits, method, figdir / "split_quality.png")))
+        figures.append(("Split quality", split_quality(plt, records, method, figdir / "split_quality.png")))
     figures.append(("Dev RSum per epoch", dev_curves(plt, records, figdir / "dev_rsum.png")))
     for stale in set(figdir.glob("*.png")) - {path for _, path in figures}:  # e.g. other --epochs earlier
         stale.unlink()
