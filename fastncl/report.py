@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastncl import FastnclError
+from fastncl import FastnclError, optional_import
 from fastncl.run import RunDir, write_atomic
 
 RECALLS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
@@ -94,10 +94,7 @@ def evaluate_run(run_dirs, split: str = "test", checkpoint: str = "best") -> str
 
 # -- report.md ---------------------------------------------------------------------------------
 def _pyplot():
-    try:
-        import matplotlib
-    except ImportError:
-        raise FastnclError(f"fastncl report draws its figures with matplotlib: {REPORT_HINT}") from None
+    matplotlib = optional_import("matplotlib", f"fastncl report draws its figures with matplotlib: {REPORT_HINT}")
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
