@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 
 KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
 
@@ -111,6 +110,8 @@ def split_diagnostics(clean_prob: np.ndarray, noisy_cut: float, clean_mask: np.n
         out["subsets"] = {name: {"size": int(len(idx))} for name, idx in subsets.items()}
     if clean_mask is None:
         return out
+    from sklearn.metrics import roc_auc_score  # here: ~0.8 s to import, which `fastncl compare` (KEYS) skips
+
     noisy = ~clean_mask
     tp = int((detected & noisy).sum())
     precision = tp / max(int(detected.sum()), 1)

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from fastncl import FastnclError, optional_import
+from fastncl.evaluation import KEYS
 from fastncl.run import RunDir, write_atomic
 
-RECALLS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
 REPORT_HINT = "pip install 'fastncl[report]' (matplotlib)"
 # the thresholds a method draws on its loss histogram: label -> where the clean-probability cut comes from
 CUT_LABELS = {"sps": "ε2", "esc": "δ", "ncr": "cut"}
@@ -338,7 +338,7 @@ def write_report(run_dir: str, epochs: list[int] | None = None) -> tuple[Path, s
 
 
 # -- fastncl compare ---------------------------------------------------------------------------
-COMPARE_COLUMNS = ("run", "method", "noise", "seed", "backbone", "data", *RECALLS, "rsum", "split_auc", "split_f1",
+COMPARE_COLUMNS = ("run", "method", "noise", "seed", "backbone", "data", *KEYS, "rsum", "split_auc", "split_f1",
                    "best_epoch", "time_s")
 
 
@@ -354,7 +354,7 @@ def compare_rows(run_dirs: list[str]) -> list[dict]:
         split = results.get("split") or {}
         row = {"run": run.path.name, "method": results["method"], "noise": results["noise"], "seed": results["seed"],
                "backbone": cfg.get("model", {}).get("backbone", "?"), "data": results.get("data", "?"),
-               **{k: results["test"][k] for k in (*RECALLS, "rsum")},
+               **{k: results["test"][k] for k in (*KEYS, "rsum")},
                "split_auc": split.get("auc"), "split_f1": split.get("f1"), "best_epoch": results["best_epoch"] + 1,
                "time_s": sum(r.get("time", 0.0) for r in run.read_metrics())}
         rows.append(row)
@@ -375,7 +375,7 @@ def compare_table(rows: list[dict], fmt: str = "md") -> str:
              "split AUC | F1 | time (s) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        recalls = " | ".join(f"{r[k]:.1f}" for k in RECALLS)
+        recalls = " | ".join(f"{r[k]:.1f}" for k in KEYS)
         auc = "-" if r["split_auc"] is None else f"{r['split_auc']:.3f}"
         f1 = "-" if r["split_f1"] is None else f"{r['split_f1']:.3f}"
         lines.append(f"| {r['run']} | {r['method']} | {r['noise']:.0%} | {r['seed']} | {r['backbone']} | {recalls} | "
