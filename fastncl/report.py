@@ -50,7 +50,7 @@ def evaluate_run(run_dirs, split: str = "test", checkpoint: str = "best") -> str
     Several runs are the SGRAF ensemble of the papers (a trained SGR run and a trained SAF run,
     their similarity matrices averaged); they must share the data, the split and its captions.
     """
-    from fastncl.config import from_dict, load_yaml
+    from fastncl.config import from_dict
     from fastncl.data import load_dataset
     from fastncl.evaluation import fold5_metrics, retrieval_metrics, similarity_matrix
     from fastncl.models import build_backbone
@@ -59,7 +59,7 @@ def evaluate_run(run_dirs, split: str = "test", checkpoint: str = "best") -> str
 
     run_dirs = [run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs)
     runs = [_run(r) for r in run_dirs]
-    cfgs = [from_dict(load_yaml(run.file("config.yaml")), str(run.file("config.yaml"))) for run in runs]
+    cfgs = [from_dict(_config(run), str(run.file("config.yaml"))) for run in runs]
     for run, cfg in zip(runs[1:], cfgs[1:]):
         if cfg.data != cfgs[0].data:
             raise FastnclError(f"{run.path}: its data settings differ from {runs[0].path}'s; an ensemble needs the "
