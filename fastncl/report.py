@@ -166,6 +166,8 @@ def _clean_mean(fit) -> float:
 
 def loss_histogram(plt, split: dict, epoch: int, method: str, cfg: dict, path: Path) -> Path:
     """Both models' division losses at one epoch, by ground truth, with the mixture and thresholds."""
+    from fastncl.config import SPSConfig
+
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
     bins = np.linspace(0, 1, 51)
     width = bins[1] - bins[0]
@@ -184,8 +186,9 @@ def loss_histogram(plt, split: dict, epoch: int, method: str, cfg: dict, path: P
         ax.plot(grid, density[0], color="navy", lw=1.5, label=f"{fit.kind.upper()} clean component")
         ax.plot(grid, density[1], color="darkred", lw=1.5, label=f"{fit.kind.upper()} noisy component")
         cuts = [(CUT_LABELS.get(method, "cut"), float(split["noisy_cut"][k]), "black")]
-        if method == "sps":
-            cuts.insert(0, ("ε1", float(cfg.get("sps", {}).get("reliable_threshold", 0.99)), "green"))
+        if method == "sps":  # a config.yaml without the key: config.py's default
+            cuts.insert(0, ("ε1", float(cfg.get("sps", {}).get("reliable_threshold", SPSConfig.reliable_threshold)),
+                            "green"))
         for label, threshold, color in cuts:
             at = _cut_at(x, fit.clean_prob, threshold, _clean_mean(fit))
             if at is not None:
