@@ -109,8 +109,12 @@ def _epoch_axis(ax) -> None:
 
 
 def _save(fig, path: Path) -> Path:
+    """The figure as a PNG at ``path`` (atomically); closes it."""
+    import matplotlib.pyplot as plt
+
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
     write_atomic(path, buf.getvalue())
     return path
 
@@ -201,9 +205,7 @@ def loss_histogram(plt, split: dict, epoch: int, method: str, cfg: dict, path: P
     axes[0].set_ylabel("pairs per bin")
     axes[1].legend(fontsize=7, loc="upper right")
     fig.suptitle(f"{method}: per-sample division losses, epoch {epoch + 1}")
-    path = _save(fig, path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def split_quality(plt, records: list[dict], method: str, path: Path) -> Path:
@@ -243,9 +245,7 @@ def split_quality(plt, records: list[dict], method: str, path: Path) -> Path:
         ax.set_ylabel("pairs")
         ax.set_title("subsets of model A's split by ground truth")
         ax.legend(fontsize=7, ncol=3)
-    path = _save(fig, path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def dev_curves(plt, records: list[dict], path: Path) -> Path:
@@ -282,9 +282,7 @@ def dev_curves(plt, records: list[dict], path: Path) -> Path:
     ax.patch.set_visible(False)
     ax.legend(fontsize=7, loc="lower right")
     ax.set_title("dev RSum per epoch (orange: learning rate)")
-    path = _save(fig, path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _chosen_epochs(available: list[int], wanted: list[int] | None) -> list[int]:
