@@ -76,8 +76,8 @@ def evaluate_run(run_dirs, split: str = "test", checkpoint: str = "best") -> str
             model = build_backbone(run_cfg.model, data.image_dim, len(data.vocab), data.train.images.shape[1])
             model.to(device).load_state_dict(weights)
             models.append(CompiledBackbone(model) if run_cfg.runtime.compile else model)
-        with Precision(resolve_amp(run_cfg.runtime.amp, device), device).autocast():
-            sims.append(similarity_matrix(models, part, device, run_cfg.runtime.eval_batch))
+        sims.append(similarity_matrix(models, part, device, run_cfg.runtime.eval_batch,
+                                      Precision(resolve_amp(run_cfg.runtime.amp, device), device)))
     sim = sum(sims) / len(sims)
     name = cfg.method if len(runs) == 1 else " + ".join(f"{c.method}/{c.model.backbone}" for c in cfgs)
     results = {"method": name, "noise": cfg.data.noise, "best_epoch": states[0]["epoch"],

@@ -227,8 +227,8 @@ class Trainer:
     def evaluate(self, split, models=None) -> torch.Tensor:
         """The similarity matrix of a split, averaged over ``models`` (default: both), computed as
         training runs them (compiled views, mixed precision)."""
-        with self.precision.autocast():
-            return similarity_matrix(models or self.eval_views, split, self.device, self.cfg.runtime.eval_batch)
+        return similarity_matrix(models or self.eval_views, split, self.device, self.cfg.runtime.eval_batch,
+                                 self.precision)
 
     # -- the loop --------------------------------------------------------------------------
     def fit(self) -> dict:
