@@ -77,8 +77,7 @@ class Setup:
 
     def evaluate(self, chunk: int = 1000) -> torch.Tensor:
         """The dev similarity matrix (1000 x 5000) of one model."""
-        with self.precision.autocast():
-            return similarity_matrix([self.eval_view], self.data.dev, self.device, chunk)
+        return similarity_matrix([self.eval_view], self.data.dev, self.device, chunk, self.precision)
 
 
 _DATA = {}

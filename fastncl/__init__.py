@@ -1,4 +1,6 @@
 """fastncl: a performance-engineered trainer for noisy correspondence learning."""
+import importlib
+
 __version__ = "0.1.0"
 
 
@@ -7,3 +9,12 @@ class FastnclError(Exception):
 
     The CLI prints its message as one line and exits with status 2.
     """
+
+
+def optional_import(name: str, message: str):
+    """The module ``name`` (an optional dependency), or a FastnclError with ``message`` (which names
+    what to install) when it is missing."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise FastnclError(message) from None

@@ -11,17 +11,14 @@ from pathlib import Path
 
 import numpy as np
 
-from fastncl import FastnclError
+from fastncl import optional_import
 
 INSTALL_HINT = "pip install 'fastncl[tensorboard]' (tensorboard)"
 
 
 def _writer_class():
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise FastnclError(f"--tensorboard needs the tensorboard package: {INSTALL_HINT}") from None
-    return SummaryWriter
+    return optional_import("torch.utils.tensorboard",
+                           f"--tensorboard needs the tensorboard package: {INSTALL_HINT}").SummaryWriter
 
 
 def check_tensorboard() -> None:

@@ -232,7 +232,6 @@ for _method in ("sps", "esc"):
         _common = _deep_update({"model": SGR_MODEL, "optim": _SCHEDULES[_method][_dataset]}, _data)
         PRESETS[f"{_method}-{_dataset}"] = _deep_update(_deep_update({"method": _method}, _PAPER[_method]), _common)
         _official = _deep_update(PRESETS[f"{_method}-official"], _common)
-        _official["optim"]["fill_epoch"] = False
         if _method == "esc":
             _official["seed"] = 96  # BiCro's scripts
         PRESETS[f"{_method}-official-{_dataset}"] = _official

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from fastncl import FastnclError
+from fastncl import FastnclError, optional_import
+from fastncl.evaluation import KEYS
 from fastncl.run import RunDir, write_atomic
 
-RECALLS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
 REPORT_HINT = "pip install 'fastncl[report]' (matplotlib)"
 # the thresholds a method draws on its loss histogram: label -> where the clean-probability cut comes from
 CUT_LABELS = {"sps": "ε2", "esc": "δ", "ncr": "cut"}
@@ -50,7 +50,7 @@ def evaluate_run(run_dirs, split: str = "test", checkpoint: str = "best") -> str
     Several runs are the SGRAF ensemble of the papers (a trained SGR run and a trained SAF run,
     their similarity matrices averaged); they must share the data, the split and its captions.
     """
-    from fastncl.config import from_dict, load_yaml
+    from fastncl.config import from_dict
     from fastncl.data import load_dataset
     from fastncl.evaluation import fold5_metrics, retrieval_metrics, similarity_matrix
     from fastncl.models import build_backbone
@@ -59,7 +59,7 @@ def evaluate_run(run_dirs, split: str = "test", checkpoint: str = "best") -> str
 
     run_dirs = [run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs)
     runs = [_run(r) for r in run_dirs]
-    cfgs = [from_dict(load_yaml(run.file("config.yaml")), str(run.file("config.yaml"))) for run in runs]
+    cfgs = [from_dict(_config(run), str(run.file("config.yaml"))) for run in runs]
     for run, cfg in zip(runs[1:], cfgs[1:]):
         if cfg.data != cfgs[0].data:
             raise FastnclError(f"{run.path}: its data settings differ from {runs[0].path}'s; an ensemble needs the "
@@ -76,8 +76,8 @@ def evaluate_run(run_dirs, split: str = "test", checkpoint: str = "best") -> str
             model = build_backbone(run_cfg.model, data.image_dim, len(data.vocab), data.train.images.shape[1])
             model.to(device).load_state_dict(weights)
             models.append(CompiledBackbone(model) if run_cfg.runtime.compile else model)
-        with Precision(resolve_amp(run_cfg.runtime.amp, device), device).autocast():
-            sims.append(similarity_matrix(models, part, device, run_cfg.runtime.eval_batch))
+        sims.append(similarity_matrix(models, part, device, run_cfg.runtime.eval_batch,
+                                      Precision(resolve_amp(run_cfg.runtime.amp, device), device)))
     sim = sum(sims) / len(sims)
     name = cfg.method if len(runs) == 1 else " + ".join(f"{c.method}/{c.model.backbone}" for c in cfgs)
     results = {"method": name, "noise": cfg.data.noise, "best_epoch": states[0]["epoch"],
@@ -94,10 +94,7 @@ def evaluate_run(run_dirs, split: str = "test", checkpoint: str = "best") -> str
 
 # -- report.md ---------------------------------------------------------------------------------
 def _pyplot():
-    try:
-        import matplotlib
-    except ImportError:
-        raise FastnclError(f"fastncl report draws its figures with matplotlib: {REPORT_HINT}") from None
+    matplotlib = optional_import("matplotlib", f"fastncl report draws its figures with matplotlib: {REPORT_HINT}")
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
@@ -112,8 +109,12 @@ def _epoch_axis(ax) -> None:
 
 
 def _save(fig, path: Path) -> Path:
+    """The figure as a PNG at ``path`` (atomically); closes it."""
+    import matplotlib.pyplot as plt
+
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
     write_atomic(path, buf.getvalue())
     return path
 
@@ -169,6 +170,8 @@ def _clean_mean(fit) -> float:
 
 def loss_histogram(plt, split: dict, epoch: int, method: str, cfg: dict, path: Path) -> Path:
     """Both models' division losses at one epoch, by ground truth, with the mixture and thresholds."""
+    from fastncl.config import SPSConfig
+
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
     bins = np.linspace(0, 1, 51)
     width = bins[1] - bins[0]
@@ -187,8 +190,9 @@ def loss_histogram(plt, split: dict, epoch: int, method: str, cfg: dict, path: P
         ax.plot(grid, density[0], color="navy", lw=1.5, label=f"{fit.kind.upper()} clean component")
         ax.plot(grid, density[1], color="darkred", lw=1.5, label=f"{fit.kind.upper()} noisy component")
         cuts = [(CUT_LABELS.get(method, "cut"), float(split["noisy_cut"][k]), "black")]
-        if method == "sps":
-            cuts.insert(0, ("ε1", float(cfg.get("sps", {}).get("reliable_threshold", 0.99)), "green"))
+        if method == "sps":  # a config.yaml without the key: config.py's default
+            cuts.insert(0, ("ε1", float(cfg.get("sps", {}).get("reliable_threshold", SPSConfig.reliable_threshold)),
+                            "green"))
         for label, threshold, color in cuts:
             at = _cut_at(x, fit.clean_prob, threshold, _clean_mean(fit))
             if at is not None:
@@ -201,14 +205,12 @@ def loss_histogram(plt, split: dict, epoch: int, method: str, cfg: dict, path: P
     axes[0].set_ylabel("pairs per bin")
     axes[1].legend(fontsize=7, loc="upper right")
     fig.suptitle(f"{method}: per-sample division losses, epoch {epoch + 1}")
-    path = _save(fig, path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
-def split_quality(plt, records: list[dict], splits: dict, method: str, path: Path) -> Path:
-    epochs = [r["epoch"] for r in records if r.get("split")]
-    s = [next(r["split"] for r in records if r["epoch"] == e) for e in epochs]
+def split_quality(plt, records: list[dict], method: str, path: Path) -> Path:
+    with_split = [r for r in records if r.get("split")]  # metrics.jsonl holds one record per epoch
+    epochs, s = [r["epoch"] for r in with_split], [r["split"] for r in with_split]
     has_truth = any(x.get("auc") is not None for x in s)
     composition = method == "sps" and has_truth
     fig, axes = plt.subplots(1, 2 if composition else 1, figsize=(12 if composition else 6.5, 3.8), squeeze=False)
@@ -243,9 +245,7 @@ def split_quality(plt, records: list[dict], splits: dict, method: str, path: Pat
         ax.set_ylabel("pairs")
         ax.set_title("subsets of model A's split by ground truth")
         ax.legend(fontsize=7, ncol=3)
-    path = _save(fig, path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def dev_curves(plt, records: list[dict], path: Path) -> Path:
@@ -282,9 +282,7 @@ def dev_curves(plt, records: list[dict], path: Path) -> Path:
     ax.patch.set_visible(False)
     ax.legend(fontsize=7, loc="lower right")
     ax.set_title("dev RSum per epoch (orange: learning rate)")
-    path = _save(fig, path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _chosen_epochs(available: list[int], wanted: list[int] | None) -> list[int]:
@@ -310,14 +308,14 @@ def write_report(run_dir: str, epochs: list[int] | None = None) -> tuple[Path, s
     plt = _pyplot()
     cfg = _config(run)
     method = cfg.get("method", "?")
-    splits = run.read_splits()
     figdir = run.file("report")
     figures = []
-    for epoch in _chosen_epochs(sorted(splits), epochs):
+    for epoch in _chosen_epochs(run.split_epochs(records), epochs):  # reads only the splits it draws
         figures.append(("Per-sample division losses, epoch " + str(epoch + 1),
-                        loss_histogram(plt, splits[epoch], epoch, method, cfg, figdir / f"losses_epoch{epoch + 1:02d}.png")))
+                        loss_histogram(plt, run.read_split(epoch), epoch, method, cfg,
+                                       figdir / f"losses_epoch{epoch + 1:02d}.png")))
     if any(r.get("split") for r in records):
-        figures.append(("Split quality", split_quality(plt, records, splits, method, figdir / "split_quality.png")))
+        figures.append(("Split quality", split_quality(plt, records, method, figdir / "split_quality.png")))
     figures.append(("Dev RSum per epoch", dev_curves(plt, records, figdir / "dev_rsum.png")))
     for stale in set(figdir.glob("*.png")) - {path for _, path in figures}:  # e.g. other --epochs earlier
         stale.unlink()
@@ -341,7 +339,7 @@ def write_report(run_dir: str, epochs: list[int] | None = None) -> tuple[Path, s
 
 
 # -- fastncl compare ---------------------------------------------------------------------------
-COMPARE_COLUMNS = ("run", "method", "noise", "seed", "backbone", "data", *RECALLS, "rsum", "split_auc", "split_f1",
+COMPARE_COLUMNS = ("run", "method", "noise", "seed", "backbone", "data", *KEYS, "rsum", "split_auc", "split_f1",
                    "best_epoch", "time_s")
 
 
@@ -357,7 +355,7 @@ def compare_rows(run_dirs: list[str]) -> list[dict]:
         split = results.get("split") or {}
         row = {"run": run.path.name, "method": results["method"], "noise": results["noise"], "seed": results["seed"],
                "backbone": cfg.get("model", {}).get("backbone", "?"), "data": results.get("data", "?"),
-               **{k: results["test"][k] for k in (*RECALLS, "rsum")},
+               **{k: results["test"][k] for k in (*KEYS, "rsum")},
                "split_auc": split.get("auc"), "split_f1": split.get("f1"), "best_epoch": results["best_epoch"] + 1,
                "time_s": sum(r.get("time", 0.0) for r in run.read_metrics())}
         rows.append(row)
@@ -378,7 +376,7 @@ def compare_table(rows: list[dict], fmt: str = "md") -> str:
              "split AUC | F1 | time (s) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        recalls = " | ".join(f"{r[k]:.1f}" for k in RECALLS)
+        recalls = " | ".join(f"{r[k]:.1f}" for k in KEYS)
         auc = "-" if r["split_auc"] is None else f"{r['split_auc']:.3f}"
         f1 = "-" if r["split_f1"] is None else f"{r['split_f1']:.3f}"
         lines.append(f"| {r['run']} | {r['method']} | {r['noise']:.0%} | {r['seed']} | {r['backbone']} | {recalls} | "

@@ -85,16 +85,16 @@ class RunDir:
         np.savez_compressed(buf, **arrays)
         write_atomic(self.file(f"splits/epoch_{epoch:03d}.npz"), buf.getvalue())
 
-    def read_splits(self) -> dict[int, dict]:
-        """Epoch -> the arrays of splits/epoch_NNN.npz (only the epochs the metrics still hold)."""
-        epochs = {r["epoch"] for r in self.read_metrics()}
-        out = {}
-        for path in sorted(self.file("splits").glob("epoch_*.npz")):
-            epoch = int(path.stem.split("_")[1])
-            if epoch in epochs:
-                with np.load(path, allow_pickle=False) as z:
-                    out[epoch] = {k: z[k] for k in z.files}
-        return out
+    def split_epochs(self, records: list[dict]) -> list[int]:
+        """The epochs, sorted, that have a splits/epoch_NNN.npz and that ``records`` (the metrics) still hold."""
+        epochs = {r["epoch"] for r in records}
+        saved = (int(path.stem.split("_")[1]) for path in self.file("splits").glob("epoch_*.npz"))
+        return sorted(epoch for epoch in saved if epoch in epochs)
+
+    def read_split(self, epoch: int) -> dict:
+        """The arrays of one epoch's splits/epoch_NNN.npz."""
+        with np.load(self.file(f"splits/epoch_{epoch:03d}.npz"), allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
 
     def save_checkpoint(self, name: str, state: dict) -> None:
         buf = io.BytesIO()

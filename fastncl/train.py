@@ -227,8 +227,8 @@ class Trainer:
     def evaluate(self, split, models=None) -> torch.Tensor:
         """The similarity matrix of a split, averaged over ``models`` (default: both), computed as
         training runs them (compiled views, mixed precision)."""
-        with self.precision.autocast():
-            return similarity_matrix(models or self.eval_views, split, self.device, self.cfg.runtime.eval_batch)
+        return similarity_matrix(models or self.eval_views, split, self.device, self.cfg.runtime.eval_batch,
+                                 self.precision)
 
     # -- the loop --------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -265,13 +265,14 @@ class Trainer:
             record["time_split"] = t_split - t0
             splits = [self.method.subsets(fit, anchors, co_epoch) for fit, (_, anchors) in zip(fits, passes)]
             record["split"] = self._diagnostics(fits, splits)
-            record["active_subsets"] = list(self.method.active_subsets(co_epoch))
+            active_names = self.method.active_subsets(co_epoch)
+            record["active_subsets"] = list(active_names)
             cuts = [m["noisy_cut"] for m in record["split"]["models"]]
             arrays = split_arrays([loss for loss, _ in passes], fits, cuts, splits, self.clean_mask)
             self.run.write_split(epoch, arrays)
             for k in range(2):  # model k trains on its peer's split
                 peer_fit, subsets = fits[1 - k], splits[1 - k]
-                active = {name: subsets[name] for name in self.method.active_subsets(co_epoch)}
+                active = {name: subsets[name] for name in active_names}
                 peer_prob = torch.from_numpy(peer_fit.clean_prob).float().to(self.device)
                 with nvtx_range(f"train model {'AB'[k]}"):
                     losses["AB"[k]] = self._train_model(k, active, peer_prob, co_epoch, f"epoch {epoch} {'AB'[k]}")

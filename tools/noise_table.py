@@ -18,7 +18,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from fastncl.report import RECALLS, compare_rows
+from fastncl.evaluation import KEYS
+from fastncl.report import compare_rows
 
 METHODS = ("vanilla", "ncr", "sps", "esc")
 
@@ -42,7 +43,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         auc = f"{r['split_auc']:.3f}" if r["split_auc"] is not None else "-"
         f1 = f"{r['split_f1']:.3f}" if r["split_f1"] is not None else "-"
-        recalls = " | ".join(f"{r[k]:.1f}" for k in RECALLS)
+        recalls = " | ".join(f"{r[k]:.1f}" for k in KEYS)
         lines.append(f"| {r['noise']:.0%} | {r['method']} | {recalls} | **{r['rsum']:.1f}** | {auc} | {f1} | "
                      f"{r['time_s']:.0f} |")
     return "\n".join(lines)

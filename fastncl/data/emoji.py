@@ -25,7 +25,6 @@ split. The build is deterministic: the same package versions give byte-identical
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
 import re
@@ -36,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastncl import FastnclError
+from fastncl import FastnclError, optional_import
 
 from .split import Vocab, tokenize
 
@@ -60,10 +59,7 @@ SKIN_TONES = {"1F3FB": "light", "1F3FC": "medium-light", "1F3FD": "medium", "1F3
 
 
 def _import(name: str):
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        raise FastnclError(f"the emoji data needs the package {name.split('.')[0]}: {INSTALL_HINT}") from None
+    return optional_import(name, f"the emoji data needs the package {name.split('.')[0]}: {INSTALL_HINT}")
 
 
 def _require():

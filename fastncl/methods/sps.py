@@ -63,10 +63,10 @@ class SPS(Method):
         loss, _ = self.infonce(model, *encode_pairs(model, batch.images, batch.tokens, batch.lengths), self.cfg.sps.tau)
         return {"loss": loss.mean()}
 
-    def _reliable_objective(self, model, img, cap):
-        """(total, l_re, l_cro, l_met): Eq. 17 with y = 1, plus lambda1 Eq. 9 and lambda2 Eq. 10."""
+    def _reliable_objective(self, model, img, cap, x_img, x_txt):
+        """(total, l_re, l_cro, l_met): Eq. 17 with y = 1, plus lambda1 Eq. 9 and lambda2 Eq. 10;
+        ``x_img``, ``x_txt``: the intramodal features of ``img`` and ``cap``."""
         c = self.cfg.sps
-        x_img, x_txt = intramodal_features(img, c.intramodal), intramodal_features(cap, c.intramodal)
         if not self.from_embeddings(model, x_img.shape[0]):  # one fused op (Triton: one launch each way)
             return kernels.sps_reliable_objective(model.similarity(img, cap), cosine_matrix(x_img, x_img),
                                                   cosine_matrix(x_txt, x_txt),
@@ -92,9 +92,9 @@ class SPS(Method):
         def reliable():
             b = batches["reliable"]
             img, cap = encode_pairs(model, b.images, b.tokens, b.lengths)
-            total, l_re, l_cro, l_met = self._reliable_objective(model, img, cap)
-            cache["img"] = intramodal_features(img, c.intramodal).detach()
-            cache["txt"] = intramodal_features(cap, c.intramodal).detach()
+            x_img, x_txt = intramodal_features(img, c.intramodal), intramodal_features(cap, c.intramodal)
+            total, l_re, l_cro, l_met = self._reliable_objective(model, img, cap, x_img, x_txt)
+            cache["img"], cache["txt"] = x_img.detach(), x_txt.detach()  # the noisy step's proxy search
             return {"loss": total, "re": l_re, "cro": l_cro, "met": l_met}
 
         def quasi_clean():
