@@ -17,11 +17,11 @@ import yaml
 
 from fastncl import FastnclError
 
-METHODS = ("vanilla", "ncr", "sps", "esc")
+METHODS = ("vanilla", "hinge", "ncr", "sps", "esc")
 # Warm-up epochs on the embedded data (resolved into the config when optim.warmup_epochs is None).
 # InfoNCE models need 4 epochs to give a useful first split; the hinge methods (trained on the
 # mean over negatives during warm-up) split best after 2, before they start memorising noise.
-WARMUP_EPOCHS = {"vanilla": 4, "sps": 4, "ncr": 2, "esc": 2}
+WARMUP_EPOCHS = {"vanilla": 4, "hinge": 2, "sps": 4, "ncr": 2, "esc": 2}
 
 
 @dataclass
@@ -80,16 +80,28 @@ class OptimConfig:
 
 
 @dataclass
+class HingeConfig:
+    margin: float = 0.2  # alpha of the VSE++ hinge (SGRAF, NCR)
+
+
+@dataclass
 class NCRConfig:
     margin: float = 0.2  # alpha of the hinge
     soft_margin_base: float = 10.0  # m of the exponential soft margin
     clean_threshold: float = 0.5
     min_noisy_fraction: float = 0.01  # official fallback when every pair looks clean
-    # noisy pairs: "hard" leaves out pairs labelled <= noise_label_cut (BiCro's noise_train=noise_hard);
-    # "soft" (NCR's code) trains them all with a margin from their label, which collapses on the
-    # embedded data (README, "Results")
-    noisy_loss: str = "hard"
+    # clean pairs' target: "corectified" (NCR code: p + (1 - p) q, q the model's own eval-mode
+    # prediction) or "peer" (the peer's clean probability p alone; fastncl <= 0.1.0)
+    clean_target: str = "corectified"
+    # noisy pairs' target: "corefined" (NCR code: both models' eval-mode predictions averaged) or
+    # "own" (the model's own train-mode hinge confidence / alpha; fastncl <= 0.1.0)
+    noisy_target: str = "corefined"
+    # noisy pairs' loss: "soft" (NCR code: every pair, margin from its target) or "hard" (BiCro's
+    # noise_hard: pairs with a target <= noise_label_cut add nothing; fastncl <= 0.1.0)
+    noisy_loss: str = "soft"
     noise_label_cut: float = 0.5
+    noisy_start: int | None = None  # co-training epoch of the first noisy step; None: epochs // 2 (NCR code;
+    # fastncl <= 0.1.0: 0)
 
 
 @dataclass
@@ -97,6 +109,9 @@ class SPSConfig:
     tau: float = 0.07  # SPS Sec. 3.2
     reliable_threshold: float = 0.99  # epsilon_1: paper Fig. 4; official code 0.6
     noisy_threshold: float = 0.5  # epsilon_2
+    # floor of the reliable set, as a fraction of the pairs with p > epsilon_2: below it, epsilon_1
+    # falls back to the largest cut that keeps the floor (said in the epoch line; the papers have none)
+    min_reliable_fraction: float = 0.5
     min_noisy_fraction: float = 0.0  # official 0.01: if every p > epsilon_2, 1 % is made noisy
     consistency_margin: float = 0.01  # alpha of Eq. 9-10 (paper: unstated; official: 0, no hinge)
     cross_weight: float = 5.0  # lambda_1 (paper: unstated; official 25 on the SGR sigmoid scale)
@@ -129,9 +144,12 @@ class ESCConfig:
     anchors_clean: bool = True  # anchors always in the clean set (Eq. 12); official: by threshold only
     clean_labels: str = "one"  # clean pairs' label: "one" (paper, Sec. 3.3) or "bicro" (official: 0.5 + c/2)
     label_anchor_fraction: float = 0.1  # BiCro soft labels: top B/10 + 1 pairs of a batch are anchors
+    # features the BiCro labels compare: "auto" = those the backbone's similarity uses (vse: "global";
+    # sgr/saf: "pooled", the mean-pooled features of BiCro's code); fastncl <= 0.1.0 used "pooled" on vse
+    label_features: str = "auto"
     noise_label_cut: float = 0.5  # BiCro noise_soft: soft labels <= this become 0
     noisy_loss: str = "soft"  # "soft" (BiCro scripts, noise_soft) or "hard": labels <= the cut are left out
-    noisy_start: int = 6  # co-training epoch from which the noisy set is trained (paper: 20 of 40)
+    noisy_start: int | None = None  # co-training epoch of the first noisy step; None: epochs // 2 (paper: 20 of 40)
     warmup: str = "all"  # "all": mean hinge on every pair; "select": smallest warmup_rate only (official)
     warmup_rate: float = 0.3
     separate_steps: bool = False  # official: separate optimizer steps for noisy, clean and L_ESC
@@ -162,6 +180,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    hinge: HingeConfig = field(default_factory=HingeConfig)
     ncr: NCRConfig = field(default_factory=NCRConfig)
     sps: SPSConfig = field(default_factory=SPSConfig)
     esc: ESCConfig = field(default_factory=ESCConfig)
@@ -175,6 +194,7 @@ class Config:
 # official schedules (warm-up, epochs, lr, curriculum) are for Flickr30K-size data.
 PRESETS: dict[str, dict[str, Any]] = {
     "vanilla": {"method": "vanilla"},
+    "hinge": {"method": "hinge"},
     "ncr": {"method": "ncr"},
     "sps": {"method": "sps"},
     "esc": {"method": "esc"},
@@ -184,6 +204,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "reliable_threshold": 0.6, "consistency_margin": 0.0, "cross_weight": 25.0, "metric_weight": 25.0,
             "intramodal": "pooled", "proxy_label": "official", "proxy_directions": "i2t", "separate_steps": True,
             "quasi_clean_start": 10, "noisy_start": 15, "min_noisy_fraction": 0.01,
+            "min_reliable_fraction": 0.0,
         },
         "optim": {"lr": 2e-4, "lr_step": 10, "warmup_epochs": 5, "epochs": 40, "fill_epoch": False},
     },
@@ -248,14 +269,17 @@ CHOICES = {
     "esc.train_esc": ("pseudo_negative", "anchor"),
     "esc.warmup": ("all", "select"),
     "esc.clean_labels": ("one", "bicro"),
+    "esc.label_features": ("auto", "global", "pooled"),
     "esc.noisy_loss": ("soft", "hard"),
     "ncr.noisy_loss": ("soft", "hard"),
+    "ncr.clean_target": ("corectified", "peer"),
+    "ncr.noisy_target": ("corefined", "own"),
     "runtime.backend": ("auto", "torch", "triton"),
     "runtime.amp": ("off", "auto", "bf16", "fp16"),
 }
 PROBABILITIES = ("ncr.clean_threshold", "ncr.noise_label_cut", "sps.reliable_threshold", "sps.noisy_threshold", "esc.clean_threshold",
                  "esc.noise_label_cut", "sps.proxy_cut", "esc.warmup_rate", "esc.label_anchor_fraction",
-                 "ncr.min_noisy_fraction", "sps.min_noisy_fraction", "esc.min_noisy_fraction")
+                 "ncr.min_noisy_fraction", "sps.min_noisy_fraction", "esc.min_noisy_fraction", "sps.min_reliable_fraction")
 POSITIVE = ("optim.batch_size", "optim.lr", "model.embed_dim", "model.word_dim", "model.sim_dim", "model.sgr_steps",
             "model.smooth", "model.pair_block", "runtime.eval_batch",
             "data.max_len", "data.synthetic.train_images", "data.synthetic.dev_images", "data.synthetic.test_images",
@@ -325,6 +349,9 @@ def validate(cfg: Config) -> Config:
             raise FastnclError(f"{flag}: must be one of {', '.join(choices)}; got {_get(cfg, path)!r}")
     if cfg.optim.warmup_epochs is None:
         cfg.optim.warmup_epochs = WARMUP_EPOCHS[cfg.method]
+    for section in (cfg.ncr, cfg.esc):  # the NCR/ESC codes: the noisy set joins after half the epochs
+        if section.noisy_start is None:
+            section.noisy_start = cfg.optim.epochs // 2
     if cfg.runtime.length_multiple is None:
         cfg.runtime.length_multiple = 0 if cfg.model.backbone == "vse" else 8
     if not 0.0 <= cfg.data.noise < 1.0:
@@ -338,7 +365,7 @@ def validate(cfg: Config) -> Config:
     if cfg.sps.noisy_threshold > cfg.sps.reliable_threshold:
         raise FastnclError("sps.noisy_threshold (epsilon_2) must not exceed sps.reliable_threshold (epsilon_1)")
     for path in ("optim.epochs", "optim.warmup_epochs", "optim.lr_step", "sps.quasi_clean_start",
-                 "sps.noisy_start", "esc.noisy_start", "runtime.threads", "runtime.length_multiple"):
+                 "sps.noisy_start", "esc.noisy_start", "ncr.noisy_start", "runtime.threads", "runtime.length_multiple"):
         if _get(cfg, path) < 0:
             raise FastnclError(f"{path}: must not be negative, got {_get(cfg, path)}")
     for path in ("seed", "data.noise_seed", "data.synthetic.seed"):
@@ -388,19 +415,41 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
+# A built-in data set's own tested settings, below --preset, --config and overrides. Synthetic
+# (the embedded default) is what the dataclass defaults are tuned for.
+DATA_PRESETS: dict[str, dict[str, Any]] = {
+    # an emoji epoch holds 12,680 pairs, 2.5x the synthetic set's 5,000: 2 + 6 epochs take about as many
+    # steps as the synthetic 4 + 12, and SPS's curriculum is scaled alike; a 128-d GRU costs a third
+    "emoji": {
+        "model": {"embed_dim": 128},
+        "optim": {"warmup_epochs": 2, "epochs": 6, "lr_step": 4},
+        "sps": {"quasi_clean_start": 2, "noisy_start": 3},
+    },
+}
+
+
 def resolve(preset: str | None = None, config_file: str | None = None, overrides: list[tuple[str, Any]] = (),
             method: str | None = None) -> Config:
-    """Defaults < preset < YAML file < overrides; validated."""
-    values = Config().to_dict()
+    """Defaults < the data set's preset (DATA_PRESETS) < preset < YAML file < overrides; validated."""
+    layers = []
     if preset is not None:
         if preset not in PRESETS:
             raise FastnclError(f"--preset: unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-        _merge(values, PRESETS[preset], f"preset {preset}")
-        values["preset"] = preset
+        layers.append((f"preset {preset}", PRESETS[preset]))
     if config_file is not None:
-        _merge(values, load_yaml(config_file), f"--config {config_file}")
-    for key, value in overrides:
-        _merge(values, nest(key, value), f"override {key}")
+        layers.append((f"--config {config_file}", load_yaml(config_file)))
+    layers += [(f"override {key}", nest(key, value)) for key, value in overrides]
+    values = Config().to_dict()
+    for where, layer in layers:  # first pass: which data set
+        _merge(values, layer, where)
+    source = values["data"]["source"]
+    data_preset = DATA_PRESETS.get(source) if isinstance(source, str) else None  # a wrong type fails in _build
+    if data_preset is not None:
+        values = _deep_update(Config().to_dict(), data_preset)
+        for where, layer in layers:
+            _merge(values, layer, where)
+    if preset is not None:
+        values["preset"] = preset
     if method is not None:
         if preset is not None and PRESETS[preset]["method"] != method:
             raise FastnclError(f"--method {method} contradicts --preset {preset} (a {PRESETS[preset]['method']} preset)")

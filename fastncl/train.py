@@ -194,11 +194,12 @@ class Trainer:
             anchors[idx[torch.cat([a for _, _, a in done]).cpu().numpy()]] = True
         return losses, anchors
 
-    def _train_model(self, k: int, subsets: dict, peer_prob, co_epoch: int | None, desc: str) -> dict:
+    def _train_model(self, k: int, subsets: dict, peer_prob, co_epoch: int | None, desc: str,
+                     warnings: list[str]) -> dict:
         model, opt, peer = self.fast[k], self.optims[k], self.fast[1 - k]
         names = [name for name in subsets if len(subsets[name])]
         if not names or names[0] != next(iter(subsets)):
-            log.warning(f"{desc}: the {next(iter(subsets))} subset is empty; model {'AB'[k]} skips this epoch")
+            warnings.append(f"model {'AB'[k]} trains nothing: its {next(iter(subsets))} subset is empty")
             return {}
         loaders = {name: self._batches(subsets[name]) for name in names}
         n_steps = len(loaders[names[0]])  # official: one pass over the primary subset
@@ -246,15 +247,16 @@ class Trainer:
         cfg, o = self.cfg, self.cfg.optim
         t0 = time.perf_counter()
         lr = self._set_lr(epoch)
-        warmup = epoch < o.warmup_epochs and self.method.uses_split
+        warmup = epoch < o.warmup_epochs
         co_epoch = None if warmup else epoch - o.warmup_epochs
         record = {"epoch": epoch, "phase": "warmup" if warmup else "train", "lr": lr}
         all_pairs = {"all": np.arange(self.data.train.num_captions)}
-        losses, arrays = {}, None
+        losses, arrays, warnings = {}, None, []
         if warmup or not self.method.uses_split:
             for k in range(2):
                 with nvtx_range(f"train model {'AB'[k]}"):
-                    losses["AB"[k]] = self._train_model(k, all_pairs, None, co_epoch, f"epoch {epoch} {'AB'[k]}")
+                    losses["AB"[k]] = self._train_model(k, all_pairs, None, co_epoch, f"epoch {epoch} {'AB'[k]}",
+                                                        warnings)
         else:
             with nvtx_range("split pass"):
                 passes = [self.split_pass(m) for m in self.fast]
@@ -267,6 +269,7 @@ class Trainer:
             record["split"] = self._diagnostics(fits, splits)
             active_names = self.method.active_subsets(co_epoch)
             record["active_subsets"] = list(active_names)
+            warnings += self._split_warnings(fits, splits)
             cuts = [m["noisy_cut"] for m in record["split"]["models"]]
             arrays = split_arrays([loss for loss, _ in passes], fits, cuts, splits, self.clean_mask)
             self.run.write_split(epoch, arrays)
@@ -275,8 +278,11 @@ class Trainer:
                 active = {name: subsets[name] for name in active_names}
                 peer_prob = torch.from_numpy(peer_fit.clean_prob).float().to(self.device)
                 with nvtx_range(f"train model {'AB'[k]}"):
-                    losses["AB"[k]] = self._train_model(k, active, peer_prob, co_epoch, f"epoch {epoch} {'AB'[k]}")
+                    losses["AB"[k]] = self._train_model(k, active, peer_prob, co_epoch, f"epoch {epoch} {'AB'[k]}",
+                                                        warnings)
         record["losses"] = losses
+        warnings += [f"model {m}: non-finite {name} loss ({v})" for m, terms in losses.items()
+                     for name, v in terms.items() if not np.isfinite(v)]
         t_train = time.perf_counter()
         with nvtx_range("evaluation"):  # each model's matrix, then their average (the ensemble)
             k = self.data.dev.captions_per_image
@@ -294,10 +300,27 @@ class Trainer:
             if improved:
                 self.run.save_checkpoint("best", state)
         record["time"] = time.perf_counter() - t0
+        if warnings:
+            record["warnings"] = warnings
         self.run.append_metrics(record)
         if self.board is not None:
             self.board.log(record, arrays)
         self._log_epoch(record, total)
+
+    def _split_warnings(self, fits, splits) -> list[str]:
+        """What is degenerate in each model's split: a fallback the method took (SPS's reliable-set
+        floor, the 1 % noisy fallback), an empty subset, or one subset holding every pair."""
+        n = self.data.train.num_captions
+        out = []
+        for k, (fit, subsets) in enumerate(zip(fits, splits)):
+            where = f"split {'AB'[k]} (trains {'BA'[k]})"
+            out += [f"{where}: {note}" for note in self.method.split_notes(fit)]
+            for name, index in subsets.items():
+                if len(index) == 0:
+                    out.append(f"{where}: {name} subset empty")
+                elif len(index) == n:
+                    out.append(f"{where}: every pair in the {name} subset")
+        return out
 
     def _diagnostics(self, fits, splits) -> dict:
         per_model = []
@@ -322,7 +345,10 @@ class Trainer:
         if s:
             sizes = s["models"][0].get("subsets", {})
             msg += " | " + " ".join(f"{name} {v['size']}" for name, v in sizes.items())
-        log.info(msg + f" | {r['time']:.1f}s")
+        msg += f" | {r['time']:.1f}s"
+        if r.get("warnings"):
+            msg += " | warning: " + "; ".join(r["warnings"])
+        log.info(msg)
 
     def finish(self) -> dict:
         cfg = self.cfg

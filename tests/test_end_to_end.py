@@ -32,10 +32,11 @@ TINY = [
     "data.synthetic.regions=8",  # the synthetic images need >= 7 regions (6 attributes, one shown twice)
     "data.synthetic.idiosyncratic_words=50", "model.embed_dim=16", "model.word_dim=8", "optim.batch_size=16",
     "optim.warmup_epochs=1", "optim.epochs=2", "optim.lr_step=0", "sps.quasi_clean_start=0", "sps.noisy_start=1",
-    "esc.noisy_start=1", "runtime.progress=false", "runtime.threads=1", "runtime.device=cpu",
+    "esc.noisy_start=1", "ncr.noisy_start=1", "runtime.progress=false", "runtime.threads=1", "runtime.device=cpu",
 ]
 RUNS = {  # flags, and overrides after the common ones
     "vanilla": (["--method", "vanilla"], []),
+    "hinge": (["--method", "hinge"], []),
     "ncr": (["--method", "ncr"], []),
     # epsilon_1 = 0.99 leaves one model's reliable set empty on data this small
     "sps": (["--method", "sps"], ["sps.reliable_threshold=0.8"]),
@@ -129,7 +130,7 @@ def test_run_folder(trained, name):
     assert all(0 <= res["test"][k] <= 100 for k in KEYS)
     assert res["test"]["rsum"] == pytest.approx(sum(res["test"][k] for k in KEYS))
     assert 0 <= res["best_epoch"] < EPOCHS
-    if method == "vanilla":
+    if method in ("vanilla", "hinge"):  # no split
         assert res["split"] is None
     else:
         assert 0 <= res["split"]["auc"] <= 1
@@ -408,14 +409,15 @@ def test_compare_markdown_and_csv(trained, capsys):
     capsys.readouterr()
     assert main(["compare", *map(str, runs)]) == 0
     md = capsys.readouterr().out.splitlines()
-    assert md[0].startswith("| run | method | noise | seed | backbone |") and len(md) == 4
+    # two methods: no seed group, so no aggregate row (tests/test_compare.py has those)
+    assert md[0].startswith("| run | method | noise | seed | backbone | data |") and len(md) == 4
     for run, line in zip(runs, md[2:]):
         res = results(run)
-        assert line.startswith(f"| {run.name} | {res['method']} | 40% | 0 | vse |")
+        assert line.startswith(f"| {run.name} | {res['method']} | 40% | 0 | vse | synthetic |")
         assert f"**{res['test']['rsum']:.1f}**" in line
     assert main(["compare", *map(str, runs), "--format", "csv"]) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
-    assert [r["method"] for r in rows] == ["vanilla", "sps"]
+    assert [r["method"] for r in rows] == ["vanilla", "sps"] and [r["data"] for r in rows] == ["synthetic"] * 2
     assert float(rows[1]["rsum"]) == pytest.approx(results(runs[1])["test"]["rsum"], abs=1e-3)
     assert rows[0]["split_auc"] == "" and float(rows[1]["split_auc"]) == pytest.approx(results(runs[1])["split"]["auc"], abs=1e-4)
     assert float(rows[0]["time_s"]) > 0

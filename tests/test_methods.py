@@ -103,14 +103,14 @@ def test_sps_subsets_three_way_split():
 
 
 def test_sps_subsets_follow_the_configured_thresholds():
-    method = SPS(config(("sps.reliable_threshold", 0.6), ("sps.noisy_threshold", 0.2)))
+    method = SPS(config(("sps.reliable_threshold", 0.6), ("sps.noisy_threshold", 0.2), ("sps.min_reliable_fraction", 0.0)))
     p = [0.61, 0.6, 0.3, 0.2, 0.1]
     sub = method.subsets(fake_fit(p), np.zeros(5, bool), 0)
     assert (sub["reliable"].tolist(), sub["quasi_clean"].tolist(), sub["noisy"].tolist()) == ([0], [1, 2], [3, 4])
 
 
 def test_sps_subsets_min_noisy_fraction_fallback_when_every_pair_is_above_eps2():
-    method = SPS(config(("sps.min_noisy_fraction", 0.05)))
+    method = SPS(config(("sps.min_noisy_fraction", 0.05), ("sps.min_reliable_fraction", 0.0)))
     p = np.linspace(0.6, 1.0, 101)  # every p > eps2 = 0.5
     sub = method.subsets(fake_fit(p), np.zeros(101, bool), 0)
     cut = np.quantile(p, 0.05)
@@ -120,7 +120,7 @@ def test_sps_subsets_min_noisy_fraction_fallback_when_every_pair_is_above_eps2()
     assert sub["reliable"].tolist() == np.flatnonzero(p > 0.99).tolist()
     assert sub["quasi_clean"].tolist() == np.flatnonzero((p > cut) & (p <= 0.99)).tolist()
     # no fallback when switched off: nothing is noisy
-    off = SPS(config(("sps.min_noisy_fraction", 0.0))).subsets(fake_fit(p), np.zeros(101, bool), 0)
+    off = SPS(config(("sps.min_noisy_fraction", 0.0), ("sps.min_reliable_fraction", 0.0))).subsets(fake_fit(p), np.zeros(101, bool), 0)
     assert len(off["noisy"]) == 0
 
 
@@ -288,8 +288,11 @@ def test_hinge_confidence():
     close(hinge_confidence(reversed_, 0.2), torch.zeros(4))
 
 
-def test_ncr_subsets_and_objectives():
-    cfg = config(method="ncr")
+def test_ncr_subsets_and_objectives_of_the_earlier_options():
+    """fastncl <= 0.1.0's NCR, kept as options: the peer's probability as the clean target, the
+    model's own train-mode confidence on noisy pairs, BiCro's hard noisy loss (NCR's code:
+    test_method_fidelity.py)."""
+    cfg = config(("ncr.clean_target", "peer"), ("ncr.noisy_target", "own"), ("ncr.noisy_loss", "hard"), method="ncr")
     method = NCR(cfg)
     sub = method.subsets(fake_fit([0.9, 0.5, 0.1, 0.51]), np.zeros(4, bool), 0)
     assert sub["clean"].tolist() == [0, 3] and sub["noisy"].tolist() == [1, 2]
@@ -306,7 +309,7 @@ def test_ncr_subsets_and_objectives():
     label = hinge_confidence(sim.detach(), 0.2)  # the model's own rectified label
     terms = kernels.triplet_terms(sim, soft_margin(label, 0.2, 10.0), hardest=True)
     close(noisy()["loss"], (terms * (label > 0.5)).sum())  # default noisy_loss=hard: labels <= 0.5 left out
-    soft = NCR(config(("ncr.noisy_loss", "soft"), method="ncr"))
+    soft = NCR(config(("ncr.clean_target", "peer"), ("ncr.noisy_target", "own"), method="ncr"))
     close(soft.train_groups(model, peer, batches, peer_prob, co_epoch=0)[1]()["loss"], terms.sum())
 
 
@@ -488,8 +491,9 @@ def test_esc_curriculum_by_co_training_epoch():
     assert [method.active_subsets(e) for e in range(5)] == [("clean",)] * 3 + [("clean", "noisy")] * 2
 
 
-def test_ncr_and_vanilla_have_no_curriculum():
-    assert NCR(config(method="ncr")).active_subsets(0) == ("clean", "noisy")
+def test_ncr_curriculum_and_vanilla_has_none():
+    assert NCR(config(method="ncr")).active_subsets(0) == ("clean",)  # noisy from epochs // 2 (NCR code)
+    assert NCR(config(("ncr.noisy_start", 0), method="ncr")).active_subsets(0) == ("clean", "noisy")
     assert Vanilla(config(method="vanilla")).active_subsets(0) == ("all",)
     assert not Vanilla(config(method="vanilla")).uses_split
 
@@ -661,6 +665,6 @@ def test_noisy_loss_hard_leaves_out_pairs_labelled_at_or_below_the_cut(method):
     close(kept, kernels.triplet_terms(sim, margin, hardest=True)[2:].sum())
 
 
-def test_noisy_loss_defaults_ncr_hard_esc_soft():
-    assert config(method="ncr").ncr.noisy_loss == "hard"
+def test_noisy_loss_defaults_soft_as_the_codes():
+    assert config(method="ncr").ncr.noisy_loss == "soft"
     assert config(method="esc").esc.noisy_loss == "soft"

@@ -16,6 +16,7 @@ indexing, no ``.item()``, no Python loop over samples, so that it can be compile
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import numpy as np
@@ -60,6 +61,10 @@ class Method:
     def subsets(self, fit: MixtureFit, anchors: np.ndarray, co_epoch: int) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
+    def split_notes(self, fit: MixtureFit) -> list[str]:
+        """Fallbacks the split of ``fit`` takes (each said in the epoch line and metrics.jsonl)."""
+        return []
+
     def active_subsets(self, co_epoch: int) -> tuple[str, ...]:
         """The subsets trained on in this co-training epoch (the curriculum), primary first."""
         return self.subset_names
@@ -87,6 +92,18 @@ class Method:
             terms = kernels.infonce_terms(model.similarity(img, cap), tau, backend=self.backend)
         l_i2t, l_t2i, p_i2t, p_t2i = terms
         return l_i2t + l_t2i, (p_i2t + p_t2i) / 2
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """``model`` in eval mode for the block (a prediction inside a training step), then back to
+    the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def two_way_split(clean_prob: np.ndarray, cut: float, forced_clean: np.ndarray | None = None):

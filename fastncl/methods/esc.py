@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from fastncl import kernels
-from fastncl.models import forward_pairs
+from fastncl.models import forward_pairs, intramodal_features
 
 from .base import Method, two_way_split
-from .mixture import fit_bmm, fit_gmm, noisy_threshold
+from .mixture import fallback_note, fit_bmm, fit_gmm, noisy_threshold
 from .ncr import hinge_confidence, noisy_keep, soft_triplet
 
 
@@ -74,6 +74,9 @@ class ESC(Method):
     def noisy_cut(self, fit):
         return noisy_threshold(fit.clean_prob, self.cfg.esc.clean_threshold, self.cfg.esc.min_noisy_fraction)
 
+    def split_notes(self, fit):
+        return fallback_note(self.noisy_cut(fit), self.cfg.esc.clean_threshold)
+
     def subsets(self, fit, anchors, co_epoch):
         forced = anchors if self.cfg.esc.anchors_clean else None  # Eq. 12: D_c contains D_a
         clean, noisy = two_way_split(fit.clean_prob, self.noisy_cut(fit), forced)
@@ -105,6 +108,13 @@ class ESC(Method):
         anchor = pseudo_negative(sim) if c.train_esc == "pseudo_negative" else sim.detach().diagonal().argmax()
         return kernels.esc_anchor_terms(sim, anchor, c.train_margin, c.esc_normalize, backend=self.backend).sum()
 
+    def _label_features(self, model) -> str:
+        """The features BiCro's labels compare: those the backbone's similarity is built on ("global"
+        for a dot-product backbone such as vse) or, for a pairwise head (SGR/SAF), the mean-pooled
+        local features BiCro's code uses ("pooled"); esc.label_features overrides."""
+        which = self.cfg.esc.label_features
+        return which if which != "auto" else getattr(model, "label_features", "pooled")
+
     @torch.no_grad()
     def _peer_labels(self, peer, batches, with_noisy: bool):
         """BiCro soft correspondence labels, predicted by the peer for the clean (and noisy) batch."""
@@ -115,7 +125,8 @@ class ESC(Method):
         k = int(confidence.shape[0] * c.label_anchor_fraction) + 1
         anchors = torch.zeros_like(confidence, dtype=torch.bool)
         anchors[torch.topk(confidence, k).indices] = True
-        img, txt = out.images.pooled, out.captions.pooled
+        which = self._label_features(peer)
+        img, txt = intramodal_features(out.images, which), intramodal_features(out.captions, which)
         consistency = bicro_consistency(img, txt, img, txt, anchors, self.backend)
         if c.clean_labels == "one":  # paper (Sec. 3.3): every pair of D_c has label 1
             labels = {"clean": torch.ones_like(consistency)}
@@ -124,7 +135,8 @@ class ESC(Method):
         if with_noisy:
             n = batches["noisy"]
             out_n = forward_pairs(peer, n.images, n.tokens, n.lengths)
-            label = bicro_consistency(out_n.images.pooled, out_n.captions.pooled, img, txt, anchors, self.backend)
+            label = bicro_consistency(intramodal_features(out_n.images, which),
+                                      intramodal_features(out_n.captions, which), img, txt, anchors, self.backend)
             labels["noisy"] = torch.where(label <= c.noise_label_cut, torch.zeros_like(label), label)
         return labels
 

@@ -113,3 +113,10 @@ def noisy_threshold(clean_prob: np.ndarray, threshold: float, min_noisy_fraction
     if min_noisy_fraction > 0 and np.all(clean_prob > threshold):
         return float(np.quantile(clean_prob, min_noisy_fraction))
     return threshold
+
+
+def fallback_note(cut: float, threshold: float) -> list[str]:
+    """The note for a split whose noisy cut fell back from ``threshold`` (noisy_threshold)."""
+    if cut == threshold:
+        return []
+    return [f"every pair looked clean (p > {threshold:g}): the noisy cut fell back to the quantile {cut:.4f}"]

@@ -1,10 +1,17 @@
 """NCR (Huang et al., NeurIPS 2021), the field's baseline: GMM split + soft-margin triplet loss.
 
 Division: per-pair mean hinge loss over in-batch negatives, two-component GMM, clean
-probability of the low-loss component. Training (co-teaching): the clean subset of the peer's
-split with the peer's clean probability as soft label, the noisy subset with the model's own
-rectified label (its hinge confidence); both with the soft margin
-``alpha * (m**y - 1) / (m - 1)`` and the hardest negative (VSE++), summed over the batch.
+probability of the low-loss component. Training (co-teaching), as NCR's code (NCR/co_train.py,
+NCR/model.py) computes it by default:
+* clean subset of the peer's split, *co-rectified* target p + (1 - p) q with the peer's clean
+  probability p and the training model's own eval-mode prediction q;
+* noisy subset, *co-refined* target (q_model + q_peer) / 2, from co-training epoch
+  ``noisy_start`` (default: half the co-training epochs, NCR's ``num_epochs // 2``);
+* a prediction q (``ncr_prediction``): the hinge confidence clamp(alpha - mean hinge, 0, alpha)
+  divided by the mean of the batch's top floor(B/10) + 1 confidences, clamped to [0, 1];
+* both subsets with the soft margin ``alpha * (m**y - 1) / (m - 1)`` of their targets and the
+  hardest negative (VSE++), summed over the batch, in one optimizer step.
+fastncl's earlier departures stay as options (config.NCRConfig; README glossary).
 """
 from __future__ import annotations
 
@@ -13,8 +20,8 @@ import torch
 from fastncl import kernels
 from fastncl.models import forward_pairs
 
-from .base import Method, two_way_split
-from .mixture import noisy_threshold
+from .base import Method, eval_mode, two_way_split
+from .mixture import fallback_note, noisy_threshold
 
 
 def soft_margin(label: torch.Tensor, margin: float, base: float) -> torch.Tensor:
@@ -26,6 +33,19 @@ def hinge_confidence(sim: torch.Tensor, margin: float, backend: str = "auto") ->
     """(B,) NCR confidence in [0, 1]: (alpha - mean hinge per direction) / alpha, clamped."""
     mean_hinge = kernels.triplet_terms(sim, margin, hardest=False, backend=backend) / 2
     return ((margin - mean_hinge) / margin).clamp(0, 1)
+
+
+def ncr_prediction(sim: torch.Tensor, margin: float, anchor_fraction: float = 0.1, backend: str = "auto") -> torch.Tensor:
+    """(B,) NCR's prediction of each pair's correspondence (NCR's ``predict``): the confidence
+    clamp(alpha - mean hinge per direction, 0, alpha), divided by the mean of the batch's top
+    floor(B * anchor_fraction) + 1 confidences, clamped to [0, 1]."""
+    n = sim.shape[0]
+    # the code's means divide by B (the zeroed diagonal counted); triplet_terms' by the B - 1 negatives
+    mean_hinge = kernels.triplet_terms(sim, margin, hardest=False, backend=backend) * ((n - 1) / (2 * n))
+    confidence = (margin - mean_hinge).clamp(0, margin)
+    k = min(int(confidence.shape[0] * anchor_fraction) + 1, confidence.shape[0])
+    top = torch.topk(confidence, k).values.mean()
+    return (confidence / top.clamp_min(1e-12)).clamp(0, 1)
 
 
 def soft_triplet(sim: torch.Tensor, label: torch.Tensor, margin: float, base: float, keep=None,
@@ -55,6 +75,9 @@ class NCR(Method):
     def noisy_cut(self, fit):
         return noisy_threshold(fit.clean_prob, self.cfg.ncr.clean_threshold, self.cfg.ncr.min_noisy_fraction)
 
+    def split_notes(self, fit):
+        return fallback_note(self.noisy_cut(fit), self.cfg.ncr.clean_threshold)
+
     def subsets(self, fit, anchors, co_epoch):
         clean, noisy = two_way_split(fit.clean_prob, self.noisy_cut(fit))
         return {"clean": clean, "noisy": noisy}
@@ -67,16 +90,36 @@ class NCR(Method):
         c = self.cfg.ncr
         return soft_triplet(sim, label, c.margin, c.soft_margin_base, keep, self.backend)
 
+    def active_subsets(self, co_epoch):
+        return self.subset_names if co_epoch >= self.cfg.ncr.noisy_start else ("clean",)
+
+    @torch.no_grad()
+    def _prediction(self, model, b) -> torch.Tensor:
+        """NCR's eval-mode prediction of ``model`` for the pairs of batch ``b``."""
+        with eval_mode(model):
+            sim = forward_pairs(model, b.images, b.tokens, b.lengths).sim
+        return ncr_prediction(sim, self.cfg.ncr.margin, backend=self.backend)
+
     def train_groups(self, model, peer, batches, peer_prob, co_epoch):
+        c = self.cfg.ncr
+
         def clean():
             b = batches["clean"]
+            p = peer_prob[b.index]
+            # code: co-rectified p + (1 - p) q; "peer": the peer's clean probability alone
+            target = p + (1 - p) * self._prediction(model, b) if c.clean_target == "corectified" else p
             sim = forward_pairs(model, b.images, b.tokens, b.lengths).sim
-            return {"loss": self._soft_triplet(sim, peer_prob[b.index])}
+            l_clean = self._soft_triplet(sim, target)
+            return {"loss": l_clean, "clean": l_clean.detach()}
 
         def noisy():
             b = batches["noisy"]
+            if c.noisy_target == "corefined":  # code: both models' eval-mode predictions, averaged
+                target = (self._prediction(model, b) + self._prediction(peer, b)) / 2
             sim = forward_pairs(model, b.images, b.tokens, b.lengths).sim
-            label = hinge_confidence(sim.detach(), self.cfg.ncr.margin, self.backend)  # rectified label
-            return {"loss": self._soft_triplet(sim, label, noisy_keep(label, self.cfg.ncr))}
+            if c.noisy_target == "own":  # the model's own train-mode hinge confidence / alpha
+                target = hinge_confidence(sim.detach(), c.margin, self.backend)
+            l_noisy = self._soft_triplet(sim, target, noisy_keep(target, c))
+            return {"loss": l_noisy, "noisy": l_noisy.detach()}
 
         return [clean, noisy] if "noisy" in batches else [clean]

@@ -14,13 +14,16 @@ Official-code departures are options (config.SPSConfig; preset sps-official).
 """
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 from fastncl import kernels
 from fastncl.models import cosine_matrix, encode_pairs, intramodal_features
 
 from .base import Method
-from .mixture import noisy_threshold
+from .mixture import fallback_note, noisy_threshold
 
 
 class SPS(Method):
@@ -40,15 +43,37 @@ class SPS(Method):
         # the fallback quantile may exceed epsilon_1; the three subsets must stay disjoint
         return min(noisy_threshold(fit.clean_prob, c.noisy_threshold, c.min_noisy_fraction), c.reliable_threshold)
 
-    def subsets(self, fit, anchors, co_epoch):
+    def reliable_cut(self, fit) -> float:
+        """epsilon_1, or the fallback when fewer than ``min_reliable_fraction`` of the pairs the GMM
+        calls clean (p > epsilon_2) pass it: the largest cut that keeps that many pairs reliable.
+        A GMM whose noisy component is wider than its clean one may keep every clean probability
+        below 0.99 (the emoji set at 0 and 40 % noise); the reliable set would then be empty and
+        every co-training epoch would train nothing."""
         c, p = self.cfg.sps, fit.clean_prob
-        cut = self.noisy_cut(fit)
-        out = {
-            "reliable": (p > c.reliable_threshold).nonzero()[0],
-            "quasi_clean": ((p > cut) & (p <= c.reliable_threshold)).nonzero()[0],
+        floor = math.ceil(c.min_reliable_fraction * int((p > self.noisy_cut(fit)).sum()))
+        if floor == 0 or int((p > c.reliable_threshold).sum()) >= floor:
+            return c.reliable_threshold
+        kth = np.sort(p)[::-1][floor - 1]  # above the noisy cut, so the subsets stay disjoint
+        return float(np.nextafter(kth, -np.inf))  # p > cut keeps the floor-th largest (and its ties)
+
+    def split_notes(self, fit):
+        c = self.cfg.sps
+        notes = fallback_note(self.noisy_cut(fit), min(c.noisy_threshold, c.reliable_threshold))
+        cut = self.reliable_cut(fit)
+        if cut != c.reliable_threshold:
+            kept = int((fit.clean_prob > c.reliable_threshold).sum())
+            notes.append(f"reliable set below its floor ({kept} pairs with p > {c.reliable_threshold:g}): "
+                         f"epsilon_1 fell back to {cut:.4f}")
+        return notes
+
+    def subsets(self, fit, anchors, co_epoch):
+        p = fit.clean_prob
+        cut, reliable = self.noisy_cut(fit), self.reliable_cut(fit)
+        return {
+            "reliable": (p > reliable).nonzero()[0],
+            "quasi_clean": ((p > cut) & (p <= reliable)).nonzero()[0],
             "noisy": (p <= cut).nonzero()[0],
         }
-        return out
 
     def active_subsets(self, co_epoch: int) -> tuple[str, ...]:
         c = self.cfg.sps

@@ -205,6 +205,9 @@ class AttentionFiltration(nn.Module):
 class SGRAF(nn.Module):
     """SGR (``head="sgr"``) or SAF (``head="saf"``) image-caption similarity network."""
 
+    # ESC's BiCro labels on a pairwise head: the mean-pooled local features, as BiCro's code
+    label_features = "pooled"
+
     def __init__(self, image_dim: int, vocab_size: int, num_regions: int, head: str = "sgr", embed_dim: int = 1024,
                  word_dim: int = 300, sim_dim: int = 256, sgr_steps: int = 3, dropout: float = 0.4,
                  smooth: float = 9.0, pair_block: int = 128):

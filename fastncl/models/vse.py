@@ -25,6 +25,9 @@ class VSE(nn.Module):
     # similarity(img, cap) is img.global_ @ cap.global_.T: with the Triton backend, large batches
     # take their losses straight from the embeddings (fastncl.methods.base.EMBED_MIN_BATCH)
     dot_product = True
+    # ESC's BiCro labels compare the features the similarity is built on: the pooled-and-normalised
+    # global embeddings (the mean of the regions/words plays no part in a vse score)
+    label_features = "global"
 
     def __init__(self, image_dim: int, vocab_size: int, embed_dim: int = 256, word_dim: int = 128,
                  dropout: float = 0.1, pooling: str = "max"):

@@ -1,0 +1,282 @@
+"""The methods compute what their sources compute: NCR's targets against a float64 re-statement of
+NCR's code, ESC's BiCro labels from the features the similarity is built on, the noisy-subset
+start, SPS's reliable-set floor, the hinge baseline, the data-set presets, and the warnings a
+degenerate split gets.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fastncl.config import DATA_PRESETS, resolve
+from fastncl.data.batches import Batch
+from fastncl.methods import ESC, NCR, SPS, Hinge
+from fastncl.methods.esc import bicro_consistency
+from fastncl.methods.mixture import MixtureFit
+from fastncl.methods.ncr import ncr_prediction
+from fastncl.models import VSE, Encoding
+
+IMAGE_DIM, VOCAB, REGIONS = 8, 20, 3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def config(*overrides, method=None, preset=None):
+    return resolve(preset=preset, method=method, overrides=list(overrides))
+
+
+def tiny_model(seed: int, dropout: float = 0.0) -> VSE:
+    torch.manual_seed(seed)
+    return VSE(IMAGE_DIM, VOCAB, embed_dim=16, word_dim=8, dropout=dropout)
+
+
+def tiny_batch(seed: int, size: int, first_index: int = 0) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, 7, (size,), generator=g)
+    tokens = torch.randint(1, VOCAB, (size, 6), generator=g) * (torch.arange(6) < lengths.view(-1, 1))
+    return Batch(torch.arange(first_index, first_index + size), torch.randn(size, REGIONS, IMAGE_DIM, generator=g),
+                 tokens, lengths)
+
+
+def fake_fit(clean_prob) -> MixtureFit:
+    p = np.asarray(clean_prob, dtype=np.float64)
+    return MixtureFit(clean_prob=p, normalized=1 - p, kind="gmm", params={})
+
+
+def close(actual, expected, rtol=1e-5):
+    torch.testing.assert_close(torch.as_tensor(actual).double(), torch.as_tensor(expected).double(), rtol=rtol,
+                               atol=rtol)
+
+
+# ---------------------------------------------------------------------------------------------
+# NCR, restated from NCR's code in float64 (loops and plain tensor ops, none of fastncl's ops)
+
+
+def ncr_costs(sim: torch.Tensor, margin) -> tuple[torch.Tensor, torch.Tensor]:
+    """cost_s[i, j] = [m_i + S_ij - S_ii]_+ (image i vs caption j), cost_im[i, j] = [m_j + S_ij - S_jj]_+
+    (caption j vs image i), diagonals zeroed; m a scalar or one margin per pair."""
+    s = sim.double()
+    b = s.shape[0]
+    m = torch.as_tensor(margin, dtype=torch.float64).expand(b)
+    d = s.diagonal()
+    cost_s = (m.view(-1, 1) + s - d.view(-1, 1)).clamp_min(0)
+    cost_im = (m.view(1, -1) + s - d.view(1, -1)).clamp_min(0)
+    eye = torch.eye(b, dtype=torch.bool)
+    return cost_s.masked_fill(eye, 0), cost_im.masked_fill(eye, 0)
+
+
+def ncr_predict(sim: torch.Tensor, margin: float = 0.2) -> torch.Tensor:
+    cost_s, cost_im = ncr_costs(sim, margin)
+    b = sim.shape[0]
+    c = (margin - (cost_s.mean(dim=1) + cost_im.mean(dim=0)) / 2).clamp(0, margin)
+    top = torch.sort(c, descending=True).values[: b // 10 + 1].mean()
+    return (c / top).clamp(0, 1)
+
+
+def ncr_train_loss(sim: torch.Tensor, target: torch.Tensor, margin: float = 0.2, base: float = 10.0):
+    m = margin * (base ** target.double() - 1) / (base - 1)
+    cost_s, cost_im = ncr_costs(sim, m)
+    return cost_s.max(dim=1).values.sum() + cost_im.max(dim=0).values.sum()
+
+
+def sim_of(model, b: Batch) -> torch.Tensor:
+    img, cap = model.encode_images(b.images), model.encode_captions(b.tokens, b.lengths)
+    return model.similarity(img, cap)
+
+
+def test_ncr_prediction_matches_the_code():
+    g = torch.Generator().manual_seed(3)
+    for b in (1, 7, 33):
+        sim = torch.rand(b, b, generator=g)
+        close(ncr_prediction(sim, 0.2), ncr_predict(sim))
+    reversed_ = 1 - 2 * torch.eye(6)  # every confidence 0: the prediction is 0, not NaN
+    assert torch.equal(ncr_prediction(reversed_, 0.2), torch.zeros(6))
+
+
+@pytest.mark.parametrize("noisy_loss", ["soft", "hard"])
+def test_ncr_targets_are_the_codes(noisy_loss):
+    """Clean: p + (1 - p) q_own(eval); noisy: (q_own(eval) + q_peer(eval)) / 2; both soft-margin
+    hardest-negative hinges summed over the batch; with dropout, so that eval and train differ."""
+    method = NCR(config(("ncr.noisy_loss", noisy_loss), method="ncr"))
+    model, peer = tiny_model(0, dropout=0.5), tiny_model(1, dropout=0.5)
+    peer.eval()
+    batches = {"clean": tiny_batch(1, 12, 0), "noisy": tiny_batch(2, 12, 12)}
+    peer_prob = torch.linspace(0.05, 0.95, 24)
+    clean, noisy = method.train_groups(model, peer, batches, peer_prob, co_epoch=100)
+
+    with torch.no_grad():
+        model.eval()
+        q_clean, q_noisy = ncr_predict(sim_of(model, batches["clean"])), ncr_predict(sim_of(model, batches["noisy"]))
+        q_peer = ncr_predict(sim_of(peer, batches["noisy"]))
+        model.train()
+    p = peer_prob[:12].double()
+    torch.manual_seed(7)
+    got = clean()["loss"]
+    assert model.training  # the eval-mode prediction puts the model back
+    torch.manual_seed(7)  # the same dropout draw: the eval-mode forward draws nothing
+    close(got, ncr_train_loss(sim_of(model, batches["clean"]), p + (1 - p) * q_clean))
+
+    target = (q_noisy + q_peer) / 2
+    torch.manual_seed(8)
+    got = noisy()["loss"]
+    torch.manual_seed(8)
+    sim = sim_of(model, batches["noisy"])
+    if noisy_loss == "soft":
+        expected = ncr_train_loss(sim, target)
+    else:  # each pair's two directions, left out when its target is <= 0.5
+        m = 0.2 * (10 ** target - 1) / 9
+        cost_s, cost_im = ncr_costs(sim, m)
+        keep = (target > 0.5).double()
+        expected = ((cost_s.max(dim=1).values + cost_im.max(dim=0).values) * keep).sum()
+    close(got, expected)
+
+
+def test_ncr_departures_stay_options():
+    method = NCR(config(("ncr.clean_target", "peer"), ("ncr.noisy_target", "own"), method="ncr"))
+    model, peer = tiny_model(0), tiny_model(1)
+    batches = {"clean": tiny_batch(1, 10, 0), "noisy": tiny_batch(2, 10, 10)}
+    peer_prob = torch.linspace(0.05, 0.95, 20)
+    clean, noisy = method.train_groups(model, peer, batches, peer_prob, co_epoch=100)
+    close(clean()["loss"], ncr_train_loss(sim_of(model, batches["clean"]), peer_prob[:10]))
+    sim = sim_of(model, batches["noisy"])
+    cost_s, cost_im = ncr_costs(sim, 0.2)
+    mean_hinge = (cost_s.sum(dim=1) + cost_im.sum(dim=0)) / (2 * 9)  # over the B - 1 negatives
+    own = ((0.2 - mean_hinge) / 0.2).clamp(0, 1)
+    close(noisy()["loss"], ncr_train_loss(sim, own))
+
+
+@pytest.mark.parametrize("method, epochs, noisy_start", [("ncr", 12, 6), ("ncr", 40, 20), ("esc", 12, 6),
+                                                          ("esc", 7, 3)])
+def test_noisy_subset_joins_after_half_the_epochs(method, epochs, noisy_start):
+    cfg = config(("optim.epochs", epochs), method=method)
+    assert getattr(cfg, method).noisy_start == noisy_start
+    m = NCR(cfg) if method == "ncr" else ESC(cfg)
+    assert m.active_subsets(noisy_start - 1) == ("clean",)
+    assert m.active_subsets(noisy_start) == ("clean", "noisy")
+    assert getattr(config((f"{method}.noisy_start", 0), method=method), method).noisy_start == 0  # explicit wins
+
+
+def test_ncr_trains_only_the_clean_subset_before_noisy_start():
+    method = NCR(config(method="ncr"))
+    batches = {"clean": tiny_batch(1, 8, 0)}
+    groups = method.train_groups(tiny_model(0), tiny_model(1), batches, torch.ones(8), co_epoch=0)
+    assert [g.__name__ for g in groups] == ["clean"]
+
+
+# ---------------------------------------------------------------------------------------------
+# ESC's labels come from the features the similarity uses
+
+
+class TwoFeatures:
+    """A dot-product backbone whose pooled features disagree with its global ones: each batch's
+    images tensor is looked up in ``encodings``."""
+
+    label_features = "global"
+    dot_product = True
+    training = False
+
+    def __init__(self, encodings: dict):
+        self.encodings = encodings
+
+    def encode_images(self, images):
+        return self.encodings[id(images)][0]
+
+    def encode_captions(self, tokens, lengths):
+        return self.encodings[id(tokens)][1]
+
+    def similarity(self, images, captions):
+        return images.global_ @ captions.global_.T
+
+
+def test_esc_labels_use_the_similaritys_features():
+    """Global features: every pair's image and caption agree with the anchors (label 1). Pooled
+    features: captions one-hot and distinct, so no caption resembles an anchor's (label 0)."""
+    g = torch.Generator().manual_seed(0)
+    b = 10
+    batches = {"clean": tiny_batch(0, b, 0), "noisy": tiny_batch(1, b, b)}
+    encodings = {}
+    for k, batch in enumerate(batches.values()):
+        g_img = torch.nn.functional.normalize(torch.rand(b, 6, generator=g) + 0.1, dim=-1)  # positive cosines
+        p_img = torch.rand(b, 2 * b, generator=g) + 0.1
+        p_txt = torch.eye(2 * b)[k * b:(k + 1) * b]
+        encodings[id(batch.images)] = (Encoding(g_img, p_img), None)
+        encodings[id(batch.tokens)] = (None, Encoding(g_img.clone(), p_txt))
+    peer = TwoFeatures(encodings)
+    method = ESC(config(("esc.clean_labels", "bicro"), method="esc"))
+    labels = method._peer_labels(peer, batches, with_noisy=True)
+    close(labels["clean"], torch.ones(b))
+    close(labels["noisy"], torch.ones(b))
+    pooled = ESC(config(("esc.clean_labels", "bicro"), ("esc.label_features", "pooled"), method="esc"))
+    labels = pooled._peer_labels(peer, batches, with_noisy=True)
+    assert torch.all(labels["noisy"] == 0)  # fastncl <= 0.1.0's reading on vse: no signal
+
+
+def test_backbones_declare_their_label_features():
+    from fastncl.models import SGRAF
+
+    assert VSE.label_features == "global" and SGRAF.label_features == "pooled"
+
+
+# ---------------------------------------------------------------------------------------------
+# SPS's reliable-set floor
+
+
+def test_sps_reliable_floor_when_no_pair_reaches_epsilon_1():
+    method = SPS(config(method="sps"))  # epsilon_1 0.99, epsilon_2 0.5, floor 0.5
+    p = np.array([0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.4, 0.3, 0.2, 0.1])  # never above 0.99
+    fit = fake_fit(p)
+    sub = method.subsets(fit, np.zeros(10, bool), 0)
+    # 6 pairs above epsilon_2: the floor keeps the 3 largest reliable
+    assert sub["reliable"].tolist() == [0, 1, 2]
+    assert sub["quasi_clean"].tolist() == [3, 4, 5]
+    assert sub["noisy"].tolist() == [6, 7, 8, 9]
+    notes = method.split_notes(fit)
+    assert len(notes) == 1 and "reliable set below its floor" in notes[0] and "0.85" in notes[0]
+
+
+def test_sps_floor_keeps_ties_and_leaves_a_healthy_split_alone():
+    method = SPS(config(method="sps"))
+    p = np.array([0.9, 0.9, 0.9, 0.9, 0.3])
+    assert method.subsets(fake_fit(p), np.zeros(5, bool), 0)["reliable"].tolist() == [0, 1, 2, 3]  # ties kept
+    healthy = np.array([0.999, 0.995, 0.991, 0.7, 0.2])  # 3 of 4 pass epsilon_1: above the floor
+    assert method.subsets(fake_fit(healthy), np.zeros(5, bool), 0)["reliable"].tolist() == [0, 1, 2]
+    assert method.split_notes(fake_fit(healthy)) == []
+    off = SPS(config(("sps.min_reliable_fraction", 0.0), method="sps"))  # no floor: the paper's rule
+    assert off.subsets(fake_fit(p), np.zeros(5, bool), 0)["reliable"].tolist() == []
+    assert config(preset="sps-official").sps.min_reliable_fraction == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# The hinge baseline, the data-set presets
+
+
+def test_hinge_baseline_losses():
+    method = Hinge(config(method="hinge"))
+    assert not method.uses_split
+    model = tiny_model(0)
+    b = tiny_batch(3, 9)
+    sim = sim_of(model, b)
+    cost_s, cost_im = ncr_costs(sim, 0.2)
+    # warm-up: the mean over the B - 1 negatives (the NCR/ESC warm-up's, fastncl's triplet_terms)
+    close(method.warmup_loss(model, b)["loss"], (cost_s.sum(dim=1) + cost_im.sum(dim=0)).sum() / 8)
+    (group,) = method.train_groups(model, None, {"all": b}, None, co_epoch=0)
+    close(group()["loss"], cost_s.max(dim=1).values.sum() + cost_im.max(dim=0).values.sum())
+
+
+def test_emoji_data_preset_and_what_beats_it():
+    cfg = config(("data.source", "emoji"), method="esc")
+    assert cfg.model.embed_dim == 128 and cfg.optim.warmup_epochs == 2 and cfg.optim.epochs == 6
+    assert cfg.esc.noisy_start == 3 and cfg.ncr.noisy_start == 3 and cfg.sps.noisy_start == 3
+    over = config(("data.source", "emoji"), ("optim.epochs", 10), ("model.embed_dim", 64), method="esc")
+    assert over.optim.epochs == 10 and over.model.embed_dim == 64 and over.esc.noisy_start == 5
+    official = config(("data.source", "emoji"), preset="sps-official")  # a method preset beats the data preset
+    assert official.optim.epochs == 40 and official.model.embed_dim == 128
+    plain = config(method="esc")
+    assert plain.model.embed_dim == 256 and "synthetic" not in DATA_PRESETS
