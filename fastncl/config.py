@@ -136,7 +136,10 @@ class ESCConfig:
     train_margin: float = 0.0  # alpha_2 of Eq. 14
     clean_threshold: float = 0.5  # delta of Eq. 12 (paper: in the supplement; BiCro/ESC code 0.5)
     min_noisy_fraction: float = 0.0  # official 0.01: 1 % made noisy when every pair looks clean
-    mixture: str = "bmm"  # "bmm" (paper) or "gmm" (BiCro's run.py default)
+    # "gmm" (BiCro's run.py default) or "bmm" (paper, Eq. 10): after the hinge warm-up the Beta mixture's
+    # clean posterior is flat and its clean component takes 53-66 % of the pairs at 60 % noise (40 %
+    # clean), so its clean set is half noisy and ESC degrades (README, "ESC's split")
+    mixture: str = "gmm"
     mixture_iters: int = 10
     division_hardest: bool = True  # l_hard over the hardest negative (paper Eq. 1); official: mean
     esc_normalize: bool = False  # official: row-normalised l_ESC
@@ -148,7 +151,9 @@ class ESCConfig:
     # sgr/saf: "pooled", the mean-pooled features of BiCro's code); fastncl <= 0.1.0 used "pooled" on vse
     label_features: str = "auto"
     noise_label_cut: float = 0.5  # BiCro noise_soft: soft labels <= this become 0
-    noisy_loss: str = "soft"  # "soft" (BiCro scripts, noise_soft) or "hard": labels <= the cut are left out
+    # "hard" (BiCro's noise_hard): labels <= the cut are left out; "soft" (BiCro scripts, noise_soft): every
+    # noisy pair trained, a label-0 pair with margin 0, which pulls the mismatched pairs together (README)
+    noisy_loss: str = "hard"
     noisy_start: int | None = None  # co-training epoch of the first noisy step; None: epochs // 2 (paper: 20 of 40)
     warmup: str = "all"  # "all": mean hinge on every pair; "select": smallest warmup_rate only (official)
     warmup_rate: float = 0.3
@@ -213,7 +218,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "esc": {
             "esc_normalize": True, "train_esc": "anchor", "division_hardest": False, "anchors_clean": False,
             "warmup": "select", "separate_steps": True, "noisy_start": 20, "clean_labels": "bicro",
-            "min_noisy_fraction": 0.01,
+            "min_noisy_fraction": 0.01, "mixture": "bmm", "noisy_loss": "soft", "label_features": "pooled",
         },
         "optim": {"lr": 2e-4, "lr_step": 30, "warmup_epochs": 10, "epochs": 40, "fill_epoch": False},
     },
@@ -237,7 +242,7 @@ _SCHEDULES = {  # method -> dataset -> optim (both variants); SPS code: 40 / 20 
 }
 _PAPER = {  # what the papers state beyond the defaults; the code's curriculum where the paper gives only the order
     "sps": {"sps": {"quasi_clean_start": 10, "noisy_start": 15}},
-    "esc": {"esc": {"noisy_start": 20}},  # "clean for 20 epochs, then all"
+    "esc": {"esc": {"noisy_start": 20, "mixture": "bmm"}},  # "clean for 20 epochs, then all"; Eq. 10
 }
 
 

@@ -389,7 +389,7 @@ def test_split_files_hold_each_epochs_per_sample_record(trained):
         record = records[int(f.stem.split("_")[1])]
         with np.load(f, allow_pickle=False) as z:
             assert z["losses"].shape == z["normalized"].shape == z["clean_prob"].shape == (2, TRAIN_IMAGES * CPI)
-            assert str(z["mixture"]) == "bmm" and len(json.loads(str(z["params"]))) == 2
+            assert str(z["mixture"]) == "gmm" and len(json.loads(str(z["params"]))) == 2  # esc.mixture default
             assert np.array_equal(z["clean_mask"], truth)
             for k, model in enumerate(record["split"]["models"]):
                 assert z["noisy_cut"][k] == model["noisy_cut"]

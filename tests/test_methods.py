@@ -454,7 +454,8 @@ def test_esc_clean_objective_soft_triplet_plus_l_esc(train_esc):
     close(out["loss"], soft + esc)
     b = batches["noisy"]
     sim = forward_pairs(model, b.images, b.tokens, b.lengths).sim
-    close(groups[0]()["loss"], kernels.triplet_terms(sim, soft_margin(labels["noisy"], 0.2, 10.0), hardest=True).sum())
+    terms = kernels.triplet_terms(sim, soft_margin(labels["noisy"], 0.2, 10.0), hardest=True)
+    close(groups[0]()["loss"], (terms * (labels["noisy"] > 0.5)).sum())  # esc.noisy_loss=hard: label-0 pairs out
 
 
 def test_esc_separate_steps_moves_l_esc_to_its_own_group():
@@ -665,6 +666,7 @@ def test_noisy_loss_hard_leaves_out_pairs_labelled_at_or_below_the_cut(method):
     close(kept, kernels.triplet_terms(sim, margin, hardest=True)[2:].sum())
 
 
-def test_noisy_loss_defaults_soft_as_the_codes():
+def test_noisy_loss_defaults_ncr_soft_as_its_code_esc_hard():
     assert config(method="ncr").ncr.noisy_loss == "soft"
-    assert config(method="esc").esc.noisy_loss == "soft"
+    assert config(method="esc").esc.noisy_loss == "hard"
+    assert config(preset="esc-official").esc.noisy_loss == "soft"
