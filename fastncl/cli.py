@@ -1,6 +1,6 @@
 """The `fastncl` command: argument parsing and exit codes only.
 
-    fastncl train --method {vanilla,ncr,sps,esc} [--data synthetic|PATH] [--noise RATE]
+    fastncl train --method {vanilla,hinge,ncr,sps,esc} [--data synthetic|emoji|PATH] [--noise RATE]
                   [--noise-file F] [--preset NAME] [--config FILE.yaml] [--out DIR] [--seed N]
                   [--backbone vse|sgr|saf] [--compile] [--amp]
                   [--resume] [key.path=value ...]
@@ -62,7 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--epochs", type=_epoch_list, help="epochs (1-based, comma-separated) of the loss histograms; "
                    "default: the first, middle and last split")
 
-    c = sub.add_parser("compare", help="one table across run folders (method, noise, seed, R@K, RSum, split AUC)")
+    c = sub.add_parser("compare", help="one table across run folders (method, noise, seed, data, R@K, RSum, split "
+                       "AUC); runs that differ only by seed also get a mean ± std row")
     c.add_argument("run_dirs", nargs="+")
     c.add_argument("--format", choices=("md", "csv"), default="md")
 
