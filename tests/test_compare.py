@@ -6,7 +6,6 @@ The real runs' side of compare is in test_end_to_end.py (test_compare_markdown_a
 from __future__ import annotations
 
 import csv
-import importlib.util
 import io
 import json
 import subprocess
@@ -20,20 +19,15 @@ from fastncl.config import METHODS, dump_yaml, parse_override, resolve
 from fastncl.evaluation import KEYS
 from fastncl.report import aggregate_seeds, compare_rows, compare_table, seed_groups
 
+from helpers import load_tool
+
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["data.synthetic.train_images=8", "data.synthetic.dev_images=4", "data.synthetic.test_images=4",
         "runtime.progress=false", "runtime.threads=1"]
 METRICS = (*KEYS, "rsum", "split_auc", "split_f1", "time_s")
 
 
-def _load_noise_table():
-    spec = importlib.util.spec_from_file_location("noise_table", ROOT / "tools" / "noise_table.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-noise_table = _load_noise_table()
+noise_table = load_tool("noise_table")
 
 
 def fabricate(folder: Path, method: str = "sps", noise: float = 0.4, seed: int = 0, overrides=(),

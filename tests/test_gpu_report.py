@@ -4,7 +4,6 @@ on a small fake results file; the pytest budget plugin and the benchmarks' selec
 subprocesses (on this CPU machine every benchmark skips with the reason)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,16 +17,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 import targets  # noqa: E402
+from helpers import load_tool  # noqa: E402
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("gpu_report", ROOT / "tools" / "gpu_report.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-gpu_report = _load_tool()
+gpu_report = load_tool("gpu_report")
 
 
 def rec(op, provider, B, ms, D=None, dtype="bf16", mode="fwd+bwd", **extra):

@@ -9,50 +9,19 @@ import numpy as np
 import pytest
 import torch
 
-from fastncl.config import DATA_PRESETS, resolve
+from fastncl.config import DATA_PRESETS
 from fastncl.data.batches import Batch
 from fastncl.methods import ESC, NCR, SPS, Hinge
-from fastncl.methods.esc import bicro_consistency
-from fastncl.methods.mixture import MixtureFit
 from fastncl.methods.ncr import ncr_prediction
 from fastncl.models import VSE, Encoding
 
-IMAGE_DIM, VOCAB, REGIONS = 8, 20, 3
+from helpers import close as _close
+from helpers import config, fake_fit, one_thread, tiny_batch, tiny_model  # noqa: F401 (one_thread: autouse)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def config(*overrides, method=None, preset=None):
-    return resolve(preset=preset, method=method, overrides=list(overrides))
-
-
-def tiny_model(seed: int, dropout: float = 0.0) -> VSE:
-    torch.manual_seed(seed)
-    return VSE(IMAGE_DIM, VOCAB, embed_dim=16, word_dim=8, dropout=dropout)
-
-
-def tiny_batch(seed: int, size: int, first_index: int = 0) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(2, 7, (size,), generator=g)
-    tokens = torch.randint(1, VOCAB, (size, 6), generator=g) * (torch.arange(6) < lengths.view(-1, 1))
-    return Batch(torch.arange(first_index, first_index + size), torch.randn(size, REGIONS, IMAGE_DIM, generator=g),
-                 tokens, lengths)
-
-
-def fake_fit(clean_prob) -> MixtureFit:
-    p = np.asarray(clean_prob, dtype=np.float64)
-    return MixtureFit(clean_prob=p, normalized=1 - p, kind="gmm", params={})
-
-
-def close(actual, expected, rtol=1e-5):
-    torch.testing.assert_close(torch.as_tensor(actual).double(), torch.as_tensor(expected).double(), rtol=rtol,
-                               atol=rtol)
+def close(actual, expected):
+    """fp32 against the float64 restatements."""
+    _close(actual, expected, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

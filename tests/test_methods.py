@@ -16,50 +16,15 @@ import pytest
 import torch
 
 from fastncl import kernels
-from fastncl.config import resolve
 from fastncl.data.batches import Batch
 from fastncl.methods import ESC, NCR, SPS, Vanilla, build_method
 from fastncl.methods.esc import bicro_consistency, pseudo_negative
-from fastncl.methods.mixture import MixtureFit
 from fastncl.methods.ncr import hinge_confidence, soft_margin
-from fastncl.models import VSE, Encoding, forward_pairs
+from fastncl.models import Encoding, forward_pairs
 from fastncl.step import Precision
 from fastncl.train import Trainer
 
-ROOT = Path(__file__).resolve().parents[1]
-IMAGE_DIM, VOCAB, REGIONS = 8, 20, 3
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread, so that OpenMP waits on a busy machine cost nothing."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def config(*overrides, preset=None, method=None):
-    return resolve(preset=preset, method=method, overrides=list(overrides))
-
-
-def fake_fit(clean_prob) -> MixtureFit:
-    p = np.asarray(clean_prob, dtype=np.float64)
-    return MixtureFit(clean_prob=p, normalized=1 - p, kind="gmm", params={})
-
-
-def tiny_model(seed: int) -> VSE:
-    torch.manual_seed(seed)
-    return VSE(IMAGE_DIM, VOCAB, embed_dim=16, word_dim=8, dropout=0.0)
-
-
-def tiny_batch(seed: int, size: int = 6, first_index: int = 0) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(2, 7, (size,), generator=g)
-    tokens = torch.randint(1, VOCAB, (size, 6), generator=g)
-    tokens = tokens * (torch.arange(6) < lengths.view(-1, 1))  # padded with 0
-    images = torch.randn(size, REGIONS, IMAGE_DIM, generator=g)
-    return Batch(torch.arange(first_index, first_index + size), images, tokens, lengths)
+from helpers import ROOT, close, config, fake_fit, one_thread, tiny_batch, tiny_model  # noqa: F401 (one_thread: autouse)
 
 
 class FixedSim:
@@ -81,11 +46,6 @@ class FixedSim:
 def fixed_batch(size: int) -> Batch:
     return Batch(torch.arange(size), torch.zeros(size, 1, 1), torch.ones(size, 1, dtype=torch.long),
                  torch.ones(size, dtype=torch.long))
-
-
-def close(actual, expected, rtol=1e-6):
-    torch.testing.assert_close(torch.as_tensor(actual).double(), torch.as_tensor(expected).double(), rtol=rtol,
-                               atol=rtol)
 
 
 # ---------------------------------------------------------------------------------------------

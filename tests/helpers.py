@@ -1,0 +1,64 @@
+"""Helpers shared by several test files: a tool script loaded as a module, and the tiny models,
+batches, fits and configs of the method tests."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fastncl.config import resolve
+from fastncl.data.batches import Batch
+from fastncl.methods.mixture import MixtureFit
+from fastncl.models import VSE
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGE_DIM, VOCAB, REGIONS = 8, 20, 3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one thread, so that OpenMP waits on a busy machine cost nothing (a test module
+    that imports this fixture uses it for all its tests)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def load_tool(name: str):
+    """tools/<name>.py as a module (the tools are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def config(*overrides, preset=None, method=None):
+    return resolve(preset=preset, method=method, overrides=list(overrides))
+
+
+def fake_fit(clean_prob) -> MixtureFit:
+    p = np.asarray(clean_prob, dtype=np.float64)
+    return MixtureFit(clean_prob=p, normalized=1 - p, kind="gmm", params={})
+
+
+def tiny_model(seed: int, dropout: float = 0.0) -> VSE:
+    torch.manual_seed(seed)
+    return VSE(IMAGE_DIM, VOCAB, embed_dim=16, word_dim=8, dropout=dropout)
+
+
+def tiny_batch(seed: int, size: int = 6, first_index: int = 0) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, 7, (size,), generator=g)
+    tokens = torch.randint(1, VOCAB, (size, 6), generator=g)
+    tokens = tokens * (torch.arange(6) < lengths.view(-1, 1))  # padded with 0
+    images = torch.randn(size, REGIONS, IMAGE_DIM, generator=g)
+    return Batch(torch.arange(first_index, first_index + size), images, tokens, lengths)
+
+
+def close(actual, expected, rtol=1e-6):
+    torch.testing.assert_close(torch.as_tensor(actual).double(), torch.as_tensor(expected).double(), rtol=rtol,
+                               atol=rtol)
