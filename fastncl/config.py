@@ -43,7 +43,8 @@ class DataConfig:
     source: str = "synthetic"  # "synthetic", "emoji" (built once into the cache), "synthetic-f30k" (Flickr30K
     # shapes), or a SCAN/NCR folder
     noise: float = 0.0  # NCR-protocol noise rate in [0, 1)
-    noise_file: str | None = None  # a saved caption -> image index (.npy); overrides `noise`
+    noise_file: str | None = None  # a saved caption -> image index (.npy), instead of `noise`; runs record its
+    # measured rate (the fraction of captions not on their own image)
     noise_seed: int | None = None  # default: the run seed
     dev_split: str = "dev"
     test_split: str = "test"  # MS-COCO: "testall"
@@ -361,6 +362,9 @@ def validate(cfg: Config) -> Config:
         cfg.runtime.length_multiple = 0 if cfg.model.backbone == "vse" else 8
     if not 0.0 <= cfg.data.noise < 1.0:
         raise FastnclError(f"--noise: the noise rate must be in [0, 1), got {cfg.data.noise}")
+    if cfg.data.noise_file and cfg.data.noise > 0:
+        raise FastnclError(f"--noise {cfg.data.noise:g} and --noise-file: give one of them (the file fixes the noisy "
+                           "pairs; its measured noise rate is recorded)")
     for path in PROBABILITIES:
         if not 0.0 <= _get(cfg, path) <= 1.0:
             raise FastnclError(f"{path}: must be in [0, 1], got {_get(cfg, path)}")

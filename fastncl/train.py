@@ -7,6 +7,7 @@ subsets computed from its *peer's* per-sample losses at the start of the epoch.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import sys
@@ -47,7 +48,8 @@ def resolve_device(name: str) -> torch.device:
 
 def default_out(cfg: Config) -> str:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return str(Path("runs") / f"{cfg.method}-noise{cfg.data.noise:g}-seed{cfg.seed}-{stamp}")
+    noise = f"noisefile-{Path(cfg.data.noise_file).stem}" if cfg.data.noise_file else f"noise{cfg.data.noise:g}"
+    return str(Path("runs") / f"{cfg.method}-{noise}-seed{cfg.seed}-{stamp}")
 
 
 def _setup_logging(run: RunDir) -> None:
@@ -79,6 +81,8 @@ class Trainer:
                                                         cfg.data.noise, seed)
         injected = bool(cfg.data.noise_file) or cfg.data.noise > 0
         self.clean_mask = (self.caption_to_image == true_image) if injected else None
+        # the rate a run is labelled with: --noise's, or the measured rate of --noise-file's index
+        self.noise_rate = float(np.mean(~self.clean_mask)) if cfg.data.noise_file else cfg.data.noise
         try:  # resolved once: every op call gets "torch" or "triton", no lookup on the hot path
             backend = kernels.check_backend(cfg.runtime.backend, self.device)
         except ValueError as e:
@@ -236,7 +240,8 @@ class Trainer:
         cfg, o = self.cfg, self.cfg.optim
         total = o.warmup_epochs + o.epochs
         n = self.data.train.num_captions
-        log.info(f"fastncl {cfg.method}: {self.data.name} data, {n} training pairs, noise {cfg.data.noise:g}, "
+        noise = f"noise {self.noise_rate:g}" + (f" (measured, {cfg.data.noise_file})" if cfg.data.noise_file else "")
+        log.info(f"fastncl {cfg.method}: {self.data.name} data, {n} training pairs, {noise}, "
                  f"seed {cfg.seed}, device {self.device}; run folder {self.run.path}")
         for epoch in range(self.start_epoch, total):
             with nvtx_range(f"epoch {epoch}"):
@@ -244,7 +249,7 @@ class Trainer:
         return self.finish()
 
     def _epoch(self, epoch: int, total: int) -> None:
-        cfg, o = self.cfg, self.cfg.optim
+        o = self.cfg.optim
         t0 = time.perf_counter()
         lr = self._set_lr(epoch)
         warmup = epoch < o.warmup_epochs
@@ -360,8 +365,10 @@ class Trainer:
         results = {
             "method": cfg.method,
             "preset": cfg.preset,
-            "noise": cfg.data.noise,
+            "noise": self.noise_rate,
             "noise_file": cfg.data.noise_file,
+            "noise_file_sha256": hashlib.sha256(Path(cfg.data.noise_file).read_bytes()).hexdigest()
+            if cfg.data.noise_file else None,
             "seed": cfg.seed,
             "data": self.data.name,
             "best_epoch": state["epoch"],

@@ -163,6 +163,22 @@ def test_resume_with_no_checkpoint(tmp_path, capsys):
     assert_user_error(code, capsys, "--resume", "checkpoints/last.pt", out=out, before=before)
 
 
+def test_noise_and_noise_file_together(tmp_path, capsys):
+    path = tmp_path / "noise.npy"
+    np.save(path, np.arange(40) // 5)
+    out = tmp_path / "run"
+    assert_user_error(train("--noise", "0.4", "--noise-file", str(path), "--out", str(out), *TINY), capsys,
+                      "--noise 0.4", "--noise-file", out=out)
+
+
+def test_default_folder_of_a_noise_file_run_names_the_file():
+    from fastncl.config import resolve
+    from fastncl.train import default_out
+
+    cfg = resolve(method="ncr", overrides=[("data.noise_file", "idx/f30k_0.2.npy")])
+    assert Path(default_out(cfg)).name.startswith("ncr-noisefile-f30k_0.2-seed0-")
+
+
 @pytest.mark.parametrize("kind", ["missing", "garbage", "wrong_length", "out_of_range", "float"])
 def test_bad_noise_file(tmp_path, capsys, kind):
     path = tmp_path / "noise.npy"

@@ -8,6 +8,7 @@ wait on each other on a busy machine.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import shutil
@@ -173,7 +174,13 @@ def test_noise_file_reproduces_the_noise_index(trained, tmp_path):
     env_a = json.loads((trained("sps") / "env.json").read_text())
     env_b = json.loads((out / "env.json").read_text())
     assert env_a["noise_index_sha256"] == env_b["noise_index_sha256"]
-    assert results(out)["noise_file"] == str(source)
+    res = results(out)
+    assert res["noise_file"] == str(source)
+    # labelled with the index's measured rate (captions not on their own image), not --noise's default 0
+    measured = float(np.mean(np.load(source) != np.arange(TRAIN_IMAGES * CPI) // CPI))
+    assert 0.3 < measured <= NOISE and res["noise"] == pytest.approx(measured)
+    assert res["noise_file_sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
+    assert f"noise {measured:g} (measured, {source})" in (out / "log.txt").read_text()
 
 
 @pytest.mark.parametrize("name", ["esc", "sps-official"])
