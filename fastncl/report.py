@@ -52,6 +52,7 @@ def evaluate_run(run_dirs, split: str = "test", checkpoint: str = "best") -> str
     """
     from fastncl.config import from_dict
     from fastncl.data import load_dataset
+    from fastncl.data.noise import measured_rate
     from fastncl.evaluation import fold5_metrics, retrieval_metrics, similarity_matrix
     from fastncl.models import build_backbone
     from fastncl.step import CompiledBackbone, Precision, resolve_amp
@@ -80,7 +81,10 @@ def evaluate_run(run_dirs, split: str = "test", checkpoint: str = "best") -> str
                                       Precision(resolve_amp(run_cfg.runtime.amp, device), device)))
     sim = sum(sims) / len(sims)
     name = cfg.method if len(runs) == 1 else " + ".join(f"{c.method}/{c.model.backbone}" for c in cfgs)
-    results = {"method": name, "noise": cfg.data.noise, "best_epoch": states[0]["epoch"],
+    noise = cfg.data.noise
+    if cfg.data.noise_file:  # a --noise-file run is labelled with its index's measured rate, as in training
+        noise = measured_rate(np.load(runs[0].file("noise_index.npy")), data.train.captions_per_image)
+    results = {"method": name, "noise": noise, "best_epoch": states[0]["epoch"],
                "test": retrieval_metrics(sim, part.captions_per_image)}
     text = format_results(results).replace("test (", f"{split} ({checkpoint} checkpoint, ", 1)
     if len(runs) > 1:  # one best epoch per run

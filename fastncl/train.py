@@ -24,7 +24,7 @@ from fastncl.board import Board, check_tensorboard
 from fastncl.config import Config, dump_yaml
 from fastncl.data import load_dataset
 from fastncl.data.batches import PairBatches
-from fastncl.data.noise import load_noise_index, noisy_caption_index
+from fastncl.data.noise import load_noise_index, measured_rate, noisy_caption_index
 from fastncl.evaluation import fold5_metrics, retrieval_metrics, similarity_matrix, split_diagnostics
 from fastncl.methods import build_method
 from fastncl.models import build_backbone
@@ -82,7 +82,8 @@ class Trainer:
         injected = bool(cfg.data.noise_file) or cfg.data.noise > 0
         self.clean_mask = (self.caption_to_image == true_image) if injected else None
         # the rate a run is labelled with: --noise's, or the measured rate of --noise-file's index
-        self.noise_rate = float(np.mean(~self.clean_mask)) if cfg.data.noise_file else cfg.data.noise
+        self.noise_rate = (measured_rate(self.caption_to_image, train.captions_per_image) if cfg.data.noise_file
+                           else cfg.data.noise)
         try:  # resolved once: every op call gets "torch" or "triton", no lookup on the hot path
             backend = kernels.check_backend(cfg.runtime.backend, self.device)
         except ValueError as e:

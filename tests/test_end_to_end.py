@@ -164,7 +164,7 @@ def test_every_curriculum_stage_runs(trained, name, stage_terms):
 # noise file, determinism, resume
 
 
-def test_noise_file_reproduces_the_noise_index(trained, tmp_path):
+def test_noise_file_reproduces_the_noise_index(trained, tmp_path, capsys):
     source = trained("sps") / "noise_index.npy"
     out = tmp_path / "reuse"
     args = ["train", "--method", "ncr", "--seed", "1", "--noise-file", str(source), "--out", str(out), *TINY,
@@ -181,6 +181,9 @@ def test_noise_file_reproduces_the_noise_index(trained, tmp_path):
     assert 0.3 < measured <= NOISE and res["noise"] == pytest.approx(measured)
     assert res["noise_file_sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
     assert f"noise {measured:g} (measured, {source})" in (out / "log.txt").read_text()
+    capsys.readouterr()
+    assert main(["eval", str(out)]) == 0
+    assert f"noise {measured:g}," in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("name", ["esc", "sps-official"])

@@ -49,3 +49,8 @@ def load_noise_index(path: str | Path, num_captions: int, num_images: int) -> np
     if index.min() < 0 or index.max() >= num_images:
         raise FastnclError(f"--noise-file {path}: image indices must lie in [0, {num_images})")
     return index.astype(np.int64)
+
+
+def measured_rate(index: np.ndarray, captions_per_image: int) -> float:
+    """The fraction of captions a caption -> image index puts on another image than their own."""
+    return float(np.mean(index != np.arange(len(index)) // captions_per_image))
