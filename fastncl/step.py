@@ -114,6 +114,13 @@ class Precision:
         self.dtype, self.device = dtype, device
         self.scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
 
+    @property
+    def name(self) -> str:
+        """What the forward passes run in: "fp32", or "bf16 autocast" / "fp16 autocast + grad scaler"."""
+        if self.dtype is None:
+            return "fp32"
+        return {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + grad scaler"}[self.dtype]
+
     def autocast(self):
         if self.dtype is None:
             return contextlib.nullcontext()

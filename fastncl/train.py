@@ -118,6 +118,7 @@ class Trainer:
         else:
             write_atomic(self.run.file("config.yaml"), dump_yaml(cfg))
             env = environment(self.device)
+            env["precision"] = self.precision.name
             env["noise_index_sha256"] = self.run.write_noise_index(self.caption_to_image)
             self.run.write_json("env.json", env)
 
@@ -243,7 +244,7 @@ class Trainer:
         n = self.data.train.num_captions
         noise = f"noise {self.noise_rate:g}" + (f" (measured, {cfg.data.noise_file})" if cfg.data.noise_file else "")
         log.info(f"fastncl {cfg.method}: {self.data.name} data, {n} training pairs, {noise}, "
-                 f"seed {cfg.seed}, device {self.device}; run folder {self.run.path}")
+                 f"seed {cfg.seed}, device {self.device}, {self.precision.name}; run folder {self.run.path}")
         for epoch in range(self.start_epoch, total):
             with nvtx_range(f"epoch {epoch}"):
                 self._epoch(epoch, total)

@@ -117,6 +117,7 @@ def test_run_folder(trained, name):
     np.testing.assert_array_equal(index, noisy_caption_index(TRAIN_IMAGES * CPI, CPI, NOISE, SEED))
     env = json.loads((run / "env.json").read_text())
     assert env["device"] == "cpu" and "torch" in env and len(env["noise_index_sha256"]) == 64
+    assert env["precision"] == "fp32" and "device cpu, fp32;" in (run / "log.txt").read_text()
 
     for which in ("last", "best"):
         state = torch.load(run / "checkpoints" / f"{which}.pt", weights_only=True)

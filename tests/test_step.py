@@ -38,6 +38,12 @@ def test_run_step_ranges_wrap_each_forward_backward_and_optimizer(monkeypatch, s
     assert set(terms) == {"loss", "re", "n"} and terms["loss"].dim() == 0
 
 
+def test_precision_names_what_it_runs():
+    assert step.Precision().name == "fp32"
+    assert step.Precision(torch.bfloat16).name == "bf16 autocast"
+    assert step.Precision(torch.float16).name == "fp16 autocast + grad scaler"
+
+
 def test_resolve_amp_on_the_cpu():
     cpu = torch.device("cpu")
     assert step.resolve_amp("off", cpu) is None
