@@ -87,9 +87,11 @@ def evaluate_run(run_dirs, split: str = "test", checkpoint: str = "best") -> str
     results = {"method": name, "noise": noise, "best_epoch": states[0]["epoch"],
                "test": retrieval_metrics(sim, part.captions_per_image)}
     text = format_results(results).replace("test (", f"{split} ({checkpoint} checkpoint, ", 1)
-    if len(runs) > 1:  # one best epoch per run
+    if len(runs) > 1:  # one epoch per run
         epochs = ", ".join(str(s["epoch"] + 1) for s in states)
-        text = text.replace(f"best epoch {states[0]['epoch'] + 1}", f"epochs {epochs}", 1)
+        text = text.replace(f"best epoch {states[0]['epoch'] + 1}", f"{'best ' * (checkpoint == 'best')}epochs {epochs}", 1)
+    elif checkpoint == "last":  # the last checkpoint's epoch is no "best epoch"
+        text = text.replace("best epoch", "epoch", 1)
     if split == "test" and cfg.data.test_protocol == "coco":
         m = fold5_metrics(sim, part.captions_per_image)
         text += f"\nCOCO 1K (5-fold): rsum {m['rsum']:.1f}"

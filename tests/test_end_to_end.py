@@ -256,6 +256,7 @@ def test_eval_dev_split_last_checkpoint(trained, capsys):
     assert main(["eval", str(run), "--split", "dev", "--checkpoint", "last"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("dev (last checkpoint") and "RSum" in out
+    assert f", epoch {EPOCHS}):" in out.splitlines()[0] and "best epoch" not in out
     dev = read_metrics(run)[-1]["dev"]
     assert f"| {dev['rsum']:.1f} |" in out
 
