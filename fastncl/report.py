@@ -333,7 +333,8 @@ def write_report(run_dir: str, epochs: list[int] | None = None) -> tuple[Path, s
     results_path = run.file("results.json")
     if results_path.exists():
         results = json.loads(results_path.read_text(encoding="utf-8"))
-        lines += ["", "## Test", "", format_results(results)]
+        # a blank line after the table: Markdown would read the detection line as one more row
+        lines += ["", "## Test", "", format_results(results).replace("\nnoisy-pair detection", "\n\nnoisy-pair detection")]
     else:
         lines += ["", "(no results.json: the run has not finished)"]
     lines += ["", "## Figures", ""]

@@ -269,6 +269,9 @@ def test_report_writes_report_md(trained, capsys):
     rows = [line for line in text.splitlines() if line.startswith("| ") and line.split("|")[1].strip().isdigit()]
     assert len(rows) == EPOCHS
     assert "Image->Text R@1" in text and "noisy-pair detection" in text
+    lines = text.splitlines()
+    detection = next(i for i, line in enumerate(lines) if line.startswith("noisy-pair detection"))
+    assert lines[detection - 1] == ""  # not read as one more row of the table above it
     assert "report written to" in capsys.readouterr().out
 
 
