@@ -68,7 +68,10 @@ class Trainer:
         self.precision = Precision(resolve_amp(cfg.runtime.amp, self.device), self.device)
         if cfg.runtime.threads:
             torch.set_num_threads(cfg.runtime.threads)
+        # progress bars on a terminal; without one (runtime.progress unset), a plain line every
+        # PROGRESS_SECONDS; runtime.progress=false: nothing
         self.progress = sys.stderr.isatty() if cfg.runtime.progress is None else cfg.runtime.progress
+        self.progress_lines = cfg.runtime.progress is None and not self.progress
         # everything that can fail on bad input happens before the run folder is touched
         self.data = load_dataset(cfg.data)
         train = self.data.train
@@ -172,6 +175,8 @@ class Trainer:
                            self.device, length_multiple=self.cfg.runtime.length_multiple)
 
     def _bar(self, it, total, desc):
+        if self.progress_lines:
+            return _progress_lines(it, total, desc)
         return tqdm(it, total=total, desc=desc, leave=False, disable=not self.progress, dynamic_ncols=True)
 
     def _step(self, opt, groups) -> dict:
@@ -385,6 +390,20 @@ class Trainer:
             self.board.close()
         log.info(format_results(results))
         return results
+
+
+PROGRESS_SECONDS = 30.0
+
+
+def _progress_lines(it, total: int, desc: str):
+    """``it``, with a line on stderr every PROGRESS_SECONDS: where a run without a terminal is."""
+    start = last = time.perf_counter()
+    for done, item in enumerate(it, 1):
+        yield item
+        now = time.perf_counter()
+        if now - last >= PROGRESS_SECONDS:
+            last = now
+            print(f"{desc}: {done}/{total} steps, {now - start:.0f}s", file=sys.stderr, flush=True)
 
 
 def format_results(results: dict) -> str:

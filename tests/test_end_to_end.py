@@ -165,6 +165,20 @@ def test_every_curriculum_stage_runs(trained, name, stage_terms):
 # noise file, determinism, resume
 
 
+def test_progress_lines_without_a_terminal(tmp_path, capsys, monkeypatch):
+    """runtime.progress unset and stderr no terminal (pytest captures it): plain progress lines."""
+    import fastncl.train
+
+    monkeypatch.setattr(fastncl.train, "PROGRESS_SECONDS", 0.0)
+    args = ["train", "--method", "ncr", "--out", str(tmp_path / "run"), *TINY, "runtime.progress=",
+            "optim.warmup_epochs=1", "optim.epochs=1"]
+    assert main(args) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert "epoch 0 A: 1/13 steps, 0s" in err and "split pass: 1/13 steps, 0s" in err
+    assert main([*args[:3], "--out", str(tmp_path / "quiet"), *args[5:], "runtime.progress=false"]) == 0
+    assert capsys.readouterr().err == ""  # progress switched off: nothing
+
+
 def test_noise_file_reproduces_the_noise_index(trained, tmp_path, capsys):
     source = trained("sps") / "noise_index.npy"
     out = tmp_path / "reuse"
