@@ -11,6 +11,11 @@ class FastnclError(Exception):
     """
 
 
+class Diverged(Exception):
+    """Training produced a non-finite loss or similarity: the run stops (its last checkpoint is the
+    last good epoch's) and no result is reported. The CLI prints the message and exits with 1."""
+
+
 def optional_import(name: str, message: str):
     """The module ``name`` (an optional dependency), or a FastnclError with ``message`` (which names
     what to install) when it is missing."""

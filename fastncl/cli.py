@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from fastncl import FastnclError, __version__
+from fastncl import Diverged, FastnclError, __version__
 from fastncl.config import CHOICES, METHODS, PRESETS, parse_override
 
 
@@ -165,6 +165,9 @@ def main(argv=None) -> int:
     except FastnclError as e:
         print(f"fastncl: error: {e}", file=sys.stderr)
         return 2
+    except Diverged as e:  # a failed run is not a result
+        print(f"fastncl: diverged: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("fastncl: interrupted", file=sys.stderr)
         return 130

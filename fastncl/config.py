@@ -9,6 +9,7 @@ where the default comes from; the README's glossary maps every paper symbol to i
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -285,7 +286,8 @@ CHOICES = {
 }
 PROBABILITIES = ("ncr.clean_threshold", "ncr.noise_label_cut", "sps.reliable_threshold", "sps.noisy_threshold", "esc.clean_threshold",
                  "esc.noise_label_cut", "sps.proxy_cut", "esc.warmup_rate", "esc.label_anchor_fraction",
-                 "ncr.min_noisy_fraction", "sps.min_noisy_fraction", "esc.min_noisy_fraction", "sps.min_reliable_fraction")
+                 "ncr.min_noisy_fraction", "sps.min_noisy_fraction", "esc.min_noisy_fraction",
+                 "sps.min_reliable_fraction")
 POSITIVE = ("optim.batch_size", "optim.lr", "model.embed_dim", "model.word_dim", "model.sim_dim", "model.sgr_steps",
             "model.smooth", "model.pair_block", "runtime.eval_batch",
             "data.max_len", "data.synthetic.train_images", "data.synthetic.dev_images", "data.synthetic.test_images",
@@ -386,7 +388,20 @@ def validate(cfg: Config) -> Config:
         raise FastnclError("data.synthetic.regions: must be at least 7 (one region per attribute, plus one)")
     if cfg.optim.epochs + cfg.optim.warmup_epochs == 0:
         raise FastnclError("optim.epochs: nothing to train (epochs and warmup_epochs are both 0)")
+    for path, value in _floats(cfg):  # optim.lr: .inf used to train to a chance-level table
+        if not math.isfinite(value):
+            raise FastnclError(f"{path}: must be a finite number, got {value}")
     return cfg
+
+
+def _floats(section, prefix: str = ""):
+    """(path, value) of every float in a config tree."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _floats(value, f"{prefix}{f.name}.")
+        elif isinstance(value, float):
+            yield f"{prefix}{f.name}", value
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -89,7 +89,8 @@ def evaluate_run(run_dirs, split: str = "test", checkpoint: str = "best") -> str
     text = format_results(results).replace("test (", f"{split} ({checkpoint} checkpoint, ", 1)
     if len(runs) > 1:  # one epoch per run
         epochs = ", ".join(str(s["epoch"] + 1) for s in states)
-        text = text.replace(f"best epoch {states[0]['epoch'] + 1}", f"{'best ' * (checkpoint == 'best')}epochs {epochs}", 1)
+        which = "best epochs" if checkpoint == "best" else "epochs"
+        text = text.replace(f"best epoch {states[0]['epoch'] + 1}", f"{which} {epochs}", 1)
     elif checkpoint == "last":  # the last checkpoint's epoch is no "best epoch"
         text = text.replace("best epoch", "epoch", 1)
     if split == "test" and cfg.data.test_protocol == "coco":
@@ -334,7 +335,8 @@ def write_report(run_dir: str, epochs: list[int] | None = None) -> tuple[Path, s
     if results_path.exists():
         results = json.loads(results_path.read_text(encoding="utf-8"))
         # a blank line after the table: Markdown would read the detection line as one more row
-        lines += ["", "## Test", "", format_results(results).replace("\nnoisy-pair detection", "\n\nnoisy-pair detection")]
+        table = format_results(results).replace("\nnoisy-pair detection", "\n\nnoisy-pair detection")
+        lines += ["", "## Test", "", table]
     else:
         lines += ["", "(no results.json: the run has not finished)"]
     lines += ["", "## Figures", ""]

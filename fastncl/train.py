@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fastncl import FastnclError, kernels
+from fastncl import Diverged, FastnclError, kernels
 from fastncl.board import Board, check_tensorboard
 from fastncl.config import Config, dump_yaml
 from fastncl.data import load_dataset
@@ -272,6 +272,11 @@ class Trainer:
         else:
             with nvtx_range("split pass"):
                 passes = [self.split_pass(m) for m in self.fast]
+            for k, (loss, _) in enumerate(passes):
+                bad = int((~np.isfinite(loss)).sum())
+                if bad:
+                    self._diverged(epoch, f"model {'AB'[k]}'s per-sample division losses are not finite "
+                                          f"({bad} of {len(loss)} pairs)")
             t_split = time.perf_counter()
             with nvtx_range("mixture fit"):
                 fits = [self.method.fit(loss) for loss, _ in passes]
@@ -293,12 +298,17 @@ class Trainer:
                     losses["AB"[k]] = self._train_model(k, active, peer_prob, co_epoch, f"epoch {epoch} {'AB'[k]}",
                                                         warnings)
         record["losses"] = losses
-        warnings += [f"model {m}: non-finite {name} loss ({v})" for m, terms in losses.items()
-                     for name, v in terms.items() if not np.isfinite(v)]
+        bad = [f"model {m}: " + ", ".join(f"{name} {v}" for name, v in terms.items() if not np.isfinite(v))
+               for m, terms in losses.items() if not all(np.isfinite(v) for v in terms.values())]
+        if bad:
+            self._diverged(epoch, f"non-finite loss ({'; '.join(bad)})")
         t_train = time.perf_counter()
         with nvtx_range("evaluation"):  # each model's matrix, then their average (the ensemble)
             k = self.data.dev.captions_per_image
             sims = [self.evaluate(self.data.dev, [view]) for view in self.eval_views]
+            for name, sim in zip("AB", sims):
+                if not torch.isfinite(sim).all():
+                    self._diverged(epoch, f"model {name}'s dev similarities are not finite")
             dev = retrieval_metrics((sims[0] + sims[1]) / 2, k)
         record["dev"] = dev
         record["dev_models"] = {"AB"[i]: retrieval_metrics(s, k) for i, s in enumerate(sims)}
@@ -318,6 +328,10 @@ class Trainer:
         if self.board is not None:
             self.board.log(record, arrays)
         self._log_epoch(record, total)
+
+    def _diverged(self, epoch: int, what: str):
+        kept = f"checkpoints/last.pt holds epoch {epoch}" if epoch > 0 else "no checkpoint was written"
+        raise Diverged(f"epoch {epoch + 1}: {what}; the run stopped ({kept}) in {self.run.path}")
 
     def _split_warnings(self, fits, splits) -> list[str]:
         """What is degenerate in each model's split: a fallback the method took (SPS's reliable-set
@@ -368,6 +382,8 @@ class Trainer:
         for m, s in zip(self.models, state["models"]):
             m.load_state_dict(s)
         test_sim = self.evaluate(self.data.test)
+        if not torch.isfinite(test_sim).all():
+            raise Diverged(f"the best checkpoint's test similarities are not finite; no result for {self.run.path}")
         k = self.data.test.captions_per_image
         results = {
             "method": cfg.method,

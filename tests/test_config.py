@@ -147,6 +147,18 @@ def test_wrong_type_raises_naming_the_key(key, value):
         resolve(overrides=[(key, value)])
 
 
+@pytest.mark.parametrize("key", ["optim.lr", "sps.cross_weight", "esc.margin", "model.dropout"])
+@pytest.mark.parametrize("text", [".inf", "-.inf", ".nan", "1e999"])
+def test_non_finite_numbers_are_refused(key, text):
+    """optim.lr: .inf used to train to a chance-level table with exit status 0. Each is refused
+    naming the key (a range check may come first: model.dropout must lie in [0, 1))."""
+    with pytest.raises(FastnclError, match=f"^{key}: must be"):
+        resolve(overrides=[parse_override(f"{key}={text}")])
+    if text in (".inf", "1e999") and key != "model.dropout":
+        with pytest.raises(FastnclError, match=f"^{key}: must be a finite number, got inf"):
+            resolve(overrides=[parse_override(f"{key}={text}")])
+
+
 @pytest.mark.parametrize("key", ["ncr.clean_threshold", "sps.reliable_threshold", "sps.noisy_threshold",
                                  "esc.clean_threshold", "esc.warmup_rate", "sps.proxy_cut",
                                  "esc.label_anchor_fraction", "sps.min_noisy_fraction"])

@@ -165,6 +165,29 @@ def test_every_curriculum_stage_runs(trained, name, stage_terms):
 # noise file, determinism, resume
 
 
+def test_a_diverged_run_stops_with_status_1_and_keeps_its_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+    """A non-finite loss in the first co-training epoch: one line, exit status 1, no results, and
+    checkpoints/last.pt still holds the warm-up epoch."""
+    from fastncl.methods import NCR
+
+    train_groups = NCR.train_groups
+
+    def nan_groups(self, *args):
+        return [lambda g=g: {**g(), "loss": g()["loss"] * float("nan")} for g in train_groups(self, *args)]
+
+    monkeypatch.setattr(NCR, "train_groups", nan_groups)
+    out = tmp_path / "run"
+    code = main(["train", "--method", "ncr", "--out", str(out), *TINY, "optim.warmup_epochs=1", "optim.epochs=2"])
+    captured = capsys.readouterr()
+    assert code == 1
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("fastncl: diverged: epoch 2: non-finite loss (model A: clean nan, loss nan; model B:")
+    assert "checkpoints/last.pt holds epoch 1" in lines[0] and "Traceback" not in captured.err
+    assert not (out / "results.json").exists() and len(read_metrics(out)) == 1
+    assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 0
+
+
 def test_progress_lines_without_a_terminal(tmp_path, capsys, monkeypatch):
     """runtime.progress unset and stderr no terminal (pytest captures it): plain progress lines."""
     import fastncl.train

@@ -16,7 +16,8 @@ from fastncl.methods.ncr import ncr_prediction
 from fastncl.models import VSE, Encoding
 
 from helpers import close as _close
-from helpers import config, fake_fit, one_thread, tiny_batch, tiny_model  # noqa: F401 (one_thread: autouse)
+from helpers import one_thread  # noqa: F401 (an autouse fixture)
+from helpers import config, fake_fit, tiny_batch, tiny_model
 
 
 def close(actual, expected):

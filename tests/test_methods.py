@@ -24,7 +24,8 @@ from fastncl.models import Encoding, forward_pairs
 from fastncl.step import Precision
 from fastncl.train import Trainer
 
-from helpers import ROOT, close, config, fake_fit, one_thread, tiny_batch, tiny_model  # noqa: F401 (one_thread: autouse)
+from helpers import one_thread  # noqa: F401 (an autouse fixture)
+from helpers import ROOT, close, config, fake_fit, tiny_batch, tiny_model
 
 
 class FixedSim:
@@ -63,7 +64,8 @@ def test_sps_subsets_three_way_split():
 
 
 def test_sps_subsets_follow_the_configured_thresholds():
-    method = SPS(config(("sps.reliable_threshold", 0.6), ("sps.noisy_threshold", 0.2), ("sps.min_reliable_fraction", 0.0)))
+    method = SPS(config(("sps.reliable_threshold", 0.6), ("sps.noisy_threshold", 0.2),
+                        ("sps.min_reliable_fraction", 0.0)))
     p = [0.61, 0.6, 0.3, 0.2, 0.1]
     sub = method.subsets(fake_fit(p), np.zeros(5, bool), 0)
     assert (sub["reliable"].tolist(), sub["quasi_clean"].tolist(), sub["noisy"].tolist()) == ([0], [1, 2], [3, 4])
@@ -80,7 +82,8 @@ def test_sps_subsets_min_noisy_fraction_fallback_when_every_pair_is_above_eps2()
     assert sub["reliable"].tolist() == np.flatnonzero(p > 0.99).tolist()
     assert sub["quasi_clean"].tolist() == np.flatnonzero((p > cut) & (p <= 0.99)).tolist()
     # no fallback when switched off: nothing is noisy
-    off = SPS(config(("sps.min_noisy_fraction", 0.0), ("sps.min_reliable_fraction", 0.0))).subsets(fake_fit(p), np.zeros(101, bool), 0)
+    no_fallback = SPS(config(("sps.min_noisy_fraction", 0.0), ("sps.min_reliable_fraction", 0.0)))
+    off = no_fallback.subsets(fake_fit(p), np.zeros(101, bool), 0)
     assert len(off["noisy"]) == 0
 
 

@@ -35,7 +35,8 @@ def hinge_confidence(sim: torch.Tensor, margin: float, backend: str = "auto") ->
     return ((margin - mean_hinge) / margin).clamp(0, 1)
 
 
-def ncr_prediction(sim: torch.Tensor, margin: float, anchor_fraction: float = 0.1, backend: str = "auto") -> torch.Tensor:
+def ncr_prediction(sim: torch.Tensor, margin: float, anchor_fraction: float = 0.1,
+                   backend: str = "auto") -> torch.Tensor:
     """(B,) NCR's prediction of each pair's correspondence (NCR's ``predict``): the confidence
     clamp(alpha - mean hinge per direction, 0, alpha), divided by the mean of the batch's top
     floor(B * anchor_fraction) + 1 confidences, clamped to [0, 1]."""
