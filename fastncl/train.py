@@ -144,6 +144,7 @@ class Trainer:
 
     def _restore(self) -> None:
         state = self.run.load_checkpoint("last")
+        self._check_checkpoint(state)
         for m, s in zip(self.models, state["models"]):
             m.load_state_dict(s)
         for o, s in zip(self.optims, state["optimizers"]):
@@ -159,6 +160,26 @@ class Trainer:
         self.start_epoch = state["epoch"] + 1
         self.run.truncate_metrics(state["epoch"])
         log.info(f"resumed {self.run.path} after epoch {state['epoch']}")
+
+    def _check_checkpoint(self, state: dict) -> None:
+        """The checkpoint a resume loads was trained with config.yaml's method and model: one line
+        naming what differs (a checkpoint copied from another run, an edited config.yaml)."""
+        saved, cfg = state.get("config") or {}, self.cfg.to_dict()
+        diffs = [f"method {saved['method']} (config.yaml: {cfg['method']})"] if saved.get("method", cfg["method"]) \
+            != cfg["method"] else []
+        diffs += [f"model.{k} {v!r} (config.yaml: {cfg['model'].get(k)!r})" for k, v in saved.get("model", {}).items()
+                  if cfg["model"].get(k) != v]
+        own = self.models[0].state_dict()
+        for name, tensor in state["models"][0].items():
+            if name not in own:
+                diffs.append(f"tensor {name} (not in config.yaml's model)")
+            elif tuple(tensor.shape) != tuple(own[name].shape):
+                diffs.append(f"tensor {name} of shape {tuple(tensor.shape)} "
+                             f"(config.yaml's model: {tuple(own[name].shape)})")
+        if diffs:
+            more = f"; and {len(diffs) - 3} more" if len(diffs) > 3 else ""
+            raise FastnclError(f"--resume: {self.run.file('checkpoints/last.pt')} was not trained with "
+                               f"{self.run.file('config.yaml')}: " + "; ".join(diffs[:3]) + more)
 
     # -- pieces of an epoch ----------------------------------------------------------------
     def _set_lr(self, epoch: int) -> float:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from precomp_folder import make_scan
 
 from fastncl.cli import main
@@ -161,6 +162,33 @@ def test_resume_with_no_checkpoint(tmp_path, capsys):
     before = _listing(out)
     code = train("--resume", "--out", str(out))
     assert_user_error(code, capsys, "--resume", "checkpoints/last.pt", out=out, before=before)
+
+
+@pytest.mark.parametrize("edit, mentions", [
+    ({"method": "sps"}, ["method ncr (config.yaml: sps)"]),
+    ({"model": {"embed_dim": 24}}, ["model.embed_dim 16 (config.yaml: 24)", "tensor region_proj.weight of shape"]),
+])
+def test_resume_refuses_a_checkpoint_of_another_config(tmp_path, capsys, edit, mentions):
+    """An edited config.yaml (or a checkpoint copied from another run): one line naming what differs, no
+    traceback, nothing written; the run resumes once config.yaml is put back."""
+    out = tmp_path / "run"
+    args = ["--method", "ncr", "--out", str(out), *TINY, "model.embed_dim=16", "model.word_dim=8",
+            "optim.warmup_epochs=1", "optim.epochs=1"]
+    assert train(*args, "optim.epochs=0") == 0  # one finished epoch: checkpoints/last.pt
+    capsys.readouterr()
+    original = (out / "config.yaml").read_text()
+    values = yaml.safe_load(original)
+    values["optim"]["epochs"] = 1
+    for key, value in edit.items():
+        values[key] = {**values[key], **value} if isinstance(value, dict) else value
+    (out / "config.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
+    before = _listing(out)
+    assert_user_error(train("--resume", "--out", str(out)), capsys, "--resume", "checkpoints/last.pt", *mentions,
+                      out=out, before=before)
+    values = yaml.safe_load(original)
+    values["optim"]["epochs"] = 1
+    (out / "config.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
+    assert train("--resume", "--out", str(out)) == 0
 
 
 def test_noise_and_noise_file_together(tmp_path, capsys):
