@@ -380,8 +380,8 @@ def validate(cfg: Config) -> Config:
         if _get(cfg, path) < 0:
             raise FastnclError(f"{path}: must not be negative, got {_get(cfg, path)}")
     for path in ("seed", "data.noise_seed", "data.synthetic.seed"):
-        if (_get(cfg, path) or 0) < 0:
-            raise FastnclError(f"{'--seed' if path == 'seed' else path}: must not be negative, got {_get(cfg, path)}")
+        if not 0 <= (_get(cfg, path) or 0) < 2**63:  # what torch.manual_seed and NumPy take
+            raise FastnclError(f"{'--seed' if path == 'seed' else path}: must lie in [0, 2**63), got {_get(cfg, path)}")
     if not 0.0 <= cfg.model.dropout < 1.0:
         raise FastnclError(f"model.dropout: must be in [0, 1), got {cfg.model.dropout}")
     if cfg.data.synthetic.regions < 7:

@@ -49,12 +49,17 @@ class RunDir:
     @classmethod
     def create(cls, path: str | Path, resume: bool) -> "RunDir":
         run = cls(path)
+        if run.path.exists() and not run.path.is_dir():
+            raise FastnclError(f"--out {run.path}: not a folder")
         if resume:
             if not (run.path / "checkpoints" / "last.pt").exists():
                 raise FastnclError(f"--resume: {run.path} holds no checkpoints/last.pt to resume from")
         elif run.path.exists() and any(run.path.iterdir()):
             raise FastnclError(f"--out {run.path}: the run folder exists and is not empty; use --resume or another --out")
-        (run.path / "checkpoints").mkdir(parents=True, exist_ok=True)
+        try:
+            (run.path / "checkpoints").mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a file on the way, a read-only place
+            raise FastnclError(f"--out {run.path}: cannot create the run folder ({e.strerror})") from None
         return run
 
     def file(self, name: str) -> Path:

@@ -260,11 +260,29 @@ def test_too_few_synthetic_regions_is_a_user_error(tmp_path, capsys):
 
 @pytest.mark.parametrize("args, mention", [(["--seed", "-1"], "seed"),
                                            (["--noise", "0.2", "data.noise_seed=-5"], "data.noise_seed"),
-                                           (["data.synthetic.seed=-5"], "data.synthetic.seed")])
-def test_negative_seed_is_a_user_error(tmp_path, capsys, args, mention):
+                                           (["data.synthetic.seed=-5"], "data.synthetic.seed"),
+                                           (["--seed", "99999999999999999999"], "--seed"),  # torch overflowed
+                                           (["data.synthetic.seed=9223372036854775808"], "data.synthetic.seed")])
+def test_seed_out_of_range_is_a_user_error(tmp_path, capsys, args, mention):
     out = tmp_path / "run"
     code = train("--out", str(out), *args, *TINY)
     assert_user_error(code, capsys, mention, out=out)
+
+
+def test_out_naming_a_file_is_a_user_error(tmp_path, capsys):
+    out = tmp_path / "file"
+    out.write_text("not a folder\n")
+    assert_user_error(train("--out", str(out), *TINY), capsys, "--out", "not a folder", out=out,
+                      before=set())
+    assert out.read_text() == "not a folder\n"
+
+
+def test_out_below_a_file_is_a_user_error(tmp_path, capsys):
+    """A run folder that cannot be created (here: a file on its path): one line, nothing left."""
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "file" / "run"
+    assert_user_error(train("--out", str(out), *TINY), capsys, "--out", "cannot create the run folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
 def test_triton_backend_on_cpu_is_a_user_error(tmp_path, capsys, monkeypatch):
