@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -93,6 +94,26 @@ def test_vocab_missing_special_tokens_gets_them(tmp_path):
     ds = load(folder)
     assert {"<start>", "<end>", "<unk>"} <= set(ds.vocab.word2idx)
     assert len(set(ds.vocab.word2idx.values())) == len(ds.vocab.word2idx)  # no index used twice
+
+
+@pytest.mark.parametrize("shape", [(0, 4, 8), (20, 0, 8), (20, 4, 0)])
+def test_features_with_an_empty_axis_are_refused(tmp_path, shape):
+    """(N, 0, D) features ended in an IndexError of amax()."""
+    folder = make_scan(tmp_path / "d")
+    np.save(folder / "train_ims.npy", np.zeros(shape, np.float32))
+    with pytest.raises(FastnclError, match=r"train_ims.npy: expected float features .*none of them 0"):
+        load(folder)
+
+
+@pytest.mark.parametrize("index, mention", [(10**10, "outside [0,"), (-1, "outside [0,"), (1, "given to two words")])
+def test_vocab_indices_in_range_and_unique(tmp_path, index, mention):
+    """An index of 1e10 tried to allocate a 320 GB embedding table; a negative one ended in an
+    IndexError; a shared one merged two words silently."""
+    vocab = scan_vocab(["a", "dog"])
+    vocab["word2idx"]["dog"] = index
+    folder = make_scan(tmp_path / "d", vocab=vocab)
+    with pytest.raises(FastnclError, match=rf"vocab.json: .*{re.escape(mention)}"):
+        load(folder)
 
 
 def test_vocab_is_built_from_training_captions_when_none_is_present(tmp_path):

@@ -64,9 +64,10 @@ def _read_images(folder: Path, split: str) -> np.ndarray:
         raise FastnclError(f"{path}: not a readable .npy array ({e})") from None
     if images.ndim == 2:  # (N, D) global features: one "region" per image
         images = images[:, None, :]
-    if images.ndim != 3 or not np.issubdtype(images.dtype, np.floating) or images.shape[0] == 0:
+    if images.ndim != 3 or not np.issubdtype(images.dtype, np.floating) or 0 in images.shape:
         raise FastnclError(
-            f"{path}: expected float features of shape (N, regions, dim) or (N, dim), got {images.dtype} {images.shape}"
+            f"{path}: expected float features of shape (N, regions, dim) or (N, dim), none of them 0, got "
+            f"{images.dtype} {images.shape}"
         )
     return images
 
@@ -96,6 +97,18 @@ def _load_vocab(path: Path) -> Vocab:
             word2idx[token] = max(word2idx.values(), default=-1) + 1
     if word2idx[PAD] != 0:
         raise FastnclError(f"{path}: '<pad>' must have index 0")
+    # the embedding table has max index + 1 rows: an index of 1e10 would allocate hundreds of GB,
+    # a negative one fails in the lookup, a shared one merges two words
+    n = len(word2idx)
+    for word, i in word2idx.items():
+        if not 0 <= i < n:
+            raise FastnclError(f"{path}: word {word!r} has index {i}, outside [0, {n}) (the vocabulary's size)")
+    if len(set(word2idx.values())) < n:
+        seen = {}
+        for word, i in word2idx.items():
+            if i in seen:
+                raise FastnclError(f"{path}: index {i} is given to two words, {seen[i]!r} and {word!r}")
+            seen[i] = word
     return Vocab(word2idx)
 
 
