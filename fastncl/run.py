@@ -51,10 +51,8 @@ class RunDir:
         run = cls(path)
         if run.path.exists() and not run.path.is_dir():
             raise FastnclError(f"--out {run.path}: not a folder")
-        if resume:
-            if not (run.path / "checkpoints" / "last.pt").exists():
-                raise FastnclError(f"--resume: {run.path} holds no checkpoints/last.pt to resume from")
-        elif run.path.exists() and any(run.path.iterdir()):
+        # a folder of empty folders (a run that died before writing anything) may be reused
+        if not resume and run.path.exists() and any(p.is_file() for p in run.path.rglob("*")):
             raise FastnclError(f"--out {run.path}: the run folder exists and is not empty; use --resume or another --out")
         try:
             (run.path / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -82,7 +80,9 @@ class RunDir:
         path = self.file("metrics.jsonl")
         if not path.exists():
             return []
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        text = path.read_text(encoding="utf-8")
+        lines = text.split("\n")[:-1]  # a last line without its newline was cut by a kill: not a record
+        return [json.loads(line) for line in lines if line.strip()]
 
     def truncate_metrics(self, last_epoch: int) -> None:
         """Keep the lines of epochs <= last_epoch (after a resume)."""

@@ -97,6 +97,10 @@ class Trainer:
             check_tensorboard()
 
         self.run = RunDir.create(cfg.out, resume)
+        # config.yaml first: from here on, a run killed at any point can be resumed
+        fresh = not (resume and self.run.file("checkpoints/last.pt").exists())
+        if fresh:
+            write_atomic(self.run.file("config.yaml"), dump_yaml(cfg))
         _setup_logging(self.run)
         self.board = Board(self.run.file("tb")) if cfg.runtime.tensorboard else None
         torch.manual_seed(cfg.seed)
@@ -116,10 +120,12 @@ class Trainer:
         self.rng = np.random.default_rng(cfg.seed)
         self.start_epoch, self.best_rsum, self.best_epoch = 0, -1.0, -1
         self.last_split = None
-        if resume:
+        if not fresh:
             self._restore()
-        else:
-            write_atomic(self.run.file("config.yaml"), dump_yaml(cfg))
+        else:  # a new run, or a resumed one whose first epoch never finished: from the start
+            if resume:
+                self.run.truncate_metrics(-1)
+                log.info(f"{self.run.path} holds no checkpoint yet: the run starts over")
             env = environment(self.device)
             env["precision"] = self.precision.name
             env["noise_index_sha256"] = self.run.write_noise_index(self.caption_to_image)
@@ -337,15 +343,19 @@ class Trainer:
         improved = dev["rsum"] > self.best_rsum
         if improved:
             self.best_rsum, self.best_epoch = dev["rsum"], epoch
+        # committed in an order that a kill at any point resumes correctly: best.pt, then the metrics
+        # line, then last.pt (a resume restarts from last.pt, drops later metrics lines and redoes
+        # the epoch, writing the same best.pt again)
         with nvtx_range("checkpoint"):
             state = self._state(epoch)
-            self.run.save_checkpoint("last", state)
             if improved:
                 self.run.save_checkpoint("best", state)
         record["time"] = time.perf_counter() - t0
         if warnings:
             record["warnings"] = warnings
         self.run.append_metrics(record)
+        with nvtx_range("checkpoint"):
+            self.run.save_checkpoint("last", state)
         if self.board is not None:
             self.board.log(record, arrays)
         self._log_epoch(record, total)

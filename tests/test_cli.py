@@ -153,15 +153,25 @@ def test_resume_from_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert_user_error(train("--resume", "--out", str(out)), capsys, "--resume", "config.yaml", out=out, before=set())
 
 
-def test_resume_with_no_checkpoint(tmp_path, capsys):
-    """A run folder whose first epoch never finished: config.yaml but no checkpoints/last.pt."""
+def test_resume_with_no_checkpoint_starts_over(tmp_path, capsys):
+    """A run folder whose first epoch never finished (config.yaml but no checkpoints/last.pt) has
+    a way out: --resume starts it over (a rerun without --resume is refused: the folder is not empty)."""
     out = tmp_path / "run"
     out.mkdir()
-    cfg = resolve(overrides=[parse_override(o) for o in TINY])
+    cfg = resolve(overrides=[parse_override(o) for o in [*TINY, f"out={out}", "optim.warmup_epochs=1",
+                                                           "optim.epochs=0"]])
     (out / "config.yaml").write_text(dump_yaml(cfg))
-    before = _listing(out)
-    code = train("--resume", "--out", str(out))
-    assert_user_error(code, capsys, "--resume", "checkpoints/last.pt", out=out, before=before)
+    (out / "metrics.jsonl").write_text('{"epoch": 0, "dev": {}}\n')  # a line whose checkpoint was never written
+    assert train("--resume", "--out", str(out)) == 0
+    assert "holds no checkpoint yet: the run starts over" in capsys.readouterr().out
+    assert (out / "results.json").exists() and len((out / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_a_folder_of_empty_folders_is_reused(tmp_path, capsys):
+    """A run that died before writing any file (only checkpoints/ made): a rerun may use the folder."""
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    assert train("--out", str(out), *TINY, "optim.warmup_epochs=1", "optim.epochs=0") == 0
 
 
 @pytest.mark.parametrize("edit, mentions", [

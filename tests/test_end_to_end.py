@@ -258,6 +258,51 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_results(trained, t
     assert [r["dev"] for r in read_metrics(out)] == [r["dev"] for r in read_metrics(full)]
 
 
+@pytest.mark.parametrize("kill_at", ["best", "metrics", "last"])
+def test_a_kill_at_any_commit_point_resumes_to_the_uninterrupted_results(trained, tmp_path, monkeypatch, kill_at):
+    """An epoch commits best.pt, then its metrics line, then last.pt: a kill just before any of
+    them (at the run's best epoch) resumes to the same results. With
+    last.pt written first, a kill before best.pt lost the best checkpoint of that epoch."""
+    from fastncl.run import RunDir
+
+    full = trained("ncr")
+    epoch = results(full)["best_epoch"]  # the last epoch that writes best.pt
+    assert epoch >= 1, "the tiny run's best epoch must come after an earlier checkpoint"
+    out = tmp_path / "killed"
+    save, append = RunDir.save_checkpoint, RunDir.append_metrics
+
+    def killing_save(self, name, state):
+        if name == kill_at and state["epoch"] == epoch:
+            raise KeyboardInterrupt
+        return save(self, name, state)
+
+    def killing_append(self, record):
+        if kill_at == "metrics" and record["epoch"] == epoch:
+            raise KeyboardInterrupt
+        return append(self, record)
+
+    monkeypatch.setattr(RunDir, "save_checkpoint", killing_save)
+    monkeypatch.setattr(RunDir, "append_metrics", killing_append)
+    assert main(train_args("ncr", out)) == 130
+    monkeypatch.setattr(RunDir, "save_checkpoint", save)
+    monkeypatch.setattr(RunDir, "append_metrics", append)
+    assert main(["train", "--resume", "--out", str(out)]) == 0
+    assert results(out)["test"] == results(full)["test"] and results(out)["best_epoch"] == results(full)["best_epoch"]
+    assert [r["dev"] for r in read_metrics(out)] == [r["dev"] for r in read_metrics(full)]
+
+
+def test_a_metrics_line_cut_by_a_kill_is_dropped(trained, tmp_path):
+    from fastncl.run import RunDir
+
+    out = tmp_path / "copy"
+    shutil.copytree(trained("ncr"), out)
+    text = (out / "metrics.jsonl").read_text()
+    (out / "metrics.jsonl").write_text(text + '{"epoch": 3, "dev": {"rs')  # a torn last line
+    assert [r["epoch"] for r in RunDir(out).read_metrics()] == list(range(EPOCHS))
+    assert main(["train", "--resume", "--out", str(out)]) == 0  # drops it (truncate_metrics)
+    assert (out / "metrics.jsonl").read_text() == text
+
+
 def test_resume_drops_metrics_of_an_unsaved_epoch(trained, tmp_path):
     """metrics.jsonl lines after the checkpoint's epoch (an epoch cut short) are dropped on resume."""
     out = tmp_path / "copy"
