@@ -49,8 +49,14 @@ PEDANTIC_SECONDS = 0.25  # pytest-benchmark rounds: about this long per benchmar
 _compiled: dict[str, Callable] = {}
 
 
+def pytest_addoption(parser):
+    parser.addoption("--cpu-train", action="store_true", default=False,
+                     help="also run bench_train_cpu.py: a full `fastncl train` per method on the CPU (minutes each)")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "target: the benchmark's numbers enter one of the issue's targets")
+    config.addinivalue_line("markers", "cpu_train: a full CPU training run, only with --cpu-train")
     config.addinivalue_line("markers", "variant: another configuration of an op (recorded as 'op (variant)'), "
                             "behind no target")
 
@@ -58,8 +64,12 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     """Mark the benchmarks that enter a target and run them first: the fused objectives, the
     embedding-level InfoNCE (three targets of its own), the matrix ops, then the other
-    embedding-level ops; stable otherwise, so that the providers of one shape stay side by side."""
+    embedding-level ops; stable otherwise, so that the providers of one shape stay side by side.
+    The full CPU trainings (marker cpu_train) are skipped unless --cpu-train is given."""
+    skip_train = pytest.mark.skip(reason="a full CPU training run per method: pytest bench/ --cpu-train runs it")
     for item in items:
+        if item.get_closest_marker("cpu_train") is not None and not config.getoption("--cpu-train"):
+            item.add_marker(skip_train)
         p = getattr(item, "callspec", None)
         if p is not None and {"op", "B", "D", "dtype", "mode"} <= p.params.keys() and \
                 item.get_closest_marker("variant") is None and \

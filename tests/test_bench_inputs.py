@@ -267,3 +267,13 @@ def test_run_synchronized_times_an_opaque_step(cpu_cuda):
     bench = _FakeBenchmark()
     HARNESS.run_synchronized(bench, lambda: calls.append(1), rounds=3, warmup=2)
     assert len(calls) == 5 and bench.calls == 3 and bench.extra_info["peak_memory_mb"] == 5.0
+
+
+def test_cpu_trainings_run_only_with_the_option():
+    """`pytest bench/` on a CPU used to run a full training per method without being asked."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-m", "pytest", str(BENCH / "bench_train_cpu.py"), "-q", "-rs",
+                          "-p", "no:cacheprovider"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "5 skipped" in out.stdout and "pytest bench/ --cpu-train runs it" in out.stdout
