@@ -168,6 +168,10 @@ def main(argv=None) -> int:
     except Diverged as e:  # a failed run is not a result
         print(f"fastncl: diverged: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # a file that cannot be read or written (permissions, a full disk, ...)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"fastncl: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("fastncl: interrupted", file=sys.stderr)
         return 130

@@ -345,3 +345,17 @@ def test_console_script_unknown_method(tmp_path):
     assert proc.returncode == 2
     assert "invalid choice" in proc.stderr and "Traceback" not in proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_os_error_is_one_line(tmp_path, capsys, monkeypatch):
+    """Any subcommand: an OSError (here: compare on a results.json it may not read) is one line
+    naming the file, exit status 2, no traceback."""
+    import fastncl.report
+
+    def unreadable(run_dirs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "run" / "results.json"))
+
+    monkeypatch.setattr(fastncl.report, "compare_rows", unreadable)
+    code = main(["compare", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and err == f"fastncl: error: {tmp_path / 'run' / 'results.json'}: Permission denied\n"
