@@ -96,6 +96,20 @@ def test_vocab_missing_special_tokens_gets_them(tmp_path):
     assert len(set(ds.vocab.word2idx.values())) == len(ds.vocab.word2idx)  # no index used twice
 
 
+@pytest.mark.parametrize("split, row, value", [("train", 5, np.nan), ("test", 0, np.inf), ("dev", 3, -np.inf)])
+def test_non_finite_features_are_refused_naming_the_row(tmp_path, monkeypatch, split, row, value):
+    """NaN test features used to give a chance-level table reported as a result."""
+    import fastncl.data.precomp
+
+    monkeypatch.setattr(fastncl.data.precomp, "FINITE_CHUNK_BYTES", 3 * 4 * 8 * 4)  # 3 rows a chunk
+    folder = make_scan(tmp_path / "d")
+    images = np.load(folder / f"{split}_ims.npy")
+    images[row, 1, 2] = value
+    np.save(folder / f"{split}_ims.npy", images)
+    with pytest.raises(FastnclError, match=rf"{split}_ims.npy: row {row} \(image\) holds NaN or inf"):
+        load(folder)
+
+
 @pytest.mark.parametrize("shape", [(0, 4, 8), (20, 0, 8), (20, 4, 0)])
 def test_features_with_an_empty_axis_are_refused(tmp_path, shape):
     """(N, 0, D) features ended in an IndexError of amax()."""

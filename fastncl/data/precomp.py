@@ -69,7 +69,21 @@ def _read_images(folder: Path, split: str) -> np.ndarray:
             f"{path}: expected float features of shape (N, regions, dim) or (N, dim), none of them 0, got "
             f"{images.dtype} {images.shape}"
         )
+    _check_finite(images, path)
     return images
+
+
+FINITE_CHUNK_BYTES = 1 << 28  # the finite check reads a memory-mapped feature file 256 MB at a time
+
+
+def _check_finite(images: np.ndarray, path: Path) -> None:
+    """NaN or inf features train to a chance-level table: refuse them, naming the first bad row.
+    Read in chunks, so that a 33 GB COCO file is never in memory at once."""
+    rows = max(1, FINITE_CHUNK_BYTES // max(1, images[0].nbytes))
+    for start in range(0, images.shape[0], rows):
+        ok = np.isfinite(images[start:start + rows]).reshape(min(rows, images.shape[0] - start), -1).all(axis=1)
+        if not ok.all():
+            raise FastnclError(f"{path}: row {start + int(np.argmin(ok))} (image) holds NaN or inf features")
 
 
 def _find_vocab(folder: Path, vocab_path: str | None) -> Path | None:
