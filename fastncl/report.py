@@ -115,6 +115,12 @@ def _epoch_axis(ax) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
+def _legend(ax) -> None:
+    """The legend below the axes (under their x label), where it covers no bar, point or curve, nor
+    a neighbouring panel; the figure is saved with a tight bounding box, so it is kept."""
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
+
+
 def _save(fig, path: Path) -> Path:
     """The figure as a PNG at ``path`` (atomically); closes it."""
     import matplotlib.pyplot as plt
@@ -210,7 +216,7 @@ def loss_histogram(plt, split: dict, epoch: int, method: str, cfg: dict, path: P
         ax.set_xlabel("normalised division loss")
         ax.set_title(f"model {'AB'[k]} (split used by model {'BA'[k]})")
     axes[0].set_ylabel("pairs per bin")
-    axes[1].legend(fontsize=7, loc="upper right")
+    _legend(axes[1])
     fig.suptitle(f"{method}: per-sample division losses, epoch {epoch + 1}")
     return _save(fig, path)
 
@@ -235,7 +241,7 @@ def split_quality(plt, records: list[dict], method: str, path: Path) -> Path:
         ax.set_ylabel("pairs detected noisy")
         ax.set_title("split (no ground truth: no injected noise)")
     _epoch_axis(ax)
-    ax.legend(fontsize=7)
+    _legend(ax)
     if composition:  # SPS Fig. 3: each subset's size and its ground-truth clean part, model A's split
         ax = axes[0, 1]
         names = list(s[0]["models"][0]["subsets"])
@@ -251,7 +257,7 @@ def split_quality(plt, records: list[dict], method: str, path: Path) -> Path:
         _epoch_axis(ax)
         ax.set_ylabel("pairs")
         ax.set_title("subsets of model A's split by ground truth")
-        ax.legend(fontsize=7, ncol=3)
+        _legend(ax)
     return _save(fig, path)
 
 
@@ -287,7 +293,7 @@ def dev_curves(plt, records: list[dict], path: Path) -> Path:
     lr_ax.set_ylabel("learning rate", color="tab:orange")
     ax.set_zorder(lr_ax.get_zorder() + 1)  # the curves and legend above the lr steps
     ax.patch.set_visible(False)
-    ax.legend(fontsize=7, loc="lower right")
+    _legend(ax)
     ax.set_title("dev RSum per epoch (orange: learning rate)")
     return _save(fig, path)
 
