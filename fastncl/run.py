@@ -23,6 +23,11 @@ import torch
 from fastncl import FastnclError, __version__
 
 
+def _temporary(path: Path) -> bool:
+    """A temporary file of write_atomic (left behind only by a kill)."""
+    return path.name.startswith(".") and path.name.endswith(".tmp")
+
+
 def write_atomic(path: Path, data: bytes | str) -> None:
     """Write to a temporary file beside ``path``, then rename it over ``path``."""
     path = Path(path)
@@ -51,8 +56,10 @@ class RunDir:
         run = cls(path)
         if run.path.exists() and not run.path.is_dir():
             raise FastnclError(f"--out {run.path}: not a folder")
-        # a folder of empty folders (a run that died before writing anything) may be reused
-        if not resume and run.path.exists() and any(p.is_file() for p in run.path.rglob("*")):
+        # a folder of empty folders, or of write_atomic's leftover temporary files (a run killed
+        # before its config.yaml was in place), may be reused
+        written = run.path.exists() and any(p.is_file() and not _temporary(p) for p in run.path.rglob("*"))
+        if not resume and written:
             raise FastnclError(f"--out {run.path}: the run folder exists and is not empty; use --resume or another --out")
         try:
             (run.path / "checkpoints").mkdir(parents=True, exist_ok=True)

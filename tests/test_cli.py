@@ -168,9 +168,11 @@ def test_resume_with_no_checkpoint_starts_over(tmp_path, capsys):
 
 
 def test_a_folder_of_empty_folders_is_reused(tmp_path, capsys):
-    """A run that died before writing any file (only checkpoints/ made): a rerun may use the folder."""
+    """A run that died before its config.yaml was in place (only checkpoints/ made, or a temporary
+    file of an atomic write left by a kill): a rerun may use the folder."""
     out = tmp_path / "run"
     (out / "checkpoints").mkdir(parents=True)
+    (out / ".config.yaml.x1y2.tmp").write_text("method: sp")
     assert train("--out", str(out), *TINY, "optim.warmup_epochs=1", "optim.epochs=0") == 0
 
 
