@@ -47,9 +47,16 @@ def retrieval_metrics(sim, captions_per_image: int) -> dict:
     out = {}
     for name, ranks in (("i2t", i2t), ("t2i", t2i)):
         for r in (1, 5, 10):
-            out[f"{name}_r{r}"] = 100.0 * float((ranks < r).float().mean())
-    out["rsum"] = sum(out[key] for key in KEYS)
+            out[f"{name}_r{r}"] = 100.0 * int((ranks < r).sum()) / len(ranks)  # float64 (a float32 mean
+            # was stored as 37.80000060796738)
+    out["rsum"] = _rsum(out)
     return out
+
+
+def _rsum(recalls: dict) -> float:
+    """The six recalls summed, rounded to 10 decimals: equal sums compare equal (the best epoch is
+    the first of a tie) whatever order the float additions took."""
+    return round(sum(recalls[key] for key in KEYS), 10)
 
 
 def fold5_metrics(sim, captions_per_image: int, fold_images: int = 1000) -> dict:
@@ -64,7 +71,7 @@ def fold5_metrics(sim, captions_per_image: int, fold_images: int = 1000) -> dict
     if not folds:
         raise ValueError(f"fold5_metrics needs at least {fold_images} images, got {sim.shape[0]}")
     out = {key: float(np.mean([m[key] for m in folds])) for key in KEYS}
-    out["rsum"] = sum(out[key] for key in KEYS)
+    out["rsum"] = _rsum(out)
     return out
 
 

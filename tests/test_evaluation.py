@@ -1,6 +1,8 @@
 """fastncl.evaluation: R@K both ways, RSum, the COCO 1K 5-fold protocol and split diagnostics."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -54,6 +56,18 @@ def test_keys_and_types():
     out = retrieval_metrics(perfect(3, 5).numpy(), 5)  # numpy input too
     assert set(out) == KEYS
     assert all(isinstance(v, float) for v in out.values())
+
+
+def test_recalls_are_exact_float64_values():
+    """378 of 1000 is stored as 37.8, not the float32 mean's 37.80000060796738; the RSum of equal
+    recalls in another order is the same number."""
+    n = 1000
+    sim = torch.zeros(n, n)
+    hit = torch.arange(378)
+    sim[hit, hit] = 1.0  # 378 images rank their caption first; the others tie with every column
+    m = retrieval_metrics(sim, 1)
+    assert m["i2t_r1"] == 37.8 and json.dumps(m["i2t_r1"]) == "37.8"
+    assert m["rsum"] == round(sum(m[k] for k in KEYS - {"rsum"}), 10)
 
 
 def test_ground_truth_at_rank_two():
