@@ -171,8 +171,8 @@ class Trainer:
         """The checkpoint a resume loads was trained with config.yaml's method and model: one line
         naming what differs (a checkpoint copied from another run, an edited config.yaml)."""
         saved, cfg = state.get("config") or {}, self.cfg.to_dict()
-        diffs = [f"method {saved['method']} (config.yaml: {cfg['method']})"] if saved.get("method", cfg["method"]) \
-            != cfg["method"] else []
+        method = saved.get("method", cfg["method"])
+        diffs = [f"method {method} (config.yaml: {cfg['method']})"] if method != cfg["method"] else []
         diffs += [f"model.{k} {v!r} (config.yaml: {cfg['model'].get(k)!r})" for k, v in saved.get("model", {}).items()
                   if cfg["model"].get(k) != v]
         own = self.models[0].state_dict()
