@@ -12,7 +12,7 @@ import torch
 from fastncl.config import DATA_PRESETS
 from fastncl.data.batches import Batch
 from fastncl.methods import ESC, NCR, SPS, Hinge
-from fastncl.methods.ncr import ncr_prediction
+from fastncl.methods.losses import ncr_prediction
 from fastncl.models import VSE, Encoding
 
 from helpers import close as _close

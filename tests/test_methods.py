@@ -18,8 +18,7 @@ import torch
 from fastncl import kernels
 from fastncl.data.batches import Batch
 from fastncl.methods import ESC, NCR, SPS, Vanilla, build_method
-from fastncl.methods.esc import bicro_consistency, pseudo_negative
-from fastncl.methods.ncr import hinge_confidence, soft_margin
+from fastncl.methods.losses import bicro_consistency, hinge_confidence, pseudo_negative, soft_margin
 from fastncl.models import Encoding, forward_pairs
 from fastncl.step import Precision
 from fastncl.train import Trainer
@@ -614,7 +613,7 @@ def test_detected_noisy_set_is_the_methods_noisy_subset():
 @pytest.mark.parametrize("method", ["ncr", "esc"])
 def test_noisy_loss_hard_leaves_out_pairs_labelled_at_or_below_the_cut(method):
     """BiCro's noise_train=noise_hard: noisy pairs whose label is <= the cut add no loss."""
-    from fastncl.methods.ncr import noisy_keep
+    from fastncl.methods.losses import noisy_keep
 
     cfg = config((f"{method}.noisy_loss", "hard"), method=method)
     c = getattr(cfg, method)

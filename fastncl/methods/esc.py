@@ -12,43 +12,14 @@ Official-code variants are options (config.ESCConfig; preset esc-official).
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from fastncl import kernels
 from fastncl.models import forward_pairs, intramodal_features
 
 from .base import Method, two_way_split
+from .losses import bicro_consistency, hinge_confidence, noisy_keep, pseudo_negative, soft_triplet
 from .mixture import fallback_note, fit_bmm, fit_gmm, noisy_threshold
-from .ncr import hinge_confidence, noisy_keep, soft_triplet
-
-
-def _ratio(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """min(a/b, b/a) for positive cosines; 0 when either is not positive."""
-    return (torch.minimum(a, b).clamp_min(0) / torch.maximum(a, b).clamp_min(1e-6)).clamp(0, 1)
-
-
-def bicro_consistency(q_img, q_txt, k_img, k_txt, key_mask, backend="auto") -> torch.Tensor:
-    """BiCro's bidirectional similarity consistency of each query pair with its nearest anchor.
-
-    img2text: the anchor whose image is closest to the query image, then the ratio of the image
-    cosine and the text cosine to that anchor; text2img: the same with the anchor chosen by
-    caption. Returns (img2text + text2img) / 2 in [0, 1], shape (Bq,). Features are pooled
-    per-modality features; only keys with ``key_mask`` True are anchors.
-    """
-    qi, qt, ki, kt = (F.normalize(x.float(), dim=-1) for x in (q_img, q_txt, k_img, k_txt))
-    idx, a = kernels.proxy_argmax(qi, ki, key_mask, backend=backend)
-    img2text = _ratio(a, (qt * kt[idx.clamp_min(0)]).sum(-1))
-    idx, a = kernels.proxy_argmax(qt, kt, key_mask, backend=backend)
-    text2img = _ratio(a, (qi * ki[idx.clamp_min(0)]).sum(-1))
-    return (img2text + text2img) / 2
-
-
-def pseudo_negative(sim: torch.Tensor) -> torch.Tensor:
-    """(B,) index of each pair's pseudo-negative: argmax_{j != i} S(I_j, T_i) (ESC Sec. 3.3)."""
-    eye = torch.eye(sim.shape[0], dtype=torch.bool, device=sim.device)
-    return sim.detach().masked_fill(eye, float("-inf")).argmax(dim=0)
 
 
 class ESC(Method):

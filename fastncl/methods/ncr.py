@@ -21,48 +21,8 @@ from fastncl import kernels
 from fastncl.models import forward_pairs
 
 from .base import Method, eval_mode, two_way_split
+from .losses import hinge_confidence, ncr_prediction, noisy_keep, soft_triplet
 from .mixture import fallback_note, noisy_threshold
-
-
-def soft_margin(label: torch.Tensor, margin: float, base: float) -> torch.Tensor:
-    """NCR/ESC soft margin: alpha * (m**y - 1) / (m - 1); y = 1 gives alpha, y = 0 gives 0."""
-    return margin * (base ** label.clamp(0, 1) - 1) / (base - 1)
-
-
-def hinge_confidence(sim: torch.Tensor, margin: float, backend: str = "auto") -> torch.Tensor:
-    """(B,) NCR confidence in [0, 1]: (alpha - mean hinge per direction) / alpha, clamped."""
-    mean_hinge = kernels.triplet_terms(sim, margin, hardest=False, backend=backend) / 2
-    return ((margin - mean_hinge) / margin).clamp(0, 1)
-
-
-def ncr_prediction(sim: torch.Tensor, margin: float, anchor_fraction: float = 0.1,
-                   backend: str = "auto") -> torch.Tensor:
-    """(B,) NCR's prediction of each pair's correspondence (NCR's ``predict``): the confidence
-    clamp(alpha - mean hinge per direction, 0, alpha), divided by the mean of the batch's top
-    floor(B * anchor_fraction) + 1 confidences, clamped to [0, 1]."""
-    n = sim.shape[0]
-    # the code's means divide by B (the zeroed diagonal counted); triplet_terms' by the B - 1 negatives
-    mean_hinge = kernels.triplet_terms(sim, margin, hardest=False, backend=backend) * ((n - 1) / (2 * n))
-    confidence = (margin - mean_hinge).clamp(0, margin)
-    k = min(int(confidence.shape[0] * anchor_fraction) + 1, confidence.shape[0])
-    top = torch.topk(confidence, k).values.mean()
-    return (confidence / top.clamp_min(1e-12)).clamp(0, 1)
-
-
-def soft_triplet(sim: torch.Tensor, label: torch.Tensor, margin: float, base: float, keep=None,
-                 backend: str = "auto") -> torch.Tensor:
-    """Soft-margin triplet loss over the hardest negatives (NCR; ESC Eq. 13), summed over the batch.
-
-    ``keep`` (B,) optionally weighs each pair's term (0 leaves a pair out).
-    """
-    terms = kernels.triplet_terms(sim, soft_margin(label, margin, base), hardest=True, backend=backend)
-    return (terms if keep is None else terms * keep).sum()
-
-
-def noisy_keep(label: torch.Tensor, c) -> torch.Tensor | None:
-    """Per-pair weights of the noisy subset's loss: None ("soft": every pair, margin from its
-    label) or, for "hard" (BiCro's noise_train=noise_hard), 0 for labels <= the cut."""
-    return (label > c.noise_label_cut).to(label.dtype) if c.noisy_loss == "hard" else None
 
 
 class NCR(Method):

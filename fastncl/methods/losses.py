@@ -1,0 +1,78 @@
+"""Loss pieces shared by the hinge-based methods (NCR, ESC): the soft margin,
+NCR's hinge confidence and prediction, the soft-margin triplet loss, the noisy subset's weights,
+and BiCro's correspondence labels with ESC's pseudo-negatives. One definition each; the methods
+import them from here, never from a peer method."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastncl import kernels
+
+
+def soft_margin(label: torch.Tensor, margin: float, base: float) -> torch.Tensor:
+    """NCR/ESC soft margin: alpha * (m**y - 1) / (m - 1); y = 1 gives alpha, y = 0 gives 0."""
+    return margin * (base ** label.clamp(0, 1) - 1) / (base - 1)
+
+
+def hinge_confidence(sim: torch.Tensor, margin: float, backend: str = "auto") -> torch.Tensor:
+    """(B,) NCR confidence in [0, 1]: (alpha - mean hinge per direction) / alpha, clamped."""
+    mean_hinge = kernels.triplet_terms(sim, margin, hardest=False, backend=backend) / 2
+    return ((margin - mean_hinge) / margin).clamp(0, 1)
+
+
+def ncr_prediction(sim: torch.Tensor, margin: float, anchor_fraction: float = 0.1,
+                   backend: str = "auto") -> torch.Tensor:
+    """(B,) NCR's prediction of each pair's correspondence (NCR's ``predict``): the confidence
+    clamp(alpha - mean hinge per direction, 0, alpha), divided by the mean of the batch's top
+    floor(B * anchor_fraction) + 1 confidences, clamped to [0, 1]."""
+    n = sim.shape[0]
+    # the code's means divide by B (the zeroed diagonal counted); triplet_terms' by the B - 1 negatives
+    mean_hinge = kernels.triplet_terms(sim, margin, hardest=False, backend=backend) * ((n - 1) / (2 * n))
+    confidence = (margin - mean_hinge).clamp(0, margin)
+    k = min(int(confidence.shape[0] * anchor_fraction) + 1, confidence.shape[0])
+    top = torch.topk(confidence, k).values.mean()
+    return (confidence / top.clamp_min(1e-12)).clamp(0, 1)
+
+
+def soft_triplet(sim: torch.Tensor, label: torch.Tensor, margin: float, base: float, keep=None,
+                 backend: str = "auto") -> torch.Tensor:
+    """Soft-margin triplet loss over the hardest negatives (NCR; ESC Eq. 13), summed over the batch.
+
+    ``keep`` (B,) optionally weighs each pair's term (0 leaves a pair out).
+    """
+    terms = kernels.triplet_terms(sim, soft_margin(label, margin, base), hardest=True, backend=backend)
+    return (terms if keep is None else terms * keep).sum()
+
+
+def noisy_keep(label: torch.Tensor, c) -> torch.Tensor | None:
+    """Per-pair weights of the noisy subset's loss: None ("soft": every pair, margin from its
+    label) or, for "hard" (BiCro's noise_train=noise_hard), 0 for labels <= the cut."""
+    return (label > c.noise_label_cut).to(label.dtype) if c.noisy_loss == "hard" else None
+
+
+def _ratio(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """min(a/b, b/a) for positive cosines; 0 when either is not positive."""
+    return (torch.minimum(a, b).clamp_min(0) / torch.maximum(a, b).clamp_min(1e-6)).clamp(0, 1)
+
+
+def bicro_consistency(q_img, q_txt, k_img, k_txt, key_mask, backend="auto") -> torch.Tensor:
+    """BiCro's bidirectional similarity consistency of each query pair with its nearest anchor.
+
+    img2text: the anchor whose image is closest to the query image, then the ratio of the image
+    cosine and the text cosine to that anchor; text2img: the same with the anchor chosen by
+    caption. Returns (img2text + text2img) / 2 in [0, 1], shape (Bq,). Features are pooled
+    per-modality features; only keys with ``key_mask`` True are anchors.
+    """
+    qi, qt, ki, kt = (F.normalize(x.float(), dim=-1) for x in (q_img, q_txt, k_img, k_txt))
+    idx, a = kernels.proxy_argmax(qi, ki, key_mask, backend=backend)
+    img2text = _ratio(a, (qt * kt[idx.clamp_min(0)]).sum(-1))
+    idx, a = kernels.proxy_argmax(qt, kt, key_mask, backend=backend)
+    text2img = _ratio(a, (qi * ki[idx.clamp_min(0)]).sum(-1))
+    return (img2text + text2img) / 2
+
+
+def pseudo_negative(sim: torch.Tensor) -> torch.Tensor:
+    """(B,) index of each pair's pseudo-negative: argmax_{j != i} S(I_j, T_i) (ESC Sec. 3.3)."""
+    eye = torch.eye(sim.shape[0], dtype=torch.bool, device=sim.device)
+    return sim.detach().masked_fill(eye, float("-inf")).argmax(dim=0)
