@@ -188,6 +188,26 @@ def test_a_diverged_run_stops_with_status_1_and_keeps_its_last_good_checkpoint(t
     assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 0
 
 
+@pytest.mark.parametrize("floor, expected", [
+    ("0.5", ["reliable set below its floor (0 pairs with p > 0.9999)"]),
+    ("0", ["reliable subset empty", "trains nothing: its reliable subset is empty"]),
+])
+def test_a_degenerate_split_is_said_in_the_epoch_line_and_metrics(tmp_path, floor, expected):
+    """No reliable pair passes epsilon_1: with the floor SPS falls back and says so; without it the
+    epoch trains nothing, and says that."""
+    out = tmp_path / "run"
+    args = ["train", "--method", "sps", "--noise", str(NOISE), "--out", str(out), *TINY,
+            "sps.reliable_threshold=0.9999", f"sps.min_reliable_fraction={floor}", "optim.warmup_epochs=1",
+            "optim.epochs=1"]
+    assert main(args) == 0
+    warnings = read_metrics(out)[1]["warnings"]
+    line = next(x for x in (out / "log.txt").read_text().splitlines() if x.startswith("epoch 2/2"))
+    for text in expected:
+        assert any(text in w for w in warnings), (text, warnings)
+        assert text in line.split("| warning: ", 1)[1]
+    assert "warnings" not in read_metrics(out)[0]  # the warm-up has no split
+
+
 def test_progress_lines_without_a_terminal(tmp_path, capsys, monkeypatch):
     """runtime.progress unset and stderr no terminal (pytest captures it): plain progress lines."""
     import fastncl.train
