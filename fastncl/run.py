@@ -23,16 +23,19 @@ import torch
 from fastncl import FastnclError, __version__
 
 
+TMP_PREFIX, TMP_SUFFIX = ".", ".tmp"  # write_atomic's temporary files: .NAME.XXXX.tmp
+
+
 def _temporary(path: Path) -> bool:
     """A temporary file of write_atomic (left behind only by a kill)."""
-    return path.name.startswith(".") and path.name.endswith(".tmp")
+    return path.name.startswith(TMP_PREFIX) and path.name.endswith(TMP_SUFFIX)
 
 
 def write_atomic(path: Path, data: bytes | str) -> None:
     """Write to a temporary file beside ``path``, then rename it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{TMP_PREFIX}{path.name}.", suffix=TMP_SUFFIX)
     try:
         # mkstemp creates the file private (0600); give it the mode a plain open() would (0666 less
         # the umask), so that colleagues can read a shared run folder
