@@ -82,6 +82,14 @@ class OptimConfig:
 
 
 @dataclass
+class SplitConfig:
+    # per-sample losses above this quantile are clipped to it before the min-max normalisation that
+    # every mixture fit sees (1.0: no clipping, the official codes). A few extreme losses otherwise
+    # squeeze the bulk into a narrow band and the GMM spends a component on them: every pair "clean".
+    clip_quantile: float = 1.0
+
+
+@dataclass
 class HingeConfig:
     margin: float = 0.2  # alpha of the VSE++ hinge (SGRAF, NCR)
 
@@ -187,6 +195,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
     hinge: HingeConfig = field(default_factory=HingeConfig)
     ncr: NCRConfig = field(default_factory=NCRConfig)
     sps: SPSConfig = field(default_factory=SPSConfig)
@@ -382,6 +391,8 @@ def validate(cfg: Config) -> Config:
     for path in ("seed", "data.noise_seed", "data.synthetic.seed"):
         if not 0 <= (_get(cfg, path) or 0) < 2**63:  # what torch.manual_seed and NumPy take
             raise FastnclError(f"{'--seed' if path == 'seed' else path}: must lie in [0, 2**63), got {_get(cfg, path)}")
+    if not 0.0 < cfg.split.clip_quantile <= 1.0:
+        raise FastnclError(f"split.clip_quantile: must be in (0, 1], got {cfg.split.clip_quantile}")
     if not 0.0 <= cfg.model.dropout < 1.0:
         raise FastnclError(f"model.dropout: must be in [0, 1), got {cfg.model.dropout}")
     if cfg.data.synthetic.regions < 7:

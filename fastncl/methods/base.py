@@ -52,7 +52,7 @@ class Method:
         raise NotImplementedError
 
     def fit(self, losses: np.ndarray) -> MixtureFit:
-        return fit_gmm(losses, seed=self.cfg.seed)
+        return fit_gmm(losses, seed=self.cfg.seed, clip_quantile=self.cfg.split.clip_quantile)
 
     def noisy_cut(self, fit: MixtureFit) -> float:
         """Clean probability at or below which a pair counts as detected noisy."""

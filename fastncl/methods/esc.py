@@ -40,7 +40,10 @@ class ESC(Method):
 
     def fit(self, losses):
         c = self.cfg.esc
-        return fit_bmm(losses, iters=c.mixture_iters) if c.mixture == "bmm" else fit_gmm(losses, seed=self.cfg.seed)
+        clip = self.cfg.split.clip_quantile
+        if c.mixture == "bmm":
+            return fit_bmm(losses, iters=c.mixture_iters, clip_quantile=clip)
+        return fit_gmm(losses, seed=self.cfg.seed, clip_quantile=clip)
 
     def noisy_cut(self, fit):
         return noisy_threshold(fit.clean_prob, self.cfg.esc.clean_threshold, self.cfg.esc.min_noisy_fraction)

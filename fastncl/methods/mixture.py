@@ -41,16 +41,20 @@ class MixtureFit:
         return w * beta_dist.pdf(np.clip(x, 1e-4, 1 - 1e-4), a, b)
 
 
-def normalize_losses(losses) -> np.ndarray:
+def normalize_losses(losses, clip_quantile: float = 1.0) -> np.ndarray:
+    """Min-max normalised float64 losses, those above the ``clip_quantile`` quantile clipped to it first."""
     x = np.asarray(losses, dtype=np.float64)
     if not np.all(np.isfinite(x)):
         raise ValueError("per-sample losses contain NaN or inf")
+    if clip_quantile < 1.0 and x.size:
+        x = np.minimum(x, np.quantile(x, clip_quantile))
     span = x.max() - x.min()
     return (x - x.min()) / span if span > 0 else np.zeros_like(x)
 
 
-def fit_gmm(losses, seed: int = 0, max_iter: int = 10, tol: float = 1e-2, reg_covar: float = 5e-4) -> MixtureFit:
-    x = normalize_losses(losses)
+def fit_gmm(losses, seed: int = 0, max_iter: int = 10, tol: float = 1e-2, reg_covar: float = 5e-4,
+            clip_quantile: float = 1.0) -> MixtureFit:
+    x = normalize_losses(losses, clip_quantile)
     gmm = GaussianMixture(n_components=2, max_iter=max_iter, tol=tol, reg_covar=reg_covar, random_state=seed)
     gmm.fit(x.reshape(-1, 1))
     order = np.argsort(gmm.means_.ravel())  # clean = smaller mean loss
@@ -73,8 +77,8 @@ def _beta_moments(x: np.ndarray, w: np.ndarray) -> tuple[float, float]:
     return mean * common, (1 - mean) * common
 
 
-def fit_bmm(losses, iters: int = 10, eps: float = 1e-4) -> MixtureFit:
-    x = np.clip(normalize_losses(losses), eps, 1 - eps)
+def fit_bmm(losses, iters: int = 10, eps: float = 1e-4, clip_quantile: float = 1.0) -> MixtureFit:
+    x = np.clip(normalize_losses(losses, clip_quantile), eps, 1 - eps)
     alphas, betas, weights = np.array([1.0, 2.0]), np.array([2.0, 1.0]), np.array([0.5, 0.5])
 
     def log_joint():  # (2, N) log(weight_k * pdf_k(x))
