@@ -171,6 +171,19 @@ def test_probability_out_of_range_raises(key, value):
         resolve(overrides=[*other, (key, value)])
 
 
+@pytest.mark.parametrize("value", [0.0, -0.5, 1.01])
+def test_clip_quantile_out_of_range_raises(value):
+    with pytest.raises(FastnclError, match=r"split\.clip_quantile: must be in \(0, 1\]"):
+        resolve(overrides=[("split.clip_quantile", value)])
+
+
+def test_official_presets_normalise_as_the_official_codes():
+    assert resolve().split.clip_quantile == 0.99
+    for preset in ("ncr-official", "sps-official", "esc-official", "esc-official-f30k", "sps-official-coco"):
+        assert resolve(preset=preset).split.clip_quantile == 1.0, preset
+    assert resolve(preset="ncr-official").ncr == resolve(method="ncr").ncr  # NCR's defaults are its code
+
+
 def test_probability_bounds_are_inclusive():
     resolve(overrides=[("sps.reliable_threshold", 1.0), ("sps.noisy_threshold", 0.0)])
 
