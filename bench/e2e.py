@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from fastncl import kernels
-from fastncl.config import SGR_MODEL, ModelConfig
+from fastncl.config import ModelConfig
+from fastncl.methods.presets import SGR_MODEL
 from fastncl.data.batches import PairBatches
 from fastncl.data.fullshape import make_f30k_shaped
 from fastncl.evaluation import similarity_matrix

@@ -1,6 +1,6 @@
 """The `fastncl` command: argument parsing and exit codes only.
 
-    fastncl train --method {vanilla,hinge,ncr,sps,esc} [--data synthetic|emoji|PATH] [--noise RATE]
+    fastncl train --method METHOD [--data synthetic|emoji|PATH] [--noise RATE]
                   [--noise-file F] [--preset NAME] [--config FILE.yaml] [--out DIR] [--seed N]
                   [--backbone vse|sgr|saf] [--compile] [--amp]
                   [--resume] [key.path=value ...]
@@ -20,7 +20,14 @@ import sys
 from pathlib import Path
 
 from fastncl import Diverged, FastnclError, __version__
-from fastncl.config import CHOICES, METHODS, PRESETS, parse_override
+from fastncl.config import ModelConfig, option_choices, parse_override, presets
+from fastncl.methods import registry
+
+
+# `fastncl train` flags that set one config value: argparse dest -> config path
+FLAG_PATHS = {"data": "data.source", "noise": "data.noise", "noise_file": "data.noise_file", "out": "out",
+              "seed": "seed", "device": "runtime.device", "progress": "runtime.progress", "backbone": "model.backbone",
+              "compile": "runtime.compile", "amp": "runtime.amp", "tensorboard": "runtime.tensorboard"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,17 +36,17 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train two co-teaching models and evaluate the best checkpoint")
-    t.add_argument("--method", choices=METHODS, help="default: sps, or the preset's method")
+    t.add_argument("--method", choices=registry.names(), help="default: sps, or the preset's method")
     t.add_argument("--data", help="'synthetic' (the embedded default), 'emoji' (built on first use), "
                    "'synthetic-f30k' (Flickr30K shapes, for benchmarks) or a SCAN/NCR precomputed-feature folder")
     t.add_argument("--noise", type=float, help="NCR-protocol noise rate in [0, 1)")
     t.add_argument("--noise-file", help="caption -> image index (.npy) saved by an earlier run")
-    t.add_argument("--preset", help=f"one of: {', '.join(PRESETS)}")
+    t.add_argument("--preset", help=f"one of: {', '.join(presets())}")
     t.add_argument("--config", help="YAML file with config values")
     t.add_argument("--out", help="run folder (default: runs/<method>-noise<r>-seed<s>-<time>)")
     t.add_argument("--seed", type=int)
     t.add_argument("--device", help="auto, cpu, cuda or cuda:N")
-    t.add_argument("--backbone", choices=CHOICES["model.backbone"], help="vse (default), or the papers' sgr / saf")
+    t.add_argument("--backbone", choices=option_choices(ModelConfig, "backbone"), help="vse (default), or the papers' sgr / saf")
     t.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile the backbones (with CUDA graphs on a GPU: runtime.cuda_graphs)")
     t.add_argument("--amp", action="store_const", const="auto",
@@ -91,9 +98,9 @@ def _train(args) -> int:
     if args.resume:
         if not args.out:
             raise FastnclError("--resume: give the run folder with --out")
-        others = [f"--{k.replace('_', '-')}" for k in ("method", "data", "noise", "noise_file", "preset", "config",
-                                                      "seed", "device", "backbone", "compile", "amp", "tensorboard")
-                  if getattr(args, k) is not None]
+        # --progress only changes how the resumed run shows itself
+        others = [f"--{dest.replace('_', '-')}" for dest in ("method", "preset", "config", *FLAG_PATHS)
+                  if dest not in ("out", "progress") and getattr(args, dest) is not None]
         if others or args.overrides:
             raise FastnclError(f"--resume continues with {args.out}/config.yaml; drop {', '.join(others + args.overrides)}")
         cfg_path = Path(args.out) / "config.yaml"
@@ -101,16 +108,13 @@ def _train(args) -> int:
             raise FastnclError(f"--resume: {cfg_path} does not exist")
         cfg = from_dict(load_yaml(cfg_path), str(cfg_path))
         cfg.out = args.out
+        if args.progress is not None:
+            cfg.runtime.progress = args.progress
         train(cfg, resume=True)
         return 0
     overrides = [parse_override(o) for o in args.overrides]
-    flags = {"data.source": args.data, "data.noise": args.noise, "data.noise_file": args.noise_file,
-             "out": args.out, "seed": args.seed, "runtime.device": args.device, "runtime.progress": args.progress,
-             "model.backbone": args.backbone, "runtime.compile": args.compile, "runtime.amp": args.amp,
-             "runtime.tensorboard": args.tensorboard}
-    overrides += [(k, v) for k, v in flags.items() if v is not None]
-    method = args.method if args.method or args.preset else "sps"
-    cfg = resolve(preset=args.preset, config_file=args.config, overrides=overrides, method=method)
+    overrides += [(path, getattr(args, dest)) for dest, path in FLAG_PATHS.items() if getattr(args, dest) is not None]
+    cfg = resolve(preset=args.preset, config_file=args.config, overrides=overrides, method=args.method)
     train(cfg)
     return 0
 

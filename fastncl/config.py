@@ -1,10 +1,14 @@
-"""Configuration: dataclasses, presets, YAML load/dump, command-line overrides, validation.
+"""Configuration: the core sections, field metadata, presets, YAML load/dump, overrides, validation.
 
-Load order: dataclass defaults < ``--preset`` < ``--config FILE.yaml`` < explicit flags and
-``key.path=value`` overrides. The resolved config is written to the run folder.
+Load order: dataclass defaults < the data set's preset < ``--preset`` < ``--config FILE.yaml`` <
+explicit flags and ``key.path=value`` overrides. The resolved config is written to the run folder.
+
+Each method declares its own section (``cfg.ncr``, ``cfg.sps``, ...), warm-up default and presets
+in its module (fastncl.methods.registry); this module knows the core sections only. A field's
+allowed values live in its metadata (``option``), so that validation is one loop over the fields.
 
 Values the papers leave unstated (their appendices are not available) carry a comment saying
-where the default comes from; the README's glossary maps every paper symbol to its field.
+where the default comes from; docs/methods.md maps every paper symbol to its field.
 """
 from __future__ import annotations
 
@@ -18,67 +22,107 @@ import yaml
 
 from fastncl import FastnclError
 
-METHODS = ("vanilla", "hinge", "ncr", "sps", "esc")
-# Warm-up epochs on the embedded data (resolved into the config when optim.warmup_epochs is None).
-# InfoNCE models need 4 epochs to give a useful first split; the hinge methods (trained on the
-# mean over negatives during warm-up) split best after 2, before they start memorising noise.
-WARMUP_EPOCHS = {"vanilla": 4, "hinge": 2, "sps": 4, "ncr": 2, "esc": 2}
+_BOUNDS = {"inf": math.inf, "2**63": 2**63}
+
+
+def option(default, *, choices: tuple | None = None, interval: str | None = None):
+    """A config field whose allowed values ``validate`` checks: one of ``choices``, or within
+    ``interval``, written as in mathematics ("[0, 1]", "(0, inf)", "[0, 2**63)"). None (a value
+    resolved later) is never checked."""
+    metadata = {}
+    if choices is not None:
+        metadata["choices"] = tuple(choices)
+    if interval is not None:
+        lo, hi = (part.strip() for part in interval[1:-1].split(","))
+        metadata["interval"] = (interval, _BOUNDS.get(lo, lo), _BOUNDS.get(hi, hi))
+    return field(default=default, metadata=metadata)
+
+
+def option_choices(section: type, name: str) -> tuple:
+    """The allowed values of an ``option`` field with choices (e.g. for a CLI flag)."""
+    return next(f.metadata["choices"] for f in dataclasses.fields(section) if f.name == name)
+
+
+def _outside(interval: tuple, value) -> str | None:
+    """Why ``value`` lies outside an ``option`` interval, or None."""
+    text, lo, hi = interval
+    lo, hi = float(lo), float(hi)
+    low_ok = value >= lo if text[0] == "[" else value > lo
+    high_ok = value <= hi if text[-1] == "]" else value < hi
+    if low_ok and high_ok:
+        return None
+    if text == "(0, inf)":
+        return "must be positive"
+    if text == "[0, inf)":
+        return "must not be negative"
+    if text[0] == "[" and text.endswith(", inf)"):
+        return f"must be at least {text[1:text.index(',')]}"
+    return f"must be in {text}"
+
+
+POSITIVE = {"interval": "(0, inf)"}
+NON_NEGATIVE = {"interval": "[0, inf)"}
+PROBABILITY = {"interval": "[0, 1]"}
+SEED = {"interval": "[0, 2**63)"}  # what torch.manual_seed and NumPy take
 
 
 @dataclass
 class SyntheticConfig:
-    train_images: int = 1000
-    dev_images: int = 500
-    test_images: int = 1000
-    captions_per_image: int = 5
-    regions: int = 12
-    feature_dim: int = 256
+    train_images: int = option(1000, **POSITIVE)
+    dev_images: int = option(500, **POSITIVE)
+    test_images: int = option(1000, **POSITIVE)
+    captions_per_image: int = option(5, **POSITIVE)
+    regions: int = option(12, interval="[7, inf)")  # one region per attribute (6), one shown twice
+    feature_dim: int = option(256, **POSITIVE)
     idiosyncratic_words: int = 1500
     region_noise: float = 2.0  # std of the per-region noise (prototypes have unit-variance entries)
     instance_weight: float = 2.0  # weight of the per-image instance vector added to every region
-    seed: int = 0  # the data's own seed: the same data whatever the training seed
+    seed: int = option(0, **SEED)  # the data's own seed: the same data whatever the training seed
 
 
 @dataclass
 class DataConfig:
     source: str = "synthetic"  # "synthetic", "emoji" (built once into the cache), "synthetic-f30k" (Flickr30K
     # shapes), or a SCAN/NCR folder
-    noise: float = 0.0  # NCR-protocol noise rate in [0, 1)
+    noise: float = option(0.0, interval="[0, 1)")  # NCR-protocol noise rate
     noise_file: str | None = None  # a saved caption -> image index (.npy), instead of `noise`; runs record its
     # measured rate (the fraction of captions not on their own image)
-    noise_seed: int | None = None  # default: the run seed
+    noise_seed: int | None = option(None, **SEED)  # default: the run seed
     dev_split: str = "dev"
     test_split: str = "test"  # MS-COCO: "testall"
     dev_images: int = 1000  # official code: validation on the first 1000 dev images
-    test_protocol: str = "full"  # "full" (F30K, CC152K, COCO 5K) or "coco" (adds COCO 1K 5-fold)
+    test_protocol: str = option("full", choices=("full", "coco"))  # "coco" adds COCO 1K 5-fold to 5K
     vocab: str | None = None  # vocabulary JSON; default: searched next to the data folder
-    max_len: int = 64  # captions are cut at this many tokens (with <start>/<end>)
+    max_len: int = option(64, **POSITIVE)  # captions are cut at this many tokens (with <start>/<end>)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
 @dataclass
 class ModelConfig:
-    backbone: str = "vse"  # "vse" (fast dual encoder), "sgr" or "saf" (the papers' SGRAF heads)
-    embed_dim: int = 256  # papers (SGRAF): 1024
-    pooling: str = "max"  # vse: pooling of the normalised region and word features ("max" or "mean")
-    word_dim: int = 128  # papers: 300
-    dropout: float = 0.1  # on word embeddings (sgr/saf: also in the self-attention; papers: 0.4)
-    sim_dim: int = 256  # sgr/saf: similarity-vector size (papers: 256)
-    sgr_steps: int = 3  # sgr: graph-reasoning steps (papers: 3)
-    smooth: float = 9.0  # sgr/saf: lambda of the SCAN text-to-image attention (papers: 9)
-    pair_block: int = 128  # sgr/saf: images x captions per scored block without gradients (memory bound)
+    # "vse" (fast dual encoder), "sgr" or "saf" (the papers' SGRAF heads)
+    backbone: str = option("vse", choices=("vse", "sgr", "saf"))
+    embed_dim: int = option(256, **POSITIVE)  # papers (SGRAF): 1024
+    # vse: pooling of the normalised region and word features
+    pooling: str = option("max", choices=("max", "mean"))
+    word_dim: int = option(128, **POSITIVE)  # papers: 300
+    dropout: float = option(0.1, interval="[0, 1)")  # on word embeddings (sgr/saf: also self-attention; papers: 0.4)
+    sim_dim: int = option(256, **POSITIVE)  # sgr/saf: similarity-vector size (papers: 256)
+    sgr_steps: int = option(3, **POSITIVE)  # sgr: graph-reasoning steps (papers: 3)
+    smooth: float = option(9.0, **POSITIVE)  # sgr/saf: lambda of the SCAN text-to-image attention (papers: 9)
+    pair_block: int = option(128, **POSITIVE)  # sgr/saf: images x captions per scored block without gradients
 
 
 @dataclass
 class OptimConfig:
-    batch_size: int = 128  # both papers
-    lr: float = 2e-3  # papers: 2e-4 for SGR; the small vse backbone on the embedded data wants more
-    lr_step: int = 8  # multiply the lr by 0.1 every lr_step co-training epochs (0: never)
+    batch_size: int = option(128, **POSITIVE)  # both papers
+    lr: float = option(2e-3, **POSITIVE)  # papers: 2e-4 for SGR; the small vse backbone on the embedded data wants more
+    lr_step: int = option(8, **NON_NEGATIVE)  # multiply the lr by 0.1 every lr_step co-training epochs (0: never)
     grad_clip: float = 2.0  # all official codes
-    warmup_epochs: int | None = None  # None: the method's default, WARMUP_EPOCHS (SPS code: 5, ESC paper: 10)
+    # None: the method's own default (its ``warmup_epochs``; SPS code: 5, ESC paper: 10)
+    warmup_epochs: int | None = option(None, **NON_NEGATIVE)
     fill_epoch: bool = True  # an epoch trains on at least N pairs, cycling small subsets (official: one
     # pass over the primary subset, so a tiny reliable set gives SPS a tiny epoch)
-    epochs: int = 12  # co-training epochs after warm-up (papers: 40 on F30K)
+    epochs: int = option(12, **NON_NEGATIVE)  # co-training epochs after warm-up (papers: 40 on F30K)
 
 
 @dataclass
@@ -87,225 +131,92 @@ class SplitConfig:
     # every mixture fit sees (1.0: no clipping, the official codes). A few extreme losses otherwise
     # squeeze the bulk into a narrow band and the GMM spends a component on them: every pair "clean"
     # (NCR and ESC on the emoji set at 60 % noise)
-    clip_quantile: float = 0.99
-
-
-@dataclass
-class HingeConfig:
-    margin: float = 0.2  # alpha of the VSE++ hinge (SGRAF, NCR)
-
-
-@dataclass
-class NCRConfig:
-    margin: float = 0.2  # alpha of the hinge
-    soft_margin_base: float = 10.0  # m of the exponential soft margin
-    clean_threshold: float = 0.5
-    min_noisy_fraction: float = 0.01  # official fallback when every pair looks clean
-    # clean pairs' target: "corectified" (NCR code: p + (1 - p) q, q the model's own eval-mode
-    # prediction) or "peer" (the peer's clean probability p alone; fastncl <= 0.1.0)
-    clean_target: str = "corectified"
-    # noisy pairs' target: "corefined" (NCR code: both models' eval-mode predictions averaged) or
-    # "own" (the model's own train-mode hinge confidence / alpha; fastncl <= 0.1.0)
-    noisy_target: str = "corefined"
-    # noisy pairs' loss: "soft" (NCR code: every pair, margin from its target) or "hard" (BiCro's
-    # noise_hard: pairs with a target <= noise_label_cut add nothing; fastncl <= 0.1.0)
-    noisy_loss: str = "soft"
-    noise_label_cut: float = 0.5
-    noisy_start: int | None = None  # co-training epoch of the first noisy step; None: epochs // 2 (NCR code;
-    # fastncl <= 0.1.0: 0)
-
-
-@dataclass
-class SPSConfig:
-    tau: float = 0.07  # SPS Sec. 3.2
-    reliable_threshold: float = 0.99  # epsilon_1: paper Fig. 4; official code 0.6
-    noisy_threshold: float = 0.5  # epsilon_2
-    # floor of the reliable set, as a fraction of the pairs with p > epsilon_2: below it, epsilon_1
-    # falls back to the largest cut that keeps the floor (said in the epoch line; the papers have none)
-    min_reliable_fraction: float = 0.5
-    min_noisy_fraction: float = 0.0  # official 0.01: if every p > epsilon_2, 1 % is made noisy
-    consistency_margin: float = 0.01  # alpha of Eq. 9-10 (paper: unstated; official: 0, no hinge)
-    cross_weight: float = 5.0  # lambda_1 (paper: unstated; official 25 on the SGR sigmoid scale)
-    metric_weight: float = 5.0  # lambda_2 (paper: unstated; official 25)
-    intramodal: str = "global"  # S(I_i, I_j) from "global" embeddings (paper) or "pooled" means (official)
-    proxy_label: str = "paper"  # "paper": Eq. 12; "official": prediction x cosine, cut at proxy_cut
-    proxy_gamma: float = 1.0  # gamma of Eq. 12 (paper: unstated)
-    proxy_beta: float = 5.0  # beta of Eq. 12 (paper: unstated)
-    proxy_cut: float = 0.5  # official proxy label: zeroed below this
-    proxy_directions: str = "both"  # "both" (paper) or "i2t" (official: image -> proxy caption only)
-    quasi_clean_start: int = 3  # co-training epoch from which L^qc is used (official: 10 of 40)
-    noisy_start: int = 5  # co-training epoch from which L^n is used (official: 15 of 40)
-    separate_steps: bool = False  # official: one optimizer step each for (re+cro+met), qc and n
-
-
-@dataclass
-class ESCConfig:
-    margin: float = 0.2  # alpha of the triplet loss (ESC Sec. 4.1)
-    soft_margin_base: float = 10.0  # m of the soft margin (ESC Sec. 4.1)
-    esc_weight: float = 0.5  # beta of Eq. 9
-    division_margin: float = 0.0  # alpha_1 of Eq. 8
-    train_margin: float = 0.0  # alpha_2 of Eq. 14
-    clean_threshold: float = 0.5  # delta of Eq. 12 (paper: in the supplement; BiCro/ESC code 0.5)
-    min_noisy_fraction: float = 0.0  # official 0.01: 1 % made noisy when every pair looks clean
-    # "gmm" (BiCro's run.py default) or "bmm" (paper, Eq. 10): after the hinge warm-up the Beta mixture's
-    # clean posterior is flat and its clean component takes 53-66 % of the pairs at 60 % noise (40 %
-    # clean), so its clean set is half noisy and ESC degrades (README, "ESC's split")
-    mixture: str = "gmm"
-    mixture_iters: int = 10
-    division_hardest: bool = True  # l_hard over the hardest negative (paper Eq. 1); official: mean
-    esc_normalize: bool = False  # official: row-normalised l_ESC
-    train_esc: str = "pseudo_negative"  # L_ESC per-sample pseudo-negatives (Eq. 14) or one "anchor" (official)
-    anchors_clean: bool = True  # anchors always in the clean set (Eq. 12); official: by threshold only
-    clean_labels: str = "one"  # clean pairs' label: "one" (paper, Sec. 3.3) or "bicro" (official: 0.5 + c/2)
-    label_anchor_fraction: float = 0.1  # BiCro soft labels: top B/10 + 1 pairs of a batch are anchors
-    # features the BiCro labels compare: "auto" = those the backbone's similarity uses (vse: "global";
-    # sgr/saf: "pooled", the mean-pooled features of BiCro's code); fastncl <= 0.1.0 used "pooled" on vse
-    label_features: str = "auto"
-    noise_label_cut: float = 0.5  # BiCro noise_soft: soft labels <= this become 0
-    # "hard" (BiCro's noise_hard): labels <= the cut are left out; "soft" (BiCro scripts, noise_soft): every
-    # noisy pair trained, a label-0 pair with margin 0, which pulls the mismatched pairs together (README)
-    noisy_loss: str = "hard"
-    noisy_start: int | None = None  # co-training epoch of the first noisy step; None: epochs // 2 (paper: 20 of 40)
-    warmup: str = "all"  # "all": mean hinge on every pair; "select": smallest warmup_rate only (official)
-    warmup_rate: float = 0.3
-    separate_steps: bool = False  # official: separate optimizer steps for noisy, clean and L_ESC
+    clip_quantile: float = option(0.99, interval="(0, 1]")
 
 
 @dataclass
 class RuntimeConfig:
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N"
-    backend: str = "auto"  # loss-op backend: "auto", "torch", "triton"
-    eval_batch: int = 1000  # images/captions encoded per chunk in evaluation and the split pass
+    backend: str = option("auto", choices=("auto", "torch", "triton"))  # loss-op backend
+    eval_batch: int = option(1000, **POSITIVE)  # images/captions encoded per chunk in evaluation and the split pass
     progress: bool | None = None  # progress bars; default: when stderr is a terminal
-    threads: int = 0  # torch CPU threads (0: torch's default)
+    threads: int = option(0, **NON_NEGATIVE)  # torch CPU threads (0: torch's default)
     compile: bool = False  # torch.compile the backbones (training step, split pass, evaluation)
     cuda_graphs: bool = True  # with compile on a GPU: CUDA graphs (mode="reduce-overhead") for steps and split pass
-    amp: str = "off"  # mixed precision: "off", "auto" (bf16 where supported, else fp16), "bf16", "fp16" (+ scaler)
+    # mixed precision: "off", "auto" (bf16 where supported, else fp16), "bf16", "fp16" (+ scaler)
+    amp: str = option("off", choices=("off", "auto", "bf16", "fp16"))
     # training captions cut to the batch's longest, rounded up to this (0: never); None: 8 for the
     # pairwise sgr/saf heads (cost grows with the length), 0 for vse (keeps its dropout draws as before)
-    length_multiple: int | None = None
+    length_multiple: int | None = option(None, **NON_NEGATIVE)
     tensorboard: bool = False  # also log to RUN/tb (needs the tensorboard package)
+
+
+def _registry():
+    from fastncl.methods import registry  # the methods import this module: bound when first needed
+
+    return registry
+
+
+def _method_sections() -> dict:
+    return {name: cls.config() for name, cls in _registry().methods().items() if cls.config is not None}
 
 
 @dataclass
 class Config:
     method: str = "sps"
-    seed: int = 0
+    seed: int = option(0, **SEED)
     out: str | None = None
     preset: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
-    hinge: HingeConfig = field(default_factory=HingeConfig)
-    ncr: NCRConfig = field(default_factory=NCRConfig)
-    sps: SPSConfig = field(default_factory=SPSConfig)
-    esc: ESCConfig = field(default_factory=ESCConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    # each registered method's own section, read as an attribute: cfg.ncr, cfg.sps, ...
+    sections: dict = field(default_factory=_method_sections)
+
+    def __getattr__(self, name: str):
+        sections = self.__dict__.get("sections")
+        if sections is not None and name in sections:
+            return sections[name]
+        raise AttributeError(f"config has no section {name!r}")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "sections"}
+        out.update(self.sections)
+        return {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in out.items()}
 
 
-# Presets: the official codes' behaviour (reference-implementations notes, B.3 and H). The
-# official schedules (warm-up, epochs, lr, curriculum) are for Flickr30K-size data.
-PRESETS: dict[str, dict[str, Any]] = {
-    "vanilla": {"method": "vanilla"},
-    "hinge": {"method": "hinge"},
-    "ncr": {"method": "ncr"},
-    "sps": {"method": "sps"},
-    "esc": {"method": "esc"},
-    "ncr-official": {"method": "ncr", "split": {"clip_quantile": 1.0}},  # NCR's code: the rest are the defaults
-    "sps-official": {
-        "method": "sps",
-        "sps": {
-            "reliable_threshold": 0.6, "consistency_margin": 0.0, "cross_weight": 25.0, "metric_weight": 25.0,
-            "intramodal": "pooled", "proxy_label": "official", "proxy_directions": "i2t", "separate_steps": True,
-            "quasi_clean_start": 10, "noisy_start": 15, "min_noisy_fraction": 0.01,
-            "min_reliable_fraction": 0.0,
-        },
-        "split": {"clip_quantile": 1.0},
-        "optim": {"lr": 2e-4, "lr_step": 10, "warmup_epochs": 5, "epochs": 40, "fill_epoch": False},
-    },
-    "esc-official": {
-        "method": "esc",
-        "esc": {
-            "esc_normalize": True, "train_esc": "anchor", "division_hardest": False, "anchors_clean": False,
-            "warmup": "select", "separate_steps": True, "noisy_start": 20, "clean_labels": "bicro",
-            "min_noisy_fraction": 0.01, "mixture": "bmm", "noisy_loss": "soft", "label_features": "pooled",
-        },
-        "split": {"clip_quantile": 1.0},
-        "optim": {"lr": 2e-4, "lr_step": 30, "warmup_epochs": 10, "epochs": 40, "fill_epoch": False},
+# A built-in data set's own tested settings (core sections; methods add theirs as ``data_presets``),
+# below --preset, --config and overrides. The dataclass defaults are tuned for synthetic, the default.
+DATA_PRESETS: dict[str, dict[str, Any]] = {
+    # an emoji epoch holds 12,680 pairs, 2.5x the synthetic set's 5,000: 2 + 6 epochs take about as many
+    # steps as the synthetic 4 + 12, and SPS's curriculum is scaled alike; a 128-d GRU costs a third
+    "emoji": {
+        "model": {"embed_dim": 128},
+        "optim": {"warmup_epochs": 2, "epochs": 6, "lr_step": 4},
     },
 }
 
-# The papers' backbone and per-dataset settings (reference-implementations notes, sections D and H).
-# "<method>-<dataset>" follows the paper, with the official schedule where the paper gives none;
-# "<method>-official-<dataset>" is the released code. Every one trains SGR (SGRAF) with batch 128.
-SGR_MODEL = {"backbone": "sgr", "embed_dim": 1024, "word_dim": 300, "sim_dim": 256, "sgr_steps": 3,
-             "dropout": 0.4, "smooth": 9.0}
-DATASETS = {
-    "f30k": {},
-    "coco": {"data": {"test_split": "testall", "test_protocol": "coco"}},  # 5K and 1K 5-fold
-    "cc152k": {},
-}
-_SCHEDULES = {  # method -> dataset -> optim (both variants); SPS code: 40 / 20 / 40 epochs, lr x0.1 every 10
-    "sps": {d: {"lr": 2e-4, "lr_step": 10, "warmup_epochs": 5, "epochs": 20 if d == "coco" else 40,
-                "batch_size": 128} for d in DATASETS},
-    # ESC paper: warm-up 10 epochs, 40 epochs; code (BiCro defaults): lr 2e-4, x0.1 at epoch 30, for all datasets
-    "esc": {d: {"lr": 2e-4, "lr_step": 30, "warmup_epochs": 10, "epochs": 40, "batch_size": 128} for d in DATASETS},
-}
-_PAPER = {  # what the papers state beyond the defaults; the code's curriculum where the paper gives only the order
-    "sps": {"sps": {"quasi_clean_start": 10, "noisy_start": 15}},
-    "esc": {"esc": {"noisy_start": 20, "mixture": "bmm"}},  # "clean for 20 epochs, then all"; Eq. 10
-}
 
-
-def _deep_update(base: dict, update: dict) -> dict:
+def deep_update(base: dict, update: dict) -> dict:
+    """``base`` with ``update`` merged in, section by section (neither is changed)."""
     out = dict(base)
     for key, value in update.items():
-        out[key] = _deep_update(out.get(key, {}), value) if isinstance(value, dict) else value
+        out[key] = deep_update(out.get(key, {}), value) if isinstance(value, dict) else value
     return out
 
 
-for _method in ("sps", "esc"):
-    for _dataset, _data in DATASETS.items():
-        _common = _deep_update({"model": SGR_MODEL, "optim": _SCHEDULES[_method][_dataset]}, _data)
-        PRESETS[f"{_method}-{_dataset}"] = _deep_update(_deep_update({"method": _method}, _PAPER[_method]), _common)
-        _official = _deep_update(PRESETS[f"{_method}-official"], _common)
-        if _method == "esc":
-            _official["seed"] = 96  # BiCro's scripts
-        PRESETS[f"{_method}-official-{_dataset}"] = _official
+def presets() -> dict[str, dict]:
+    """Every preset by name: each method's own (fastncl.methods.registry)."""
+    return _registry().presets()
 
-CHOICES = {
-    "method": METHODS,
-    "data.test_protocol": ("full", "coco"),
-    "model.backbone": ("vse", "sgr", "saf"),
-    "model.pooling": ("max", "mean"),
-    "sps.intramodal": ("global", "pooled"),
-    "sps.proxy_label": ("paper", "official"),
-    "sps.proxy_directions": ("both", "i2t"),
-    "esc.mixture": ("bmm", "gmm"),
-    "esc.train_esc": ("pseudo_negative", "anchor"),
-    "esc.warmup": ("all", "select"),
-    "esc.clean_labels": ("one", "bicro"),
-    "esc.label_features": ("auto", "global", "pooled"),
-    "esc.noisy_loss": ("soft", "hard"),
-    "ncr.noisy_loss": ("soft", "hard"),
-    "ncr.clean_target": ("corectified", "peer"),
-    "ncr.noisy_target": ("corefined", "own"),
-    "runtime.backend": ("auto", "torch", "triton"),
-    "runtime.amp": ("off", "auto", "bf16", "fp16"),
-}
-PROBABILITIES = ("ncr.clean_threshold", "ncr.noise_label_cut", "sps.reliable_threshold", "sps.noisy_threshold", "esc.clean_threshold",
-                 "esc.noise_label_cut", "sps.proxy_cut", "esc.warmup_rate", "esc.label_anchor_fraction",
-                 "ncr.min_noisy_fraction", "sps.min_noisy_fraction", "esc.min_noisy_fraction",
-                 "sps.min_reliable_fraction")
-POSITIVE = ("optim.batch_size", "optim.lr", "model.embed_dim", "model.word_dim", "model.sim_dim", "model.sgr_steps",
-            "model.smooth", "model.pair_block", "runtime.eval_batch",
-            "data.max_len", "data.synthetic.train_images", "data.synthetic.dev_images", "data.synthetic.test_images",
-            "data.synthetic.captions_per_image", "data.synthetic.regions", "data.synthetic.feature_dim",
-            "sps.tau", "esc.mixture_iters")
+
+def data_preset(source) -> dict | None:
+    """The data set's preset: the core sections' and each method's, or None for other data."""
+    if not isinstance(source, str):
+        return None  # a wrong type fails in _build
+    return _registry().data_preset(DATA_PRESETS.get(source), source)
 
 
 def _merge(base: dict, update: dict, where: str, prefix: str = "") -> None:
@@ -322,7 +233,7 @@ def _merge(base: dict, update: dict, where: str, prefix: str = "") -> None:
 
 
 def _coerce(path: str, annotation: str, value: Any, where: str) -> Any:
-    """Check a value against its field's annotation (a string, as written in this module)."""
+    """Check a value against its field's annotation (a string, as written in the defining module)."""
     kinds = [k.strip() for k in annotation.split("|")]
     if value is None:
         if "None" in kinds:
@@ -349,74 +260,68 @@ def _build(cls, values: dict, where: str, prefix: str = ""):
     kwargs = {}
     for f in dataclasses.fields(cls):
         path = f"{prefix}{f.name}"
-        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
+        if f.name == "sections" and cls is Config:
+            kwargs[f.name] = {name: _build(type(default), values[name], where, name + ".")
+                              for name, default in _method_sections().items()}
+        elif f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
             kwargs[f.name] = _build(f.default_factory, values[f.name], where, path + ".")
         else:
             kwargs[f.name] = _coerce(path, f.type, values[f.name], where)
     return cls(**kwargs)
 
 
-def _get(cfg: Config, path: str):
-    obj = cfg
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
+def _fields(section, prefix: str = ""):
+    """(path, field, value) of every leaf field of a config tree; a method section's own fields
+    are its leaves (the section itself has no field)."""
+    named = [(f.name, f, getattr(section, f.name)) for f in dataclasses.fields(section) if f.name != "sections"]
+    if isinstance(section, Config):
+        named += [(name, None, value) for name, value in section.sections.items()]
+    for name, f, value in named:
+        if dataclasses.is_dataclass(value):
+            yield from _fields(value, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", f, value
 
 
-def validate(cfg: Config) -> Config:
-    for path, choices in CHOICES.items():
-        if _get(cfg, path) not in choices:
-            flag = "--method" if path == "method" else path
-            raise FastnclError(f"{flag}: must be one of {', '.join(choices)}; got {_get(cfg, path)!r}")
+_FLAGS = {"method": "--method", "seed": "--seed", "data.noise": "--noise"}
+
+
+def fill_defaults(cfg: Config) -> Config:
+    """Resolve the values left None to be decided from others: the method's warm-up, its own
+    (``Method.fill_defaults``), the caption-length rounding."""
+    method = _registry().get(cfg.method)
     if cfg.optim.warmup_epochs is None:
-        cfg.optim.warmup_epochs = WARMUP_EPOCHS[cfg.method]
-    for section in (cfg.ncr, cfg.esc):  # the NCR/ESC codes: the noisy set joins after half the epochs
-        if section.noisy_start is None:
-            section.noisy_start = cfg.optim.epochs // 2
+        cfg.optim.warmup_epochs = method.warmup_epochs
+    method.fill_defaults(cfg)
     if cfg.runtime.length_multiple is None:
         cfg.runtime.length_multiple = 0 if cfg.model.backbone == "vse" else 8
-    if not 0.0 <= cfg.data.noise < 1.0:
-        raise FastnclError(f"--noise: the noise rate must be in [0, 1), got {cfg.data.noise}")
-    if cfg.data.noise_file and cfg.data.noise > 0:
-        raise FastnclError(f"--noise {cfg.data.noise:g} and --noise-file: give one of them (the file fixes the noisy "
-                           "pairs; its measured noise rate is recorded)")
-    for path in PROBABILITIES:
-        if not 0.0 <= _get(cfg, path) <= 1.0:
-            raise FastnclError(f"{path}: must be in [0, 1], got {_get(cfg, path)}")
-    for path in POSITIVE:
-        if not _get(cfg, path) > 0:
-            raise FastnclError(f"{path}: must be positive, got {_get(cfg, path)}")
-    if cfg.sps.noisy_threshold > cfg.sps.reliable_threshold:
-        raise FastnclError("sps.noisy_threshold (epsilon_2) must not exceed sps.reliable_threshold (epsilon_1)")
-    for path in ("optim.epochs", "optim.warmup_epochs", "optim.lr_step", "sps.quasi_clean_start",
-                 "sps.noisy_start", "esc.noisy_start", "ncr.noisy_start", "runtime.threads", "runtime.length_multiple"):
-        if _get(cfg, path) < 0:
-            raise FastnclError(f"{path}: must not be negative, got {_get(cfg, path)}")
-    for path in ("seed", "data.noise_seed", "data.synthetic.seed"):
-        if not 0 <= (_get(cfg, path) or 0) < 2**63:  # what torch.manual_seed and NumPy take
-            raise FastnclError(f"{'--seed' if path == 'seed' else path}: must lie in [0, 2**63), got {_get(cfg, path)}")
-    if not 0.0 < cfg.split.clip_quantile <= 1.0:
-        raise FastnclError(f"split.clip_quantile: must be in (0, 1], got {cfg.split.clip_quantile}")
-    if not 0.0 <= cfg.model.dropout < 1.0:
-        raise FastnclError(f"model.dropout: must be in [0, 1), got {cfg.model.dropout}")
-    if cfg.data.synthetic.regions < 7:
-        raise FastnclError("data.synthetic.regions: must be at least 7 (one region per attribute, plus one)")
-    if cfg.optim.epochs + cfg.optim.warmup_epochs == 0:
-        raise FastnclError("optim.epochs: nothing to train (epochs and warmup_epochs are both 0)")
-    for path, value in _floats(cfg):  # optim.lr: .inf used to train to a chance-level table
-        if not math.isfinite(value):
-            raise FastnclError(f"{path}: must be a finite number, got {value}")
     return cfg
 
 
-def _floats(section, prefix: str = ""):
-    """(path, value) of every float in a config tree."""
-    for f in dataclasses.fields(section):
-        value = getattr(section, f.name)
-        if dataclasses.is_dataclass(value):
-            yield from _floats(value, f"{prefix}{f.name}.")
-        elif isinstance(value, float):
-            yield f"{prefix}{f.name}", value
+def validate(cfg: Config) -> Config:
+    """Check a resolved config, without changing it: every field against its metadata, then the
+    rules across fields (the method's own: ``Method.check``)."""
+    names = _registry().names()
+    if cfg.method not in names:
+        raise FastnclError(f"--method: must be one of {', '.join(names)}; got {cfg.method!r}")
+    for path, f, value in _fields(cfg):
+        flag = _FLAGS.get(path, path)
+        if isinstance(value, float) and not math.isfinite(value):  # optim.lr: .inf trained to chance level
+            raise FastnclError(f"{flag}: must be a finite number, got {value}")
+        meta = f.metadata if f is not None else {}
+        if value is None or not meta:
+            continue
+        if "choices" in meta and value not in meta["choices"]:
+            raise FastnclError(f"{flag}: must be one of {', '.join(meta['choices'])}; got {value!r}")
+        if "interval" in meta and (why := _outside(meta["interval"], value)):
+            raise FastnclError(f"{flag}: {why}, got {value}")
+    if cfg.data.noise_file and cfg.data.noise > 0:
+        raise FastnclError(f"--noise {cfg.data.noise:g} and --noise-file: give one of them (the file fixes the noisy "
+                           "pairs; its measured noise rate is recorded)")
+    if cfg.optim.epochs + (cfg.optim.warmup_epochs or 0) == 0:
+        raise FastnclError("optim.epochs: nothing to train (epochs and warmup_epochs are both 0)")
+    _registry().get(cfg.method).check(cfg)
+    return cfg
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -454,27 +359,15 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
-# A built-in data set's own tested settings, below --preset, --config and overrides. Synthetic
-# (the embedded default) is what the dataclass defaults are tuned for.
-DATA_PRESETS: dict[str, dict[str, Any]] = {
-    # an emoji epoch holds 12,680 pairs, 2.5x the synthetic set's 5,000: 2 + 6 epochs take about as many
-    # steps as the synthetic 4 + 12, and SPS's curriculum is scaled alike; a 128-d GRU costs a third
-    "emoji": {
-        "model": {"embed_dim": 128},
-        "optim": {"warmup_epochs": 2, "epochs": 6, "lr_step": 4},
-        "sps": {"quasi_clean_start": 2, "noisy_start": 3},
-    },
-}
-
-
 def resolve(preset: str | None = None, config_file: str | None = None, overrides: list[tuple[str, Any]] = (),
             method: str | None = None) -> Config:
-    """Defaults < the data set's preset (DATA_PRESETS) < preset < YAML file < overrides; validated."""
+    """Defaults < the data set's preset < preset < YAML file < overrides; defaults filled, validated."""
     layers = []
+    known = presets()
     if preset is not None:
-        if preset not in PRESETS:
-            raise FastnclError(f"--preset: unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-        layers.append((f"preset {preset}", PRESETS[preset]))
+        if preset not in known:
+            raise FastnclError(f"--preset: unknown preset {preset!r}; choose from {', '.join(known)}")
+        layers.append((f"preset {preset}", known[preset]))
     if config_file is not None:
         layers.append((f"--config {config_file}", load_yaml(config_file)))
     layers += [(f"override {key}", nest(key, value)) for key, value in overrides]
@@ -482,25 +375,26 @@ def resolve(preset: str | None = None, config_file: str | None = None, overrides
     for where, layer in layers:  # first pass: which data set
         _merge(values, layer, where)
     source = values["data"]["source"]
-    data_preset = DATA_PRESETS.get(source) if isinstance(source, str) else None  # a wrong type fails in _build
-    if data_preset is not None:
-        values = _deep_update(Config().to_dict(), data_preset)
+    preset_values = data_preset(source)
+    if preset_values is not None:
+        values = Config().to_dict()
+        _merge(values, preset_values, f"data preset {source}")
         for where, layer in layers:
             _merge(values, layer, where)
     if preset is not None:
         values["preset"] = preset
     if method is not None:
-        if preset is not None and PRESETS[preset]["method"] != method:
-            raise FastnclError(f"--method {method} contradicts --preset {preset} (a {PRESETS[preset]['method']} preset)")
+        if preset is not None and known[preset]["method"] != method:
+            raise FastnclError(f"--method {method} contradicts --preset {preset} (a {known[preset]['method']} preset)")
         values["method"] = method
-    return validate(_build(Config, values, "config"))
+    return validate(fill_defaults(_build(Config, values, "config")))
 
 
 def from_dict(values: dict, where: str) -> Config:
     """A config from a dict (e.g. a run folder's config.yaml): unknown keys are errors."""
     base = Config().to_dict()
     _merge(base, values, where)
-    return validate(_build(Config, base, where))
+    return validate(fill_defaults(_build(Config, base, where)))
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -4,10 +4,10 @@
 Agg backend, imported only here):
 * ``losses_epochNN.png``: per-sample division losses of both models at chosen epochs, stacked by
   the ground truth (clean / noisy) when the noise was injected, with the fitted mixture's
-  weighted component densities and the thresholds (SPS ε1 and ε2, ESC δ, NCR's cut) drawn at the
-  loss where the clean probability crosses them;
+  weighted component densities and the thresholds each method declares (SPS ε1 and ε2, ESC δ,
+  NCR's cut) drawn at the loss where the clean probability crosses them;
 * ``split_quality.png``: precision, recall and AUC of the noisy-pair detection per epoch, and for
-  SPS the ground-truth composition of the reliable, quasi-clean and noisy subsets (SPS Fig. 3);
+  a method that declares subset colours (SPS) the ground-truth composition of its subsets (SPS Fig. 3);
 * ``dev_rsum.png``: dev RSum per epoch of each model and of their ensemble, with the learning
   rate, the warm-up and the curriculum stages marked.
 Nothing in it depends on the backbone: it reads ``metrics.jsonl``, ``splits/*.npz``,
@@ -27,8 +27,6 @@ from fastncl.evaluation import KEYS
 from fastncl.run import RunDir, write_atomic
 
 REPORT_HINT = "pip install 'fastncl[report]' (matplotlib)"
-# the thresholds a method draws on its loss histogram: label -> where the clean-probability cut comes from
-CUT_LABELS = {"sps": "ε2", "esc": "δ", "ncr": "cut"}
 
 
 def _run(run_dir: str) -> RunDir:
@@ -183,8 +181,9 @@ def _clean_mean(fit) -> float:
 
 def loss_histogram(plt, split: dict, epoch: int, method: str, cfg: dict, path: Path) -> Path:
     """Both models' division losses at one epoch, by ground truth, with the mixture and thresholds."""
-    from fastncl.config import SPSConfig
+    from fastncl.methods import registry
 
+    kind = registry.declarations(method)
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
     bins = np.linspace(0, 1, 51)
     width = bins[1] - bins[0]
@@ -202,10 +201,7 @@ def loss_histogram(plt, split: dict, epoch: int, method: str, cfg: dict, path: P
         density = fit.density(grid) * len(x) * width  # expected counts per bin
         ax.plot(grid, density[0], color="navy", lw=1.5, label=f"{fit.kind.upper()} clean component")
         ax.plot(grid, density[1], color="darkred", lw=1.5, label=f"{fit.kind.upper()} noisy component")
-        cuts = [(CUT_LABELS.get(method, "cut"), float(split["noisy_cut"][k]), "black")]
-        if method == "sps":  # a config.yaml without the key: config.py's default
-            cuts.insert(0, ("ε1", float(cfg.get("sps", {}).get("reliable_threshold", SPSConfig.reliable_threshold)),
-                            "green"))
+        cuts = [*kind.report_cuts(cfg), (kind.cut_label, float(split["noisy_cut"][k]), "black")]
         for label, threshold, color in cuts:
             at = _cut_at(x, fit.clean_prob, threshold, _clean_mean(fit))
             if at is not None:
@@ -225,7 +221,10 @@ def split_quality(plt, records: list[dict], method: str, path: Path) -> Path:
     with_split = [r for r in records if r.get("split")]  # metrics.jsonl holds one record per epoch
     epochs, s = [r["epoch"] for r in with_split], [r["split"] for r in with_split]
     has_truth = any(x.get("auc") is not None for x in s)
-    composition = method == "sps" and has_truth
+    from fastncl.methods import registry
+
+    colors = registry.declarations(method).subset_colors
+    composition = bool(colors) and has_truth
     fig, axes = plt.subplots(1, 2 if composition else 1, figsize=(12 if composition else 6.5, 3.8), squeeze=False)
     ax = axes[0, 0]
     e1 = [e + 1 for e in epochs]
@@ -242,11 +241,10 @@ def split_quality(plt, records: list[dict], method: str, path: Path) -> Path:
         ax.set_title("split (no ground truth: no injected noise)")
     _epoch_axis(ax)
     _legend(ax)
-    if composition:  # SPS Fig. 3: each subset's size and its ground-truth clean part, model A's split
+    if composition:  # as SPS Fig. 3: each subset's size and its ground-truth clean part, model A's split
         ax = axes[0, 1]
         names = list(s[0]["models"][0]["subsets"])
         width = 0.8 / len(names)
-        colors = {"reliable": "tab:green", "quasi_clean": "tab:olive", "noisy": "tab:red"}
         for j, name in enumerate(names):
             sizes = np.array([x["models"][0]["subsets"][name]["size"] for x in s])
             clean = np.array([x["models"][0]["subsets"][name]["clean"] for x in s])

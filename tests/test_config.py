@@ -7,8 +7,10 @@ import pytest
 import yaml
 
 from fastncl import FastnclError
-from fastncl.config import (PRESETS, Config, dump_yaml, from_dict, load_yaml, parse_override, resolve,
-                            validate)
+from fastncl.config import (Config, dump_yaml, fill_defaults, from_dict, load_yaml, parse_override, presets,
+                            resolve, validate)
+
+PRESETS = presets()
 
 
 def overrides(*texts):
@@ -16,9 +18,10 @@ def overrides(*texts):
 
 
 def test_defaults_validate():
-    cfg = validate(Config())
+    cfg = validate(fill_defaults(Config()))
     assert cfg.method == "sps" and cfg.data.source == "synthetic" and cfg.data.noise == 0.0
-    assert resolve().to_dict() == validate(Config()).to_dict()  # validate fills the method defaults
+    assert resolve().to_dict() == cfg.to_dict()  # resolve = defaults filled, then validated
+    assert Config().optim.warmup_epochs is None and validate(Config()).optim.warmup_epochs is None  # no mutation
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
@@ -283,7 +286,7 @@ def test_empty_config_file_is_the_defaults(tmp_path):
     path = tmp_path / "empty.yaml"
     path.write_text("", encoding="utf-8")
     assert load_yaml(path) == {}
-    assert resolve(config_file=str(path)).to_dict() == validate(Config()).to_dict()
+    assert resolve(config_file=str(path)).to_dict() == validate(fill_defaults(Config())).to_dict()
 
 
 @pytest.mark.parametrize("preset", [None, *PRESETS])

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from fastncl.config import DATASETS, PRESETS, resolve
+from fastncl.config import presets, resolve
+from fastncl.methods.presets import DATASETS
+
+PRESETS = presets()
 
 DATASET_PRESETS = [f"{m}{v}-{d}" for m in ("sps", "esc") for v in ("", "-official") for d in DATASETS]
 

@@ -28,7 +28,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from fastncl.config import METHODS
+from fastncl.methods.registry import names as method_names
 from fastncl.evaluation import KEYS
 from fastncl.report import aggregate_seeds, compare_rows, mean_std, seed_groups
 
@@ -38,9 +38,9 @@ def folder_of(out: Path, method: str, noise: float, seed: int) -> Path:
 
 
 def grid(methods: list[str], clean: list[str], rates: list[float], seeds: list[int]) -> list[tuple[str, float, int]]:
-    """(method, noise, seed) of every run: the clean methods without noise (in METHODS' order), then
+    """(method, noise, seed) of every run: the clean methods without noise (in the registry's order), then
     every method at every rate, each for every seed; a cell listed twice (noise rate 0) runs once."""
-    cells = [(m, 0.0) for m in METHODS if m in clean] + [(m, r) for r in rates for m in methods]
+    cells = [(m, 0.0) for m in method_names() if m in clean] + [(m, r) for r in rates for m in methods]
     return list(dict.fromkeys((m, r, s) for m, r in cells for s in seeds))
 
 
@@ -110,8 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, help="one seed: the same as --seeds N")
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (each with threads = 1 when jobs > 1)")
     p.add_argument("--data", default="synthetic", help="--data of every run (synthetic, emoji or a folder)")
-    p.add_argument("--methods", default=",".join(METHODS),
-                   help=f"methods trained at every noise rate (comma-separated; default: all, {','.join(METHODS)})")
+    registered = method_names()
+    p.add_argument("--methods", default=",".join(registered),
+                   help=f"methods trained at every noise rate (comma-separated; default: all, {','.join(registered)})")
     p.add_argument("--clean-methods", default="vanilla",
                    help="methods also trained without noise (comma-separated; '' for none)")
     p.add_argument("--noise-rates", default="0.2,0.4,0.6", help="noise rates every method is trained at")
@@ -125,9 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--seeds: no seed given")
     if args.jobs < 1:
         p.error(f"--jobs: at least 1, got {args.jobs}")
-    known = f"methods ({', '.join(METHODS)})"
-    methods = _list(p, "--methods", args.methods, str.strip, METHODS.__contains__, known)
-    clean = _list(p, "--clean-methods", args.clean_methods, str.strip, METHODS.__contains__, known)
+    known = f"methods ({', '.join(registered)})"
+    methods = _list(p, "--methods", args.methods, str.strip, registered.__contains__, known)
+    clean = _list(p, "--clean-methods", args.clean_methods, str.strip, registered.__contains__, known)
     rates = _list(p, "--noise-rates", args.noise_rates, float, lambda r: 0 <= r < 1, "noise rates in [0, 1)")
     runs = grid(methods, clean, rates, seeds)
     if not runs:

@@ -1,4 +1,11 @@
-"""What a method is, as the trainer sees it.
+"""What a method is, as the trainer, the config and the report see it.
+
+A method declares everything about itself as class attributes (read by fastncl.methods.registry):
+``name``, ``config`` (the dataclass of its section, ``cfg.<name>``; fields carry their allowed
+values with ``config.option``), ``warmup_epochs`` (its default), ``presets()``, ``data_presets``
+(per built-in data set, values of its own section), ``subset_names``, and for the report
+``cut_label``, ``report_cuts`` and ``subset_colors``. ``fill_defaults`` and ``check`` resolve and
+validate what spans several fields of the config.
 
 A method turns model outputs into losses and the training set into subsets:
 * ``warmup_loss(model, batch)``: the loss of a warm-up step on all pairs;
@@ -38,9 +45,33 @@ EMBED_MIN_BATCH = 512
 
 class Method:
     name = "base"
+    config: type | None = None  # the dataclass of its config section, cfg.<name>
+    warmup_epochs = 2  # its default optim.warmup_epochs on the embedded data
+    data_presets: dict[str, dict] = {}  # data source -> values of its own section
     subset_names: tuple[str, ...] = ()
+    cut_label = "cut"  # the report's name of the noisy cut (the paper's symbol)
+    subset_colors: dict[str, str] = {}  # non-empty: the report draws each subset's ground-truth composition
     separate_steps = False
     uses_split = True
+
+    @classmethod
+    def presets(cls) -> dict[str, dict]:
+        """Its named presets besides ``<name>`` (the defaults): preset -> config values."""
+        return {}
+
+    @classmethod
+    def fill_defaults(cls, cfg: Config) -> None:
+        """Resolve its section's values left None (they depend on other fields)."""
+
+    @classmethod
+    def check(cls, cfg: Config) -> None:
+        """Raise FastnclError for a rule across fields that field metadata cannot state."""
+
+    @classmethod
+    def report_cuts(cls, cfg: dict) -> list[tuple[str, float, str]]:
+        """Thresholds drawn on the loss histograms besides the noisy cut: (label, p(clean), colour),
+        from a run's config.yaml values (``cfg``)."""
+        return []
 
     def __init__(self, cfg: Config):
         self.cfg = cfg

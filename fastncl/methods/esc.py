@@ -12,19 +12,92 @@ Official-code variants are options (config.ESCConfig; preset esc-official).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from fastncl import kernels
+from fastncl.config import NON_NEGATIVE, POSITIVE, PROBABILITY, option
 from fastncl.models import forward_pairs, intramodal_features
 
 from .base import Method, two_way_split
 from .losses import bicro_consistency, hinge_confidence, noisy_keep, pseudo_negative, soft_triplet
 from .mixture import fallback_note, fit_bmm, fit_gmm, noisy_threshold
+from .ncr import half_the_epochs
+from .presets import paper_presets
+from .registry import register
 
 
+@dataclass
+class ESCConfig:
+    margin: float = 0.2  # alpha of the triplet loss (ESC Sec. 4.1)
+    soft_margin_base: float = 10.0  # m of the soft margin (ESC Sec. 4.1)
+    esc_weight: float = 0.5  # beta of Eq. 9
+    division_margin: float = 0.0  # alpha_1 of Eq. 8
+    train_margin: float = 0.0  # alpha_2 of Eq. 14
+    clean_threshold: float = option(0.5, **PROBABILITY)  # delta of Eq. 12 (paper: in the supplement; code 0.5)
+    min_noisy_fraction: float = option(0.0, **PROBABILITY)  # official 0.01: 1 % made noisy when every pair looks clean
+    # "gmm" (BiCro's run.py default) or "bmm" (paper, Eq. 10): after the hinge warm-up the Beta mixture's
+    # clean posterior is flat and its clean component takes 53-66 % of the pairs at 60 % noise (40 %
+    # clean), so its clean set is half noisy and ESC degrades (docs/methods.md, "ESC's split")
+    mixture: str = option("gmm", choices=("bmm", "gmm"))
+    mixture_iters: int = option(10, **POSITIVE)
+    division_hardest: bool = True  # l_hard over the hardest negative (paper Eq. 1); official: mean
+    esc_normalize: bool = False  # official: row-normalised l_ESC
+    # L_ESC per-sample pseudo-negatives (Eq. 14) or one "anchor" (official)
+    train_esc: str = option("pseudo_negative", choices=("pseudo_negative", "anchor"))
+    anchors_clean: bool = True  # anchors always in the clean set (Eq. 12); official: by threshold only
+    # clean pairs' label: "one" (paper, Sec. 3.3) or "bicro" (official: 0.5 + c/2)
+    clean_labels: str = option("one", choices=("one", "bicro"))
+    # BiCro soft labels: top B/10 + 1 pairs of a batch are anchors
+    label_anchor_fraction: float = option(0.1, **PROBABILITY)
+    # features the BiCro labels compare: "auto" = those the backbone's similarity uses (vse: "global";
+    # sgr/saf: "pooled", the mean-pooled features of BiCro's code); fastncl <= 0.1.0 used "pooled" on vse
+    label_features: str = option("auto", choices=("auto", "global", "pooled"))
+    noise_label_cut: float = option(0.5, **PROBABILITY)  # BiCro noise_soft: soft labels <= this become 0
+    # "hard" (BiCro's noise_hard): labels <= the cut are left out; "soft" (BiCro scripts, noise_soft): every
+    # noisy pair trained, a label-0 pair with margin 0, which pulls the mismatched pairs together
+    noisy_loss: str = option("hard", choices=("soft", "hard"))
+    # co-training epoch of the first noisy step; None: epochs // 2 (paper: 20 of 40)
+    noisy_start: int | None = option(None, **NON_NEGATIVE)
+    # "all": mean hinge on every pair; "select": smallest warmup_rate only (official)
+    warmup: str = option("all", choices=("all", "select"))
+    warmup_rate: float = option(0.3, **PROBABILITY)
+    separate_steps: bool = False  # official: separate optimizer steps for noisy, clean and L_ESC
+
+
+OFFICIAL = {  # the ESC code on BiCro's (reference-implementations notes, B.3 and H)
+    "esc": {
+        "esc_normalize": True, "train_esc": "anchor", "division_hardest": False, "anchors_clean": False,
+        "warmup": "select", "separate_steps": True, "noisy_start": 20, "clean_labels": "bicro",
+        "min_noisy_fraction": 0.01, "mixture": "bmm", "noisy_loss": "soft", "label_features": "pooled",
+    },
+    "split": {"clip_quantile": 1.0},
+    "optim": {"lr": 2e-4, "lr_step": 30, "warmup_epochs": 10, "epochs": 40, "fill_epoch": False},
+}
+
+
+@register
 class ESC(Method):
     name = "esc"
+    config = ESCConfig
+    warmup_epochs = 2  # mean-hinge warm-up: the hinge models split best after 2, before they memorise noise
     subset_names = ("clean", "noisy")
+    cut_label = "δ"
+
+    @classmethod
+    def presets(cls):
+        # ESC paper: warm-up 10 epochs, 40 epochs; code (BiCro defaults): lr 2e-4, x0.1 at epoch 30, for all
+        # data sets; the paper: "clean for 20 epochs, then all", the Beta mixture of Eq. 10
+        def schedule(dataset):
+            return {"lr": 2e-4, "lr_step": 30, "warmup_epochs": 10, "epochs": 40, "batch_size": 128}
+
+        return paper_presets("esc", {"esc": {"noisy_start": 20, "mixture": "bmm"}}, OFFICIAL, schedule,
+                             official_seed=96)  # BiCro's scripts
+
+    @classmethod
+    def fill_defaults(cls, cfg):
+        half_the_epochs(cfg, cfg.esc)
 
     @property
     def separate_steps(self):

@@ -8,16 +8,27 @@ hardest-negative training from a random initialisation collapses onto a few hub 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from fastncl import kernels
 from fastncl.models import forward_pairs
 
 from .base import Method
+from .registry import register
 
 
+@dataclass
+class HingeConfig:
+    margin: float = 0.2  # alpha of the VSE++ hinge (SGRAF, NCR)
+
+
+@register
 class Hinge(Method):
     name = "hinge"
+    config = HingeConfig
+    warmup_epochs = 2  # mean-hinge warm-up, then the hardest negative
     subset_names = ("all",)
     uses_split = False
 

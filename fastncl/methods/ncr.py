@@ -15,19 +15,60 @@ fastncl's earlier departures stay as options (config.NCRConfig; README glossary)
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from fastncl import kernels
+from fastncl.config import NON_NEGATIVE, PROBABILITY, option
 from fastncl.models import forward_pairs
 
 from .base import Method, eval_mode, two_way_split
 from .losses import hinge_confidence, ncr_prediction, noisy_keep, soft_triplet
 from .mixture import fallback_note, noisy_threshold
+from .registry import register
 
 
+@dataclass
+class NCRConfig:
+    margin: float = 0.2  # alpha of the hinge
+    soft_margin_base: float = 10.0  # m of the exponential soft margin
+    clean_threshold: float = option(0.5, **PROBABILITY)
+    min_noisy_fraction: float = option(0.01, **PROBABILITY)  # official fallback when every pair looks clean
+    # clean pairs' target: "corectified" (NCR code: p + (1 - p) q, q the model's own eval-mode
+    # prediction) or "peer" (the peer's clean probability p alone; fastncl <= 0.1.0)
+    clean_target: str = option("corectified", choices=("corectified", "peer"))
+    # noisy pairs' target: "corefined" (NCR code: both models' eval-mode predictions averaged) or
+    # "own" (the model's own train-mode hinge confidence / alpha; fastncl <= 0.1.0)
+    noisy_target: str = option("corefined", choices=("corefined", "own"))
+    # noisy pairs' loss: "soft" (NCR code: every pair, margin from its target) or "hard" (BiCro's
+    # noise_hard: pairs with a target <= noise_label_cut add nothing; fastncl <= 0.1.0)
+    noisy_loss: str = option("soft", choices=("soft", "hard"))
+    noise_label_cut: float = option(0.5, **PROBABILITY)
+    # co-training epoch of the first noisy step; None: epochs // 2 (NCR code; fastncl <= 0.1.0: 0)
+    noisy_start: int | None = option(None, **NON_NEGATIVE)
+
+
+def half_the_epochs(cfg, section) -> None:
+    """NCR's and ESC's codes: the noisy subset joins after half the co-training epochs."""
+    if section.noisy_start is None:
+        section.noisy_start = cfg.optim.epochs // 2
+
+
+@register
 class NCR(Method):
     name = "ncr"
+    config = NCRConfig
+    warmup_epochs = 2  # mean-hinge warm-up: the hinge models split best after 2, before they memorise noise
     subset_names = ("clean", "noisy")
+
+    @classmethod
+    def presets(cls):
+        return {"ncr-official": {"split": {"clip_quantile": 1.0}}}  # NCR's code: its other values are the defaults
+
+    @classmethod
+    def fill_defaults(cls, cfg):
+        half_the_epochs(cfg, cfg.ncr)
 
     def split_losses(self, model, batch):
         sim = forward_pairs(model, batch.images, batch.tokens, batch.lengths).sim

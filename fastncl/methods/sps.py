@@ -15,20 +15,86 @@ Official-code departures are options (config.SPSConfig; preset sps-official).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from fastncl import kernels
+from fastncl import FastnclError, kernels
+from fastncl.config import NON_NEGATIVE, POSITIVE, PROBABILITY, option
 from fastncl.models import cosine_matrix, encode_pairs, intramodal_features
 
 from .base import Method
 from .mixture import fallback_note, noisy_threshold
+from .presets import paper_presets
+from .registry import register
 
 
+@dataclass
+class SPSConfig:
+    tau: float = option(0.07, **POSITIVE)  # SPS Sec. 3.2
+    reliable_threshold: float = option(0.99, **PROBABILITY)  # epsilon_1: paper Fig. 4; official code 0.6
+    noisy_threshold: float = option(0.5, **PROBABILITY)  # epsilon_2
+    # floor of the reliable set, as a fraction of the pairs with p > epsilon_2: below it, epsilon_1
+    # falls back to the largest cut that keeps the floor (said in the epoch line; the papers have none)
+    min_reliable_fraction: float = option(0.5, **PROBABILITY)
+    min_noisy_fraction: float = option(0.0, **PROBABILITY)  # official 0.01: if every p > epsilon_2, 1 % is made noisy
+    consistency_margin: float = 0.01  # alpha of Eq. 9-10 (paper: unstated; official: 0, no hinge)
+    cross_weight: float = 5.0  # lambda_1 (paper: unstated; official 25 on the SGR sigmoid scale)
+    metric_weight: float = 5.0  # lambda_2 (paper: unstated; official 25)
+    # S(I_i, I_j) from "global" embeddings (paper) or "pooled" means (official)
+    intramodal: str = option("global", choices=("global", "pooled"))
+    # "paper": Eq. 12; "official": prediction x cosine, cut at proxy_cut
+    proxy_label: str = option("paper", choices=("paper", "official"))
+    proxy_gamma: float = 1.0  # gamma of Eq. 12 (paper: unstated)
+    proxy_beta: float = 5.0  # beta of Eq. 12 (paper: unstated)
+    proxy_cut: float = option(0.5, **PROBABILITY)  # official proxy label: zeroed below this
+    # "both" (paper) or "i2t" (official: image -> proxy caption only)
+    proxy_directions: str = option("both", choices=("both", "i2t"))
+    quasi_clean_start: int = option(3, **NON_NEGATIVE)  # co-training epoch from which L^qc is used (official: 10 of 40)
+    noisy_start: int = option(5, **NON_NEGATIVE)  # co-training epoch from which L^n is used (official: 15 of 40)
+    separate_steps: bool = False  # official: one optimizer step each for (re+cro+met), qc and n
+
+
+OFFICIAL = {  # the SPS code (reference-implementations notes, B.3 and H)
+    "sps": {
+        "reliable_threshold": 0.6, "consistency_margin": 0.0, "cross_weight": 25.0, "metric_weight": 25.0,
+        "intramodal": "pooled", "proxy_label": "official", "proxy_directions": "i2t", "separate_steps": True,
+        "quasi_clean_start": 10, "noisy_start": 15, "min_noisy_fraction": 0.01, "min_reliable_fraction": 0.0,
+    },
+    "split": {"clip_quantile": 1.0},
+    "optim": {"lr": 2e-4, "lr_step": 10, "warmup_epochs": 5, "epochs": 40, "fill_epoch": False},
+}
+
+
+@register
 class SPS(Method):
     name = "sps"
+    config = SPSConfig
+    warmup_epochs = 4  # InfoNCE models need 4 epochs on the embedded data to give a useful first split
+    data_presets = {"emoji": {"quasi_clean_start": 2, "noisy_start": 3}}  # the curriculum of 6 epochs
     subset_names = ("reliable", "quasi_clean", "noisy")
+    cut_label = "ε2"
+    subset_colors = {"reliable": "tab:green", "quasi_clean": "tab:olive", "noisy": "tab:red"}
+
+    @classmethod
+    def presets(cls):
+        # SPS code: 40 / 20 / 40 epochs on F30K / COCO / CC152K, lr x0.1 every 10; the paper states the
+        # curriculum's order only: the code's starts
+        def schedule(dataset):
+            return {"lr": 2e-4, "lr_step": 10, "warmup_epochs": 5, "epochs": 20 if dataset == "coco" else 40,
+                    "batch_size": 128}
+
+        return paper_presets("sps", {"sps": {"quasi_clean_start": 10, "noisy_start": 15}}, OFFICIAL, schedule)
+
+    @classmethod
+    def check(cls, cfg):
+        if cfg.sps.noisy_threshold > cfg.sps.reliable_threshold:
+            raise FastnclError("sps.noisy_threshold (epsilon_2) must not exceed sps.reliable_threshold (epsilon_1)")
+
+    @classmethod
+    def report_cuts(cls, cfg):
+        return [("ε1", float(cfg.get("sps", {}).get("reliable_threshold", SPSConfig.reliable_threshold)), "green")]
 
     @property
     def separate_steps(self):
