@@ -20,14 +20,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fastncl import kernels
-from fastncl.config import ModelConfig
+from fastncl import assemble, kernels
+from fastncl.config import ModelConfig, resolve
 from fastncl.methods.presets import SGR_MODEL
 from fastncl.data.batches import PairBatches
 from fastncl.data.fullshape import make_f30k_shaped
+from fastncl.data.noise import own_images
 from fastncl.evaluation import similarity_matrix
-from fastncl.models import build_backbone, forward_pairs
-from fastncl.step import CompiledBackbone, Precision, run_step
+from fastncl.models import forward_pairs
+from fastncl.step import Precision, run_step
 from sgraf_loop import loop_similarity
 
 VARIANTS = ("loop", "batched", "fast")
@@ -97,27 +98,22 @@ def make_setup(variant: str, device="cuda", n_batches: int = 8, seed: int = 0, b
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     device = torch.device(device)
     data = f30k_data()
+    fast = variant == "fast"  # compiled, CUDA graphs on a GPU, bf16 autocast: as `fastncl train --compile --amp`
+    rt = assemble.runtime(resolve(overrides=[("runtime.compile", fast), ("runtime.amp", "bf16" if fast else "off")]),
+                          device)
     torch.manual_seed(seed)
-    model = build_backbone(ModelConfig(**{**SGR_MODEL, **(model_overrides or {})}), data.image_dim, len(data.vocab), data.train.images.shape[1])
-    model = model.to(device).train()
+    model = assemble.backbone(ModelConfig(**{**SGR_MODEL, **(model_overrides or {})}), data, device).train()
     fused = {"fused": True} if device.type == "cuda" else {}
     opt = torch.optim.Adam(model.parameters(), lr=2e-4, **fused)
     train = data.train
-    loader = PairBatches(train, np.arange(train.num_captions) // train.captions_per_image,
+    loader = PairBatches(train, own_images(train.num_captions, train.captions_per_image),
                          np.arange(train.num_captions), batch, np.random.default_rng(seed), device, length_multiple=8)
     batches = [loader.batch(index) for index in loader.epoch_indices()[:n_batches]]
-    graphs = variant == "fast" and device.type == "cuda"
     if variant == "loop":
         view = eval_view = LoopBackbone(model)
-        precision = Precision()
-    elif variant == "batched":
-        view = eval_view = model
-        precision = Precision()
     else:
-        view = CompiledBackbone(model, "reduce-overhead" if graphs else None)
-        eval_view = CompiledBackbone(model)
-        precision = Precision(torch.bfloat16, device)
-    return Setup(variant, model, view, eval_view, opt, precision, graphs, batches, data, device)
+        (view,), (eval_view,) = assemble.views([model], rt)
+    return Setup(variant, model, view, eval_view, opt, rt.precision, rt.graphs, batches, data, device)
 
 
 def synchronize(device: torch.device) -> None:

@@ -137,3 +137,20 @@ def split_diagnostics(clean_prob: np.ndarray, noisy_cut: float, clean_mask: np.n
         for name, idx in subsets.items():
             out["subsets"][name]["clean"] = int(clean_mask[idx].sum())
     return out
+
+
+def format_results(results: dict) -> str:
+    """The papers' R@K table for the test split, and the split quality."""
+    t = results["test"]
+    lines = [
+        f"test ({results['method']}, noise {results['noise']:g}, best epoch {results['best_epoch'] + 1}):",
+        "| Image->Text R@1 | R@5 | R@10 | Text->Image R@1 | R@5 | R@10 | RSum |",
+        "|---|---|---|---|---|---|---|",
+        "| " + " | ".join(f"{t[k]:.1f}" for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum"))
+        + " |",
+    ]
+    s = results.get("split")
+    if s and s.get("auc") is not None:
+        lines.append(f"noisy-pair detection (last epoch): AUC {s['auc']:.3f}, precision {s['precision']:.3f}, "
+                     f"recall {s['recall']:.3f}, F1 {s['f1']:.3f}")
+    return "\n".join(lines)

@@ -48,13 +48,11 @@ def evaluate_run(run_dirs, split: str = "test", checkpoint: str = "best") -> str
     Several runs are the SGRAF ensemble of the papers (a trained SGR run and a trained SAF run,
     their similarity matrices averaged); they must share the data, the split and its captions.
     """
+    from fastncl import assemble
     from fastncl.config import from_dict
     from fastncl.data import load_dataset
     from fastncl.data.noise import measured_rate
-    from fastncl.evaluation import fold5_metrics, retrieval_metrics, similarity_matrix
-    from fastncl.models import build_backbone
-    from fastncl.step import CompiledBackbone, Precision, resolve_amp
-    from fastncl.train import format_results, resolve_device
+    from fastncl.evaluation import fold5_metrics, format_results, retrieval_metrics, similarity_matrix
 
     run_dirs = [run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs)
     runs = [_run(r) for r in run_dirs]
@@ -65,18 +63,17 @@ def evaluate_run(run_dirs, split: str = "test", checkpoint: str = "best") -> str
                                "same data, splits and noise")
     states = [run.load_checkpoint(checkpoint) for run in runs]
     cfg = cfgs[0]
-    device = resolve_device(cfg.runtime.device)
+    device = assemble.resolve_device(cfg.runtime.device)
     data = load_dataset(cfg.data)
     part = data.test if split == "test" else data.dev
     sims = []
-    for run_cfg, state in zip(cfgs, states):
-        models = []
-        for weights in state["models"]:
-            model = build_backbone(run_cfg.model, data.image_dim, len(data.vocab), data.train.images.shape[1])
-            model.to(device).load_state_dict(weights)
-            models.append(CompiledBackbone(model) if run_cfg.runtime.compile else model)
-        sims.append(similarity_matrix(models, part, device, run_cfg.runtime.eval_batch,
-                                      Precision(resolve_amp(run_cfg.runtime.amp, device), device)))
+    for run_cfg, state in zip(cfgs, states):  # each run evaluated as it trained: its compile and precision
+        rt = assemble.runtime(run_cfg, device)
+        models = [assemble.backbone(run_cfg.model, data, device) for _ in state["models"]]
+        for model, weights in zip(models, state["models"]):
+            model.load_state_dict(weights)
+        sims.append(similarity_matrix(assemble.views(models, rt)[1], part, device, run_cfg.runtime.eval_batch,
+                                      rt.precision))
     sim = sum(sims) / len(sims)
     name = cfg.method if len(runs) == 1 else " + ".join(f"{c.method}/{c.model.backbone}" for c in cfgs)
     noise = cfg.data.noise
@@ -310,7 +307,7 @@ def _chosen_epochs(available: list[int], wanted: list[int] | None) -> list[int]:
 
 def write_report(run_dir: str, epochs: list[int] | None = None) -> tuple[Path, str]:
     """report.md with the figures in RUN/report/; returns its path and its text."""
-    from fastncl.train import format_results
+    from fastncl.evaluation import format_results
 
     run = _run(run_dir)
     records = run.read_metrics()

@@ -19,31 +19,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fastncl import Diverged, FastnclError, kernels
+from fastncl import Diverged, FastnclError, assemble
 from fastncl.board import Board, check_tensorboard
 from fastncl.config import Config, dump_yaml
-from fastncl.data import load_dataset
+from fastncl.data import load_dataset, training_pairs
 from fastncl.data.batches import PairBatches
-from fastncl.data.noise import load_noise_index, measured_rate, noisy_caption_index
-from fastncl.evaluation import fold5_metrics, retrieval_metrics, similarity_matrix, split_diagnostics
-from fastncl.methods import build_method
-from fastncl.models import build_backbone
+from fastncl.evaluation import fold5_metrics, format_results, retrieval_metrics, similarity_matrix, split_diagnostics
 from fastncl.profiling import nvtx_range
 from fastncl.run import RunDir, environment, split_arrays, write_atomic
-from fastncl.step import CompiledBackbone, Precision, mark_step, resolve_amp, run_step
+from fastncl.step import mark_step, run_step
 
 log = logging.getLogger("fastncl")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise FastnclError(f"runtime.device={name}: CUDA is not available on this machine")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise FastnclError(f"runtime.device: not a device name: {name!r}") from None
 
 
 def default_out(cfg: Config) -> str:
@@ -64,8 +50,8 @@ def _setup_logging(run: RunDir) -> None:
 class Trainer:
     def __init__(self, cfg: Config, resume: bool = False):
         self.cfg = cfg
-        self.device = resolve_device(cfg.runtime.device)
-        self.precision = Precision(resolve_amp(cfg.runtime.amp, self.device), self.device)
+        rt = assemble.runtime(cfg)
+        self.device, self.precision, self.graphs = rt.device, rt.precision, rt.graphs
         if cfg.runtime.threads:
             torch.set_num_threads(cfg.runtime.threads)
         # progress bars on a terminal; without one (runtime.progress unset), a plain line every
@@ -74,25 +60,9 @@ class Trainer:
         self.progress_lines = cfg.runtime.progress is None and not self.progress
         # everything that can fail on bad input happens before the run folder is touched
         self.data = load_dataset(cfg.data)
-        train = self.data.train
-        true_image = np.arange(train.num_captions, dtype=np.int64) // train.captions_per_image
-        if cfg.data.noise_file:
-            self.caption_to_image = load_noise_index(cfg.data.noise_file, train.num_captions, train.num_images)
-        else:
-            seed = cfg.seed if cfg.data.noise_seed is None else cfg.data.noise_seed
-            self.caption_to_image = noisy_caption_index(train.num_captions, train.captions_per_image,
-                                                        cfg.data.noise, seed)
-        injected = bool(cfg.data.noise_file) or cfg.data.noise > 0
-        self.clean_mask = (self.caption_to_image == true_image) if injected else None
-        # the rate a run is labelled with: --noise's, or the measured rate of --noise-file's index
-        self.noise_rate = (measured_rate(self.caption_to_image, train.captions_per_image) if cfg.data.noise_file
-                           else cfg.data.noise)
-        try:  # resolved once: every op call gets "torch" or "triton", no lookup on the hot path
-            backend = kernels.check_backend(cfg.runtime.backend, self.device)
-        except ValueError as e:
-            raise FastnclError(f"runtime.backend={cfg.runtime.backend}: {e}") from None
-        self.method = build_method(cfg)
-        self.method.backend = backend
+        pairs = training_pairs(self.data.train, cfg.data, cfg.seed)
+        self.caption_to_image, self.clean_mask, self.noise_rate = pairs.caption_to_image, pairs.clean, pairs.noise_rate
+        self.method = assemble.method(cfg, self.device)
         if cfg.runtime.tensorboard:
             check_tensorboard()
 
@@ -105,18 +75,12 @@ class Trainer:
         self.board = Board(self.run.file("tb")) if cfg.runtime.tensorboard else None
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
-        self.models = [build_backbone(cfg.model, self.data.image_dim, len(self.data.vocab),
-                                      self.data.train.images.shape[1]).to(self.device) for _ in range(2)]
+        self.models = [assemble.backbone(cfg.model, self.data, self.device) for _ in range(2)]
         # fused Adam on GPUs (one kernel); the CPU keeps the default implementation
         fused = {"fused": True} if self.device.type == "cuda" else {}
         self.optims = [torch.optim.Adam(m.parameters(), lr=cfg.optim.lr, **fused) for m in self.models]
         # what the methods call: the modules, or their compiled forms (step.py); evaluation has its own
-        self.graphs = cfg.runtime.compile and cfg.runtime.cuda_graphs and self.device.type == "cuda"
-        if cfg.runtime.compile:
-            self.fast = [CompiledBackbone(m, "reduce-overhead" if self.graphs else None) for m in self.models]
-            self.eval_views = [CompiledBackbone(m) for m in self.models]
-        else:
-            self.fast = self.eval_views = self.models
+        self.fast, self.eval_views = assemble.views(self.models, rt)
         self.rng = np.random.default_rng(cfg.seed)
         self.start_epoch, self.best_rsum, self.best_epoch = 0, -1.0, -1
         self.last_split = None
@@ -451,23 +415,6 @@ def _progress_lines(it, total: int, desc: str):
         if now - last >= PROGRESS_SECONDS:
             last = now
             print(f"{desc}: {done}/{total} steps, {now - start:.0f}s", file=sys.stderr, flush=True)
-
-
-def format_results(results: dict) -> str:
-    """The papers' R@K table for the test split, and the split quality."""
-    t = results["test"]
-    lines = [
-        f"test ({results['method']}, noise {results['noise']:g}, best epoch {results['best_epoch'] + 1}):",
-        "| Image->Text R@1 | R@5 | R@10 | Text->Image R@1 | R@5 | R@10 | RSum |",
-        "|---|---|---|---|---|---|---|",
-        "| " + " | ".join(f"{t[k]:.1f}" for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum"))
-        + " |",
-    ]
-    s = results.get("split")
-    if s and s.get("auc") is not None:
-        lines.append(f"noisy-pair detection (last epoch): AUC {s['auc']:.3f}, precision {s['precision']:.3f}, "
-                     f"recall {s['recall']:.3f}, F1 {s['f1']:.3f}")
-    return "\n".join(lines)
 
 
 def train(cfg: Config, resume: bool = False) -> dict:

@@ -135,3 +135,49 @@ def test_a_violation_message_names_file_line_and_rule():
     bad = _violations("rule: X", [fake], ("fastncl.train",), {fake: source})
     assert bad == ["fastncl/models/zz_planted.py:5: imports fastncl.train (rule: X)",
                    "fastncl/models/zz_planted.py:5: imports fastncl.train.Trainer (rule: X)"]
+
+
+def test_only_the_composition_root_builds_models_views_precision_and_backends():
+    """fastncl/assemble.py is where a run's device, precision, backend, models and compiled views
+    are built: the trainer, eval/report and the benchmarks ask it."""
+    rule = "rule: only fastncl/assemble.py builds backbones, compiled views, precisions and op backends"
+    owners = {ROOT / "fastncl" / "assemble.py", ROOT / "fastncl" / "step.py"}
+    paths = [p for p in SOURCES if p not in owners and not _within(_module_name(p), "fastncl.models")
+             and not _within(_module_name(p), "fastncl.kernels")]
+    paths += sorted((ROOT / "bench").glob("*.py"))
+    bad = _violations(rule, paths, ("fastncl.models.build_backbone", "fastncl.step.CompiledBackbone",
+                                    "fastncl.step.resolve_amp", "fastncl.kernels.check_backend"))
+    assert not bad, "\n".join(bad)
+
+
+def test_config_knows_no_method_but_through_the_registry():
+    rule = "rule: fastncl/config.py reaches the methods only through fastncl.methods.registry"
+    bad = [v for v in _violations(rule, [ROOT / "fastncl" / "config.py"], ("fastncl.methods",))
+           if "fastncl.methods.registry" not in v]
+    assert not bad, "\n".join(bad)
+    code = "import sys, fastncl.config; assert 'fastncl.methods' not in sys.modules and 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)  # the CLI's config stays light until it is used
+
+
+def test_the_composition_root_builds_what_a_run_trains_and_evaluates():
+    import torch
+
+    from fastncl import assemble
+    from fastncl.config import resolve
+    from fastncl.data import load_dataset, training_pairs
+    from fastncl.step import CompiledBackbone
+
+    cfg = resolve(method="ncr", overrides=[("data.synthetic.train_images", 20), ("data.noise", 0.4),
+                                           ("model.embed_dim", 8), ("model.word_dim", 4), ("runtime.device", "cpu")])
+    rt = assemble.runtime(cfg)
+    assert rt.device == torch.device("cpu") and not rt.graphs and rt.precision.name == "fp32"
+    data = load_dataset(cfg.data)
+    models = [assemble.backbone(cfg.model, data, rt.device) for _ in range(2)]
+    assert assemble.views(models, rt) == (models, models)
+    compiled = assemble.views(models, assemble.runtime(resolve(overrides=[("runtime.compile", True)])))
+    assert all(isinstance(v, CompiledBackbone) for views in compiled for v in views)
+    method = assemble.method(cfg, rt.device)
+    assert method.name == "ncr" and method.backend == "torch"
+    pairs = training_pairs(data.train, cfg.data, cfg.seed)
+    assert pairs.noise_rate == 0.4 and pairs.clean is not None and 0.5 < pairs.clean.mean() < 0.7
+    assert (pairs.caption_to_image[pairs.clean] == (pairs.clean.nonzero()[0] // 5)).all()

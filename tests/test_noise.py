@@ -60,7 +60,7 @@ def test_rate_zero_is_the_identity():
 
 @pytest.mark.parametrize("rate", (1.0, 1.5, -0.1, -1e-9))
 def test_rate_outside_unit_interval_raises(rate):
-    with pytest.raises(FastnclError, match=r"\[0, 1\)"):
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
         noisy_caption_index(NUM_CAPTIONS, CPI, rate, seed=0)
 
 

@@ -14,9 +14,10 @@ import numpy as np
 from fastncl import FastnclError
 
 
-def check_rate(rate: float, option: str = "--noise") -> None:
-    if not 0.0 <= rate < 1.0:
-        raise FastnclError(f"{option}: the noise rate must be in [0, 1), got {rate}")
+def own_images(num_captions: int, captions_per_image: int) -> np.ndarray:
+    """Caption -> image index without noise: caption k belongs to image k // captions_per_image
+    (the SCAN/NCR layout)."""
+    return np.arange(num_captions, dtype=np.int64) // captions_per_image
 
 
 def noisy_caption_index(num_captions: int, captions_per_image: int, rate: float, seed: int) -> np.ndarray:
@@ -24,11 +25,12 @@ def noisy_caption_index(num_captions: int, captions_per_image: int, rate: float,
 
     Deterministic for a given seed; caption k belongs to image k // captions_per_image before noise.
     """
-    check_rate(rate)
+    if not 0.0 <= rate < 1.0:  # a config's data.noise is validated before it gets here
+        raise ValueError(f"the noise rate must be in [0, 1), got {rate}")
     if num_captions % captions_per_image:
         raise ValueError(f"{num_captions} captions is not a multiple of {captions_per_image} captions per image")
     rng = np.random.default_rng(seed)
-    index = np.arange(num_captions, dtype=np.int64) // captions_per_image
+    index = own_images(num_captions, captions_per_image)
     chosen = rng.permutation(num_captions)[: int(rate * num_captions)]
     index[chosen] = rng.permutation(index[chosen])
     return index
@@ -53,4 +55,4 @@ def load_noise_index(path: str | Path, num_captions: int, num_images: int) -> np
 
 def measured_rate(index: np.ndarray, captions_per_image: int) -> float:
     """The fraction of captions a caption -> image index puts on another image than their own."""
-    return float(np.mean(index != np.arange(len(index)) // captions_per_image))
+    return float(np.mean(index != own_images(len(index), captions_per_image)))

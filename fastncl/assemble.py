@@ -1,0 +1,72 @@
+"""The composition root: what a run is made of, built from its config in one place.
+
+The trainer, ``fastncl eval``/``report`` and the end-to-end benchmark all get their device,
+precision, models, compiled views, loss-op backend and method from here, so that a run is
+evaluated as it was trained.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fastncl import FastnclError, kernels
+from fastncl.config import Config, ModelConfig
+from fastncl.data import Dataset
+from fastncl.step import CompiledBackbone, Precision, resolve_amp
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise FastnclError(f"runtime.device={name}: CUDA is not available on this machine")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise FastnclError(f"runtime.device: not a device name: {name!r}") from None
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    precision: Precision
+    compile: bool  # torch.compile the backbones
+    graphs: bool  # and capture training steps and split passes in CUDA graphs
+
+
+def runtime(cfg: Config, device: torch.device | None = None) -> Runtime:
+    device = device or resolve_device(cfg.runtime.device)
+    graphs = cfg.runtime.compile and cfg.runtime.cuda_graphs and device.type == "cuda"
+    return Runtime(device, Precision(resolve_amp(cfg.runtime.amp, device), device), cfg.runtime.compile, graphs)
+
+
+def backend(cfg: Config, device: torch.device) -> str:
+    """The loss-op backend, resolved once: every op call gets "torch" or "triton"."""
+    try:
+        return kernels.check_backend(cfg.runtime.backend, device)
+    except ValueError as e:
+        raise FastnclError(f"runtime.backend={cfg.runtime.backend}: {e}") from None
+
+
+def method(cfg: Config, device: torch.device):
+    from fastncl.methods import build_method
+
+    m = build_method(cfg)
+    m.backend = backend(cfg, device)
+    return m
+
+
+def backbone(model: ModelConfig, data: Dataset, device: torch.device) -> torch.nn.Module:
+    from fastncl.models import build_backbone
+
+    return build_backbone(model, data.image_dim, len(data.vocab), data.train.images.shape[1]).to(device)
+
+
+def views(models: list, rt: Runtime) -> tuple[list, list]:
+    """What the steps and split passes call, and what evaluation calls: the modules, or their
+    compiled forms (with CUDA graphs for the steps on a GPU; evaluation without)."""
+    if not rt.compile:
+        return list(models), list(models)
+    return ([CompiledBackbone(m, "reduce-overhead" if rt.graphs else None) for m in models],
+            [CompiledBackbone(m) for m in models])
