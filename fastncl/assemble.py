@@ -52,9 +52,7 @@ def backend(cfg: Config, device: torch.device) -> str:
 def method(cfg: Config, device: torch.device):
     from fastncl.methods import build_method
 
-    m = build_method(cfg)
-    m.backend = backend(cfg, device)
-    return m
+    return build_method(cfg, kernels.Ops(backend(cfg, device)))
 
 
 def backbone(model: ModelConfig, data: Dataset, device: torch.device) -> torch.nn.Module:

@@ -14,18 +14,18 @@ if __name__ != "fastncl.kernels":  # the folder is installed under fastncl; see 
         f"this folder must be imported as fastncl.kernels, not {__name__!r}; install with `pip install -e .`"
     )
 
-import importlib
-import os
+import importlib as _importlib
+import os as _os
 
-import torch
+import torch as _torch
 
 from . import reference
 
-__all__ = [*reference.__all__, "resolve_backend", "check_backend"]
-
 BACKENDS = ("auto", "torch", "triton")
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # upcast to fp32 on load; fp32 accumulation
-_TRITON_MODULES = {  # op -> the module that holds its Triton twin
+KERNEL_DTYPES = (_torch.float16, _torch.bfloat16, _torch.float32)  # upcast to fp32 on load; fp32 accumulation
+# The ops: name -> the module that holds its Triton twin. The reference (reference.py) defines each
+# op under the same name and signature; the dispatching functions below and ``Ops`` derive from this.
+OPS = {
     "infonce_terms": "infonce",
     "cross_consistency": "consistency",
     "metric_consistency": "consistency",
@@ -38,12 +38,20 @@ _TRITON_MODULES = {  # op -> the module that holds its Triton twin
     "cross_consistency_embed": "consistency_embed",
     "metric_consistency_embed": "consistency_embed",
 }
+if set(OPS) != set(reference.__all__):
+    raise ImportError(f"fastncl.kernels: OPS and reference.__all__ name different ops: {set(OPS) ^ set(reference.__all__)}")
+# From this batch size on, a dot-product backbone's InfoNCE and consistency terms come straight from
+# its embeddings with the Triton backend (linear memory); below it the (B, B) matrix ops and the
+# fused per-batch objectives (one launch each way) are the faster path.
+EMBED_MIN_BATCH = 512
+
+__all__ = [*OPS, "AUTO", "BACKENDS", "EMBED_MIN_BATCH", "OPS", "Ops", "check_backend", "resolve_backend"]
 _triton_available = None
 
 
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return _os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def triton_available() -> bool:
@@ -59,13 +67,13 @@ def triton_available() -> bool:
     return _triton_available
 
 
-def resolve_backend(backend: str = "auto", tensor: torch.Tensor | None = None) -> str:
+def resolve_backend(backend: str = "auto", tensor: _torch.Tensor | None = None) -> str:
     """The backend an op call on ``tensor`` will use: "torch" or "triton".
 
     Without a tensor, "auto" stays "auto" unless ``FASTNCL_BACKEND`` names a backend.
     """
     if backend == "auto":
-        backend = os.environ.get("FASTNCL_BACKEND", "auto") or "auto"
+        backend = _os.environ.get("FASTNCL_BACKEND", "auto") or "auto"
         if backend not in BACKENDS:
             raise ValueError(f"the environment variable FASTNCL_BACKEND must be one of {BACKENDS}, got {backend!r}")
     if backend not in BACKENDS:
@@ -76,7 +84,7 @@ def resolve_backend(backend: str = "auto", tensor: torch.Tensor | None = None) -
     return "triton" if cuda and triton_available() else "torch"
 
 
-def check_backend(backend: str, device: torch.device) -> str:
+def check_backend(backend: str, device: _torch.device) -> str:
     """Validate a configured backend for a device before any work starts; returns the backend every
     op call will use ("torch" or "triton"), so that hot paths need no lookup."""
     resolved = resolve_backend(backend)
@@ -89,7 +97,7 @@ def check_backend(backend: str, device: torch.device) -> str:
             raise ValueError(f"backend='triton' needs a CUDA device (got {device}); on CPU the kernels run only in "
                              "Triton's interpreter (TRITON_INTERPRET=1, slow, for tests)")
     if resolved == "triton":
-        for name in _TRITON_MODULES:  # imported now, never while torch.compile traces a step
+        for name in OPS:  # imported now, never while torch.compile traces a step
             triton_impl(name)
     return resolved
 
@@ -104,61 +112,58 @@ def triton_impl(name: str):
     if fn is None:
         if not triton_available():
             raise ValueError(f"{name}: backend='triton' needs the triton package: pip install 'fastncl[triton]'")
-        module = importlib.import_module(f".{_TRITON_MODULES[name]}", __name__)
+        module = _importlib.import_module(f".{OPS[name]}", __name__)
         fn = _triton_impls[name] = getattr(module, name)
     return fn
 
 
-def _impl(name: str, backend: str, tensor: torch.Tensor):
+def _impl(name: str, backend: str, tensor: _torch.Tensor):
     if resolve_backend(backend, tensor) == "torch":
         return getattr(reference, name)
     return triton_impl(name)
 
 
-def infonce_terms(sim, tau, *, backend="auto"):
-    return _impl("infonce_terms", backend, sim)(sim, tau)
+def _dispatching(name: str):
+    """Op ``name`` with a ``backend`` keyword, resolved per call from its first tensor."""
+    ref = getattr(reference, name)
+
+    def op(*args, backend="auto", **kwargs):
+        return _impl(name, backend, args[0])(*args, **kwargs)
+
+    op.__name__ = op.__qualname__ = name
+    op.__doc__ = ref.__doc__
+    op.__wrapped__ = ref  # inspect.signature shows the reference's parameters
+    return op
 
 
-def cross_consistency(sim, alpha, *, backend="auto"):
-    return _impl("cross_consistency", backend, sim)(sim, alpha)
+for _name in OPS:
+    globals()[_name] = _dispatching(_name)
 
 
-def metric_consistency(sim_img, sim_txt, alpha, *, backend="auto"):
-    return _impl("metric_consistency", backend, sim_img)(sim_img, sim_txt, alpha)
+class Ops:
+    """The ops bound to one backend, resolved once (``check_backend``): ``ops.triplet_terms(sim,
+    margin, hardest)`` is a plain attribute lookup, no dispatch per call. ``"auto"`` binds the
+    dispatching functions (resolved per call from the tensor)."""
+
+    def __init__(self, backend: str = "auto"):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.backend = backend
+        for name in OPS:
+            if backend == "auto":
+                fn = globals()[name]
+            else:
+                fn = getattr(reference, name) if backend == "torch" else triton_impl(name)
+            setattr(self, name, fn)
+
+    def from_embeddings(self, n: int, dot_product: bool) -> bool:
+        """Whether a batch of ``n`` pairs of a dot-product backbone takes its InfoNCE and
+        consistency terms straight from its (n, E) embeddings (Triton only, from EMBED_MIN_BATCH
+        pairs on): no (n, n) matrix, so memory grows linearly with the batch."""
+        return self.backend == "triton" and dot_product and n >= EMBED_MIN_BATCH
+
+    def __repr__(self) -> str:
+        return f"Ops({self.backend!r})"
 
 
-def esc_anchor_terms(sim, anchor, alpha=0.0, normalize=False, *, backend="auto"):
-    return _impl("esc_anchor_terms", backend, sim)(sim, anchor, alpha, normalize)
-
-
-def triplet_terms(sim, margin, hardest, *, backend="auto"):
-    return _impl("triplet_terms", backend, sim)(sim, margin, hardest)
-
-
-def proxy_argmax(query, keys, key_mask=None, *, backend="auto"):
-    return _impl("proxy_argmax", backend, query)(query, keys, key_mask)
-
-
-def sps_reliable_objective(sim, sim_img, sim_txt, tau, alpha, cross_weight, metric_weight, *, backend="auto"):
-    return _impl("sps_reliable_objective", backend, sim)(sim, sim_img, sim_txt, tau, alpha, cross_weight,
-                                                         metric_weight)
-
-
-def esc_division_terms(sim, margin, esc_weight, alpha=0.0, hardest=True, normalize=False, *, backend="auto"):
-    return _impl("esc_division_terms", backend, sim)(sim, margin, esc_weight, alpha, hardest, normalize)
-
-
-def infonce_terms_embed(img, txt, tau, *, backend="auto"):
-    return _impl("infonce_terms_embed", backend, img)(img, txt, tau)
-
-
-def cross_consistency_embed(img, txt, alpha, *, backend="auto"):
-    return _impl("cross_consistency_embed", backend, img)(img, txt, alpha)
-
-
-def metric_consistency_embed(img_feats, txt_feats, alpha, *, backend="auto"):
-    return _impl("metric_consistency_embed", backend, img_feats)(img_feats, txt_feats, alpha)
-
-
-for _name in reference.__all__:
-    globals()[_name].__doc__ = getattr(reference, _name).__doc__
+AUTO = Ops("auto")

@@ -409,17 +409,18 @@ def test_triton_backend_trains_like_the_reference(trained, tmp_path, name):
 
 @pytest.mark.parametrize("name", ["vanilla", "sps"])
 def test_embedding_level_ops_train_like_the_matrix_ops(trained, tmp_path, monkeypatch, name):
-    """With the Triton backend a vse batch from fastncl.methods.base.EMBED_MIN_BATCH pairs on takes
+    """With the Triton backend a vse batch from fastncl.kernels.EMBED_MIN_BATCH pairs on takes
     its InfoNCE (and SPS's consistency terms) straight from the embeddings; here every batch does:
     the warm-up losses match the reference backend's run, and every later epoch's are finite."""
     pytest.importorskip("triton")
-    import fastncl.methods.base
-
-    monkeypatch.setattr(fastncl.methods.base, "EMBED_MIN_BATCH", 1)
-    called = []
     import fastncl.kernels as K
+
+    monkeypatch.setattr(K, "EMBED_MIN_BATCH", 1)
+    called = []
     for op in ("infonce_terms_embed", "cross_consistency_embed", "metric_consistency_embed"):
-        monkeypatch.setattr(K, op, lambda *a, _op=getattr(K, op), _name=op, **kw: called.append(_name) or _op(*a, **kw))
+        # the Triton twin the run's Ops binds (kernels.triton_impl's cache)
+        monkeypatch.setitem(K._triton_impls, op, lambda *a, _op=K.triton_impl(op), _name=op, **kw:
+                            called.append(_name) or _op(*a, **kw))
     out = tmp_path / name
     assert main(train_args(name, out) + ["runtime.backend=triton"]) == 0
     assert {"infonce_terms_embed"} <= set(called)
@@ -433,10 +434,10 @@ def test_consistency_closed_form_trains_like_the_reference(tmp_path, monkeypatch
     consistency terms' D x D closed form (here from any B): the warm-up losses and the consistency
     terms of every epoch match the reference backend's run with the same alpha."""
     pytest.importorskip("triton")
-    import fastncl.methods.base
+    import fastncl.kernels
     from fastncl.kernels import consistency_embed
 
-    monkeypatch.setattr(fastncl.methods.base, "EMBED_MIN_BATCH", 1)
+    monkeypatch.setattr(fastncl.kernels, "EMBED_MIN_BATCH", 1)
     monkeypatch.setattr(consistency_embed, "CLOSED_FORM_MIN_RATIO", dict.fromkeys(consistency_embed.CLOSED_FORM_MIN_RATIO, 0))
     calls = []
     apply = consistency_embed._ClosedForm.apply

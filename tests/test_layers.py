@@ -177,7 +177,21 @@ def test_the_composition_root_builds_what_a_run_trains_and_evaluates():
     compiled = assemble.views(models, assemble.runtime(resolve(overrides=[("runtime.compile", True)])))
     assert all(isinstance(v, CompiledBackbone) for views in compiled for v in views)
     method = assemble.method(cfg, rt.device)
-    assert method.name == "ncr" and method.backend == "torch"
+    assert method.name == "ncr" and method.ops.backend == "torch"
     pairs = training_pairs(data.train, cfg.data, cfg.seed)
     assert pairs.noise_rate == 0.4 and pairs.clean is not None and 0.5 < pairs.clean.mean() < 0.7
     assert (pairs.caption_to_image[pairs.clean] == (pairs.clean.nonzero()[0] // 5)).all()
+
+
+def test_the_ops_are_one_table_bound_once_and_kernels_exports_only_ops():
+    import fastncl.kernels as K
+
+    public = {n for n in dir(K) if not n.startswith("_")}
+    assert not public & {"importlib", "os", "torch"}, "fastncl.kernels leaks its imports"
+    assert set(K.OPS) == set(K.reference.__all__) and set(K.OPS) <= set(K.__all__)
+    bound = K.Ops("torch")
+    assert all(getattr(bound, name) is getattr(K.reference, name) for name in K.OPS)  # no dispatch per call
+    assert all(getattr(K.AUTO, name) is getattr(K, name) for name in K.OPS)  # "auto": resolved per call
+    assert not bound.from_embeddings(10**6, dot_product=True)  # the embedding-level path is Triton's
+    with pytest.raises(ValueError, match="backend must be one of"):
+        K.Ops("cuda")

@@ -1,6 +1,7 @@
 """Methods: division losses, mixture fits, subsets and per-batch objectives."""
 from __future__ import annotations
 
+from fastncl import kernels
 from fastncl.config import Config
 
 from . import registry
@@ -12,8 +13,8 @@ from .sps import SPS
 from .esc import ESC
 
 
-def build_method(cfg: Config) -> Method:
-    return registry.get(cfg.method)(cfg)
+def build_method(cfg: Config, ops: kernels.Ops = kernels.AUTO) -> Method:
+    return registry.get(cfg.method)(cfg, ops)
 
 
 __all__ = ["ESC", "Hinge", "Method", "NCR", "SPS", "Vanilla", "build_method"]

@@ -37,11 +37,6 @@ from .mixture import MixtureFit, fit_gmm
 
 LossGroup = Callable[[], dict]  # returns named terms; "loss" is what is minimised
 
-# From this batch size on, a dot-product backbone's InfoNCE and consistency terms come straight from
-# its embeddings with the Triton backend (linear memory); below it the (B, B) matrix ops and the
-# fused per-batch objectives (one launch each way) are the faster path.
-EMBED_MIN_BATCH = 512
-
 
 class Method:
     name = "base"
@@ -73,9 +68,9 @@ class Method:
         from a run's config.yaml values (``cfg``)."""
         return []
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, ops: kernels.Ops = kernels.AUTO):
         self.cfg = cfg
-        self.backend = cfg.runtime.backend
+        self.ops = ops  # the loss ops bound to the run's backend (fastncl.assemble.method)
 
     # -- division ---------------------------------------------------------------------------
     def split_losses(self, model, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -109,18 +104,17 @@ class Method:
 
     # -- shared pieces ----------------------------------------------------------------------
     def from_embeddings(self, model, n: int) -> bool:
-        """Whether a batch of ``n`` pairs takes its InfoNCE and consistency terms straight from the
-        (n, E) embeddings of a dot-product backbone (Triton backend only): no (n, n) matrix, so
-        memory grows linearly with the batch."""
-        return self.backend == "triton" and getattr(model, "dot_product", False) and n >= EMBED_MIN_BATCH
+        """Whether a batch of ``n`` pairs of ``model`` takes its InfoNCE and consistency terms straight
+        from its embeddings (the ops' policy: ``kernels.Ops.from_embeddings``)."""
+        return self.ops.from_embeddings(n, getattr(model, "dot_product", False))
 
     def infonce(self, model, img: Encoding, cap: Encoding, tau: float):
         """Per-pair bidirectional InfoNCE loss (SPS Eq. 1) and prediction (SPS Eq. 15), each (B,),
         of every image of a batch against every caption."""
         if self.from_embeddings(model, img.global_.shape[0]):
-            terms = kernels.infonce_terms_embed(img.global_, cap.global_, tau, backend=self.backend)
+            terms = self.ops.infonce_terms_embed(img.global_, cap.global_, tau)
         else:
-            terms = kernels.infonce_terms(model.similarity(img, cap), tau, backend=self.backend)
+            terms = self.ops.infonce_terms(model.similarity(img, cap), tau)
         l_i2t, l_t2i, p_i2t, p_t2i = terms
         return l_i2t + l_t2i, (p_i2t + p_t2i) / 2
 

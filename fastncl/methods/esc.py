@@ -107,8 +107,8 @@ class ESC(Method):
         c = self.cfg.esc
         sim = forward_pairs(model, batch.images, batch.tokens, batch.lengths).sim
         # Eq. 9: l_hard + beta l_ESC against the batch's anchor argmax_i S(I_i, T_i) (Eq. 6)
-        loss, anchor = kernels.esc_division_terms(sim, c.margin, c.esc_weight, c.division_margin,
-                                                  c.division_hardest, c.esc_normalize, backend=self.backend)
+        loss, anchor = self.ops.esc_division_terms(sim, c.margin, c.esc_weight, c.division_margin,
+                                                  c.division_hardest, c.esc_normalize)
         return loss, torch.arange(sim.shape[0], device=sim.device) == anchor
 
     def fit(self, losses):
@@ -138,7 +138,7 @@ class ESC(Method):
         # The hinge over the mean of the negatives, as NCR's warm-up and the official code: hardest-
         # negative training from a random initialisation collapses onto hub images (measured on the
         # embedded data: text->image R@1 0.5 % after 3 epochs), so l_hard's max is not used here.
-        losses = kernels.triplet_terms(sim, c.margin, hardest=False, backend=self.backend)
+        losses = self.ops.triplet_terms(sim, c.margin, hardest=False)
         if c.warmup == "all":  # paper: every pair
             return {"loss": losses.sum()}
         # official (BiCro warmup_sele): the smallest warmup_rate of the losses, summed
@@ -147,13 +147,13 @@ class ESC(Method):
 
     def _soft_triplet(self, sim, label, keep=None):
         c = self.cfg.esc
-        return soft_triplet(sim, label, c.margin, c.soft_margin_base, keep, self.backend)
+        return soft_triplet(sim, label, c.margin, c.soft_margin_base, keep, self.ops)
 
     def _esc_train(self, sim):
         """L_ESC (Eq. 14), summed over the batch."""
         c = self.cfg.esc
         anchor = pseudo_negative(sim) if c.train_esc == "pseudo_negative" else sim.detach().diagonal().argmax()
-        return kernels.esc_anchor_terms(sim, anchor, c.train_margin, c.esc_normalize, backend=self.backend).sum()
+        return self.ops.esc_anchor_terms(sim, anchor, c.train_margin, c.esc_normalize).sum()
 
     def _label_features(self, model) -> str:
         """The features BiCro's labels compare: those the backbone's similarity is built on ("global"
@@ -168,13 +168,13 @@ class ESC(Method):
         c = self.cfg.esc
         b = batches["clean"]
         out = forward_pairs(peer, b.images, b.tokens, b.lengths)
-        confidence = hinge_confidence(out.sim, c.margin, self.backend)
+        confidence = hinge_confidence(out.sim, c.margin, self.ops)
         k = int(confidence.shape[0] * c.label_anchor_fraction) + 1
         anchors = torch.zeros_like(confidence, dtype=torch.bool)
         anchors[torch.topk(confidence, k).indices] = True
         which = self._label_features(peer)
         img, txt = intramodal_features(out.images, which), intramodal_features(out.captions, which)
-        consistency = bicro_consistency(img, txt, img, txt, anchors, self.backend)
+        consistency = bicro_consistency(img, txt, img, txt, anchors, self.ops)
         if c.clean_labels == "one":  # paper (Sec. 3.3): every pair of D_c has label 1
             labels = {"clean": torch.ones_like(consistency)}
         else:  # official (BiCro): anchors 1, the others 0.5 + consistency / 2
@@ -183,7 +183,7 @@ class ESC(Method):
             n = batches["noisy"]
             out_n = forward_pairs(peer, n.images, n.tokens, n.lengths)
             label = bicro_consistency(intramodal_features(out_n.images, which),
-                                      intramodal_features(out_n.captions, which), img, txt, anchors, self.backend)
+                                      intramodal_features(out_n.captions, which), img, txt, anchors, self.ops)
             labels["noisy"] = torch.where(label <= c.noise_label_cut, torch.zeros_like(label), label)
         return labels
 

@@ -34,7 +34,7 @@ class Hinge(Method):
 
     def _loss(self, model, batch, hardest: bool) -> dict:
         sim = forward_pairs(model, batch.images, batch.tokens, batch.lengths).sim
-        return {"loss": kernels.triplet_terms(sim, self.cfg.hinge.margin, hardest=hardest, backend=self.backend).sum()}
+        return {"loss": self.ops.triplet_terms(sim, self.cfg.hinge.margin, hardest=hardest).sum()}
 
     def warmup_loss(self, model, batch) -> dict:
         return self._loss(model, batch, hardest=False)

@@ -15,20 +15,20 @@ def soft_margin(label: torch.Tensor, margin: float, base: float) -> torch.Tensor
     return margin * (base ** label.clamp(0, 1) - 1) / (base - 1)
 
 
-def hinge_confidence(sim: torch.Tensor, margin: float, backend: str = "auto") -> torch.Tensor:
+def hinge_confidence(sim: torch.Tensor, margin: float, ops: kernels.Ops = kernels.AUTO) -> torch.Tensor:
     """(B,) NCR confidence in [0, 1]: (alpha - mean hinge per direction) / alpha, clamped."""
-    mean_hinge = kernels.triplet_terms(sim, margin, hardest=False, backend=backend) / 2
+    mean_hinge = ops.triplet_terms(sim, margin, hardest=False) / 2
     return ((margin - mean_hinge) / margin).clamp(0, 1)
 
 
 def ncr_prediction(sim: torch.Tensor, margin: float, anchor_fraction: float = 0.1,
-                   backend: str = "auto") -> torch.Tensor:
+                   ops: kernels.Ops = kernels.AUTO) -> torch.Tensor:
     """(B,) NCR's prediction of each pair's correspondence (NCR's ``predict``): the confidence
     clamp(alpha - mean hinge per direction, 0, alpha), divided by the mean of the batch's top
     floor(B * anchor_fraction) + 1 confidences, clamped to [0, 1]."""
     n = sim.shape[0]
     # the code's means divide by B (the zeroed diagonal counted); triplet_terms' by the B - 1 negatives
-    mean_hinge = kernels.triplet_terms(sim, margin, hardest=False, backend=backend) * ((n - 1) / (2 * n))
+    mean_hinge = ops.triplet_terms(sim, margin, hardest=False) * ((n - 1) / (2 * n))
     confidence = (margin - mean_hinge).clamp(0, margin)
     k = min(int(confidence.shape[0] * anchor_fraction) + 1, confidence.shape[0])
     top = torch.topk(confidence, k).values.mean()
@@ -36,12 +36,12 @@ def ncr_prediction(sim: torch.Tensor, margin: float, anchor_fraction: float = 0.
 
 
 def soft_triplet(sim: torch.Tensor, label: torch.Tensor, margin: float, base: float, keep=None,
-                 backend: str = "auto") -> torch.Tensor:
+                 ops: kernels.Ops = kernels.AUTO) -> torch.Tensor:
     """Soft-margin triplet loss over the hardest negatives (NCR; ESC Eq. 13), summed over the batch.
 
     ``keep`` (B,) optionally weighs each pair's term (0 leaves a pair out).
     """
-    terms = kernels.triplet_terms(sim, soft_margin(label, margin, base), hardest=True, backend=backend)
+    terms = ops.triplet_terms(sim, soft_margin(label, margin, base), hardest=True)
     return (terms if keep is None else terms * keep).sum()
 
 
@@ -56,7 +56,7 @@ def _ratio(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (torch.minimum(a, b).clamp_min(0) / torch.maximum(a, b).clamp_min(1e-6)).clamp(0, 1)
 
 
-def bicro_consistency(q_img, q_txt, k_img, k_txt, key_mask, backend="auto") -> torch.Tensor:
+def bicro_consistency(q_img, q_txt, k_img, k_txt, key_mask, ops=kernels.AUTO) -> torch.Tensor:
     """BiCro's bidirectional similarity consistency of each query pair with its nearest anchor.
 
     img2text: the anchor whose image is closest to the query image, then the ratio of the image
@@ -65,9 +65,9 @@ def bicro_consistency(q_img, q_txt, k_img, k_txt, key_mask, backend="auto") -> t
     per-modality features; only keys with ``key_mask`` True are anchors.
     """
     qi, qt, ki, kt = (F.normalize(x.float(), dim=-1) for x in (q_img, q_txt, k_img, k_txt))
-    idx, a = kernels.proxy_argmax(qi, ki, key_mask, backend=backend)
+    idx, a = ops.proxy_argmax(qi, ki, key_mask)
     img2text = _ratio(a, (qt * kt[idx.clamp_min(0)]).sum(-1))
-    idx, a = kernels.proxy_argmax(qt, kt, key_mask, backend=backend)
+    idx, a = ops.proxy_argmax(qt, kt, key_mask)
     text2img = _ratio(a, (qi * ki[idx.clamp_min(0)]).sum(-1))
     return (img2text + text2img) / 2
 

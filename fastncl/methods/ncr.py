@@ -72,7 +72,7 @@ class NCR(Method):
 
     def split_losses(self, model, batch):
         sim = forward_pairs(model, batch.images, batch.tokens, batch.lengths).sim
-        return kernels.triplet_terms(sim, self.cfg.ncr.margin, hardest=False, backend=self.backend), None
+        return self.ops.triplet_terms(sim, self.cfg.ncr.margin, hardest=False), None
 
     def noisy_cut(self, fit):
         return noisy_threshold(fit.clean_prob, self.cfg.ncr.clean_threshold, self.cfg.ncr.min_noisy_fraction)
@@ -86,11 +86,11 @@ class NCR(Method):
 
     def warmup_loss(self, model, batch):
         sim = forward_pairs(model, batch.images, batch.tokens, batch.lengths).sim
-        return {"loss": kernels.triplet_terms(sim, self.cfg.ncr.margin, hardest=False, backend=self.backend).sum()}
+        return {"loss": self.ops.triplet_terms(sim, self.cfg.ncr.margin, hardest=False).sum()}
 
     def _soft_triplet(self, sim, label, keep=None):
         c = self.cfg.ncr
-        return soft_triplet(sim, label, c.margin, c.soft_margin_base, keep, self.backend)
+        return soft_triplet(sim, label, c.margin, c.soft_margin_base, keep, self.ops)
 
     def active_subsets(self, co_epoch):
         return self.subset_names if co_epoch >= self.cfg.ncr.noisy_start else ("clean",)
@@ -100,7 +100,7 @@ class NCR(Method):
         """NCR's eval-mode prediction of ``model`` for the pairs of batch ``b``."""
         with eval_mode(model):
             sim = forward_pairs(model, b.images, b.tokens, b.lengths).sim
-        return ncr_prediction(sim, self.cfg.ncr.margin, backend=self.backend)
+        return ncr_prediction(sim, self.cfg.ncr.margin)
 
     def train_groups(self, model, peer, batches, peer_prob, co_epoch):
         c = self.cfg.ncr
@@ -120,7 +120,7 @@ class NCR(Method):
                 target = (self._prediction(model, b) + self._prediction(peer, b)) / 2
             sim = forward_pairs(model, b.images, b.tokens, b.lengths).sim
             if c.noisy_target == "own":  # the model's own train-mode hinge confidence / alpha
-                target = hinge_confidence(sim.detach(), c.margin, self.backend)
+                target = hinge_confidence(sim.detach(), c.margin, self.ops)
             l_noisy = self._soft_triplet(sim, target, noisy_keep(target, c))
             return {"loss": l_noisy, "noisy": l_noisy.detach()}
 

@@ -159,14 +159,13 @@ class SPS(Method):
         ``x_img``, ``x_txt``: the intramodal features of ``img`` and ``cap``."""
         c = self.cfg.sps
         if not self.from_embeddings(model, x_img.shape[0]):  # one fused op (Triton: one launch each way)
-            return kernels.sps_reliable_objective(model.similarity(img, cap), cosine_matrix(x_img, x_img),
+            return self.ops.sps_reliable_objective(model.similarity(img, cap), cosine_matrix(x_img, x_img),
                                                   cosine_matrix(x_txt, x_txt),
-                                                  c.tau, c.consistency_margin, c.cross_weight, c.metric_weight,
-                                                  backend=self.backend)
+                                                  c.tau, c.consistency_margin, c.cross_weight, c.metric_weight)
         loss, _ = self.infonce(model, img, cap, c.tau)  # large batches: no (B, B) matrix anywhere
         l_re = loss.mean()
-        l_cro = kernels.cross_consistency_embed(img.global_, cap.global_, c.consistency_margin, backend=self.backend)
-        l_met = kernels.metric_consistency_embed(x_img, x_txt, c.consistency_margin, backend=self.backend)
+        l_cro = self.ops.cross_consistency_embed(img.global_, cap.global_, c.consistency_margin)
+        l_met = self.ops.metric_consistency_embed(x_img, x_txt, c.consistency_margin)
         return l_re + c.cross_weight * l_cro + c.metric_weight * l_met, l_re, l_cro, l_met
 
     def _proxy_label(self, cosine: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
@@ -200,16 +199,14 @@ class SPS(Method):
             b, re = batches["noisy"], batches["reliable"]
             # image -> proxy caption (Eq. 11-13): search among the reliable batch's images
             img = model.encode_images(b.images)
-            index, cosine = kernels.proxy_argmax(intramodal_features(img, c.intramodal).detach(), cache["img"],
-                                                 backend=self.backend)
+            index, cosine = self.ops.proxy_argmax(intramodal_features(img, c.intramodal).detach(), cache["img"])
             cap = model.encode_captions(re.tokens[index], re.lengths[index])
             loss, prediction = self.infonce(model, img, cap, c.tau)
             l_n = (self._proxy_label(cosine, prediction) * loss).mean()
             terms = {"n_i2t": l_n}
             if c.proxy_directions == "both":  # caption -> proxy image
                 cap = model.encode_captions(b.tokens, b.lengths)
-                index, cosine = kernels.proxy_argmax(intramodal_features(cap, c.intramodal).detach(), cache["txt"],
-                                                     backend=self.backend)
+                index, cosine = self.ops.proxy_argmax(intramodal_features(cap, c.intramodal).detach(), cache["txt"])
                 img = model.encode_images(re.images[index])
                 loss, prediction = self.infonce(model, img, cap, c.tau)
                 terms["n_t2i"] = (self._proxy_label(cosine, prediction) * loss).mean()

@@ -23,7 +23,7 @@ from .base import Encoding, cosine_matrix
 
 class VSE(nn.Module):
     # similarity(img, cap) is img.global_ @ cap.global_.T: with the Triton backend, large batches
-    # take their losses straight from the embeddings (fastncl.methods.base.EMBED_MIN_BATCH)
+    # take their losses straight from the embeddings (fastncl.kernels.EMBED_MIN_BATCH)
     dot_product = True
     # ESC's BiCro labels compare the features the similarity is built on: the pooled-and-normalised
     # global embeddings (the mean of the regions/words plays no part in a vse score)
