@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from fastncl import optional_import
+from fastncl.records import EpochRecord, SplitFile
 
 INSTALL_HINT = "pip install 'fastncl[tensorboard]' (tensorboard)"
 
@@ -35,7 +36,7 @@ def scalars(record: dict, prefix: str = "") -> dict[str, float]:
         if isinstance(value, bool) or value is None:
             continue
         if isinstance(value, (int, float)):
-            if name != "epoch":
+            if name not in ("epoch", "format"):
                 out[name] = float(value)
         elif isinstance(value, (dict, list)):
             out.update(scalars(value, name + "/"))
@@ -46,20 +47,20 @@ class Board:
     def __init__(self, folder: Path):
         self.writer = _writer_class()(log_dir=str(folder))
 
-    def log(self, record: dict, split: dict | None = None) -> None:
-        step = record["epoch"] + 1
-        for name, value in scalars(record).items():
+    def log(self, record: EpochRecord, split: SplitFile | None = None) -> None:
+        step = record.epoch + 1
+        for name, value in scalars(record.to_json()).items():
             self.writer.add_scalar(name, value, step)
         if split is not None:
-            clean = split.get("clean_mask")
-            for k, losses in enumerate(split["normalized"]):
+            clean = split.clean_mask
+            for k, losses in enumerate(split.normalized):
                 model = "AB"[k]
                 self.writer.add_histogram(f"split_losses/{model}", losses, step)
                 if clean is not None:
                     for name, mask in (("clean", clean), ("noisy", ~clean)):
                         if mask.any():
                             self.writer.add_histogram(f"split_losses/{model}_{name}", losses[mask], step)
-                self.writer.add_histogram(f"clean_prob/{model}", np.asarray(split["clean_prob"][k]), step)
+                self.writer.add_histogram(f"clean_prob/{model}", np.asarray(split.clean_prob[k]), step)
         self.writer.flush()
 
     def close(self) -> None:

@@ -136,7 +136,7 @@ def _report(args) -> int:
 
 
 def _compare(args) -> int:
-    from fastncl.report import compare_rows, compare_table
+    from fastncl.compare import compare_rows, compare_table
 
     print(compare_table(compare_rows(args.run_dirs), args.format), end="")
     return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fastncl.records import SplitQuality, SubsetCount
 from fastncl.step import FULL_PRECISION, Precision
 
 KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
@@ -102,7 +103,7 @@ def similarity_matrix(models, split, device, chunk: int = 1000, precision: Preci
 
 
 def split_diagnostics(clean_prob: np.ndarray, noisy_cut: float, clean_mask: np.ndarray | None,
-                      subsets: dict[str, np.ndarray] | None = None, detected: np.ndarray | None = None) -> dict:
+                      subsets: dict[str, np.ndarray] | None = None, detected: np.ndarray | None = None) -> SplitQuality:
     """How well a split found the noisy pairs, against the ground truth when it is known.
 
     precision/recall/F1 are those of the detected noisy set: the caption indices ``detected`` (a
@@ -116,26 +117,21 @@ def split_diagnostics(clean_prob: np.ndarray, noisy_cut: float, clean_mask: np.n
         mask = np.zeros(len(clean_prob), dtype=bool)
         mask[detected] = True
         detected = mask
-    out = {"noisy_cut": float(noisy_cut), "detected_noisy": int(detected.sum())}
-    if subsets:
-        out["subsets"] = {name: {"size": int(len(idx))} for name, idx in subsets.items()}
+    out = SplitQuality(float(noisy_cut), int(detected.sum()))
+    out.subsets = {name: SubsetCount(int(len(idx))) for name, idx in (subsets or {}).items()}
     if clean_mask is None:
         return out
     from sklearn.metrics import roc_auc_score  # here: ~0.8 s to import, which `fastncl compare` (KEYS) skips
 
     noisy = ~clean_mask
     tp = int((detected & noisy).sum())
-    precision = tp / max(int(detected.sum()), 1)
-    recall = tp / max(int(noisy.sum()), 1)
-    out.update(
-        precision=precision,
-        recall=recall,
-        f1=2 * precision * recall / (precision + recall) if precision + recall else 0.0,
-        auc=float(roc_auc_score(clean_mask, clean_prob)) if 0 < clean_mask.sum() < len(clean_mask) else None,
-    )
-    if subsets:
-        for name, idx in subsets.items():
-            out["subsets"][name]["clean"] = int(clean_mask[idx].sum())
+    out.precision = tp / max(int(detected.sum()), 1)
+    out.recall = tp / max(int(noisy.sum()), 1)
+    total = out.precision + out.recall
+    out.f1 = 2 * out.precision * out.recall / total if total else 0.0
+    out.auc = float(roc_auc_score(clean_mask, clean_prob)) if 0 < clean_mask.sum() < len(clean_mask) else None
+    for name, idx in (subsets or {}).items():
+        out.subsets[name].clean = int(clean_mask[idx].sum())
     return out
 
 

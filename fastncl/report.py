@@ -15,7 +15,6 @@ Nothing in it depends on the backbone: it reads ``metrics.jsonl``, ``splits/*.np
 """
 from __future__ import annotations
 
-import csv
 import io
 import json
 from pathlib import Path
@@ -23,23 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from fastncl import FastnclError, optional_import
-from fastncl.evaluation import KEYS
+from fastncl.records import EpochRecord, SplitFile
 from fastncl.run import RunDir, write_atomic
 
 REPORT_HINT = "pip install 'fastncl[report]' (matplotlib)"
-
-
-def _run(run_dir: str) -> RunDir:
-    run = RunDir(run_dir)
-    if not run.file("config.yaml").exists():
-        raise FastnclError(f"{run.path}: not a fastncl run folder (no config.yaml)")
-    return run
-
-
-def _config(run: RunDir) -> dict:
-    from fastncl.config import load_yaml
-
-    return load_yaml(run.file("config.yaml"))
 
 
 def evaluate_run(run_dirs, split: str = "test", checkpoint: str = "best") -> str:
@@ -55,8 +41,8 @@ def evaluate_run(run_dirs, split: str = "test", checkpoint: str = "best") -> str
     from fastncl.evaluation import fold5_metrics, format_results, retrieval_metrics, similarity_matrix
 
     run_dirs = [run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs)
-    runs = [_run(r) for r in run_dirs]
-    cfgs = [from_dict(_config(run), str(run.file("config.yaml"))) for run in runs]
+    runs = [RunDir.open(r) for r in run_dirs]
+    cfgs = [from_dict(run.config(), str(run.file("config.yaml"))) for run in runs]
     for run, cfg in zip(runs[1:], cfgs[1:]):
         if cfg.data != cfgs[0].data:
             raise FastnclError(f"{run.path}: its data settings differ from {runs[0].path}'s; an ensemble needs the "
@@ -127,22 +113,23 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _epoch_table(records: list[dict]) -> list[str]:
+def _epoch_table(records: list[EpochRecord]) -> list[str]:
     lines = ["| epoch | phase | lr | dev RSum (A / B / ensemble) | split AUC | precision | recall | "
              "subsets (size / GT clean) | time (s) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in records:
-        s = r.get("split") or {}
+        s = r.split
 
-        def fmt(key):
-            return f"{s[key]:.3f}" if s.get(key) is not None else "-"
+        def fmt(value):
+            return f"{value:.3f}" if value is not None else "-"
 
-        subsets = ", ".join(f"{name} {v['size']}/{v.get('clean', '-')}"
-                            for name, v in (s.get("models") or [{}])[0].get("subsets", {}).items())
-        models = r.get("dev_models") or {}
-        dev = " / ".join([f"{models[m]['rsum']:.1f}" for m in ("A", "B") if m in models] + [f"{r['dev']['rsum']:.1f}"])
-        lines.append(f"| {r['epoch'] + 1} | {r['phase']} | {r['lr']:.1e} | {dev} | {fmt('auc')} | "
-                     f"{fmt('precision')} | {fmt('recall')} | {subsets or '-'} | {r['time']:.1f} |")
+        own = s.models[0].subsets if s is not None and s.models else {}
+        subsets = ", ".join(f"{name} {v.size}/{'-' if v.clean is None else v.clean}" for name, v in own.items())
+        models = r.dev_models
+        dev = " / ".join([f"{models[m]['rsum']:.1f}" for m in ("A", "B") if m in models] + [f"{r.dev['rsum']:.1f}"])
+        auc, precision, recall = (s.auc, s.precision, s.recall) if s is not None else (None, None, None)
+        lines.append(f"| {r.epoch + 1} | {r.phase} | {r.lr:.1e} | {dev} | {fmt(auc)} | "
+                     f"{fmt(precision)} | {fmt(recall)} | {subsets or '-'} | {r.time:.1f} |")
     return lines
 
 
@@ -161,12 +148,11 @@ def _cut_at(normalized: np.ndarray, clean_prob: np.ndarray, threshold: float, cl
     return float((x[i] + x[i - 1]) / 2) if i > 0 else float(x[i])
 
 
-def _mixture(split: dict, k: int):
+def _mixture(split: SplitFile, k: int):
     from fastncl.methods.mixture import MixtureFit
 
-    params = json.loads(str(split["params"]))[k]
-    return MixtureFit(split["clean_prob"][k].astype(np.float64), split["normalized"][k].astype(np.float64),
-                      str(split["mixture"]), params)
+    return MixtureFit(split.clean_prob[k].astype(np.float64), split.normalized[k].astype(np.float64), split.mixture,
+                      split.params[k])
 
 
 def _clean_mean(fit) -> float:
@@ -176,7 +162,7 @@ def _clean_mean(fit) -> float:
     return float(a / (a + b))
 
 
-def loss_histogram(plt, split: dict, epoch: int, method: str, cfg: dict, path: Path) -> Path:
+def loss_histogram(plt, split: SplitFile, epoch: int, method: str, cfg: dict, path: Path) -> Path:
     """Both models' division losses at one epoch, by ground truth, with the mixture and thresholds."""
     from fastncl.methods import registry
 
@@ -185,7 +171,7 @@ def loss_histogram(plt, split: dict, epoch: int, method: str, cfg: dict, path: P
     bins = np.linspace(0, 1, 51)
     width = bins[1] - bins[0]
     grid = np.linspace(0.002, 0.998, 400)
-    clean_mask = split.get("clean_mask")
+    clean_mask = split.clean_mask
     for k, ax in enumerate(axes):
         fit = _mixture(split, k)
         x = fit.normalized
@@ -198,7 +184,7 @@ def loss_histogram(plt, split: dict, epoch: int, method: str, cfg: dict, path: P
         density = fit.density(grid) * len(x) * width  # expected counts per bin
         ax.plot(grid, density[0], color="navy", lw=1.5, label=f"{fit.kind.upper()} clean component")
         ax.plot(grid, density[1], color="darkred", lw=1.5, label=f"{fit.kind.upper()} noisy component")
-        cuts = [*kind.report_cuts(cfg), (kind.cut_label, float(split["noisy_cut"][k]), "black")]
+        cuts = [*kind.report_cuts(cfg), (kind.cut_label, float(split.noisy_cut[k]), "black")]
         for label, threshold, color in cuts:
             at = _cut_at(x, fit.clean_prob, threshold, _clean_mean(fit))
             if at is not None:
@@ -214,10 +200,10 @@ def loss_histogram(plt, split: dict, epoch: int, method: str, cfg: dict, path: P
     return _save(fig, path)
 
 
-def split_quality(plt, records: list[dict], method: str, path: Path) -> Path:
-    with_split = [r for r in records if r.get("split")]  # metrics.jsonl holds one record per epoch
-    epochs, s = [r["epoch"] for r in with_split], [r["split"] for r in with_split]
-    has_truth = any(x.get("auc") is not None for x in s)
+def split_quality(plt, records: list[EpochRecord], method: str, path: Path) -> Path:
+    with_split = [r for r in records if r.split]  # metrics.jsonl holds one record per epoch
+    epochs, s = [r.epoch for r in with_split], [r.split for r in with_split]
+    has_truth = any(x.auc is not None for x in s)
     from fastncl.methods import registry
 
     colors = registry.declarations(method).subset_colors
@@ -227,24 +213,24 @@ def split_quality(plt, records: list[dict], method: str, path: Path) -> Path:
     e1 = [e + 1 for e in epochs]
     if has_truth:
         for key, color in (("precision", "tab:blue"), ("recall", "tab:orange"), ("auc", "tab:green")):
-            ax.plot(e1, [x.get(key) for x in s], marker="o", color=color, label=f"{key} (mean of A, B)")
+            ax.plot(e1, [getattr(x, key) for x in s], marker="o", color=color, label=f"{key} (mean of A, B)")
             for m, style in ((0, ":"), (1, "--")):
-                ax.plot(e1, [x["models"][m].get(key) for x in s], ls=style, color=color, lw=0.8, alpha=0.7)
+                ax.plot(e1, [getattr(x.models[m], key) for x in s], ls=style, color=color, lw=0.8, alpha=0.7)
         ax.set_ylabel("noisy-pair detection")
         ax.set_title("split quality (dotted: model A, dashed: model B)")
     else:
-        ax.plot(e1, [x["detected_noisy"] for x in s], marker="o", label="detected noisy (mean of A, B)")
+        ax.plot(e1, [x.detected_noisy for x in s], marker="o", label="detected noisy (mean of A, B)")
         ax.set_ylabel("pairs detected noisy")
         ax.set_title("split (no ground truth: no injected noise)")
     _epoch_axis(ax)
     _legend(ax)
     if composition:  # as SPS Fig. 3: each subset's size and its ground-truth clean part, model A's split
         ax = axes[0, 1]
-        names = list(s[0]["models"][0]["subsets"])
+        names = list(s[0].models[0].subsets)
         width = 0.8 / len(names)
         for j, name in enumerate(names):
-            sizes = np.array([x["models"][0]["subsets"][name]["size"] for x in s])
-            clean = np.array([x["models"][0]["subsets"][name]["clean"] for x in s])
+            sizes = np.array([x.models[0].subsets[name].size for x in s])
+            clean = np.array([x.models[0].subsets[name].clean for x in s])
             pos = np.array(e1) + (j - (len(names) - 1) / 2) * width
             ax.bar(pos, clean, width, color=colors.get(name, "tab:gray"), label=f"{name}: GT clean")
             ax.bar(pos, sizes - clean, width, bottom=clean, color=colors.get(name, "tab:gray"), alpha=0.35,
@@ -256,34 +242,34 @@ def split_quality(plt, records: list[dict], method: str, path: Path) -> Path:
     return _save(fig, path)
 
 
-def dev_curves(plt, records: list[dict], path: Path) -> Path:
+def dev_curves(plt, records: list[EpochRecord], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(8, 4))
-    e1 = [r["epoch"] + 1 for r in records]
+    e1 = [r.epoch + 1 for r in records]
     for m, style, color in (("A", ":", "tab:blue"), ("B", "--", "tab:green")):
-        if all(m in (r.get("dev_models") or {}) for r in records):
-            ax.plot(e1, [r["dev_models"][m]["rsum"] for r in records], ls=style, marker=".", color=color,
+        if all(m in r.dev_models for r in records):
+            ax.plot(e1, [r.dev_models[m]["rsum"] for r in records], ls=style, marker=".", color=color,
                     label=f"model {m}")
-    ax.plot(e1, [r["dev"]["rsum"] for r in records], color="black", marker="o", label="ensemble (A+B)/2")
-    best = max(records, key=lambda r: r["dev"]["rsum"])
-    ax.plot([best["epoch"] + 1], [best["dev"]["rsum"]], marker="*", ms=14, color="gold", mec="black", ls="",
-            label=f"best (epoch {best['epoch'] + 1})")
-    warm = [r["epoch"] + 1 for r in records if r["phase"] == "warmup"]
+    ax.plot(e1, [r.dev["rsum"] for r in records], color="black", marker="o", label="ensemble (A+B)/2")
+    best = max(records, key=lambda r: r.dev["rsum"])
+    ax.plot([best.epoch + 1], [best.dev["rsum"]], marker="*", ms=14, color="gold", mec="black", ls="",
+            label=f"best (epoch {best.epoch + 1})")
+    warm = [r.epoch + 1 for r in records if r.phase == "warmup"]
     if warm:
         ax.axvspan(min(warm) - 0.5, max(warm) + 0.5, color="gray", alpha=0.15, label="warm-up")
     previous = None
     for r in records:  # curriculum: a subset joins the training
-        active = r.get("active_subsets")
+        active = r.active_subsets
         if active and previous is not None and active != previous:
             joined = [a for a in active if a not in previous]
             if joined:
-                ax.axvline(r["epoch"] + 0.5, color="purple", ls="-.", lw=1)
-                ax.text(r["epoch"] + 0.55, 0.02, "+ " + ", ".join(joined), rotation=90, fontsize=8, va="bottom",
+                ax.axvline(r.epoch + 0.5, color="purple", ls="-.", lw=1)
+                ax.text(r.epoch + 0.55, 0.02, "+ " + ", ".join(joined), rotation=90, fontsize=8, va="bottom",
                         color="purple", transform=ax.get_xaxis_transform())
         previous = active or previous
     _epoch_axis(ax)
     ax.set_ylabel("dev RSum")
     lr_ax = ax.twinx()
-    lr_ax.step(e1, [r["lr"] for r in records], where="mid", color="tab:orange", alpha=0.6, lw=1)
+    lr_ax.step(e1, [r.lr for r in records], where="mid", color="tab:orange", alpha=0.6, lw=1)
     lr_ax.set_yscale("log")
     lr_ax.set_ylabel("learning rate", color="tab:orange")
     ax.set_zorder(lr_ax.get_zorder() + 1)  # the curves and legend above the lr steps
@@ -309,12 +295,12 @@ def write_report(run_dir: str, epochs: list[int] | None = None) -> tuple[Path, s
     """report.md with the figures in RUN/report/; returns its path and its text."""
     from fastncl.evaluation import format_results
 
-    run = _run(run_dir)
+    run = RunDir.open(run_dir)
     records = run.read_metrics()
     if not records:
         raise FastnclError(f"{run.path}: no epochs in metrics.jsonl yet")
     plt = _pyplot()
-    cfg = _config(run)
+    cfg = run.config()
     method = cfg.get("method", "?")
     figdir = run.file("report")
     figures = []
@@ -322,7 +308,7 @@ def write_report(run_dir: str, epochs: list[int] | None = None) -> tuple[Path, s
         figures.append(("Per-sample division losses, epoch " + str(epoch + 1),
                         loss_histogram(plt, run.read_split(epoch), epoch, method, cfg,
                                        figdir / f"losses_epoch{epoch + 1:02d}.png")))
-    if any(r.get("split") for r in records):
+    if any(r.split for r in records):
         figures.append(("Split quality", split_quality(plt, records, method, figdir / "split_quality.png")))
     figures.append(("Dev RSum per epoch", dev_curves(plt, records, figdir / "dev_rsum.png")))
     for stale in set(figdir.glob("*.png")) - {path for _, path in figures}:  # e.g. other --epochs earlier
@@ -346,128 +332,3 @@ def write_report(run_dir: str, epochs: list[int] | None = None) -> tuple[Path, s
     text = "\n".join(lines) + "\n"
     write_atomic(run.file("report.md"), text)
     return run.file("report.md"), text
-
-
-# -- fastncl compare ---------------------------------------------------------------------------
-COMPARE_COLUMNS = ("run", "method", "noise", "seed", "backbone", "data", *KEYS, "rsum", "split_auc", "split_f1",
-                   "best_epoch", "time_s")
-# what aggregate_seeds averages over a seed group: the test recalls, the split quality and the time
-AGGREGATED = (*KEYS, "rsum", "split_auc", "split_f1", "time_s")
-# config.yaml keys that runs of one seed group may differ in: the seeds, the run folder, and runtime
-# settings that change neither the data nor what is trained (progress bars, CPU threads, TensorBoard
-# logs; tools/noise_table.py sets runtime.threads by its --jobs). Anything else splits the group.
-SEED_FREE_KEYS = ("seed", "out", "data.noise_seed", "runtime.progress", "runtime.threads", "runtime.tensorboard")
-
-
-def _flat(values: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def seed_group_key(cfg: dict) -> str:
-    """What runs of one seed group share: the run's config.yaml as written (no defaults filled in, so a
-    run of an older fastncl whose config lacks a newer key is not grouped with newer runs) without
-    SEED_FREE_KEYS, as canonical JSON."""
-    flat = {k: v for k, v in _flat(cfg).items() if k not in SEED_FREE_KEYS}
-    return json.dumps(flat, sort_keys=True, default=str)
-
-
-def compare_rows(run_dirs: list[str]) -> list[dict]:
-    """One row per finished run: COMPARE_COLUMNS, and ``group`` (seed_group_key of its config)."""
-    rows = []
-    for run_dir in run_dirs:
-        run = _run(run_dir)
-        path = run.file("results.json")
-        if not path.exists():
-            raise FastnclError(f"{path}: the run has not finished (no results.json)")
-        results = json.loads(path.read_text(encoding="utf-8"))
-        cfg = _config(run)
-        split = results.get("split") or {}
-        row = {"run": run.path.name, "method": results["method"], "noise": results["noise"], "seed": results["seed"],
-               "backbone": cfg.get("model", {}).get("backbone", "?"), "data": results.get("data", "?"),
-               **{k: results["test"][k] for k in (*KEYS, "rsum")},
-               "split_auc": split.get("auc"), "split_f1": split.get("f1"), "best_epoch": results["best_epoch"] + 1,
-               "time_s": sum(r.get("time", 0.0) for r in run.read_metrics()), "group": seed_group_key(cfg)}
-        rows.append(row)
-    return rows
-
-
-def seed_groups(rows: list[dict]) -> list[list[dict]]:
-    """compare_rows grouped into runs that differ only by seed (same ``group`` key), in the order of
-    each group's first run; a row without a ``group`` key is a group of its own."""
-    groups: dict = {}
-    for i, row in enumerate(rows):
-        groups.setdefault(row.get("group", ("row", i)), []).append(row)
-    return list(groups.values())
-
-
-def aggregate_seeds(rows: list[dict]) -> dict:
-    """One row for a seed group (see seed_groups): its method, noise, backbone and data, ``seeds``
-    and ``n`` (the number of runs), and for each of AGGREGATED the mean over the runs and, as
-    ``KEY_std``, the sample standard deviation (ddof=1; None with one run). A metric that some run
-    lacks (split AUC and F1 without injected noise) is None, and so is its std. ``run`` is the label
-    of the row: "mean ± std (3 seeds)", or "(3 runs)" when seeds repeat; with one run, its name."""
-    n = len(rows)
-    seeds = [r["seed"] for r in rows]
-    if n == 1:
-        label = rows[0]["run"]
-    else:
-        label = f"mean ± std ({n} seeds)" if len(set(seeds)) == n else f"mean ± std ({n} runs)"
-    agg = {"run": label, **{k: rows[0][k] for k in ("method", "noise", "backbone", "data")},
-           "seed": ",".join(str(s) for s in seeds), "seeds": seeds, "n": n}
-    for key in AGGREGATED:
-        values = [r[key] for r in rows]
-        if any(v is None for v in values):
-            agg[key] = agg[f"{key}_std"] = None
-        else:
-            agg[key] = float(np.mean(values))
-            agg[f"{key}_std"] = float(np.std(values, ddof=1)) if n > 1 else None
-    return agg
-
-
-def mean_std(row: dict, key: str, spec: str) -> str:
-    """``row[key]`` formatted with ``spec``, "± std" after it when the row has ``KEY_std`` (an
-    aggregate_seeds row of several runs), "-" when it is None."""
-    value, std = row[key], row.get(f"{key}_std")
-    if value is None:
-        return "-"
-    return f"{value:{spec}}" if std is None else f"{value:{spec}} ± {std:{spec}}"
-
-
-def compare_table(rows: list[dict], fmt: str = "md") -> str:
-    """Markdown (the papers' layout) or CSV of compare_rows.
-
-    Markdown: the runs of a seed group (seed_groups: runs that differ only by seed) are listed
-    together, in the order of the group's first run, followed by one aggregate row, "mean ± std
-    (N seeds)" of every recall, RSum, split AUC and F1 (sample std, ddof=1) and the mean time.
-    A run alone in its group gets no aggregate row. CSV: one row per run and no aggregate rows (the
-    per-run values are all there; compute any other statistic from them), in the order given.
-    """
-    if fmt == "csv":
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=COMPARE_COLUMNS, lineterminator="\n", extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: "" if row[k] is None else round(row[k], 4) if isinstance(row[k], float) else row[k]
-                             for k in COMPARE_COLUMNS})
-        return buf.getvalue()
-    lines = ["| run | method | noise | seed | backbone | data | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | RSum | "
-             "split AUC | F1 | time (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-
-    def line(r):
-        recalls = " | ".join(mean_std(r, k, ".1f") for k in KEYS)
-        return (f"| {r['run']} | {r['method']} | {r['noise']:.0%} | {r['seed']} | {r['backbone']} | {r['data']} | "
-                f"{recalls} | **{mean_std(r, 'rsum', '.1f')}** | {mean_std(r, 'split_auc', '.3f')} | "
-                f"{mean_std(r, 'split_f1', '.3f')} | {r['time_s']:.0f} |")
-
-    for group in seed_groups(rows):
-        lines += [line(r) for r in group]
-        if len(group) > 1:
-            lines.append(line(aggregate_seeds(group)))
-    return "\n".join(lines) + "\n"

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from fastncl import FastnclError, __version__
+from fastncl.records import EpochRecord, SplitFile
 
 
 TMP_PREFIX, TMP_SUFFIX = ".", ".tmp"  # write_atomic's temporary files: .NAME.XXXX.tmp
@@ -55,6 +56,20 @@ class RunDir:
         self.path = Path(path)
 
     @classmethod
+    def open(cls, path: str | Path) -> "RunDir":
+        """An existing run folder (one with a config.yaml)."""
+        run = cls(path)
+        if not run.file("config.yaml").exists():
+            raise FastnclError(f"{run.path}: not a fastncl run folder (no config.yaml)")
+        return run
+
+    def config(self) -> dict:
+        """config.yaml as written (no defaults filled in)."""
+        from fastncl.config import load_yaml
+
+        return load_yaml(self.file("config.yaml"))
+
+    @classmethod
     def create(cls, path: str | Path, resume: bool) -> "RunDir":
         run = cls(path)
         if run.path.exists() and not run.path.is_dir():
@@ -82,39 +97,41 @@ class RunDir:
         write_atomic(self.file("noise_index.npy"), buf.getvalue())
         return hashlib.sha256(index.astype(np.int64).tobytes()).hexdigest()
 
-    def append_metrics(self, record: dict) -> None:
+    def append_metrics(self, record: EpochRecord) -> None:
         with open(self.file("metrics.jsonl"), "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(record.to_json()) + "\n")
 
-    def read_metrics(self) -> list[dict]:
+    def read_metrics(self) -> list[EpochRecord]:
         path = self.file("metrics.jsonl")
         if not path.exists():
             return []
         text = path.read_text(encoding="utf-8")
         lines = text.split("\n")[:-1]  # a last line without its newline was cut by a kill: not a record
-        return [json.loads(line) for line in lines if line.strip()]
+        return [EpochRecord.from_json(json.loads(line), f"{path}:{i}") for i, line in enumerate(lines, 1)
+                if line.strip()]
 
     def truncate_metrics(self, last_epoch: int) -> None:
         """Keep the lines of epochs <= last_epoch (after a resume)."""
-        kept = [r for r in self.read_metrics() if r.get("epoch", -1) <= last_epoch]
-        write_atomic(self.file("metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in kept))
+        kept = [r for r in self.read_metrics() if r.epoch <= last_epoch]
+        write_atomic(self.file("metrics.jsonl"), "".join(json.dumps(r.to_json()) + "\n" for r in kept))
 
-    def write_split(self, epoch: int, arrays: dict) -> None:
-        """One epoch's split (``split_arrays``) as a compressed .npz, atomically."""
+    def write_split(self, epoch: int, split: SplitFile) -> None:
+        """One epoch's split as a compressed .npz, atomically."""
         buf = io.BytesIO()
-        np.savez_compressed(buf, **arrays)
+        np.savez_compressed(buf, **split.to_arrays())
         write_atomic(self.file(f"splits/epoch_{epoch:03d}.npz"), buf.getvalue())
 
-    def split_epochs(self, records: list[dict]) -> list[int]:
+    def split_epochs(self, records: list[EpochRecord]) -> list[int]:
         """The epochs, sorted, that have a splits/epoch_NNN.npz and that ``records`` (the metrics) still hold."""
-        epochs = {r["epoch"] for r in records}
+        epochs = {r.epoch for r in records}
         saved = (int(path.stem.split("_")[1]) for path in self.file("splits").glob("epoch_*.npz"))
         return sorted(epoch for epoch in saved if epoch in epochs)
 
-    def read_split(self, epoch: int) -> dict:
-        """The arrays of one epoch's splits/epoch_NNN.npz."""
-        with np.load(self.file(f"splits/epoch_{epoch:03d}.npz"), allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+    def read_split(self, epoch: int) -> SplitFile:
+        """One epoch's splits/epoch_NNN.npz."""
+        path = self.file(f"splits/epoch_{epoch:03d}.npz")
+        with np.load(path, allow_pickle=False) as z:
+            return SplitFile.from_arrays({k: z[k] for k in z.files}, str(path))
 
     def save_checkpoint(self, name: str, state: dict) -> None:
         buf = io.BytesIO()
@@ -129,34 +146,6 @@ class RunDir:
             return torch.load(path, map_location=map_location, weights_only=True)
         except Exception as e:  # a truncated or foreign file
             raise FastnclError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e})") from None
-
-
-def split_arrays(losses, fits, cuts, splits, clean_mask) -> dict:
-    """The per-sample record of one epoch's split, for both models (axis 0 = model A, B).
-
-    losses: raw division losses; fits: MixtureFit per model (normalised losses, clean
-    probabilities, mixture kind and parameters); cuts: the clean-probability cut at or below
-    which a pair is detected noisy; splits: subset name -> caption indices per model;
-    clean_mask: ground truth (True = clean pair) when the noise was injected, else None.
-    """
-    names = list(splits[0])
-    subset = np.full((len(fits), len(fits[0].clean_prob)), -1, dtype=np.int8)
-    for k, split in enumerate(splits):
-        for code, name in enumerate(names):
-            subset[k, split[name]] = code
-    out = {
-        "losses": np.stack([np.asarray(x, dtype=np.float32) for x in losses]),
-        "normalized": np.stack([f.normalized.astype(np.float32) for f in fits]),
-        "clean_prob": np.stack([f.clean_prob.astype(np.float32) for f in fits]),
-        "noisy_cut": np.asarray(cuts, dtype=np.float64),
-        "subset": subset,
-        "subset_names": np.asarray(names, dtype=str),
-        "mixture": np.asarray(fits[0].kind),
-        "params": np.asarray(json.dumps([f.params for f in fits])),
-    }
-    if clean_mask is not None:
-        out["clean_mask"] = np.asarray(clean_mask, dtype=bool)
-    return out
 
 
 def environment(device: torch.device) -> dict:

@@ -26,7 +26,8 @@ from fastncl.data import load_dataset, training_pairs
 from fastncl.data.batches import PairBatches
 from fastncl.evaluation import fold5_metrics, format_results, retrieval_metrics, similarity_matrix, split_diagnostics
 from fastncl.profiling import nvtx_range
-from fastncl.run import RunDir, environment, split_arrays, write_atomic
+from fastncl.records import EpochRecord, SplitFile, SplitQuality
+from fastncl.run import RunDir, environment, write_atomic
 from fastncl.step import mark_step, run_step
 
 log = logging.getLogger("fastncl")
@@ -109,7 +110,7 @@ class Trainer:
             "python_rng": random.getstate(),
             "grad_scaler": self.precision.state_dict(),
             "config": self.cfg.to_dict(),
-            "last_split": self.last_split,
+            "last_split": None if self.last_split is None else self.last_split.to_json(),
         }
 
     def _restore(self) -> None:
@@ -126,7 +127,7 @@ class Trainer:
         random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python_rng"]))
         self.precision.load_state_dict(state.get("grad_scaler", {}))
         self.best_rsum, self.best_epoch = state["best_rsum"], state["best_epoch"]
-        self.last_split = state.get("last_split")
+        self.last_split = SplitQuality.from_json(state["last_split"]) if state.get("last_split") else None
         self.start_epoch = state["epoch"] + 1
         self.run.truncate_metrics(state["epoch"])
         log.info(f"resumed {self.run.path} after epoch {state['epoch']}")
@@ -252,9 +253,9 @@ class Trainer:
         lr = self._set_lr(epoch)
         warmup = epoch < o.warmup_epochs
         co_epoch = None if warmup else epoch - o.warmup_epochs
-        record = {"epoch": epoch, "phase": "warmup" if warmup else "train", "lr": lr}
+        record = EpochRecord(epoch, "warmup" if warmup else "train", lr)
         all_pairs = {"all": np.arange(self.data.train.num_captions)}
-        losses, arrays, warnings = {}, None, []
+        losses, split_file, warnings = {}, None, []
         if warmup or not self.method.uses_split:
             for k in range(2):
                 with nvtx_range(f"train model {'AB'[k]}"):
@@ -271,16 +272,16 @@ class Trainer:
             t_split = time.perf_counter()
             with nvtx_range("mixture fit"):
                 fits = [self.method.fit(loss) for loss, _ in passes]
-            record["time_fit"] = time.perf_counter() - t_split
-            record["time_split"] = t_split - t0
+            record.time_fit = time.perf_counter() - t_split
+            record.time_split = t_split - t0
             splits = [self.method.subsets(fit, anchors, co_epoch) for fit, (_, anchors) in zip(fits, passes)]
-            record["split"] = self._diagnostics(fits, splits)
+            record.split = self._diagnostics(fits, splits)
             active_names = self.method.active_subsets(co_epoch)
-            record["active_subsets"] = list(active_names)
+            record.active_subsets = list(active_names)
             warnings += self._split_warnings(fits, splits)
-            cuts = [m["noisy_cut"] for m in record["split"]["models"]]
-            arrays = split_arrays([loss for loss, _ in passes], fits, cuts, splits, self.clean_mask)
-            self.run.write_split(epoch, arrays)
+            cuts = [m.noisy_cut for m in record.split.models]
+            split_file = SplitFile.build([loss for loss, _ in passes], fits, cuts, splits, self.clean_mask)
+            self.run.write_split(epoch, split_file)
             for k in range(2):  # model k trains on its peer's split
                 peer_fit, subsets = fits[1 - k], splits[1 - k]
                 active = {name: subsets[name] for name in active_names}
@@ -288,7 +289,7 @@ class Trainer:
                 with nvtx_range(f"train model {'AB'[k]}"):
                     losses["AB"[k]] = self._train_model(k, active, peer_prob, co_epoch, f"epoch {epoch} {'AB'[k]}",
                                                         warnings)
-        record["losses"] = losses
+        record.losses = losses
         bad = [f"model {m}: " + ", ".join(f"{name} {v}" for name, v in terms.items() if not np.isfinite(v))
                for m, terms in losses.items() if not all(np.isfinite(v) for v in terms.values())]
         if bad:
@@ -301,9 +302,9 @@ class Trainer:
                 if not torch.isfinite(sim).all():
                     self._diverged(epoch, f"model {name}'s dev similarities are not finite")
             dev = retrieval_metrics((sims[0] + sims[1]) / 2, k)
-        record["dev"] = dev
-        record["dev_models"] = {"AB"[i]: retrieval_metrics(s, k) for i, s in enumerate(sims)}
-        record["time_eval"] = time.perf_counter() - t_train
+        record.dev = dev
+        record.dev_models = {"AB"[i]: retrieval_metrics(s, k) for i, s in enumerate(sims)}
+        record.time_eval = time.perf_counter() - t_train
         improved = dev["rsum"] > self.best_rsum
         if improved:
             self.best_rsum, self.best_epoch = dev["rsum"], epoch
@@ -314,15 +315,14 @@ class Trainer:
             state = self._state(epoch)
             if improved:
                 self.run.save_checkpoint("best", state)
-        record["time"] = time.perf_counter() - t0
-        if warnings:
-            record["warnings"] = warnings
+        record.time = time.perf_counter() - t0
+        record.warnings = warnings
         self.run.append_metrics(record)
         with nvtx_range("checkpoint"):
             self.run.save_checkpoint("last", state)
         if self.board is not None:
-            self.board.log(record, arrays)
-        self._log_epoch(record, total)
+            self.board.log(record, split_file)
+        log.info(record.line(total))
 
     def _diverged(self, epoch: int, what: str):
         kept = f"checkpoints/last.pt holds epoch {epoch}" if epoch > 0 else "no checkpoint was written"
@@ -343,33 +343,17 @@ class Trainer:
                     out.append(f"{where}: every pair in the {name} subset")
         return out
 
-    def _diagnostics(self, fits, splits) -> dict:
+    def _diagnostics(self, fits, splits) -> SplitQuality:
         per_model = []
         for fit, subsets in zip(fits, splits):
             per_model.append(split_diagnostics(fit.clean_prob, self.method.noisy_cut(fit), self.clean_mask, subsets,
                                                detected=subsets.get("noisy")))
         mean_prob = (fits[0].clean_prob + fits[1].clean_prob) / 2
-        cut = (per_model[0]["noisy_cut"] + per_model[1]["noisy_cut"]) / 2
+        cut = (per_model[0].noisy_cut + per_model[1].noisy_cut) / 2
         split = split_diagnostics(mean_prob, cut, self.clean_mask)
-        split["models"] = per_model
+        split.models = per_model
         self.last_split = split
         return split
-
-    def _log_epoch(self, r: dict, total: int) -> None:
-        d = r["dev"]
-        losses = " ".join(f"{m}:{v['loss']:.3f}" for m, v in r["losses"].items() if "loss" in v)
-        msg = (f"epoch {r['epoch'] + 1}/{total} [{r['phase']}] lr {r['lr']:.1e} loss {losses} | "
-               f"dev R@1 {d['i2t_r1']:.1f}/{d['t2i_r1']:.1f} rsum {d['rsum']:.1f}")
-        s = r.get("split")
-        if s and s.get("auc") is not None:
-            msg += f" | split auc {s['auc']:.3f} P {s['precision']:.2f} R {s['recall']:.2f}"
-        if s:
-            sizes = s["models"][0].get("subsets", {})
-            msg += " | " + " ".join(f"{name} {v['size']}" for name, v in sizes.items())
-        msg += f" | {r['time']:.1f}s"
-        if r.get("warnings"):
-            msg += " | warning: " + "; ".join(r["warnings"])
-        log.info(msg)
 
     def finish(self) -> dict:
         cfg = self.cfg
@@ -392,7 +376,7 @@ class Trainer:
             "best_epoch": state["epoch"],
             "dev_rsum": state["best_rsum"],
             "test": retrieval_metrics(test_sim, k),
-            "split": self.last_split,
+            "split": None if self.last_split is None else self.last_split.to_json(),
         }
         if cfg.data.test_protocol == "coco":
             results["test_coco1k"] = fold5_metrics(test_sim, k)

@@ -161,7 +161,7 @@ def test_resume_with_no_checkpoint_starts_over(tmp_path, capsys):
     cfg = resolve(overrides=[parse_override(o) for o in [*TINY, f"out={out}", "optim.warmup_epochs=1",
                                                            "optim.epochs=0"]])
     (out / "config.yaml").write_text(dump_yaml(cfg))
-    (out / "metrics.jsonl").write_text('{"epoch": 0, "dev": {}}\n')  # a line whose checkpoint was never written
+    (out / "metrics.jsonl").write_text('{"epoch": 0, "phase": "warmup", "lr": 0.002, "dev": {}}\n')  # a line whose checkpoint was never written
     assert train("--resume", "--out", str(out)) == 0
     assert "holds no checkpoint yet: the run starts over" in capsys.readouterr().out
     assert (out / "results.json").exists() and len((out / "metrics.jsonl").read_text().splitlines()) == 1
@@ -352,12 +352,12 @@ def test_console_script_unknown_method(tmp_path):
 def test_an_os_error_is_one_line(tmp_path, capsys, monkeypatch):
     """Any subcommand: an OSError (here: compare on a results.json it may not read) is one line
     naming the file, exit status 2, no traceback."""
-    import fastncl.report
+    import fastncl.compare
 
     def unreadable(run_dirs):
         raise PermissionError(13, "Permission denied", str(tmp_path / "run" / "results.json"))
 
-    monkeypatch.setattr(fastncl.report, "compare_rows", unreadable)
+    monkeypatch.setattr(fastncl.compare, "compare_rows", unreadable)
     code = main(["compare", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert code == 2 and err == f"fastncl: error: {tmp_path / 'run' / 'results.json'}: Permission denied\n"

@@ -18,7 +18,7 @@ from fastncl.cli import main
 from fastncl.config import dump_yaml, parse_override, resolve
 from fastncl.methods.registry import names as method_names
 from fastncl.evaluation import KEYS
-from fastncl.report import aggregate_seeds, compare_rows, compare_table, seed_groups
+from fastncl.compare import aggregate_seeds, compare_rows, compare_table, seed_groups
 
 from helpers import load_tool
 
@@ -53,7 +53,7 @@ def fabricate(folder: Path, method: str = "sps", noise: float = 0.4, seed: int =
                "test": {k: values[k] for k in (*KEYS, "rsum")}, "split": split}
     (folder / "results.json").write_text(json.dumps(results, indent=2))
     times = [values["time_s"] / 4, values["time_s"] * 3 / 4]  # two epochs
-    (folder / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e, "time": t}) + "\n"
+    (folder / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e, "phase": "train", "lr": 1e-3, "time": t}) + "\n"
                                                   for e, t in enumerate(times)))
     return values
 

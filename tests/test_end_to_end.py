@@ -297,7 +297,7 @@ def test_a_kill_at_any_commit_point_resumes_to_the_uninterrupted_results(trained
         return save(self, name, state)
 
     def killing_append(self, record):
-        if kill_at == "metrics" and record["epoch"] == epoch:
+        if kill_at == "metrics" and record.epoch == epoch:
             raise KeyboardInterrupt
         return append(self, record)
 
@@ -318,7 +318,7 @@ def test_a_metrics_line_cut_by_a_kill_is_dropped(trained, tmp_path):
     shutil.copytree(trained("ncr"), out)
     text = (out / "metrics.jsonl").read_text()
     (out / "metrics.jsonl").write_text(text + '{"epoch": 3, "dev": {"rs')  # a torn last line
-    assert [r["epoch"] for r in RunDir(out).read_metrics()] == list(range(EPOCHS))
+    assert [r.epoch for r in RunDir(out).read_metrics()] == list(range(EPOCHS))
     assert main(["train", "--resume", "--out", str(out)]) == 0  # drops it (truncate_metrics)
     assert (out / "metrics.jsonl").read_text() == text
 
@@ -330,7 +330,7 @@ def test_resume_drops_metrics_of_an_unsaved_epoch(trained, tmp_path):
     state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert state["epoch"] == EPOCHS - 1
     lines = (out / "metrics.jsonl").read_text().splitlines()
-    (out / "metrics.jsonl").write_text("\n".join(lines + [json.dumps({"epoch": EPOCHS, "stale": True})]) + "\n")
+    (out / "metrics.jsonl").write_text("\n".join(lines + [json.dumps({"epoch": EPOCHS, "phase": "train", "lr": 0.002, "stale": True})]) + "\n")
     assert main(["train", "--resume", "--out", str(out)]) == 0  # nothing left to train: evaluates and finishes
     assert [r["epoch"] for r in read_metrics(out)] == list(range(EPOCHS))
     assert results(out)["test"] == results(trained("ncr"))["test"]

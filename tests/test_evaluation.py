@@ -209,12 +209,17 @@ def test_fold5_metrics_needs_one_whole_fold():
 # split_diagnostics
 
 
+def diagnostics(*args):
+    """split_diagnostics as the run folder holds it (metrics.jsonl, results.json)."""
+    return split_diagnostics(*args).to_json()
+
+
 CLEAN_PROB = np.array([0.9, 0.8, 0.1, 0.2, 0.6, 0.05])
 CLEAN_MASK = np.array([True, True, False, True, False, False])
 
 
 def test_split_diagnostics_hand_computed():
-    out = split_diagnostics(CLEAN_PROB, 0.5, CLEAN_MASK)
+    out = diagnostics(CLEAN_PROB, 0.5, CLEAN_MASK)
     # detected noisy (prob <= 0.5): pairs 2, 3, 5; truly noisy: 2, 4, 5 -> 2 true positives
     assert out["noisy_cut"] == 0.5 and isinstance(out["noisy_cut"], float)
     assert out["detected_noisy"] == 3
@@ -227,7 +232,7 @@ def test_split_diagnostics_hand_computed():
 
 
 def test_split_diagnostics_cut_is_inclusive_and_f1_is_harmonic():
-    out = split_diagnostics(CLEAN_PROB, 0.6, CLEAN_MASK)
+    out = diagnostics(CLEAN_PROB, 0.6, CLEAN_MASK)
     # detected: 2, 3, 4, 5 (0.6 <= 0.6) -> 3 of 4 truly noisy, all 3 noisy found
     assert out["detected_noisy"] == 4
     assert out["precision"] == pytest.approx(3 / 4)
@@ -236,34 +241,34 @@ def test_split_diagnostics_cut_is_inclusive_and_f1_is_harmonic():
 
 
 def test_split_diagnostics_perfect_separation():
-    out = split_diagnostics(CLEAN_PROB, 0.05, np.array([True, True, True, True, True, False]))
+    out = diagnostics(CLEAN_PROB, 0.05, np.array([True, True, True, True, True, False]))
     assert (out["precision"], out["recall"], out["f1"], out["auc"]) == (1.0, 1.0, 1.0, 1.0)
 
 
 def test_split_diagnostics_all_clean_has_no_auc():
-    out = split_diagnostics(CLEAN_PROB, 0.5, np.ones(6, dtype=bool))
+    out = diagnostics(CLEAN_PROB, 0.5, np.ones(6, dtype=bool))
     assert out["auc"] is None
     assert out["detected_noisy"] == 3
     assert out["precision"] == 0.0 and out["recall"] == 0.0 and out["f1"] == 0.0
 
 
 def test_split_diagnostics_all_noisy_has_no_auc():
-    out = split_diagnostics(CLEAN_PROB, 0.5, np.zeros(6, dtype=bool))
+    out = diagnostics(CLEAN_PROB, 0.5, np.zeros(6, dtype=bool))
     assert out["auc"] is None
     assert out["precision"] == 1.0 and out["recall"] == pytest.approx(0.5)
 
 
 def test_split_diagnostics_nothing_detected():
-    out = split_diagnostics(CLEAN_PROB, 0.01, CLEAN_MASK)
+    out = diagnostics(CLEAN_PROB, 0.01, CLEAN_MASK)
     assert out["detected_noisy"] == 0
     assert out["precision"] == 0.0 and out["recall"] == 0.0 and out["f1"] == 0.0
 
 
 def test_split_diagnostics_without_ground_truth():
-    out = split_diagnostics(CLEAN_PROB, 0.5, None)
+    out = diagnostics(CLEAN_PROB, 0.5, None)
     assert out == {"noisy_cut": 0.5, "detected_noisy": 3}
     subsets = {"reliable": np.array([0, 1]), "noisy": np.array([2, 3, 5])}
-    out = split_diagnostics(CLEAN_PROB, 0.5, None, subsets)
+    out = diagnostics(CLEAN_PROB, 0.5, None, subsets)
     assert out["subsets"] == {"reliable": {"size": 2}, "noisy": {"size": 3}}
 
 
@@ -274,7 +279,7 @@ def test_split_diagnostics_subset_composition():
         "noisy": np.array([2, 5]),
         "empty": np.array([], dtype=np.int64),
     }
-    out = split_diagnostics(CLEAN_PROB, 0.5, CLEAN_MASK, subsets)
+    out = diagnostics(CLEAN_PROB, 0.5, CLEAN_MASK, subsets)
     assert out["subsets"] == {
         "reliable": {"size": 2, "clean": 2},
         "quasi_clean": {"size": 2, "clean": 1},

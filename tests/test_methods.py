@@ -606,8 +606,8 @@ def test_detected_noisy_set_is_the_methods_noisy_subset():
     clean_mask = np.array([True, False, True, True])
     by_cut = split_diagnostics(p, 0.5, clean_mask)
     by_subset = split_diagnostics(p, 0.5, clean_mask, detected=np.array([1]))  # pair 2 forced clean
-    assert (by_cut["detected_noisy"], by_cut["precision"]) == (2, 0.5)
-    assert (by_subset["detected_noisy"], by_subset["precision"], by_subset["recall"]) == (1, 1.0, 1.0)
+    assert (by_cut.detected_noisy, by_cut.precision) == (2, 0.5)
+    assert (by_subset.detected_noisy, by_subset.precision, by_subset.recall) == (1, 1.0, 1.0)
 
 
 @pytest.mark.parametrize("method", ["ncr", "esc"])

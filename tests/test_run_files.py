@@ -30,3 +30,40 @@ def test_write_atomic_follows_the_umask(tmp_path, umask, mask, mode):
     write_atomic(path, b"[]\n")  # replacing keeps the rule
     assert path.read_bytes() == b"[]\n" and stat.S_IMODE(path.stat().st_mode) == mode
     assert [p.name for p in path.parent.iterdir()] == ["results.json"]  # no temporary file left
+
+
+def test_records_round_trip_and_their_format_is_checked(tmp_path):
+    import json
+
+    import numpy as np
+
+    from fastncl import FastnclError
+    from fastncl.records import FORMAT, EpochRecord, SplitFile, SplitQuality, SubsetCount
+    from fastncl.run import RunDir
+
+    split = SplitQuality(0.5, 3, 0.5, 0.25, 1 / 3, 0.8, {"clean": SubsetCount(7, 5)},
+                         [SplitQuality(0.5, 3, subsets={"clean": SubsetCount(7)})])
+    record = EpochRecord(2, "train", 1e-3, {"A": {"loss": 1.5}}, {"rsum": 300.0}, {"A": {"rsum": 290.0}}, split,
+                         ["clean"], ["split A (trains B): noisy subset empty"], 3.0, 1.0, 0.1, 0.5)
+    line = record.to_json()
+    assert line["format"] == FORMAT and EpochRecord.from_json(json.loads(json.dumps(line)), "m") == record
+    old = {k: v for k, v in line.items() if k != "format"}  # fastncl 0.1.0 wrote no format: the same fields
+    assert EpochRecord.from_json(old, "m") == record
+    with pytest.raises(FastnclError, match=r"^m:3: written by a newer fastncl \(record format 99"):
+        EpochRecord.from_json({**line, "format": 99}, "m:3")
+    with pytest.raises(FastnclError, match=r"^m:1: not an epoch record \(no phase, lr\)"):
+        EpochRecord.from_json({"epoch": 0}, "m:1")
+
+    run = RunDir.create(tmp_path / "run", resume=False)
+    run.append_metrics(record)
+    assert run.read_metrics() == [record]
+    fake = SplitFile(np.zeros((2, 4), np.float32), np.zeros((2, 4), np.float32), np.ones((2, 4), np.float32),
+                     np.array([0.5, 0.5]), np.zeros((2, 4), np.int8), ["clean", "noisy"], "gmm",
+                     [{"weights": [0.5, 0.5]}] * 2, np.array([True, False, True, True]))
+    run.write_split(2, fake)
+    back = run.read_split(2)
+    assert back.subset_names == ["clean", "noisy"] and back.mixture == "gmm" and back.params == fake.params
+    assert np.array_equal(back.clean_mask, fake.clean_mask) and np.array_equal(back.losses, fake.losses)
+    arrays = {**fake.to_arrays(), "format": np.asarray(FORMAT + 1)}
+    with pytest.raises(FastnclError, match="written by a newer fastncl"):
+        SplitFile.from_arrays(arrays, "epoch_002.npz")

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from fastncl.methods.registry import names as method_names
 from fastncl.evaluation import KEYS
-from fastncl.report import aggregate_seeds, compare_rows, mean_std, seed_groups
+from fastncl.compare import aggregate_seeds, compare_rows, mean_std, seed_groups
 
 
 def folder_of(out: Path, method: str, noise: float, seed: int) -> Path:

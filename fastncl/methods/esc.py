@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import torch
 
-from fastncl import kernels
 from fastncl.config import NON_NEGATIVE, POSITIVE, PROBABILITY, option
 from fastncl.models import forward_pairs, intramodal_features
 

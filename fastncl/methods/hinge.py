@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fastncl import kernels
 from fastncl.models import forward_pairs
 
 from .base import Method

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import torch
 
-from fastncl import kernels
 from fastncl.config import NON_NEGATIVE, PROBABILITY, option
 from fastncl.models import forward_pairs
 

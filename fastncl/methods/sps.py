@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fastncl import FastnclError, kernels
+from fastncl import FastnclError
 from fastncl.config import NON_NEGATIVE, POSITIVE, PROBABILITY, option
 from fastncl.models import cosine_matrix, encode_pairs, intramodal_features
 

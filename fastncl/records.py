@@ -1,0 +1,173 @@
+"""The run folder's records, defined once: the epoch record (a line of ``metrics.jsonl``) and the
+split file (``splits/epoch_NNN.npz``). The trainer writes them; report, board, compare and the
+tools read them through these classes, never through key strings of their own.
+
+Every record carries ``format`` (``FORMAT``). A record without one was written by fastncl 0.1.0,
+whose fields are the same; a newer format than this fastncl reads is a one-line error.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fastncl import FastnclError
+
+FORMAT = 1
+
+
+def _check_format(found, where: str) -> None:
+    if found is not None and int(found) > FORMAT:
+        raise FastnclError(f"{where}: written by a newer fastncl (record format {int(found)}; this one reads up to "
+                           f"{FORMAT}); upgrade fastncl to read it")
+
+
+@dataclass
+class SubsetCount:
+    size: int
+    clean: int | None = None  # its pairs that are clean by the ground truth (injected noise only)
+
+
+@dataclass
+class SplitQuality:
+    """How well a split found the noisy pairs (precision, recall and F1 of the detected noisy set,
+    ROC AUC of the clean probability; None without ground truth), and each subset's size. The
+    epoch record's top level averages both models' clean probabilities; ``models`` holds each
+    model's own split (model k's trains model 1 - k)."""
+
+    noisy_cut: float
+    detected_noisy: int
+    precision: float | None = None
+    recall: float | None = None
+    f1: float | None = None
+    auc: float | None = None
+    subsets: dict[str, SubsetCount] = field(default_factory=dict)
+    models: list[SplitQuality] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        out = {"noisy_cut": self.noisy_cut, "detected_noisy": self.detected_noisy}
+        if self.subsets:
+            out["subsets"] = {name: {k: v for k, v in dataclasses.asdict(s).items() if v is not None}
+                              for name, s in self.subsets.items()}
+        if self.auc is not None or self.precision is not None:
+            out.update(precision=self.precision, recall=self.recall, f1=self.f1, auc=self.auc)
+        if self.models:
+            out["models"] = [m.to_json() for m in self.models]
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict) -> SplitQuality:
+        return cls(d["noisy_cut"], d["detected_noisy"], d.get("precision"), d.get("recall"), d.get("f1"), d.get("auc"),
+                   {name: SubsetCount(**s) for name, s in (d.get("subsets") or {}).items()},
+                   [cls.from_json(m) for m in d.get("models") or []])
+
+
+@dataclass
+class EpochRecord:
+    """One epoch: its phase, learning rate, mean losses per model ("A", "B") and term, the dev
+    recalls of the ensemble and of each model, the split's quality (epochs with a split), the
+    subsets trained, what was degenerate (``warnings``) and the time of each phase (seconds)."""
+
+    epoch: int  # 0-based
+    phase: str  # "warmup" or "train"
+    lr: float
+    losses: dict[str, dict[str, float]] = field(default_factory=dict)
+    dev: dict[str, float] = field(default_factory=dict)
+    dev_models: dict[str, dict[str, float]] = field(default_factory=dict)
+    split: SplitQuality | None = None
+    active_subsets: list[str] | None = None
+    warnings: list[str] = field(default_factory=list)
+    time: float = 0.0
+    time_split: float | None = None
+    time_fit: float | None = None
+    time_eval: float | None = None
+
+    def to_json(self) -> dict:
+        out = {"format": FORMAT}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None or (f.name == "warnings" and not value):
+                continue
+            out[f.name] = value.to_json() if isinstance(value, SplitQuality) else value
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict, where: str) -> EpochRecord:
+        _check_format(d.get("format"), where)
+        fields = dataclasses.fields(cls)
+        missing = [f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+                   and f.name not in d]
+        if missing:
+            raise FastnclError(f"{where}: not an epoch record (no {', '.join(missing)})")
+        values = {f.name: d[f.name] for f in fields if f.name in d}
+        if values.get("split") is not None:
+            values["split"] = SplitQuality.from_json(values["split"])
+        return cls(**values)
+
+    def line(self, total_epochs: int) -> str:
+        """The epoch line of the log."""
+        d = self.dev
+        losses = " ".join(f"{m}:{v['loss']:.3f}" for m, v in self.losses.items() if "loss" in v)
+        msg = (f"epoch {self.epoch + 1}/{total_epochs} [{self.phase}] lr {self.lr:.1e} loss {losses} | "
+               f"dev R@1 {d['i2t_r1']:.1f}/{d['t2i_r1']:.1f} rsum {d['rsum']:.1f}")
+        s = self.split
+        if s and s.auc is not None:
+            msg += f" | split auc {s.auc:.3f} P {s.precision:.2f} R {s.recall:.2f}"
+        if s:
+            sizes = s.models[0].subsets if s.models else {}
+            msg += " | " + " ".join(f"{name} {v.size}" for name, v in sizes.items())
+        msg += f" | {self.time:.1f}s"
+        if self.warnings:
+            msg += " | warning: " + "; ".join(self.warnings)
+        return msg
+
+
+@dataclass
+class SplitFile:
+    """One epoch's split of both models (axis 0: model A, B): raw and normalised per-sample
+    division losses, clean probabilities, the noisy cut, each pair's subset (an index into
+    ``subset_names``, -1: none), the mixture's kind and fitted parameters, and the ground truth
+    (True: clean pair) when the noise was injected."""
+
+    losses: np.ndarray  # (2, N) float32
+    normalized: np.ndarray  # (2, N) float32
+    clean_prob: np.ndarray  # (2, N) float32
+    noisy_cut: np.ndarray  # (2,) float64
+    subset: np.ndarray  # (2, N) int8
+    subset_names: list[str]
+    mixture: str  # "gmm" or "bmm"
+    params: list[dict]  # per model: the mixture's weights and component parameters, clean first
+    clean_mask: np.ndarray | None = None  # (N,) bool
+
+    @classmethod
+    def build(cls, losses, fits, cuts, splits, clean_mask) -> SplitFile:
+        """From the split pass's raw ``losses``, the MixtureFit per model, the noisy ``cuts``, the
+        subsets (name -> caption indices) per model and the ground truth."""
+        names = list(splits[0])
+        subset = np.full((len(fits), len(fits[0].clean_prob)), -1, dtype=np.int8)
+        for k, split in enumerate(splits):
+            for code, name in enumerate(names):
+                subset[k, split[name]] = code
+        return cls(np.stack([np.asarray(x, dtype=np.float32) for x in losses]),
+                   np.stack([f.normalized.astype(np.float32) for f in fits]),
+                   np.stack([f.clean_prob.astype(np.float32) for f in fits]),
+                   np.asarray(cuts, dtype=np.float64), subset, names, fits[0].kind, [f.params for f in fits],
+                   None if clean_mask is None else np.asarray(clean_mask, dtype=bool))
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        out = {"format": np.asarray(FORMAT), "losses": self.losses, "normalized": self.normalized,
+               "clean_prob": self.clean_prob, "noisy_cut": self.noisy_cut, "subset": self.subset,
+               "subset_names": np.asarray(self.subset_names, dtype=str), "mixture": np.asarray(self.mixture),
+               "params": np.asarray(json.dumps(self.params))}
+        if self.clean_mask is not None:
+            out["clean_mask"] = self.clean_mask
+        return out
+
+    @classmethod
+    def from_arrays(cls, z: dict, where: str) -> SplitFile:
+        _check_format(z["format"] if "format" in z else None, where)
+        return cls(z["losses"], z["normalized"], z["clean_prob"], z["noisy_cut"], z["subset"],
+                   [str(n) for n in z["subset_names"]], str(z["mixture"]), json.loads(str(z["params"])),
+                   z.get("clean_mask"))
