@@ -184,7 +184,7 @@ def loss_histogram(plt, split: SplitFile, epoch: int, method: str, cfg: dict, pa
         density = fit.density(grid) * len(x) * width  # expected counts per bin
         ax.plot(grid, density[0], color="navy", lw=1.5, label=f"{fit.kind.upper()} clean component")
         ax.plot(grid, density[1], color="darkred", lw=1.5, label=f"{fit.kind.upper()} noisy component")
-        cuts = [*kind.report_cuts(cfg), (kind.cut_label, float(split.noisy_cut[k]), "black")]
+        cuts = [*kind.report_cuts(cfg, split, k), (kind.cut_label, float(split.noisy_cut[k]), "black")]
         for label, threshold, color in cuts:
             at = _cut_at(x, fit.clean_prob, threshold, _clean_mean(fit))
             if at is not None:

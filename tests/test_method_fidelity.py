@@ -252,3 +252,17 @@ def test_emoji_data_preset_and_what_beats_it():
     assert official.optim.epochs == 40 and official.model.embed_dim == 128
     plain = config(method="esc")
     assert plain.model.embed_dim == 256 and data_preset("synthetic") is None
+
+
+def test_the_report_draws_the_reliable_cut_the_floor_fell_back_to():
+    from fastncl.records import SplitFile
+
+    p = np.array([[0.999, 0.97, 0.95, 0.4], [0.999, 0.995, 0.3, 0.2]], dtype=np.float32)
+    subset = np.array([[0, 0, 1, 2], [0, 0, 2, 2]], dtype=np.int8)  # model A: epsilon_1 fell to just below 0.97
+    split = SplitFile(p, p, p, np.array([0.5, 0.5]), subset, ["reliable", "quasi_clean", "noisy"], "gmm", [{}, {}])
+    cfg = {"sps": {"reliable_threshold": 0.99}}
+    label, cut, _ = SPS.report_cuts(cfg, split, 0)[0]
+    assert label == "ε1 (floor's fallback)" and cut == pytest.approx(0.97)
+    assert SPS.report_cuts(cfg, split, 1)[0][:2] == ("ε1", 0.99)  # every reliable pair above 0.99
+    empty = SplitFile(p, p, p, np.array([0.5, 0.5]), np.full((2, 4), 2, np.int8), split.subset_names, "gmm", [{}, {}])
+    assert SPS.report_cuts(cfg, empty, 0)[0][:2] == ("ε1", 0.99)

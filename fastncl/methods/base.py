@@ -63,9 +63,9 @@ class Method:
         """Raise FastnclError for a rule across fields that field metadata cannot state."""
 
     @classmethod
-    def report_cuts(cls, cfg: dict) -> list[tuple[str, float, str]]:
-        """Thresholds drawn on the loss histograms besides the noisy cut: (label, p(clean), colour),
-        from a run's config.yaml values (``cfg``)."""
+    def report_cuts(cls, cfg: dict, split, k: int) -> list[tuple[str, float, str]]:
+        """Thresholds drawn on model ``k``'s loss histogram besides the noisy cut: (label, p(clean),
+        colour), from a run's config.yaml values (``cfg``) and its split file (``records.SplitFile``)."""
         return []
 
     def __init__(self, cfg: Config, ops: kernels.Ops = kernels.AUTO):

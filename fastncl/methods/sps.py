@@ -93,8 +93,15 @@ class SPS(Method):
             raise FastnclError("sps.noisy_threshold (epsilon_2) must not exceed sps.reliable_threshold (epsilon_1)")
 
     @classmethod
-    def report_cuts(cls, cfg):
-        return [("ε1", float(cfg.get("sps", {}).get("reliable_threshold", SPSConfig.reliable_threshold)), "green")]
+    def report_cuts(cls, cfg, split, k):
+        """epsilon_1, or the cut the reliable-set floor fell back to: just below the least clean
+        probability of a reliable pair (the split file holds each pair's subset, not the cut)."""
+        nominal = float(cfg.get("sps", {}).get("reliable_threshold", SPSConfig.reliable_threshold))
+        reliable = split.subset[k] == split.subset_names.index("reliable") if "reliable" in split.subset_names else []
+        if not np.any(reliable):
+            return [("ε1", nominal, "green")]
+        least = float(split.clean_prob[k][reliable].min())
+        return [("ε1", nominal, "green")] if least > nominal else [("ε1 (floor's fallback)", least, "green")]
 
     @property
     def separate_steps(self):
