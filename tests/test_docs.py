@@ -89,3 +89,11 @@ def test_the_checks_catch_what_they_are_for(tmp_path):
         test_every_config_key_named_exists(doc)
     with pytest.raises(AssertionError, match=r"--methd(.|\n)*--preset sps-offical"):
         test_every_fastncl_command_uses_real_flags_presets_and_methods(doc)
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_every_local_link_and_figure_exists(doc):
+    links = re.findall(r"\]\(([^)\s]+)\)", doc.read_text(encoding="utf-8"))
+    missing = [link for link in links if "://" not in link
+               and not (doc.parent / link.split("#")[0]).exists()]
+    assert not missing, f"{doc.name} links to what is not there: {missing}"
