@@ -20,8 +20,7 @@ import sys
 from pathlib import Path
 
 from fastncl import Diverged, FastnclError, __version__
-from fastncl.config import ModelConfig, option_choices, parse_override, presets
-from fastncl.methods import registry
+from fastncl.config import ModelConfig, option_choices, parse_override
 
 
 # `fastncl train` flags that set one config value: argparse dest -> config path
@@ -30,18 +29,20 @@ FLAG_PATHS = {"data": "data.source", "noise": "data.noise", "noise_file": "data.
               "compile": "runtime.compile", "amp": "runtime.amp", "tensorboard": "runtime.tensorboard"}
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(methods: tuple[str, ...] = (), preset_names: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+    """The command line; ``methods`` and ``preset_names`` (from the method registry, which imports
+    torch) are given for `fastncl train` only, so that the other commands start light."""
     p = argparse.ArgumentParser(prog="fastncl", description="Noisy correspondence learning, fast.")
     p.add_argument("--version", action="version", version=f"fastncl {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train two co-teaching models and evaluate the best checkpoint")
-    t.add_argument("--method", choices=registry.names(), help="default: sps, or the preset's method")
+    t.add_argument("--method", choices=methods or None, help="default: sps, or the preset's method")
     t.add_argument("--data", help="'synthetic' (the embedded default), 'emoji' (built on first use), "
                    "'synthetic-f30k' (Flickr30K shapes, for benchmarks) or a SCAN/NCR precomputed-feature folder")
     t.add_argument("--noise", type=float, help="NCR-protocol noise rate in [0, 1)")
     t.add_argument("--noise-file", help="caption -> image index (.npy) saved by an earlier run")
-    t.add_argument("--preset", help=f"one of: {', '.join(presets())}")
+    t.add_argument("--preset", help=f"one of: {', '.join(preset_names)}" if preset_names else "a preset name")
     t.add_argument("--config", help="YAML file with config values")
     t.add_argument("--out", help="run folder (default: runs/<method>-noise<r>-seed<s>-<time>)")
     t.add_argument("--seed", type=int)
@@ -155,7 +156,18 @@ def _data(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = _parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    methods = preset_names = ()
+    if argv[:1] == ["train"]:  # the registry (built-in methods and installed plug-ins) for its choices
+        from fastncl.config import presets
+        from fastncl.methods import registry
+
+        try:
+            methods, preset_names = registry.names(), tuple(presets())
+        except FastnclError as e:
+            print(f"fastncl: error: {e}", file=sys.stderr)
+            return 2
+    parser = _parser(methods, preset_names)
     args, extra = parser.parse_known_args(argv)
     if args.command == "train":  # key=value overrides may sit between options
         is_override = {x: "=" in x and not x.startswith("-") for x in extra}

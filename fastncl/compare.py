@@ -9,6 +9,7 @@ import numpy as np
 
 from fastncl import FastnclError
 from fastncl.evaluation import KEYS
+from fastncl.records import check_format
 from fastncl.run import RunDir
 
 COMPARE_COLUMNS = ("run", "method", "noise", "seed", "backbone", "data", *KEYS, "rsum", "split_auc", "split_f1",
@@ -48,6 +49,7 @@ def compare_rows(run_dirs: list[str]) -> list[dict]:
         if not path.exists():
             raise FastnclError(f"{path}: the run has not finished (no results.json)")
         results = json.loads(path.read_text(encoding="utf-8"))
+        check_format(results.get("format"), str(path))
         cfg = run.config()
         split = results.get("split") or {}  # results.json: SplitQuality.to_json()
         row = {"run": run.path.name, "method": results["method"], "noise": results["noise"], "seed": results["seed"],

@@ -232,8 +232,11 @@ def _merge(base: dict, update: dict, where: str, prefix: str = "") -> None:
             base[key] = value
 
 
-def _coerce(path: str, annotation: str, value: Any, where: str) -> Any:
-    """Check a value against its field's annotation (a string, as written in the defining module)."""
+def _coerce(path: str, annotation, value: Any, where: str) -> Any:
+    """Check a value against its field's annotation: a string as written in a module with
+    ``from __future__ import annotations`` ("int | None"), or the type itself (a plug-in without it)."""
+    if not isinstance(annotation, str):
+        annotation = getattr(annotation, "__name__", None) or str(annotation).replace("NoneType", "None")
     kinds = [k.strip() for k in annotation.split("|")]
     if value is None:
         if "None" in kinds:
@@ -312,7 +315,7 @@ def validate(cfg: Config) -> Config:
         if value is None or not meta:
             continue
         if "choices" in meta and value not in meta["choices"]:
-            raise FastnclError(f"{flag}: must be one of {', '.join(meta['choices'])}; got {value!r}")
+            raise FastnclError(f"{flag}: must be one of {', '.join(map(str, meta['choices']))}; got {value!r}")
         if "interval" in meta and (why := _outside(meta["interval"], value)):
             raise FastnclError(f"{flag}: {why}, got {value}")
     if cfg.data.noise_file and cfg.data.noise > 0:
@@ -391,8 +394,14 @@ def resolve(preset: str | None = None, config_file: str | None = None, overrides
 
 
 def from_dict(values: dict, where: str) -> Config:
-    """A config from a dict (e.g. a run folder's config.yaml): unknown keys are errors."""
+    """A config from a dict (e.g. a run folder's config.yaml): unknown keys are errors. A config
+    written before a section existed keeps the behaviour it was trained with: no ``split`` section,
+    no loss clipping; a vanilla run without a ``vanilla`` section, sps.tau as its temperature."""
     base = Config().to_dict()
+    if "split" not in values:
+        base["split"]["clip_quantile"] = 1.0
+    if "vanilla" not in values and "tau" in values.get("sps", {}):
+        base["vanilla"]["tau"] = values["sps"]["tau"]
     _merge(base, values, where)
     return validate(fill_defaults(_build(Config, base, where)))
 

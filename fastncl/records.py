@@ -2,7 +2,7 @@
 split file (``splits/epoch_NNN.npz``). The trainer writes them; report, board, compare and the
 tools read them through these classes, never through key strings of their own.
 
-Every record carries ``format`` (``FORMAT``). A record without one was written by fastncl 0.1.0,
+Every record, and ``results.json``, carries ``format`` (``FORMAT``). A record without one was written by fastncl 0.1.0,
 whose fields are the same; a newer format than this fastncl reads is a one-line error.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from fastncl import FastnclError
 FORMAT = 1
 
 
-def _check_format(found, where: str) -> None:
+def check_format(found, where: str) -> None:
     if found is not None and int(found) > FORMAT:
         raise FastnclError(f"{where}: written by a newer fastncl (record format {int(found)}; this one reads up to "
                            f"{FORMAT}); upgrade fastncl to read it")
@@ -95,7 +95,7 @@ class EpochRecord:
 
     @classmethod
     def from_json(cls, d: dict, where: str) -> EpochRecord:
-        _check_format(d.get("format"), where)
+        check_format(d.get("format"), where)
         fields = dataclasses.fields(cls)
         missing = [f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
                    and f.name not in d]
@@ -167,7 +167,7 @@ class SplitFile:
 
     @classmethod
     def from_arrays(cls, z: dict, where: str) -> SplitFile:
-        _check_format(z["format"] if "format" in z else None, where)
+        check_format(z["format"] if "format" in z else None, where)
         return cls(z["losses"], z["normalized"], z["clean_prob"], z["noisy_cut"], z["subset"],
                    [str(n) for n in z["subset_names"]], str(z["mixture"]), json.loads(str(z["params"])),
                    z.get("clean_mask"))

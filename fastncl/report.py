@@ -1,4 +1,4 @@
-"""`fastncl eval`, `fastncl report` and `fastncl compare`: read run folders back.
+"""`fastncl eval` and `fastncl report`: read run folders back (`fastncl compare`: fastncl.compare).
 
 ``fastncl report RUN`` writes ``RUN/report.md`` and its figures in ``RUN/report/`` (matplotlib,
 Agg backend, imported only here):

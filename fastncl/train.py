@@ -26,7 +26,7 @@ from fastncl.data import load_dataset, training_pairs
 from fastncl.data.batches import PairBatches
 from fastncl.evaluation import fold5_metrics, format_results, retrieval_metrics, similarity_matrix, split_diagnostics
 from fastncl.profiling import nvtx_range
-from fastncl.records import EpochRecord, SplitFile, SplitQuality
+from fastncl.records import FORMAT, EpochRecord, SplitFile, SplitQuality
 from fastncl.run import RunDir, environment, write_atomic
 from fastncl.step import mark_step, run_step
 
@@ -365,6 +365,7 @@ class Trainer:
             raise Diverged(f"the best checkpoint's test similarities are not finite; no result for {self.run.path}")
         k = self.data.test.captions_per_image
         results = {
+            "format": FORMAT,
             "method": cfg.method,
             "preset": cfg.preset,
             "noise": self.noise_rate,

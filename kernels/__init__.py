@@ -128,7 +128,8 @@ def _dispatching(name: str):
     ref = getattr(reference, name)
 
     def op(*args, backend="auto", **kwargs):
-        return _impl(name, backend, args[0])(*args, **kwargs)
+        tensor = args[0] if args else next(iter(kwargs.values()), None)  # the first argument, by keyword too
+        return _impl(name, backend, tensor)(*args, **kwargs)
 
     op.__name__ = op.__qualname__ = name
     op.__doc__ = ref.__doc__

@@ -310,3 +310,16 @@ def test_round_trip_keeps_types():
 def test_warmup_defaults_to_the_methods_own_and_an_explicit_value_wins(method, epochs):
     assert resolve(method=method).optim.warmup_epochs == epochs
     assert resolve(method=method, overrides=[("optim.warmup_epochs", 7)]).optim.warmup_epochs == 7
+
+
+def test_a_config_from_before_a_section_keeps_what_it_trained_with():
+    old = resolve(method="vanilla", overrides=overrides("sps.tau=0.05")).to_dict()
+    del old["split"], old["vanilla"]  # a config.yaml of fastncl <= 0.1.0
+    cfg = from_dict(old, "config.yaml")
+    assert cfg.split.clip_quantile == 1.0 and cfg.vanilla.tau == 0.05
+    assert from_dict(resolve().to_dict(), "config.yaml").split.clip_quantile == 0.99
+
+
+def test_the_paper_presets_normalise_as_the_papers():
+    for preset in ("sps-f30k", "esc-coco", "sps-official-cc152k"):
+        assert resolve(preset=preset).split.clip_quantile == 1.0

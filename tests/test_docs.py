@@ -28,7 +28,8 @@ def _paths(tree: dict, prefix: str = "") -> set[str]:
 CONFIG = Config().to_dict()
 KEYS = _paths(CONFIG)
 SUBCOMMANDS = {name: set(sub._option_string_actions)
-               for action in _parser()._subparsers._group_actions for name, sub in action.choices.items()}
+               for action in _parser(names(), tuple(presets()))._subparsers._group_actions
+               for name, sub in action.choices.items()}
 
 
 def code_tokens(path):

@@ -155,8 +155,9 @@ def test_config_knows_no_method_but_through_the_registry():
     bad = [v for v in _violations(rule, [ROOT / "fastncl" / "config.py"], ("fastncl.methods",))
            if "fastncl.methods.registry" not in v]
     assert not bad, "\n".join(bad)
-    code = "import sys, fastncl.config; assert 'fastncl.methods' not in sys.modules and 'torch' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True)  # the CLI's config stays light until it is used
+    code = ("import sys, fastncl.config, fastncl.cli; "
+            "assert 'fastncl.methods' not in sys.modules and 'torch' not in sys.modules, 'imported torch'")
+    subprocess.run([sys.executable, "-c", code], check=True)  # the CLI and its config stay light until used
 
 
 def test_the_composition_root_builds_what_a_run_trains_and_evaluates():
@@ -195,3 +196,12 @@ def test_the_ops_are_one_table_bound_once_and_kernels_exports_only_ops():
     assert not bound.from_embeddings(10**6, dot_product=True)  # the embedding-level path is Triton's
     with pytest.raises(ValueError, match="backend must be one of"):
         K.Ops("cuda")
+
+
+def test_a_dispatching_op_takes_its_tensor_by_keyword_too():
+    import torch
+
+    import fastncl.kernels as K
+
+    sim = torch.randn(5, 5)
+    assert torch.equal(K.triplet_terms(sim=sim, margin=0.2, hardest=True), K.reference.triplet_terms(sim, 0.2, True))

@@ -12,6 +12,7 @@ import torch
 from fastncl.config import data_preset
 from fastncl.data.batches import Batch
 from fastncl.methods import ESC, NCR, SPS, Hinge
+from fastncl.kernels import AUTO
 from fastncl.methods.losses import ncr_prediction
 from fastncl.models import VSE, Encoding
 
@@ -65,9 +66,9 @@ def test_ncr_prediction_matches_the_code():
     g = torch.Generator().manual_seed(3)
     for b in (1, 7, 33):
         sim = torch.rand(b, b, generator=g)
-        close(ncr_prediction(sim, 0.2), ncr_predict(sim))
+        close(ncr_prediction(sim, 0.2, ops=AUTO), ncr_predict(sim))
     reversed_ = 1 - 2 * torch.eye(6)  # every confidence 0: the prediction is 0, not NaN
-    assert torch.equal(ncr_prediction(reversed_, 0.2), torch.zeros(6))
+    assert torch.equal(ncr_prediction(reversed_, 0.2, ops=AUTO), torch.zeros(6))
 
 
 @pytest.mark.parametrize("noisy_loss", ["soft", "hard"])

@@ -18,6 +18,7 @@ import torch
 from fastncl import kernels
 from fastncl.data.batches import Batch
 from fastncl.methods import ESC, NCR, SPS, Vanilla, build_method
+from fastncl.kernels import AUTO
 from fastncl.methods.losses import bicro_consistency, hinge_confidence, pseudo_negative, soft_margin
 from fastncl.models import Encoding, forward_pairs
 from fastncl.step import Precision
@@ -241,13 +242,13 @@ def test_hinge_confidence():
     sim = torch.tensor([[0.5, 0.4], [0.3, 0.6]])
     # pair 0: i2t hinge 0.2 + 0.4 - 0.5 = 0.1, t2i 0.2 + 0.3 - 0.5 = 0 -> mean hinge 0.05 -> (0.2 - 0.05) / 0.2
     # pair 1: i2t 0.2 + 0.3 - 0.6 < 0, t2i 0.2 + 0.4 - 0.6 = 0 -> 1
-    close(hinge_confidence(sim, 0.2), [0.75, 1.0])
+    close(hinge_confidence(sim, 0.2, ops=AUTO), [0.75, 1.0])
     separated = 2 * torch.eye(5) - 1
-    close(hinge_confidence(separated, 0.2), torch.ones(5))
+    close(hinge_confidence(separated, 0.2, ops=AUTO), torch.ones(5))
     constant = torch.full((5, 5), 0.3)  # every hinge = margin -> confidence 0
-    close(hinge_confidence(constant, 0.2), torch.zeros(5))
+    close(hinge_confidence(constant, 0.2, ops=AUTO), torch.zeros(5))
     reversed_ = 1 - 2 * torch.eye(4)  # far worse than chance: clamped to 0
-    close(hinge_confidence(reversed_, 0.2), torch.zeros(4))
+    close(hinge_confidence(reversed_, 0.2, ops=AUTO), torch.zeros(4))
 
 
 def test_ncr_subsets_and_objectives_of_the_earlier_options():
@@ -268,7 +269,7 @@ def test_ncr_subsets_and_objectives_of_the_earlier_options():
     close(clean()["loss"], expected)
     b = batches["noisy"]
     sim = forward_pairs(model, b.images, b.tokens, b.lengths).sim
-    label = hinge_confidence(sim.detach(), 0.2)  # the model's own rectified label
+    label = hinge_confidence(sim.detach(), 0.2, ops=AUTO)  # the model's own rectified label
     terms = kernels.triplet_terms(sim, soft_margin(label, 0.2, 10.0), hardest=True)
     close(noisy()["loss"], (terms * (label > 0.5)).sum())  # default noisy_loss=hard: labels <= 0.5 left out
     soft = NCR(config(("ncr.clean_target", "peer"), ("ncr.noisy_target", "own"), method="ncr"))
@@ -283,8 +284,8 @@ def test_bicro_consistency_identical_features_is_one():
     g = torch.Generator().manual_seed(0)
     img, txt = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
     mask = torch.ones(6, dtype=torch.bool)
-    close(bicro_consistency(img, txt, img, txt, mask), torch.ones(6))
-    close(bicro_consistency(3 * img, 0.5 * txt, img, txt, mask), torch.ones(6))  # features are normalised
+    close(bicro_consistency(img, txt, img, txt, mask, ops=AUTO), torch.ones(6))
+    close(bicro_consistency(3 * img, 0.5 * txt, img, txt, mask, ops=AUTO), torch.ones(6))  # features are normalised
 
 
 def test_bicro_consistency_respects_the_anchor_mask():
@@ -292,24 +293,24 @@ def test_bicro_consistency_respects_the_anchor_mask():
     k_img = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
     k_txt = torch.tensor([[1.0, 0.0], [0.8, 0.6]])
     # both keys may be anchors: key 0 is identical to the query -> 1
-    close(bicro_consistency(q_img, q_txt, k_img, k_txt, torch.tensor([True, True])), [1.0])
+    close(bicro_consistency(q_img, q_txt, k_img, k_txt, torch.tensor([True, True]), ops=AUTO), [1.0])
     # only key 1: image cosine 0.6, text cosine 0.8 -> ratio 0.75 both ways
-    close(bicro_consistency(q_img, q_txt, k_img, k_txt, torch.tensor([False, True])), [0.75])
+    close(bicro_consistency(q_img, q_txt, k_img, k_txt, torch.tensor([False, True]), ops=AUTO), [0.75])
 
 
 def test_bicro_consistency_negative_cosines_give_zero():
     q_img, q_txt = torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 0.0]])
     k_img, k_txt = torch.tensor([[-0.6, 0.8]]), torch.tensor([[0.8, 0.6]])  # image cos -0.6, text cos 0.8
-    close(bicro_consistency(q_img, q_txt, k_img, k_txt, torch.tensor([True])), [0.0])
+    close(bicro_consistency(q_img, q_txt, k_img, k_txt, torch.tensor([True]), ops=AUTO), [0.0])
     k_img, k_txt = torch.tensor([[-1.0, 0.0]]), torch.tensor([[0.0, -1.0]])
-    close(bicro_consistency(q_img, q_txt, k_img, k_txt, torch.tensor([True])), [0.0])
+    close(bicro_consistency(q_img, q_txt, k_img, k_txt, torch.tensor([True]), ops=AUTO), [0.0])
 
 
 def test_bicro_consistency_is_in_unit_interval():
     g = torch.Generator().manual_seed(1)
     q = [torch.randn(9, 4, generator=g) for _ in range(2)]
     k = [torch.randn(5, 4, generator=g) for _ in range(2)]
-    c = bicro_consistency(*q, *k, torch.tensor([True, False, True, True, False]))
+    c = bicro_consistency(*q, *k, torch.tensor([True, False, True, True, False]), ops=AUTO)
     assert c.shape == (9,) and torch.all((c >= 0) & (c <= 1))
 
 

@@ -115,3 +115,60 @@ def test_an_unregistered_method_is_an_unknown_one(tmp_path, capsys):
     assert "toy" not in registry.names()
     assert main(["train", "--preset", "toy-warm", "--out", str(tmp_path / "run")]) == 2
     assert "--preset: unknown preset 'toy-warm'" in capsys.readouterr().err
+
+
+def test_a_plug_in_without_future_annotations_and_a_reserved_name():
+    namespace = {}
+    exec("from dataclasses import dataclass\n"  # a plug-in module without `from __future__ import annotations`
+         "@dataclass\nclass Plain:\n    tau: float = 0.1\n    start: int | None = None\n", namespace)
+
+    class PlainMethod(Toy):
+        name = "plain"
+        config = namespace["Plain"]
+
+    registry.register(PlainMethod)
+    try:
+        cfg = resolve(method="plain", overrides=[("plain.tau", 1), ("plain.start", 3)])
+        assert cfg.plain.tau == 1.0 and isinstance(cfg.plain.tau, float) and cfg.plain.start == 3
+    finally:
+        registry.unregister("plain")
+
+    class Split(Toy):
+        name = "split"
+
+    with pytest.raises(ValueError, match="may not be named 'split'"):
+        registry.register(Split)
+
+
+def test_an_installed_plug_in_is_found_by_its_entry_point(monkeypatch, capsys):
+    import importlib.metadata
+    import sys
+    import types
+
+    module = types.ModuleType("fastncl_toy_plugin")
+
+    def load():
+        sys.modules["fastncl_toy_plugin"] = module
+        return registry.register(Toy)
+
+    entry = types.SimpleNamespace(name="toy", value="fastncl_toy_plugin", load=load)
+    monkeypatch.setattr(importlib.metadata, "entry_points",
+                        lambda group: [entry] if group == registry.ENTRY_POINTS else [])
+    monkeypatch.setattr(registry, "_loaded", False)
+    try:
+        assert "toy" in registry.names()
+        with pytest.raises(SystemExit):
+            main(["train", "--help"])
+        assert "toy" in capsys.readouterr().out
+    finally:
+        registry.unregister("toy")
+
+    def broken():
+        raise ImportError("No module named 'mypkg'")
+
+    entry.load = broken
+    monkeypatch.setattr(registry, "_loaded", False)
+    assert main(["train", "--method", "sps"]) == 2
+    assert capsys.readouterr().err == ("fastncl: error: method plug-in toy (fastncl_toy_plugin): cannot import it "
+                                       "(No module named 'mypkg')\n")
+    monkeypatch.setattr(registry, "_loaded", True)

@@ -17,7 +17,7 @@ the table of the finished runs is still written, and the exit status is 1.
 The table (printed and written to OUT/table.md) has one row per noise rate and method: the mean ±
 sample standard deviation (ddof=1) over the seeds of each recall, RSum, split AUC and F1, the
 number of seeds n, and the mean time; with one seed, the values alone. Its seed groups and their
-statistics are fastncl.report's (seed_groups, aggregate_seeds), as in `fastncl compare`.
+statistics are fastncl.compare's (seed_groups, aggregate_seeds), as in `fastncl compare`.
 """
 from __future__ import annotations
 

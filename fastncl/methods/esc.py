@@ -146,7 +146,7 @@ class ESC(Method):
 
     def _soft_triplet(self, sim, label, keep=None):
         c = self.cfg.esc
-        return soft_triplet(sim, label, c.margin, c.soft_margin_base, keep, self.ops)
+        return soft_triplet(sim, label, c.margin, c.soft_margin_base, keep, ops=self.ops)
 
     def _esc_train(self, sim):
         """L_ESC (Eq. 14), summed over the batch."""
@@ -167,13 +167,13 @@ class ESC(Method):
         c = self.cfg.esc
         b = batches["clean"]
         out = forward_pairs(peer, b.images, b.tokens, b.lengths)
-        confidence = hinge_confidence(out.sim, c.margin, self.ops)
+        confidence = hinge_confidence(out.sim, c.margin, ops=self.ops)
         k = int(confidence.shape[0] * c.label_anchor_fraction) + 1
         anchors = torch.zeros_like(confidence, dtype=torch.bool)
         anchors[torch.topk(confidence, k).indices] = True
         which = self._label_features(peer)
         img, txt = intramodal_features(out.images, which), intramodal_features(out.captions, which)
-        consistency = bicro_consistency(img, txt, img, txt, anchors, self.ops)
+        consistency = bicro_consistency(img, txt, img, txt, anchors, ops=self.ops)
         if c.clean_labels == "one":  # paper (Sec. 3.3): every pair of D_c has label 1
             labels = {"clean": torch.ones_like(consistency)}
         else:  # official (BiCro): anchors 1, the others 0.5 + consistency / 2
@@ -182,7 +182,7 @@ class ESC(Method):
             n = batches["noisy"]
             out_n = forward_pairs(peer, n.images, n.tokens, n.lengths)
             label = bicro_consistency(intramodal_features(out_n.images, which),
-                                      intramodal_features(out_n.captions, which), img, txt, anchors, self.ops)
+                                      intramodal_features(out_n.captions, which), img, txt, anchors, ops=self.ops)
             labels["noisy"] = torch.where(label <= c.noise_label_cut, torch.zeros_like(label), label)
         return labels
 

@@ -1,7 +1,8 @@
 """Loss pieces shared by the hinge-based methods (NCR, ESC): the soft margin,
 NCR's hinge confidence and prediction, the soft-margin triplet loss, the noisy subset's weights,
 and BiCro's correspondence labels with ESC's pseudo-negatives. One definition each; the methods
-import them from here, never from a peer method."""
+import them from here, never from a peer method. The loss ops come in as ``ops``, the method's ops
+bound to the run's backend (a required keyword: no call falls back to per-call dispatch)."""
 from __future__ import annotations
 
 import torch
@@ -15,14 +16,14 @@ def soft_margin(label: torch.Tensor, margin: float, base: float) -> torch.Tensor
     return margin * (base ** label.clamp(0, 1) - 1) / (base - 1)
 
 
-def hinge_confidence(sim: torch.Tensor, margin: float, ops: kernels.Ops = kernels.AUTO) -> torch.Tensor:
+def hinge_confidence(sim: torch.Tensor, margin: float, *, ops: kernels.Ops) -> torch.Tensor:
     """(B,) NCR confidence in [0, 1]: (alpha - mean hinge per direction) / alpha, clamped."""
     mean_hinge = ops.triplet_terms(sim, margin, hardest=False) / 2
     return ((margin - mean_hinge) / margin).clamp(0, 1)
 
 
-def ncr_prediction(sim: torch.Tensor, margin: float, anchor_fraction: float = 0.1,
-                   ops: kernels.Ops = kernels.AUTO) -> torch.Tensor:
+def ncr_prediction(sim: torch.Tensor, margin: float, anchor_fraction: float = 0.1, *,
+                   ops: kernels.Ops) -> torch.Tensor:
     """(B,) NCR's prediction of each pair's correspondence (NCR's ``predict``): the confidence
     clamp(alpha - mean hinge per direction, 0, alpha), divided by the mean of the batch's top
     floor(B * anchor_fraction) + 1 confidences, clamped to [0, 1]."""
@@ -35,8 +36,8 @@ def ncr_prediction(sim: torch.Tensor, margin: float, anchor_fraction: float = 0.
     return (confidence / top.clamp_min(1e-12)).clamp(0, 1)
 
 
-def soft_triplet(sim: torch.Tensor, label: torch.Tensor, margin: float, base: float, keep=None,
-                 ops: kernels.Ops = kernels.AUTO) -> torch.Tensor:
+def soft_triplet(sim: torch.Tensor, label: torch.Tensor, margin: float, base: float, keep=None, *,
+                 ops: kernels.Ops) -> torch.Tensor:
     """Soft-margin triplet loss over the hardest negatives (NCR; ESC Eq. 13), summed over the batch.
 
     ``keep`` (B,) optionally weighs each pair's term (0 leaves a pair out).
@@ -56,7 +57,7 @@ def _ratio(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (torch.minimum(a, b).clamp_min(0) / torch.maximum(a, b).clamp_min(1e-6)).clamp(0, 1)
 
 
-def bicro_consistency(q_img, q_txt, k_img, k_txt, key_mask, ops=kernels.AUTO) -> torch.Tensor:
+def bicro_consistency(q_img, q_txt, k_img, k_txt, key_mask, *, ops: kernels.Ops) -> torch.Tensor:
     """BiCro's bidirectional similarity consistency of each query pair with its nearest anchor.
 
     img2text: the anchor whose image is closest to the query image, then the ratio of the image

@@ -89,7 +89,7 @@ class NCR(Method):
 
     def _soft_triplet(self, sim, label, keep=None):
         c = self.cfg.ncr
-        return soft_triplet(sim, label, c.margin, c.soft_margin_base, keep, self.ops)
+        return soft_triplet(sim, label, c.margin, c.soft_margin_base, keep, ops=self.ops)
 
     def active_subsets(self, co_epoch):
         return self.subset_names if co_epoch >= self.cfg.ncr.noisy_start else ("clean",)
@@ -99,7 +99,7 @@ class NCR(Method):
         """NCR's eval-mode prediction of ``model`` for the pairs of batch ``b``."""
         with eval_mode(model):
             sim = forward_pairs(model, b.images, b.tokens, b.lengths).sim
-        return ncr_prediction(sim, self.cfg.ncr.margin)
+        return ncr_prediction(sim, self.cfg.ncr.margin, ops=self.ops)
 
     def train_groups(self, model, peer, batches, peer_prob, co_epoch):
         c = self.cfg.ncr
@@ -119,7 +119,7 @@ class NCR(Method):
                 target = (self._prediction(model, b) + self._prediction(peer, b)) / 2
             sim = forward_pairs(model, b.images, b.tokens, b.lengths).sim
             if c.noisy_target == "own":  # the model's own train-mode hinge confidence / alpha
-                target = hinge_confidence(sim.detach(), c.margin, self.ops)
+                target = hinge_confidence(sim.detach(), c.margin, ops=self.ops)
             l_noisy = self._soft_triplet(sim, target, noisy_keep(target, c))
             return {"loss": l_noisy, "noisy": l_noisy.detach()}
 

@@ -26,7 +26,8 @@ def paper_presets(method: str, paper: dict, official: dict, schedule: Callable[[
     out = {f"{method}-official": official}
     for dataset, data in DATASETS.items():
         common = deep_update({"model": SGR_MODEL, "optim": schedule(dataset)}, data)
-        out[f"{method}-{dataset}"] = deep_update(paper, common)
+        # the papers normalise the losses by min-max alone: no clipping (split.clip_quantile)
+        out[f"{method}-{dataset}"] = deep_update(deep_update(paper, {"split": {"clip_quantile": 1.0}}), common)
         out[f"{method}-official-{dataset}"] = deep_update(official, common)
         if official_seed is not None:
             out[f"{method}-official-{dataset}"]["seed"] = official_seed

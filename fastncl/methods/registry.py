@@ -14,10 +14,18 @@ _METHODS: dict[str, type] = {}
 
 def register(cls: type) -> type:
     """Add a method class (usable as a decorator); a second class of the same name replaces the first."""
+    import dataclasses
+
+    from fastncl.config import Config
+
     from .base import Method
 
     if not (isinstance(cls, type) and issubclass(cls, Method)) or cls.name in ("", "base"):
         raise TypeError(f"register: {cls!r} is not a named Method subclass")
+    reserved = {f.name for f in dataclasses.fields(Config)}
+    if cls.name in reserved:  # its section would be hidden by (or overwrite) a core field
+        raise ValueError(f"register: a method may not be named {cls.name!r} (a core config field: "
+                         f"{', '.join(sorted(reserved))})")
     _METHODS[cls.name] = cls
     return cls
 
@@ -26,10 +34,32 @@ def unregister(name: str) -> None:
     _METHODS.pop(name, None)
 
 
+ENTRY_POINTS = "fastncl.methods"  # installed packages declare their method modules under this group
+_loaded = False
+
+
+def _load_plugins() -> None:
+    """Import the modules that installed packages declare under the ``fastncl.methods`` entry-point
+    group (``[project.entry-points."fastncl.methods"] mine = "mypkg.mine"``): each registers its
+    method on import, so that the ``fastncl`` command, ``eval`` and ``report`` know it."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group=ENTRY_POINTS):
+        try:
+            entry.load()
+        except Exception as e:  # a broken plug-in: one line, not a traceback from deep in the CLI
+            raise FastnclError(f"method plug-in {entry.name} ({entry.value}): cannot import it ({e})") from None
+
+
 def methods() -> dict[str, type]:
-    """Every registered method by name, the built-in ones first."""
+    """Every registered method by name, the built-in ones first, then the plug-ins."""
     import fastncl.methods  # noqa: F401  (registers the built-in methods)
 
+    _load_plugins()
     return dict(_METHODS)
 
 
