@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fastncl.data.noise import own_images
 from fastncl.records import SplitQuality, SubsetCount
 from fastncl.step import FULL_PRECISION, Precision
 
@@ -44,7 +45,7 @@ def retrieval_metrics(sim, captions_per_image: int) -> dict:
         raise ValueError(f"similarity matrix {tuple(sim.shape)} does not have {k} captions per image")
     gt_captions = torch.arange(n_img).view(-1, 1) * k + torch.arange(k).view(1, -1)  # (n_img, k)
     i2t = _ranks(sim, gt_captions)
-    t2i = _ranks(sim.T, (torch.arange(n_cap) // k).view(-1, 1))
+    t2i = _ranks(sim.T, torch.from_numpy(own_images(n_cap, k)).view(-1, 1))
     out = {}
     for name, ranks in (("i2t", i2t), ("t2i", t2i)):
         for r in (1, 5, 10):

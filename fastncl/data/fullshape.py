@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .noise import own_images
 from .split import SPECIALS, Dataset, Split, Vocab
 
 F30K = {"train": 29_000, "dev": 1_014, "test": 1_000}
@@ -54,7 +55,7 @@ def _split(rng: np.random.Generator, n_images: int, pool: np.ndarray, filler_cdf
     n_words = VOCAB_SIZE - first
     tokens = first + np.searchsorted(filler_cdf, rng.random((n_cap, width)))  # filler words
     # about a third of the words name one of the image's regions (a word per pool vector)
-    image = np.arange(n_cap) // CAPTIONS_PER_IMAGE
+    image = own_images(n_cap, CAPTIONS_PER_IMAGE)
     pick = rng.integers(0, REGIONS, size=(n_cap, width))
     named = first + codes[image[:, None], pick] % n_words
     tokens = np.where(rng.random((n_cap, width)) < 0.35, named, tokens)
