@@ -181,9 +181,11 @@ def test_clip_quantile_out_of_range_raises(value):
 
 
 def test_official_presets_normalise_as_the_official_codes():
-    assert resolve().split.clip_quantile == 0.99
+    assert resolve().split.clip_quantile == 1.0
+    emoji = [("data.source", "emoji")]
+    assert resolve(overrides=emoji).split.clip_quantile == 0.99  # the emoji set's own setting
     for preset in ("ncr-official", "sps-official", "esc-official", "esc-official-f30k", "sps-official-coco"):
-        assert resolve(preset=preset).split.clip_quantile == 1.0, preset
+        assert resolve(preset=preset, overrides=emoji).split.clip_quantile == 1.0, preset
     assert resolve(preset="ncr-official").ncr == resolve(method="ncr").ncr  # NCR's defaults are its code
 
 
@@ -317,9 +319,10 @@ def test_a_config_from_before_a_section_keeps_what_it_trained_with():
     del old["split"], old["vanilla"]  # a config.yaml of fastncl <= 0.1.0
     cfg = from_dict(old, "config.yaml")
     assert cfg.split.clip_quantile == 1.0 and cfg.vanilla.tau == 0.05
-    assert from_dict(resolve().to_dict(), "config.yaml").split.clip_quantile == 0.99
+    emoji = resolve(overrides=[("data.source", "emoji")]).to_dict()
+    assert from_dict(emoji, "config.yaml").split.clip_quantile == 0.99  # as written, not re-derived
 
 
 def test_the_paper_presets_normalise_as_the_papers():
     for preset in ("sps-f30k", "esc-coco", "sps-official-cc152k"):
-        assert resolve(preset=preset).split.clip_quantile == 1.0
+        assert resolve(preset=preset, overrides=[("data.source", "emoji")]).split.clip_quantile == 1.0
