@@ -32,9 +32,9 @@ def option(default, *, choices: tuple | None = None, interval: str | None = None
     metadata = {}
     if choices is not None:
         metadata["choices"] = tuple(choices)
-    if interval is not None:
+    if interval is not None:  # parsed once, here: (the text, lower bound, upper bound)
         lo, hi = (part.strip() for part in interval[1:-1].split(","))
-        metadata["interval"] = (interval, _BOUNDS.get(lo, lo), _BOUNDS.get(hi, hi))
+        metadata["interval"] = (interval, float(_BOUNDS.get(lo, lo)), float(_BOUNDS.get(hi, hi)))
     return field(default=default, metadata=metadata)
 
 
@@ -46,7 +46,6 @@ def option_choices(section: type, name: str) -> tuple:
 def _outside(interval: tuple, value) -> str | None:
     """Why ``value`` lies outside an ``option`` interval, or None."""
     text, lo, hi = interval
-    lo, hi = float(lo), float(hi)
     low_ok = value >= lo if text[0] == "[" else value > lo
     high_ok = value <= hi if text[-1] == "]" else value < hi
     if low_ok and high_ok:
@@ -157,8 +156,13 @@ def _registry():
     return registry
 
 
+def _section_classes() -> dict[str, type]:
+    """Each registered method's config dataclass, by section name."""
+    return {name: cls.config for name, cls in _registry().methods().items() if cls.config is not None}
+
+
 def _method_sections() -> dict:
-    return {name: cls.config() for name, cls in _registry().methods().items() if cls.config is not None}
+    return {name: section() for name, section in _section_classes().items()}
 
 
 @dataclass
@@ -265,8 +269,8 @@ def _build(cls, values: dict, where: str, prefix: str = ""):
     for f in dataclasses.fields(cls):
         path = f"{prefix}{f.name}"
         if f.name == "sections" and cls is Config:
-            kwargs[f.name] = {name: _build(type(default), values[name], where, name + ".")
-                              for name, default in _method_sections().items()}
+            kwargs[f.name] = {name: _build(section, values[name], where, name + ".")
+                              for name, section in _section_classes().items()}
         elif f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
             kwargs[f.name] = _build(f.default_factory, values[f.name], where, path + ".")
         else:
@@ -305,9 +309,7 @@ def fill_defaults(cfg: Config) -> Config:
 def validate(cfg: Config) -> Config:
     """Check a resolved config, without changing it: every field against its metadata, then the
     rules across fields (the method's own: ``Method.check``)."""
-    names = _registry().names()
-    if cfg.method not in names:
-        raise FastnclError(f"--method: must be one of {', '.join(names)}; got {cfg.method!r}")
+    method = _registry().get(cfg.method)  # an unknown method: "--method: must be one of ..."
     for path, f, value in _fields(cfg):
         flag = _FLAGS.get(path, path)
         if isinstance(value, float) and not math.isfinite(value):  # optim.lr: .inf trained to chance level
@@ -324,7 +326,7 @@ def validate(cfg: Config) -> Config:
                            "pairs; its measured noise rate is recorded)")
     if cfg.optim.epochs + (cfg.optim.warmup_epochs or 0) == 0:
         raise FastnclError("optim.epochs: nothing to train (epochs and warmup_epochs are both 0)")
-    _registry().get(cfg.method).check(cfg)
+    method.check(cfg)
     return cfg
 
 

@@ -131,6 +131,12 @@ def eval_mode(model):
         model.train(was_training)
 
 
+def half_the_epochs(cfg: Config, section) -> None:
+    """NCR's and ESC's codes: the noisy subset joins after half the co-training epochs."""
+    if section.noisy_start is None:
+        section.noisy_start = cfg.optim.epochs // 2
+
+
 def two_way_split(clean_prob: np.ndarray, cut: float, forced_clean: np.ndarray | None = None):
     """Caption indices (clean, noisy): clean = prob > cut, plus any forced-clean pairs."""
     clean = clean_prob > cut

@@ -19,10 +19,9 @@ import torch
 from fastncl.config import NON_NEGATIVE, POSITIVE, PROBABILITY, option
 from fastncl.models import forward_pairs, intramodal_features
 
-from .base import Method, two_way_split
+from .base import Method, half_the_epochs, two_way_split
 from .losses import bicro_consistency, hinge_confidence, noisy_keep, pseudo_negative, soft_triplet
-from .mixture import fallback_note, fit_bmm, fit_gmm, noisy_threshold
-from .ncr import half_the_epochs
+from .mixture import fallback_note, fit_bmm, noisy_threshold
 from .presets import paper_presets
 from .registry import register
 
@@ -112,10 +111,9 @@ class ESC(Method):
 
     def fit(self, losses):
         c = self.cfg.esc
-        clip = self.cfg.split.clip_quantile
         if c.mixture == "bmm":
-            return fit_bmm(losses, iters=c.mixture_iters, clip_quantile=clip)
-        return fit_gmm(losses, seed=self.cfg.seed, clip_quantile=clip)
+            return fit_bmm(losses, iters=c.mixture_iters, clip_quantile=self.cfg.split.clip_quantile)
+        return super().fit(losses)  # the GMM, as every method
 
     def noisy_cut(self, fit):
         return noisy_threshold(fit.clean_prob, self.cfg.esc.clean_threshold, self.cfg.esc.min_noisy_fraction)

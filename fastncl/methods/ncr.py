@@ -22,7 +22,7 @@ import torch
 from fastncl.config import NON_NEGATIVE, PROBABILITY, option
 from fastncl.models import forward_pairs
 
-from .base import Method, eval_mode, two_way_split
+from .base import Method, eval_mode, half_the_epochs, two_way_split
 from .losses import hinge_confidence, ncr_prediction, noisy_keep, soft_triplet
 from .mixture import fallback_note, noisy_threshold
 from .registry import register
@@ -46,12 +46,6 @@ class NCRConfig:
     noise_label_cut: float = option(0.5, **PROBABILITY)
     # co-training epoch of the first noisy step; None: epochs // 2 (NCR code; fastncl <= 0.1.0: 0)
     noisy_start: int | None = option(None, **NON_NEGATIVE)
-
-
-def half_the_epochs(cfg, section) -> None:
-    """NCR's and ESC's codes: the noisy subset joins after half the co-training epochs."""
-    if section.noisy_start is None:
-        section.noisy_start = cfg.optim.epochs // 2
 
 
 @register
