@@ -10,15 +10,20 @@ from dataclasses import dataclass
 
 import torch
 
-from fastncl import FastnclError, kernels
+from fastncl import FastnclError, distributed, kernels
 from fastncl.config import Config, ModelConfig
 from fastncl.data import Dataset
 from fastncl.step import CompiledBackbone, Precision, resolve_amp
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device of ``runtime.device``; under torchrun, "auto" and "cuda" are this process's own
+    GPU (LOCAL_RANK)."""
+    _, world, local_rank = distributed.env_world()
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and world > 1:
+        name = f"cuda:{local_rank}"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise FastnclError(f"runtime.device={name}: CUDA is not available on this machine")
     try:
@@ -58,13 +63,20 @@ def method(cfg: Config, device: torch.device):
 def backbone(model: ModelConfig, data: Dataset, device: torch.device) -> torch.nn.Module:
     from fastncl.models import build_backbone
 
-    return build_backbone(model, data.image_dim, len(data.vocab), data.train.images.shape[1]).to(device)
+    module = build_backbone(model, data.image_dim, len(data.vocab), data.train.images.shape[1])
+    return distributed.global_batch_norm(module).to(device)
 
 
 def views(models: list, rt: Runtime) -> tuple[list, list]:
     """What the steps and split passes call, and what evaluation calls: the modules, or their
-    compiled forms (with CUDA graphs for the steps on a GPU; evaluation without)."""
+    compiled forms (with CUDA graphs for the steps on a GPU; evaluation without). Under torchrun
+    the steps' views encode this rank's share of each global batch (distributed.ShardedBackbone);
+    evaluation shards its captions itself (evaluation.similarity_matrix)."""
     if not rt.compile:
-        return list(models), list(models)
-    return ([CompiledBackbone(m, "reduce-overhead" if rt.graphs else None) for m in models],
-            [CompiledBackbone(m) for m in models])
+        steps, evals = list(models), list(models)
+    else:
+        steps = [CompiledBackbone(m, "reduce-overhead" if rt.graphs else None) for m in models]
+        evals = [CompiledBackbone(m) for m in models]
+    if distributed.size() > 1:
+        steps = [distributed.ShardedBackbone(v) for v in steps]
+    return steps, evals

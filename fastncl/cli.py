@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -175,14 +176,16 @@ def main(argv=None) -> int:
         extra = [x for x in extra if not is_override[x]]
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    # under torchrun every rank meets the same error (fastncl.distributed.agree); rank 0 says it
+    err = sys.stderr if os.environ.get("RANK", "0") in ("0", "") else open(os.devnull, "w")
     try:
         commands = {"train": _train, "eval": _eval, "report": _report, "compare": _compare, "data": _data}
         return commands[args.command](args)
     except FastnclError as e:
-        print(f"fastncl: error: {e}", file=sys.stderr)
+        print(f"fastncl: error: {e}", file=err)
         return 2
     except Diverged as e:  # a failed run is not a result
-        print(f"fastncl: diverged: {e}", file=sys.stderr)
+        print(f"fastncl: diverged: {e}", file=err)
         return 1
     except OSError as e:  # a file that cannot be read or written (permissions, a full disk, ...)
         where = f"{e.filename}: " if e.filename else ""

@@ -148,6 +148,10 @@ class RuntimeConfig:
     # pairwise sgr/saf heads (cost grows with the length), 0 for vse (keeps its dropout draws as before)
     length_multiple: int | None = option(None, **NON_NEGATIVE)
     tensorboard: bool = False  # also log to RUN/tb (needs the tensorboard package)
+    # under torchrun: the process-group backend ("auto": nccl on CUDA devices, gloo otherwise) and how
+    # long a collective waits for a rank before the job fails (a rank that died ends the run)
+    dist_backend: str = option("auto", choices=("auto", "nccl", "gloo"))
+    dist_timeout: float = option(600.0, **POSITIVE)
 
 
 def _registry():

@@ -11,7 +11,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fastncl import distributed
 from fastncl.data.noise import own_images
+from fastncl.profiling import nvtx_range
 from fastncl.records import SplitQuality, SubsetCount
 from fastncl.step import FULL_PRECISION, Precision
 
@@ -83,24 +85,32 @@ def similarity_matrix(models, split, device, chunk: int = 1000, precision: Preci
 
     Images and captions are encoded in chunks, under ``precision``'s autocast; the matrix is
     scored block by block, so a pairwise backbone never holds more than one chunk x chunk block
-    of pairs.
+    of pairs. Under torchrun each rank encodes every image (cheap next to the captions' GRU and
+    the pairwise scoring) and only its share of the captions, scores those columns, and the
+    columns are all-gathered: every rank holds the matrix one process would compute.
     """
-    total = torch.zeros(split.num_images, split.num_captions)
+    cols = distributed.own(split.num_captions)
+    total = torch.zeros(split.num_images, cols.stop - cols.start)
     with precision.autocast():
         for model in models:
             was_training = model.training
             model.eval()
             images = [model.encode_images(split.image_batch(np.arange(s, min(s + chunk, split.num_images))).to(device))
                       for s in range(0, split.num_images, chunk)]
-            for s in range(0, split.num_captions, chunk):
-                index = np.arange(s, min(s + chunk, split.num_captions))
+            for s in range(cols.start, cols.stop, chunk):
+                index = np.arange(s, min(s + chunk, cols.stop))
                 tokens, lengths = split.caption_batch(index)
                 captions = model.encode_captions(tokens.to(device), lengths.to(device))
+                at = slice(s - cols.start, s - cols.start + len(index))
                 for i, img in enumerate(images):
                     rows = slice(i * chunk, i * chunk + img.global_.shape[0])
-                    total[rows, s : s + len(index)] += model.similarity(img, captions).float().cpu()
+                    total[rows, at] += model.similarity(img, captions).float().cpu()
             model.train(was_training)
-    return total / len(models)
+    total /= len(models)
+    if distributed.size() > 1:
+        with nvtx_range("gather similarities"):
+            total = distributed.gather(total.to(device), split.num_captions, dim=1).cpu()
+    return total
 
 
 def split_diagnostics(clean_prob: np.ndarray, noisy_cut: float, clean_mask: np.ndarray | None,

@@ -20,7 +20,7 @@ import contextlib
 
 import torch
 
-from fastncl import FastnclError
+from fastncl import FastnclError, distributed
 from fastncl.profiling import nvtx_range
 
 AMP_MODES = ("off", "auto", "bf16", "fp16")
@@ -65,7 +65,8 @@ class CompiledBackbone:
     def __init__(self, module: torch.nn.Module, mode: str | None = None):
         self.module = module
         pairwise = hasattr(module, "score_block")
-        options = dict(dynamic=False, fullgraph=pairwise, mode=mode)  # vse's packed GRU breaks the graph
+        # vse's packed GRU breaks the graph; so does a batch norm's all-gather under torchrun
+        options = dict(dynamic=False, fullgraph=pairwise and distributed.size() == 1, mode=mode)
         _raise_recompile_limits()
         # CUDA graphs overwrite their outputs at the next replay of a new iteration, and a method may
         # keep an encoding across its loss groups (SPS's proxy search after a separate reliable
@@ -144,8 +145,9 @@ def mark_step() -> None:
 
 
 def run_step(opt: torch.optim.Optimizer, groups, separate: bool, clip: float, precision: Precision = FULL_PRECISION,
-             graphs: bool = False) -> dict:
+             graphs: bool = False, sync=None) -> dict:
     """One iteration: all loss groups in one optimizer step, or one step per group (``separate``).
+    ``sync`` (under torchrun) runs after each backward, before clipping: the ranks' gradients averaged.
 
     Returns the groups' named terms and the summed "loss", as tensors (no host sync).
     """
@@ -164,6 +166,8 @@ def run_step(opt: torch.optim.Optimizer, groups, separate: bool, clip: float, pr
             terms.update(out)
         with nvtx_range("backward"):
             (scaler.scale(loss) if scaler is not None else loss).backward()
+        if sync is not None:
+            sync()
         with nvtx_range("optimizer"):
             if scaler is not None:
                 scaler.unscale_(opt)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fastncl import Diverged, FastnclError, assemble
+from fastncl import Diverged, FastnclError, assemble, distributed
 from fastncl.board import Board, check_tensorboard
 from fastncl.config import Config, dump_yaml
 from fastncl.data import load_dataset, training_pairs
@@ -40,9 +40,13 @@ def default_out(cfg: Config) -> str:
 
 
 def _setup_logging(run: RunDir) -> None:
+    """Log lines on stdout and in log.txt, from rank 0 only under torchrun."""
     log.setLevel(logging.INFO)
     log.handlers.clear()
     log.propagate = False
+    if not distributed.is_main():
+        log.addHandler(logging.NullHandler())
+        return
     for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(run.file("log.txt"), encoding="utf-8")):
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
@@ -55,28 +59,41 @@ class Trainer:
         self.device, self.precision, self.graphs = rt.device, rt.precision, rt.graphs
         if cfg.runtime.threads:
             torch.set_num_threads(cfg.runtime.threads)
+        self.main = distributed.is_main()  # under torchrun only rank 0 writes the run folder and logs
         # progress bars on a terminal; without one (runtime.progress unset), a plain line every
         # PROGRESS_SECONDS; runtime.progress=false: nothing
         self.progress = sys.stderr.isatty() if cfg.runtime.progress is None else cfg.runtime.progress
         self.progress_lines = cfg.runtime.progress is None and not self.progress
-        # everything that can fail on bad input happens before the run folder is touched
-        self.data = load_dataset(cfg.data)
-        pairs = training_pairs(self.data.train, cfg.data, cfg.seed)
-        self.caption_to_image, self.clean_mask, self.noise_rate = pairs.caption_to_image, pairs.clean, pairs.noise_rate
-        self.method = assemble.method(cfg, self.device)
-        if cfg.runtime.tensorboard:
-            check_tensorboard()
-
-        self.run = RunDir.create(cfg.out, resume)
-        # config.yaml first: from here on, a run killed at any point can be resumed
-        fresh = not (resume and self.run.file("checkpoints/last.pt").exists())
-        if fresh:
-            write_atomic(self.run.file("config.yaml"), dump_yaml(cfg))
+        # everything that can fail on bad input happens before the run folder is touched; under
+        # torchrun every rank stops with the same error when any rank failed (distributed.agree)
+        error, fresh = None, True
+        try:
+            distributed.check_batch(cfg.optim.batch_size)
+            self.data = load_dataset(cfg.data)
+            pairs = training_pairs(self.data.train, cfg.data, cfg.seed)
+            self.caption_to_image, self.clean_mask, self.noise_rate = pairs.caption_to_image, pairs.clean, pairs.noise_rate
+            self.method = assemble.method(cfg, self.device)
+            if cfg.runtime.tensorboard:
+                check_tensorboard()
+            if self.main:
+                self.run = RunDir.create(cfg.out, resume)
+                # config.yaml first: from here on, a run killed at any point can be resumed
+                fresh = not (resume and self.run.file("checkpoints/last.pt").exists())
+                if fresh:
+                    write_atomic(self.run.file("config.yaml"), dump_yaml(cfg))
+        except FastnclError as e:
+            error = e
+        distributed.agree(error)
+        fresh = distributed.broadcast_object(fresh)
+        if not self.main:
+            self.run = RunDir(cfg.out)  # read-only here: rank 0 writes
         _setup_logging(self.run)
-        self.board = Board(self.run.file("tb")) if cfg.runtime.tensorboard else None
+        self.board = Board(self.run.file("tb")) if cfg.runtime.tensorboard and self.main else None
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         self.models = [assemble.backbone(cfg.model, self.data, self.device) for _ in range(2)]
+        for m in self.models:  # identical initial weights on every rank
+            distributed.broadcast_module(m)
         # fused Adam on GPUs (one kernel); the CPU keeps the default implementation
         fused = {"fused": True} if self.device.type == "cuda" else {}
         self.optims = [torch.optim.Adam(m.parameters(), lr=cfg.optim.lr, **fused) for m in self.models]
@@ -87,12 +104,15 @@ class Trainer:
         self.last_split = None
         if not fresh:
             self._restore()
-        else:  # a new run, or a resumed one whose first epoch never finished: from the start
+        elif self.main:  # a new run, or a resumed one whose first epoch never finished: from the start
             if resume:
                 self.run.truncate_metrics(-1)
                 log.info(f"{self.run.path} holds no checkpoint yet: the run starts over")
             env = environment(self.device)
             env["precision"] = self.precision.name
+            env["world_size"] = distributed.size()
+            if distributed.size() > 1:
+                env["dist_backend"] = torch.distributed.get_backend()
             env["noise_index_sha256"] = self.run.write_noise_index(self.caption_to_image)
             self.run.write_json("env.json", env)
 
@@ -113,8 +133,12 @@ class Trainer:
             "last_split": None if self.last_split is None else self.last_split.to_json(),
         }
 
+    def _load(self, name: str) -> dict:
+        """A checkpoint of the run folder, read by rank 0 and sent to every rank."""
+        return distributed.broadcast_object(self.run.load_checkpoint(name) if self.main else None)
+
     def _restore(self) -> None:
-        state = self.run.load_checkpoint("last")
+        state = self._load("last")
         self._check_checkpoint(state)
         for m, s in zip(self.models, state["models"]):
             m.load_state_dict(s)
@@ -129,7 +153,8 @@ class Trainer:
         self.best_rsum, self.best_epoch = state["best_rsum"], state["best_epoch"]
         self.last_split = SplitQuality.from_json(state["last_split"]) if state.get("last_split") else None
         self.start_epoch = state["epoch"] + 1
-        self.run.truncate_metrics(state["epoch"])
+        if self.main:
+            self.run.truncate_metrics(state["epoch"])
         log.info(f"resumed {self.run.path} after epoch {state['epoch']}")
 
     def _check_checkpoint(self, state: dict) -> None:
@@ -167,13 +192,18 @@ class Trainer:
                            self.device, length_multiple=self.cfg.runtime.length_multiple)
 
     def _bar(self, it, total, desc):
+        if not self.main:
+            return it
         if self.progress_lines:
             return _progress_lines(it, total, desc)
         return tqdm(it, total=total, desc=desc, leave=False, disable=not self.progress, dynamic_ncols=True)
 
-    def _step(self, opt, groups) -> dict:
-        """One iteration: all loss groups in one optimizer step, or one step per group (step.run_step)."""
-        return run_step(opt, groups, self.method.separate_steps, self.cfg.optim.grad_clip, self.precision, self.graphs)
+    def _step(self, k: int, groups) -> dict:
+        """One iteration of model ``k``: all loss groups in one optimizer step, or one step per group
+        (step.run_step); under torchrun the ranks' gradients are averaged before each step."""
+        sync = (lambda: distributed.average_gradients([self.models[k]])) if distributed.size() > 1 else None
+        return run_step(self.optims[k], groups, self.method.separate_steps, self.cfg.optim.grad_clip, self.precision,
+                        self.graphs, sync)
 
     @torch.no_grad()
     def split_pass(self, model) -> tuple[np.ndarray, np.ndarray]:
@@ -199,7 +229,7 @@ class Trainer:
 
     def _train_model(self, k: int, subsets: dict, peer_prob, co_epoch: int | None, desc: str,
                      warnings: list[str]) -> dict:
-        model, opt, peer = self.fast[k], self.optims[k], self.fast[1 - k]
+        model, peer = self.fast[k], self.fast[1 - k]
         names = [name for name in subsets if len(subsets[name])]
         if not names or names[0] != next(iter(subsets)):
             warnings.append(f"model {'AB'[k]} trains nothing: its {next(iter(subsets))} subset is empty")
@@ -222,7 +252,7 @@ class Trainer:
             else:
                 groups = self.method.train_groups(model, peer, batches, peer_prob, co_epoch)
             with nvtx_range("step"):
-                for name, value in self._step(opt, groups).items():
+                for name, value in self._step(k, groups).items():
                     sums[name] = sums.get(name, 0.0) + value.detach()
             steps += 1
         peer.train()
@@ -250,6 +280,8 @@ class Trainer:
     def _epoch(self, epoch: int, total: int) -> None:
         o = self.cfg.optim
         t0 = time.perf_counter()
+        if distributed.size() > 1:  # each rank its own dropout draws, the same again on a resume
+            torch.manual_seed(int(np.random.SeedSequence([self.cfg.seed, epoch, distributed.rank()]).generate_state(1)[0]))
         lr = self._set_lr(epoch)
         warmup = epoch < o.warmup_epochs
         co_epoch = None if warmup else epoch - o.warmup_epochs
@@ -263,7 +295,10 @@ class Trainer:
                                                         warnings)
         else:
             with nvtx_range("split pass"):
-                passes = [self.split_pass(m) for m in self.fast]
+                # under torchrun every rank computes the same losses (each encodes its share of every
+                # global batch); rank 0's are sent to all, and rank 0 fits the mixtures: every rank
+                # then holds the same split, bit for bit
+                passes = distributed.broadcast_object([self.split_pass(m) for m in self.fast])
             for k, (loss, _) in enumerate(passes):
                 bad = int((~np.isfinite(loss)).sum())
                 if bad:
@@ -271,7 +306,7 @@ class Trainer:
                                           f"({bad} of {len(loss)} pairs)")
             t_split = time.perf_counter()
             with nvtx_range("mixture fit"):
-                fits = [self.method.fit(loss) for loss, _ in passes]
+                fits = distributed.broadcast_object([self.method.fit(loss) for loss, _ in passes] if self.main else None)
             record.time_fit = time.perf_counter() - t_split
             record.time_split = t_split - t0
             splits = [self.method.subsets(fit, anchors, co_epoch) for fit, (_, anchors) in zip(fits, passes)]
@@ -281,7 +316,8 @@ class Trainer:
             warnings += self._split_warnings(fits, splits)
             cuts = [m.noisy_cut for m in record.split.models]
             split_file = SplitFile.build([loss for loss, _ in passes], fits, cuts, splits, self.clean_mask)
-            self.run.write_split(epoch, split_file)
+            if self.main:
+                self.run.write_split(epoch, split_file)
             for k in range(2):  # model k trains on its peer's split
                 peer_fit, subsets = fits[1 - k], splits[1 - k]
                 active = {name: subsets[name] for name in active_names}
@@ -311,15 +347,18 @@ class Trainer:
         # committed in an order that a kill at any point resumes correctly: best.pt, then the metrics
         # line, then last.pt (a resume restarts from last.pt, drops later metrics lines and redoes
         # the epoch, writing the same best.pt again)
-        with nvtx_range("checkpoint"):
-            state = self._state(epoch)
-            if improved:
-                self.run.save_checkpoint("best", state)
-        record.time = time.perf_counter() - t0
         record.warnings = warnings
-        self.run.append_metrics(record)
-        with nvtx_range("checkpoint"):
-            self.run.save_checkpoint("last", state)
+        if self.main:
+            with nvtx_range("checkpoint"):
+                state = self._state(epoch)
+                if improved:
+                    self.run.save_checkpoint("best", state)
+            record.time = time.perf_counter() - t0
+            self.run.append_metrics(record)
+            with nvtx_range("checkpoint"):
+                self.run.save_checkpoint("last", state)
+        else:
+            record.time = time.perf_counter() - t0
         if self.board is not None:
             self.board.log(record, split_file)
         log.info(record.line(total))
@@ -357,7 +396,7 @@ class Trainer:
 
     def finish(self) -> dict:
         cfg = self.cfg
-        state = self.run.load_checkpoint("best")
+        state = self._load("best")
         for m, s in zip(self.models, state["models"]):
             m.load_state_dict(s)
         test_sim = self.evaluate(self.data.test)
@@ -381,7 +420,8 @@ class Trainer:
         }
         if cfg.data.test_protocol == "coco":
             results["test_coco1k"] = fold5_metrics(test_sim, k)
-        self.run.write_json("results.json", results)
+        if self.main:
+            self.run.write_json("results.json", results)
         if self.board is not None:
             self.board.close()
         log.info(format_results(results))
@@ -403,6 +443,9 @@ def _progress_lines(it, total: int, desc: str):
 
 
 def train(cfg: Config, resume: bool = False) -> dict:
-    if cfg.out is None:
-        cfg.out = default_out(cfg)
-    return Trainer(cfg, resume).fit()
+    """Train one run; under torchrun (WORLD_SIZE > 1) each process is one rank of it."""
+    device = assemble.resolve_device(cfg.runtime.device)
+    with distributed.launched(cfg.runtime.dist_backend, cfg.runtime.dist_timeout, device.type):
+        if cfg.out is None:
+            cfg.out = distributed.broadcast_object(default_out(cfg))  # one time stamp for every rank
+        return Trainer(cfg, resume).fit()
