@@ -27,8 +27,11 @@ step), optionally one optimizer step per loss group, through the encode methods 
 coalesced all-reduce after backward is what DDP's buckets would send, without the overlap.
 
 Batch norm: a backbone's BatchNorm1d layers (sgr/saf's visual self-attention) take the global
-batch's statistics in training mode (``GlobalBatchNorm1d``), as one process would; float buffers
-(running statistics) are averaged with the gradients, so every rank evaluates the same model.
+batch's statistics in training mode (``GlobalBatchNorm1d``), as one process would. SAF's gate
+norm takes per-caption statistics over all images, which a rank's columns hold; its running
+statistics (one update per caption, in order) are summed over the ranks' columns (``columns``,
+``sum_columns``). Float buffers are also averaged with the gradients, so every rank evaluates the
+same model.
 """
 from __future__ import annotations
 
@@ -226,6 +229,34 @@ def agree(error: Exception | None) -> None:
 
 
 # -- models -----------------------------------------------------------------------------------
+_COLUMNS: list[tuple[int, int]] = []  # (first column, total) while a pairwise head scores its share
+
+
+@contextlib.contextmanager
+def _scoring_columns(first: int, total: int):
+    _COLUMNS.append((first, total))
+    try:
+        yield
+    finally:
+        _COLUMNS.pop()
+
+
+def columns(n: int) -> tuple[int, int]:
+    """(first column, total columns) of the n captions a pairwise head is scoring: this rank's share
+    inside ShardedBackbone.similarity, else (0, n): the captions are the whole batch."""
+    return _COLUMNS[-1] if _COLUMNS else (0, n)
+
+
+def sum_columns(x: torch.Tensor) -> torch.Tensor:
+    """The sum over the ranks of ``x`` while the ranks score shares of one batch's columns; else ``x``."""
+    if not _COLUMNS:
+        return x
+    x = x.clone()
+    with nvtx_range("all_reduce batch-norm statistics"):
+        dist.all_reduce(x)
+    return x
+
+
 class ShardedBackbone:
     """A backbone (or its compiled view) run data-parallel over the ranks: every method call takes
     the global batch's inputs and returns the global batch's encodings and similarities, having
@@ -256,8 +287,10 @@ class ShardedBackbone:
             return self.view.similarity(images, captions)
         cols = own(n)
         mine = type(captions)(*(None if t is None else t[cols] for t in captions))
+        with _scoring_columns(cols.start, n):
+            scores = self.view.similarity(images, mine)
         with nvtx_range("gather scores"):
-            return gather(self.view.similarity(images, mine), n, dim=1)
+            return gather(scores, n, dim=1)
 
     def __getattr__(self, name):
         if name == "view":

@@ -30,7 +30,7 @@ from helpers import IMAGE_DIM, REGIONS, VOCAB, config, one_thread  # noqa: F401
 B = 8  # the global batch: 4 rows per rank
 STEPS = 3
 # (method, backbone, overrides): every method on vse; NCR, SPS and ESC on sgr (visual batch norm
-# over the global batch, similarity columns split over the ranks)
+# over the global batch, similarity columns split over the ranks) and SAF
 CASES = [
     ("vanilla", "vse", []),
     ("hinge", "vse", []),
@@ -42,12 +42,15 @@ CASES = [
     ("ncr", "sgr", []),
     ("sps", "sgr", []),
     ("esc", "sgr", []),
+    ("ncr", "saf", []),  # SAF: per-caption gate batch norm, its running statistics summed over the ranks
+    ("sps", "saf", []),
 ]
 # a Linear's bias feeding a batch norm has no gradient in exact arithmetic: Adam turns its round-off
 # gradient into steps of the learning rate's size in any direction (in one process as well), and
 # the running mean takes the bias in; neither changes an output (the losses and scores are compared)
 BEFORE_BATCH_NORM = {f"visual_sa.{part}" for part in ("local.0.bias", "global_.0.bias", "local.1.running_mean",
                                                       "global_.1.running_mean")}
+BEFORE_BATCH_NORM |= {"filtration.attn.bias", "filtration.running_mean"}
 SUBSETS = {"vanilla": ("all",), "hinge": ("all",), "ncr": ("clean", "noisy"), "esc": ("clean", "noisy"),
            "sps": ("reliable", "quasi_clean", "noisy")}
 

@@ -528,8 +528,8 @@ def test_trainer_step_runs_the_groups_and_updates_the_model(name):
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     before = [p.detach().clone() for p in model.parameters()]
     groups = method.train_groups(model, peer, batches, peer_prob, co_epoch=1000)
-    trainer = SimpleNamespace(cfg=cfg, method=method, precision=Precision(), graphs=False)
-    terms = Trainer._step(trainer, opt, groups)
+    trainer = SimpleNamespace(cfg=cfg, method=method, precision=Precision(), graphs=False, optims=[opt], models=[model])
+    terms = Trainer._step(trainer, 0, groups)
     assert torch.isfinite(terms["loss"]) and terms["loss"].dim() == 0
     assert any(not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
     if method.separate_steps:

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastncl import distributed
+
 from .base import Encoding
 
 EPS = 1e-8  # official l2norm / l1norm: x / (norm + eps)
@@ -187,13 +189,30 @@ class AttentionFiltration(nn.Module):
         centred = (z - mean.view(1, -1, 1)) * v
         var = (centred * centred).sum(dim=(0, 2)) / count  # biased, as BN normalises
         with torch.no_grad():  # one update per caption in order: r <- (1 - m) r + m x_j, in closed form
-            m, n = self.momentum, z.shape[1]
-            decay = (1 - m) ** torch.arange(n - 1, -1, -1, device=z.device, dtype=torch.float64)
             unbiased = var * count / (count - 1).clamp_min(1)
-            self.running_mean.copy_((1 - m) ** n * self.running_mean + (m * decay * mean.double()).sum())
-            self.running_var.copy_((1 - m) ** n * self.running_var + (m * decay * unbiased.double()).sum())
+            if distributed.size() > 1:  # this rank's captions may be columns of a larger batch
+                self._update_running_sharded(mean.double(), unbiased.double())
+            else:
+                m, n = self.momentum, z.shape[1]
+                decay = (1 - m) ** torch.arange(n - 1, -1, -1, device=z.device, dtype=torch.float64)
+                self.running_mean.copy_((1 - m) ** n * self.running_mean + (m * decay * mean.double()).sum())
+                self.running_var.copy_((1 - m) ** n * self.running_var + (m * decay * unbiased.double()).sum())
         normed = (z - mean.view(1, -1, 1)) / torch.sqrt(var.view(1, -1, 1) + self.eps)
         return normed * self.bn_weight + self.bn_bias
+
+    @torch.compiler.disable
+    def _update_running_sharded(self, means: torch.Tensor, variances: torch.Tensor) -> None:
+        """Under torchrun: the same closed-form updates when this rank's captions are columns
+        ``lo:lo + len(means)`` of a batch of ``total`` (distributed.ShardedBackbone), every rank's
+        captions in the global order, summed over the ranks: every rank holds the single-process
+        running statistics (one all-reduce of two numbers)."""
+        m = self.momentum
+        lo, total = distributed.columns(len(means))
+        decay = (1 - m) ** (total - 1 - lo - torch.arange(len(means), device=means.device, dtype=torch.float64))
+        both = torch.stack([(m * decay * means).sum(), (m * decay * variances).sum()])
+        both = distributed.sum_columns(both)
+        self.running_mean.copy_((1 - m) ** total * self.running_mean + both[0])
+        self.running_var.copy_((1 - m) ** total * self.running_var + both[1])
 
     def forward(self, nodes: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """nodes (Bi, Bc, N, S), valid (Bc, N) -> (Bi, Bc, S)."""
