@@ -47,8 +47,6 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from fastncl import FastnclError
 from fastncl.profiling import nvtx_range
 
-BACKENDS = ("auto", "nccl", "gloo")
-
 # bytes each collective carried on this rank since the last reset (the payload: a gathered
 # tensor's full size, an all-reduced tensor's size), by kind; tools/comm_volume.py reads them
 TRAFFIC = {"gather": 0, "gather_backward": 0, "gradients": 0}

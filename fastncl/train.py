@@ -4,6 +4,10 @@ dev evaluation -> checkpoint; finally the test evaluation of the best checkpoint
 Two models A and B are trained side by side (every method, vanilla included, so that results
 are the two-model ensembles the papers report). In a co-training epoch each model trains on the
 subsets computed from its *peer's* per-sample losses at the start of the epoch.
+
+Under torchrun each process is one rank of the run (fastncl.distributed): every rank steps
+through the same global batches and computes their losses from gathered encodings, rank 0 fits
+the mixtures, and only rank 0 writes the run folder.
 """
 from __future__ import annotations
 
