@@ -24,6 +24,9 @@ def resolve_device(name: str) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and world > 1:
         name = f"cuda:{local_rank}"
+    elif name.startswith("cuda:") and world > 1:
+        raise FastnclError(f"runtime.device={name}: under torchrun each process takes the GPU of its LOCAL_RANK; "
+                           "give runtime.device=cuda (or auto), and CUDA_VISIBLE_DEVICES to choose the GPUs")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise FastnclError(f"runtime.device={name}: CUDA is not available on this machine")
     try:

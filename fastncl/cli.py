@@ -156,6 +156,17 @@ def _data(args) -> int:
     return 0
 
 
+def _say(kind: str, message, error: Exception) -> None:
+    """The one line of an error. Under torchrun every rank meets the same error (the config, or
+    errors the ranks agreed on: fastncl.distributed) and rank 0 says it; an error only one rank
+    met (``rank_only``) is said by that rank, named."""
+    rank = os.environ.get("RANK", "0") if os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1") else "0"
+    if rank in ("0", ""):
+        print(f"fastncl: {kind}: {message}", file=sys.stderr)
+    elif getattr(error, "rank_only", None) is not None:
+        print(f"fastncl: {kind}: rank {rank}: {message}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     methods = preset_names = ()
@@ -176,20 +187,18 @@ def main(argv=None) -> int:
         extra = [x for x in extra if not is_override[x]]
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    # under torchrun every rank meets the same error (fastncl.distributed.agree); rank 0 says it
-    err = sys.stderr if os.environ.get("RANK", "0") in ("0", "") else open(os.devnull, "w")
     try:
         commands = {"train": _train, "eval": _eval, "report": _report, "compare": _compare, "data": _data}
         return commands[args.command](args)
     except FastnclError as e:
-        print(f"fastncl: error: {e}", file=err)
+        _say("error", e, e)
         return 2
     except Diverged as e:  # a failed run is not a result
-        print(f"fastncl: diverged: {e}", file=err)
+        _say("diverged", e, e)
         return 1
     except OSError as e:  # a file that cannot be read or written (permissions, a full disk, ...)
         where = f"{e.filename}: " if e.filename else ""
-        print(f"fastncl: error: {where}{e.strerror or e}", file=sys.stderr)
+        _say("error", f"{where}{e.strerror or e}", e)
         return 2
     except KeyboardInterrupt:
         print("fastncl: interrupted", file=sys.stderr)

@@ -14,11 +14,12 @@ How a training step is spread (``ShardedBackbone``):
   the expensive part split N ways, and all-gathers the columns;
 * every rank so computes, through the unchanged method code, the loss of the global batch that one
   process would compute: the same negatives, hardest negatives, anchors and proxy searches;
-* backward leaves N times each rank's own rows' gradient on that rank (N identical losses summed
-  by the gathers' backward), and ``average_gradients`` (one all-reduce per optimizer step,
-  divided by N) gives every rank the single-process gradient, so every rank takes the same step.
-  A computation that a rank repeats without a gather (a batch smaller than N rows) gives the
-  plain gradient on every rank, which the average keeps: the two kinds mix freely in one step.
+* backward runs on the loss divided by N; each gather's backward sums the ranks' gradients, so
+  every rank gets its own rows' single-process gradient, and summing the parameter gradients over
+  the ranks (``reduce_gradients``: one all-reduce per optimizer step) gives every rank the
+  single-process gradient, and every rank takes the same step. A computation that every rank
+  repeats without a gather (a batch of fewer rows than ranks) gives 1/N of its gradient on each
+  rank, which the sum restores: the two kinds mix freely in one step.
 
 Why not DistributedDataParallel: a step runs several forward passes of the same model per
 backward (SPS's noisy step encodes four times, NCR and ESC predict in eval mode inside the
@@ -106,6 +107,10 @@ def launched(backend: str, timeout_s: float, device_type: str):
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     try:
         yield
+    except Exception as e:  # not raised by every rank alike: the CLI names the rank that saw it
+        if not getattr(e, "agreed", False):
+            e.rank_only = rank()
+        raise
     finally:
         dist.destroy_process_group()
 
@@ -166,27 +171,26 @@ def gather(x: torch.Tensor | None, n: int, dim: int = 0) -> torch.Tensor | None:
     return _all_gather(x, dim, n)
 
 
-def average_gradients(modules) -> None:
-    """Average the parameter gradients and float buffers (batch-norm running statistics) of
-    ``modules`` over the ranks: one coalesced all-reduce."""
+def reduce_gradients(modules) -> None:
+    """Sum the parameter gradients of ``modules`` over the ranks (each rank's backward ran on its
+    loss divided by N, ``step.run_step``) and average their float buffers (batch-norm running
+    statistics): one coalesced all-reduce per dtype."""
     world = size()
     if world == 1:
         return
-    tensors = [p.grad for m in modules for p in m.parameters() if p.grad is not None]
-    tensors += [b for m in modules for b in m.buffers() if b.is_floating_point()]
-    if not tensors:
-        return
+    grads = [p.grad for m in modules for p in m.parameters() if p.grad is not None]
+    buffers = [b for m in modules for b in m.buffers() if b.is_floating_point()]
     by_dtype: dict = {}
-    for t in tensors:
+    for t in grads + buffers:
         by_dtype.setdefault(t.dtype, []).append(t)
+    is_buffer = {id(b) for b in buffers}
     for group in by_dtype.values():
         flat = _flatten_dense_tensors(group)
         TRAFFIC["gradients"] += flat.numel() * flat.element_size()
         with nvtx_range("all_reduce gradients"):
             dist.all_reduce(flat)
-        flat /= world
-        for t, avg in zip(group, _unflatten_dense_tensors(flat, group)):
-            t.copy_(avg)
+        for t, total in zip(group, _unflatten_dense_tensors(flat, group)):
+            t.copy_(total / world if id(t) in is_buffer else total)
 
 
 def broadcast_module(module: nn.Module) -> None:
@@ -208,9 +212,15 @@ def broadcast_object(obj):
     return box[0]
 
 
+def agreed(error: BaseException) -> BaseException:
+    """``error``, marked as raised by every rank alike (the CLI prints it from rank 0 only)."""
+    error.agreed = True
+    return error
+
+
 def agree(error: Exception | None) -> None:
-    """Every rank raises the same FastnclError when any rank failed on bad input (rank 0's, else
-    the first failing rank's, naming it), so that no rank waits for one that has stopped."""
+    """Every rank raises the same error when any rank failed (rank 0's, else the first failing
+    rank's, naming it), so that no rank waits for one that has stopped."""
     if size() == 1:
         if error is not None:
             raise error
@@ -222,12 +232,41 @@ def agree(error: Exception | None) -> None:
         return
     r, message = failed[0]
     if error is not None and r == rank():
-        raise error
-    raise FastnclError(message if r == 0 else f"rank {r}: {message}")
+        raise agreed(error)
+    raise agreed(FastnclError(message if r == 0 else f"rank {r}: {message}"))
+
+
+def on_main(fn):
+    """``fn()`` run on rank 0 and its result sent to every rank; an error it raised is raised on
+    every rank (a single process: just ``fn()``)."""
+    if size() == 1:
+        return fn()
+    result, error = None, None
+    if is_main():
+        try:
+            result = fn()
+        except Exception as e:  # its message goes to the other ranks: every rank stops alike
+            error = e
+    result, message = broadcast_object((result, None if error is None else str(error)))
+    if error is not None:
+        raise agreed(error)
+    if message is not None:
+        raise agreed(FastnclError(f"rank 0: {message}"))
+    return result
 
 
 # -- models -----------------------------------------------------------------------------------
 _COLUMNS: list[tuple[int, int]] = []  # (first column, total) while a pairwise head scores its share
+_REPLICATED: list[bool] = []  # while every rank encodes the same whole batch
+
+
+@contextlib.contextmanager
+def _replicated():
+    _REPLICATED.append(True)
+    try:
+        yield
+    finally:
+        _REPLICATED.pop()
 
 
 @contextlib.contextmanager
@@ -266,8 +305,9 @@ class ShardedBackbone:
         self._pairwise = hasattr(view, "score_block")
 
     def _encode(self, encode, n: int, *inputs):
-        if n < size():
-            return encode(*inputs)
+        if n < size():  # every rank encodes the whole (tiny) batch: its own batch-norm statistics
+            with _replicated():
+                return encode(*inputs)
         rows = own(n)
         enc = encode(*(x[rows] for x in inputs))
         with nvtx_range("gather encodings"):
@@ -323,7 +363,7 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
     single-process statistics); eval mode and a single process are BatchNorm1d's own."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or size() == 1:
+        if not self.training or size() == 1 or _REPLICATED:
             return super().forward(x)
         dims = [0] + list(range(2, x.dim()))
         mean, var, count = _global_stats(x, dims)

@@ -145,13 +145,16 @@ def mark_step() -> None:
 
 
 def run_step(opt: torch.optim.Optimizer, groups, separate: bool, clip: float, precision: Precision = FULL_PRECISION,
-             graphs: bool = False, sync=None) -> dict:
+             graphs: bool = False, modules=()) -> dict:
     """One iteration: all loss groups in one optimizer step, or one step per group (``separate``).
-    ``sync`` (under torchrun) runs after each backward, before clipping: the ranks' gradients averaged.
+    Under torchrun every rank computes the same loss of the global batch and backward runs on it
+    divided by the number of ranks; the gradients of ``modules`` are then summed over the ranks
+    before clipping (fastncl.distributed), so every rank takes the single-process step.
 
     Returns the groups' named terms and the summed "loss", as tensors (no host sync).
     """
     params = [p for group in opt.param_groups for p in group["params"]]
+    ranks = distributed.size() if modules else 1
     scaler = precision.scaler
     terms = {}
     for chunk in ([g] for g in groups) if separate else [groups]:
@@ -165,9 +168,12 @@ def run_step(opt: torch.optim.Optimizer, groups, separate: bool, clip: float, pr
             loss = loss + out.pop("loss")
             terms.update(out)
         with nvtx_range("backward"):
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-        if sync is not None:
-            sync()
+            # a power of two for 2, 4, 8 ranks: exact; a gathered encoding's gradient, summed over the
+            # ranks, then has its single-process size (the fp16 scaler sees the same magnitudes)
+            scaled = scaler.scale(loss) if scaler is not None else loss
+            (scaled / ranks if ranks > 1 else scaled).backward()
+        if ranks > 1:
+            distributed.reduce_gradients(modules)
         with nvtx_range("optimizer"):
             if scaler is not None:
                 scaler.unscale_(opt)

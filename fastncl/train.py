@@ -70,7 +70,7 @@ class Trainer:
         self.progress_lines = cfg.runtime.progress is None and not self.progress
         # everything that can fail on bad input happens before the run folder is touched; under
         # torchrun every rank stops with the same error when any rank failed (distributed.agree)
-        error, fresh = None, True
+        error = None
         try:
             distributed.check_batch(cfg.optim.batch_size)
             self.data = load_dataset(cfg.data)
@@ -79,18 +79,10 @@ class Trainer:
             self.method = assemble.method(cfg, self.device)
             if cfg.runtime.tensorboard:
                 check_tensorboard()
-            if self.main:
-                self.run = RunDir.create(cfg.out, resume)
-                # config.yaml first: from here on, a run killed at any point can be resumed
-                fresh = not (resume and self.run.file("checkpoints/last.pt").exists())
-                if fresh:
-                    write_atomic(self.run.file("config.yaml"), dump_yaml(cfg))
-        except FastnclError as e:
+        except Exception as e:
             error = e
         distributed.agree(error)
-        fresh = distributed.broadcast_object(fresh)
-        if not self.main:
-            self.run = RunDir(cfg.out)  # read-only here: rank 0 writes
+        self.run, fresh = distributed.on_main(lambda: self._create_run(resume))
         _setup_logging(self.run)
         self.board = Board(self.run.file("tb")) if cfg.runtime.tensorboard and self.main else None
         torch.manual_seed(cfg.seed)
@@ -120,6 +112,15 @@ class Trainer:
             env["noise_index_sha256"] = self.run.write_noise_index(self.caption_to_image)
             self.run.write_json("env.json", env)
 
+    def _create_run(self, resume: bool) -> tuple[RunDir, bool]:
+        """The run folder (rank 0 creates it), and whether the run starts fresh."""
+        run = RunDir.create(self.cfg.out, resume)
+        # config.yaml first: from here on, a run killed at any point can be resumed
+        fresh = not (resume and run.file("checkpoints/last.pt").exists())
+        if fresh:
+            write_atomic(run.file("config.yaml"), dump_yaml(self.cfg))
+        return run, fresh
+
     # -- checkpoints -----------------------------------------------------------------------
     def _state(self, epoch: int) -> dict:
         return {
@@ -139,7 +140,7 @@ class Trainer:
 
     def _load(self, name: str) -> dict:
         """A checkpoint of the run folder, read by rank 0 and sent to every rank."""
-        return distributed.broadcast_object(self.run.load_checkpoint(name) if self.main else None)
+        return distributed.on_main(lambda: self.run.load_checkpoint(name))
 
     def _restore(self) -> None:
         state = self._load("last")
@@ -204,10 +205,9 @@ class Trainer:
 
     def _step(self, k: int, groups) -> dict:
         """One iteration of model ``k``: all loss groups in one optimizer step, or one step per group
-        (step.run_step); under torchrun the ranks' gradients are averaged before each step."""
-        sync = (lambda: distributed.average_gradients([self.models[k]])) if distributed.size() > 1 else None
+        (step.run_step); under torchrun the ranks' gradients are summed before each step."""
         return run_step(self.optims[k], groups, self.method.separate_steps, self.cfg.optim.grad_clip, self.precision,
-                        self.graphs, sync)
+                        self.graphs, [self.models[k]])
 
     @torch.no_grad()
     def split_pass(self, model) -> tuple[np.ndarray, np.ndarray]:
@@ -310,7 +310,7 @@ class Trainer:
                                           f"({bad} of {len(loss)} pairs)")
             t_split = time.perf_counter()
             with nvtx_range("mixture fit"):
-                fits = distributed.broadcast_object([self.method.fit(loss) for loss, _ in passes] if self.main else None)
+                fits = distributed.on_main(lambda: [self.method.fit(loss) for loss, _ in passes])
             record.time_fit = time.perf_counter() - t_split
             record.time_split = t_split - t0
             splits = [self.method.subsets(fit, anchors, co_epoch) for fit, (_, anchors) in zip(fits, passes)]
@@ -329,7 +329,9 @@ class Trainer:
                 with nvtx_range(f"train model {'AB'[k]}"):
                     losses["AB"[k]] = self._train_model(k, active, peer_prob, co_epoch, f"epoch {epoch} {'AB'[k]}",
                                                         warnings)
-        record.losses = losses
+        # rank 0's epoch means (a batch smaller than the ranks, encoded whole on each with its own
+        # dropout draws, may give each rank its own), so that every rank takes the same decision
+        record.losses = losses = distributed.broadcast_object(losses)
         bad = [f"model {m}: " + ", ".join(f"{name} {v}" for name, v in terms.items() if not np.isfinite(v))
                for m, terms in losses.items() if not all(np.isfinite(v) for v in terms.values())]
         if bad:
@@ -369,7 +371,8 @@ class Trainer:
 
     def _diverged(self, epoch: int, what: str):
         kept = f"checkpoints/last.pt holds epoch {epoch}" if epoch > 0 else "no checkpoint was written"
-        raise Diverged(f"epoch {epoch + 1}: {what}; the run stopped ({kept}) in {self.run.path}")
+        # every rank meets it alike: the checks read values every rank holds the same
+        raise distributed.agreed(Diverged(f"epoch {epoch + 1}: {what}; the run stopped ({kept}) in {self.run.path}"))
 
     def _split_warnings(self, fits, splits) -> list[str]:
         """What is degenerate in each model's split: a fallback the method took (SPS's reliable-set
@@ -405,7 +408,8 @@ class Trainer:
             m.load_state_dict(s)
         test_sim = self.evaluate(self.data.test)
         if not torch.isfinite(test_sim).all():
-            raise Diverged(f"the best checkpoint's test similarities are not finite; no result for {self.run.path}")
+            raise distributed.agreed(
+                Diverged(f"the best checkpoint's test similarities are not finite; no result for {self.run.path}"))
         k = self.data.test.captions_per_image
         results = {
             "format": FORMAT,

@@ -44,6 +44,8 @@ CASES = [
     ("esc", "sgr", []),
     ("ncr", "saf", []),  # SAF: per-caption gate batch norm, its running statistics summed over the ranks
     ("sps", "saf", []),
+    # a secondary batch of one pair, fewer than the ranks: encoded whole on each (its gradient 1/N per rank)
+    ("sps", "vse", [], (B, 7, 1)),
 ]
 # a Linear's bias feeding a batch norm has no gradient in exact arithmetic: Adam turns its round-off
 # gradient into steps of the learning rate's size in any direction (in one process as well), and
@@ -64,7 +66,7 @@ def _batch(seed: int, size: int, first: int, dtype) -> Batch:
     return Batch(torch.arange(first, first + size), images, tokens, lengths)
 
 
-def _case(method: str, backbone: str, overrides: list[str]) -> dict:
+def _case(method: str, backbone: str, overrides: list[str], sizes: tuple = (B, 7, 5)) -> dict:
     """Warm-up steps, then co-training steps on every subset, and the split losses: what one rank
     computes (the plain model when no process group is up)."""
     cfg = config(*(parse_override(o) for o in (f"model.backbone={backbone}", "model.embed_dim=8", "model.word_dim=8",
@@ -77,7 +79,6 @@ def _case(method: str, backbone: str, overrides: list[str]) -> dict:
         distributed.broadcast_module(model)
     views = [distributed.ShardedBackbone(x) if distributed.size() > 1 else x for x in models]
     opt = torch.optim.Adam(models[0].parameters(), lr=1e-2)
-    sync = (lambda: distributed.average_gradients([models[0]])) if distributed.size() > 1 else None
     peer_prob = torch.linspace(0.05, 0.95, 64, dtype=torch.float64)
     losses = []
     for step in range(STEPS):
@@ -86,12 +87,12 @@ def _case(method: str, backbone: str, overrides: list[str]) -> dict:
         def warmup(b=batch):
             return m.warmup_loss(views[0], b)
 
-        losses.append({k: float(v) for k, v in run_step(opt, [warmup], False, 2.0, sync=sync).items()})
+        losses.append({k: float(v) for k, v in run_step(opt, [warmup], False, 2.0, modules=[models[0]]).items()})
     for step in range(STEPS):
-        batches = {name: _batch(10 * step + i, (B, 7, 5)[i], 8 * i, torch.float64)  # 7, 5: uneven shards
+        batches = {name: _batch(10 * step + i, sizes[i], 8 * i, torch.float64)  # 7, 5: uneven shards
                    for i, name in enumerate(SUBSETS[method])}
         groups = m.train_groups(views[0], views[1], batches, peer_prob, co_epoch=10)
-        losses.append({k: float(v) for k, v in run_step(opt, groups, m.separate_steps, 2.0, sync=sync).items()})
+        losses.append({k: float(v) for k, v in run_step(opt, groups, m.separate_steps, 2.0, modules=[models[0]]).items()})
     with torch.no_grad():
         models[0].eval()
         split = m.split_losses(views[0], _batch(99, B, 0, torch.float64)) if m.uses_split else (torch.zeros(1), None)
@@ -120,7 +121,8 @@ def two_ranks():
         return [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
-@pytest.mark.parametrize("index", range(len(CASES)), ids=[f"{m}-{b}{'-' + o[0] if o else ''}" for m, b, o in CASES])
+@pytest.mark.parametrize("index", range(len(CASES)), ids=[f"{c[0]}-{c[1]}{'-' + c[2][0] if c[2] else ''}{'-' + 'x'.join(map(str, c[3])) if len(c) > 3 else ''}"
+                              for c in CASES])
 def test_two_ranks_equal_one_process(two_ranks, index):
     single = _case(*CASES[index])
     for rank in range(2):
@@ -147,3 +149,12 @@ def test_bounds_split_rows_as_tensor_split():
             b = distributed.bounds(n, world)
             sizes = [len(c) for c in torch.tensor_split(torch.arange(n), world)]
             assert np.diff(b).tolist() == sizes
+
+
+def test_a_numbered_gpu_under_torchrun_is_refused(monkeypatch):
+    from fastncl import FastnclError, assemble
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(FastnclError, match="runtime.device=cuda:1: under torchrun each process takes the GPU"):
+        assemble.resolve_device("cuda:1")

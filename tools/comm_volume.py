@@ -57,7 +57,7 @@ def _measure(args, batch_size: int) -> dict:
     for key in distributed.TRAFFIC:
         distributed.TRAFFIC[key] = 0
     groups = method.train_groups(views[0], views[1], batches, peer_prob, co_epoch=10**6)
-    run_step(opt, groups, method.separate_steps, 2.0, sync=lambda: distributed.average_gradients([models[0]]))
+    run_step(opt, groups, method.separate_steps, 2.0, modules=[models[0]])
     params = sum(p.numel() for p in models[0].parameters())
     return {**distributed.TRAFFIC, "params": params}
 
