@@ -226,7 +226,8 @@ def agree(error: Exception | None) -> None:
             raise error
         return
     messages = [None] * size()
-    dist.all_gather_object(messages, None if error is None else str(error))
+    with nvtx_range("all_gather errors"):
+        dist.all_gather_object(messages, None if error is None else str(error))
     failed = [(r, m) for r, m in enumerate(messages) if m is not None]
     if not failed:
         return
