@@ -285,7 +285,8 @@ class Trainer:
         o = self.cfg.optim
         t0 = time.perf_counter()
         if distributed.size() > 1:  # each rank its own dropout draws, the same again on a resume
-            torch.manual_seed(int(np.random.SeedSequence([self.cfg.seed, epoch, distributed.rank()]).generate_state(1)[0]))
+            seed = np.random.SeedSequence([self.cfg.seed, epoch, distributed.rank()]).generate_state(1)[0]
+            torch.manual_seed(int(seed))
         lr = self._set_lr(epoch)
         warmup = epoch < o.warmup_epochs
         co_epoch = None if warmup else epoch - o.warmup_epochs

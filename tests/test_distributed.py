@@ -87,12 +87,14 @@ def _case(method: str, backbone: str, overrides: list[str], sizes: tuple = (B, 7
         def warmup(b=batch):
             return m.warmup_loss(views[0], b)
 
-        losses.append({k: float(v) for k, v in run_step(opt, [warmup], False, 2.0, modules=[models[0]]).items()})
+        terms = run_step(opt, [warmup], False, 2.0, modules=[models[0]])
+        losses.append({k: float(v.detach()) for k, v in terms.items()})
     for step in range(STEPS):
         batches = {name: _batch(10 * step + i, sizes[i], 8 * i, torch.float64)  # 7, 5: uneven shards
                    for i, name in enumerate(SUBSETS[method])}
         groups = m.train_groups(views[0], views[1], batches, peer_prob, co_epoch=10)
-        losses.append({k: float(v) for k, v in run_step(opt, groups, m.separate_steps, 2.0, modules=[models[0]]).items()})
+        terms = run_step(opt, groups, m.separate_steps, 2.0, modules=[models[0]])
+        losses.append({k: float(v.detach()) for k, v in terms.items()})
     with torch.no_grad():
         models[0].eval()
         split = m.split_losses(views[0], _batch(99, B, 0, torch.float64)) if m.uses_split else (torch.zeros(1), None)
@@ -121,8 +123,12 @@ def two_ranks():
         return [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
-@pytest.mark.parametrize("index", range(len(CASES)), ids=[f"{c[0]}-{c[1]}{'-' + c[2][0] if c[2] else ''}{'-' + 'x'.join(map(str, c[3])) if len(c) > 3 else ''}"
-                              for c in CASES])
+def _case_id(case) -> str:
+    method, backbone, overrides, *sizes = case
+    return "-".join([method, backbone] + overrides[:1] + ["x".join(map(str, s)) for s in sizes])
+
+
+@pytest.mark.parametrize("index", range(len(CASES)), ids=[_case_id(c) for c in CASES])
 def test_two_ranks_equal_one_process(two_ranks, index):
     single = _case(*CASES[index])
     for rank in range(2):

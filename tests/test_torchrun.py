@@ -104,7 +104,7 @@ def test_sgr_two_processes_equal_one(tmp_path):
 
 
 def test_killed_run_resumes_with_two_and_with_one(tmp_path):
-    args = ["--method", "sps", *TINY, "optim.epochs=5", "data.synthetic.train_images=120"]
+    args = ["--method", "sps", *TINY, "optim.epochs=4", "data.synthetic.train_images=80"]
     whole = tmp_path / "whole"
     _train(whole, args, 2)
     killed = tmp_path / "killed"

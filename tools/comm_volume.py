@@ -88,7 +88,8 @@ def main(argv=None) -> None:
     mb = 1 / 2**20
     print(f"{args.method} on {args.backbone}, embed_dim {args.embed_dim}, {args.world} ranks, captions of "
           f"{args.caption_length} tokens, one step with every subset; payload per rank (MiB)\n")
-    print("| global batch | parameters | forward all-gathers | their gradients' all-reduces | parameter all-reduce | total |")
+    print("| global batch | parameters | forward all-gathers | their gradients' all-reduces | parameter all-reduce "
+          "| total |")
     print("|---|---|---|---|---|---|")
     for b, t in rows:
         total = t["gather"] + t["gather_backward"] + t["gradients"]
