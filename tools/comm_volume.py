@@ -2,6 +2,7 @@
 
     python tools/comm_volume.py --backbone sgr --batch 128 --method sps
     python tools/comm_volume.py --backbone vse --batch 1024 8192 --embed-dim 256
+    python tools/comm_volume.py --backbone sgr --method sps --batch 128 --set sps.separate_steps=true
 
 Starts ``--world`` gloo processes on this machine (file rendezvous), builds the backbone with
 Flickr30K's shapes (36 regions x 2048 features, a vocabulary of 8,500 words, captions of
@@ -43,7 +44,8 @@ def _measure(args, batch_size: int) -> dict:
     from fastncl.models import build_backbone
     from fastncl.step import run_step
 
-    overrides = [f"model.backbone={args.backbone}", f"model.embed_dim={args.embed_dim}", "model.dropout=0"]
+    overrides = [f"model.backbone={args.backbone}", f"model.embed_dim={args.embed_dim}", "model.dropout=0",
+                 *args.overrides]
     if args.backbone != "vse":
         overrides.append("model.word_dim=300")
     cfg = resolve(method=args.method, overrides=[parse_override(o) for o in overrides])
@@ -81,6 +83,8 @@ def main(argv=None) -> None:
     parser.add_argument("--embed-dim", type=int, default=1024)
     parser.add_argument("--caption-length", type=int, default=14, help="tokens per caption (F30K: ~12 words + 2)")
     parser.add_argument("--world", type=int, default=2)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override, e.g. --set sps.separate_steps=true (repeatable)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_worker, args=(args.world, str(Path(tmp) / "rendezvous"), args, tmp), nprocs=args.world)
