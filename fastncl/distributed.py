@@ -262,21 +262,13 @@ _REPLICATED: list[bool] = []  # while every rank encodes the same whole batch
 
 
 @contextlib.contextmanager
-def _replicated():
-    _REPLICATED.append(True)
+def _pushed(stack: list, value):
+    """``value`` on top of ``stack`` for the block (what the model code below it reads)."""
+    stack.append(value)
     try:
         yield
     finally:
-        _REPLICATED.pop()
-
-
-@contextlib.contextmanager
-def _scoring_columns(first: int, total: int):
-    _COLUMNS.append((first, total))
-    try:
-        yield
-    finally:
-        _COLUMNS.pop()
+        stack.pop()
 
 
 def columns(n: int) -> tuple[int, int]:
@@ -307,7 +299,7 @@ class ShardedBackbone:
 
     def _encode(self, encode, n: int, *inputs):
         if n < size():  # every rank encodes the whole (tiny) batch: its own batch-norm statistics
-            with _replicated():
+            with _pushed(_REPLICATED, True):
                 return encode(*inputs)
         rows = own(n)
         enc = encode(*(x[rows] for x in inputs))
@@ -326,7 +318,7 @@ class ShardedBackbone:
             return self.view.similarity(images, captions)
         cols = own(n)
         mine = type(captions)(*(None if t is None else t[cols] for t in captions))
-        with _scoring_columns(cols.start, n):
+        with _pushed(_COLUMNS, (cols.start, n)):
             scores = self.view.similarity(images, mine)
         with nvtx_range("gather scores"):
             return gather(scores, n, dim=1)

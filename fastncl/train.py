@@ -320,8 +320,8 @@ class Trainer:
             record.active_subsets = list(active_names)
             warnings += self._split_warnings(fits, splits)
             cuts = [m.noisy_cut for m in record.split.models]
-            split_file = SplitFile.build([loss for loss, _ in passes], fits, cuts, splits, self.clean_mask)
-            if self.main:
+            if self.main:  # the split file: written (and shown on TensorBoard) by rank 0 only
+                split_file = SplitFile.build([loss for loss, _ in passes], fits, cuts, splits, self.clean_mask)
                 self.run.write_split(epoch, split_file)
             for k in range(2):  # model k trains on its peer's split
                 peer_fit, subsets = fits[1 - k], splits[1 - k]

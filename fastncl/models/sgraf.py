@@ -193,26 +193,27 @@ class AttentionFiltration(nn.Module):
             if distributed.size() > 1:  # this rank's captions may be columns of a larger batch
                 self._update_running_sharded(mean.double(), unbiased.double())
             else:
-                m, n = self.momentum, z.shape[1]
-                decay = (1 - m) ** torch.arange(n - 1, -1, -1, device=z.device, dtype=torch.float64)
-                self.running_mean.copy_((1 - m) ** n * self.running_mean + (m * decay * mean.double()).sum())
-                self.running_var.copy_((1 - m) ** n * self.running_var + (m * decay * unbiased.double()).sum())
+                self._update_running(mean.double(), unbiased.double(), 0, z.shape[1])
         normed = (z - mean.view(1, -1, 1)) / torch.sqrt(var.view(1, -1, 1) + self.eps)
         return normed * self.bn_weight + self.bn_bias
 
-    @torch.compiler.disable
-    def _update_running_sharded(self, means: torch.Tensor, variances: torch.Tensor) -> None:
-        """Under torchrun: the same closed-form updates when this rank's captions are columns
-        ``lo:lo + len(means)`` of a batch of ``total`` (distributed.ShardedBackbone), every rank's
-        captions in the global order, summed over the ranks: every rank holds the single-process
-        running statistics (one all-reduce of two numbers)."""
+    def _update_running(self, means: torch.Tensor, variances: torch.Tensor, first: int, total: int,
+                        reduce=lambda x: x) -> None:
+        """The running statistics after one momentum update per caption, in order, of a batch of
+        ``total`` captions whose columns ``first:first + len(means)`` are these (all of them in
+        one process); ``reduce`` sums the ranks' parts under torchrun."""
         m = self.momentum
-        lo, total = distributed.columns(len(means))
-        decay = (1 - m) ** (total - 1 - lo - torch.arange(len(means), device=means.device, dtype=torch.float64))
-        both = torch.stack([(m * decay * means).sum(), (m * decay * variances).sum()])
-        both = distributed.sum_columns(both)
+        decay = (1 - m) ** (total - 1 - first - torch.arange(len(means), device=means.device, dtype=torch.float64))
+        both = reduce(torch.stack([(m * decay * means).sum(), (m * decay * variances).sum()]))
         self.running_mean.copy_((1 - m) ** total * self.running_mean + both[0])
         self.running_var.copy_((1 - m) ** total * self.running_var + both[1])
+
+    @torch.compiler.disable
+    def _update_running_sharded(self, means: torch.Tensor, variances: torch.Tensor) -> None:
+        """Under torchrun this rank's captions are its columns of the batch
+        (distributed.ShardedBackbone): every rank's updates in the global order, summed over the
+        ranks (one all-reduce of two numbers), give every rank the single-process statistics."""
+        self._update_running(means, variances, *distributed.columns(len(means)), reduce=distributed.sum_columns)
 
     def forward(self, nodes: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """nodes (Bi, Bc, N, S), valid (Bc, N) -> (Bi, Bc, S)."""
