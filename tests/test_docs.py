@@ -27,9 +27,17 @@ def _paths(tree: dict, prefix: str = "") -> set[str]:
 
 CONFIG = Config().to_dict()
 KEYS = _paths(CONFIG)
-SUBCOMMANDS = {name: set(sub._option_string_actions)
-               for action in _parser(names(), tuple(presets()))._subparsers._group_actions
-               for name, sub in action.choices.items()}
+def _subcommands(parser, prefix: str = "") -> dict[str, set]:
+    """'train', 'data emoji', 'data embed', ... -> their flags."""
+    out = {}
+    for action in (parser._subparsers._group_actions if parser._subparsers else ()):
+        for name, sub in action.choices.items():
+            out[prefix + name] = set(sub._option_string_actions)
+            out |= _subcommands(sub, f"{prefix}{name} ")
+    return out
+
+
+SUBCOMMANDS = _subcommands(_parser(names(), tuple(presets())))
 
 
 def code_tokens(path):
@@ -67,6 +75,8 @@ def test_every_fastncl_command_uses_real_flags_presets_and_methods(doc):
                     break
                 commands += 1
                 sub, args = words[0], words[1:]
+                if args and f"{sub} {args[0]}" in SUBCOMMANDS:  # fastncl data embed ...
+                    sub, args = f"{sub} {args[0]}", args[1:]
                 for i, word in enumerate(args):
                     if word in ("&&", "|", ";"):
                         break
@@ -89,6 +99,9 @@ def test_the_checks_catch_what_they_are_for(tmp_path):
     with pytest.raises(AssertionError, match="sps.not_a_key"):
         test_every_config_key_named_exists(doc)
     with pytest.raises(AssertionError, match=r"--methd(.|\n)*--preset sps-offical"):
+        test_every_fastncl_command_uses_real_flags_presets_and_methods(doc)
+    doc.write_text("Run `fastncl data embed SRC OUT --encoder hf --chekpoint DIR`.\n")  # a nested subcommand's flags
+    with pytest.raises(AssertionError, match=r"fastncl data embed --chekpoint"):
         test_every_fastncl_command_uses_real_flags_presets_and_methods(doc)
 
 

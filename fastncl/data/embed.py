@@ -21,7 +21,10 @@ How (``embed``):
 3. **Embed**: each process (under torchrun, each rank) takes every N-th unfinished batch, decodes
    the next batch's images on ``--workers`` background threads while the encoder runs, writes its
    rows in place (``os.pwrite``: nothing held in memory, so a set larger than memory streams) and
-   journals the batch. A killed run started again with the same command resumes where it stopped.
+   journals the batch. A killed run started again with the same command resumes where it stopped
+   (so does one stopped by an undecodable image under ``--on-bad-image error``, once the image is
+   fixed); vectors that no rerun of the command can store (a varying shape, NaN, beyond float16)
+   stop it and remove the work folder, so that the corrected command starts afresh.
 4. **Finish** (rank 0): standardise (the patches encoder: with the training rows' statistics,
    read in chunks), drop the images that did not decode, write the captions, maps, vocabulary and
    manifest into ``OUT.partial/final`` and rename it to OUT. OUT exists only when it is complete.
@@ -212,13 +215,15 @@ class Work:
 
 # -- decoding on background threads ------------------------------------------------------------------
 def _decode(item: Item, encoder: Encoder):
-    """(preprocessed array, None), or (None, why) for an image that cannot be read or decoded."""
+    """(preprocessed array, None, seconds), or (None, why, seconds) for an image that cannot be
+    read or decoded."""
     image_mod = pil_image()
+    start = time.perf_counter()
     try:
         with image_mod.open(io.BytesIO(item.ref.read())) as im:
-            return encoder.preprocess(im), None
+            return encoder.preprocess(im), None, time.perf_counter() - start
     except Exception as e:  # noqa: BLE001 (Pillow raises many kinds on corrupt data; each is a bad image)
-        return None, _first_line(e)
+        return None, _first_line(e), time.perf_counter() - start
 
 
 def _prefetched(todo: list[Batch], plan: Plan, encoder: Encoder, pool: ThreadPoolExecutor):
@@ -237,6 +242,7 @@ def _prefetched(todo: list[Batch], plan: Plan, encoder: Encoder, pool: ThreadPoo
 class Timing:
     images: int = 0
     wait_s: float = 0.0  # the encoder waiting for decoded images
+    decode_s: float = 0.0  # reading, decoding and preprocessing, summed over the decoding threads
     encode_s: float = 0.0
     write_s: float = 0.0
     total_s: float = 0.0
@@ -261,13 +267,15 @@ def embed_batches(work: Work, plan: Plan, todo: list[Batch], encoder: Encoder, d
                 decoded = [f.result() for f in futures]
                 t1 = time.perf_counter()
                 items = plan.splits[b.split][b.start:b.stop]
-                bad = [(b.split, b.start + i, why) for i, (x, why) in enumerate(decoded) if x is None]
+                bad = [(b.split, b.start + i, why) for i, (x, why, _) in enumerate(decoded) if x is None]
                 if bad and on_bad_image == "error":
-                    raise FastnclError(f"{items[bad[0][1] - b.start].ref.name()}: cannot decode the image "
-                                       f"({bad[0][2]}); --on-bad-image skip lists and skips such images (the "
-                                       f"finished batches wait in {work.path}: the same command resumes)")
+                    error = FastnclError(f"{items[bad[0][1] - b.start].ref.name()}: cannot decode the image "
+                                         f"({bad[0][2]}); --on-bad-image skip lists and skips such images (the "
+                                         f"finished batches wait in {work.path}: the same command resumes)")
+                    error.resumable = True  # the work folder stays (embed)
+                    raise error
                 rows = np.zeros((b.stop - b.start, *row_shape), dtype=dtype)
-                good = [i for i, (x, _) in enumerate(decoded) if x is not None]
+                good = [i for i, (x, _, _) in enumerate(decoded) if x is not None]
                 if good:
                     vectors = encoder.encode(np.stack([decoded[i][0] for i in good]))
                     rows[good] = _checked(vectors, row_shape, dtype, items[good[0]])
@@ -275,6 +283,7 @@ def embed_batches(work: Work, plan: Plan, todo: list[Batch], encoder: Encoder, d
                 os.pwrite(files[b.split], rows.tobytes(), offsets[b.split] + b.start * row_bytes)
                 os.write(journal, (json.dumps({"batch": b.index, "bad": bad}) + "\n").encode())
                 timing.wait_s += t1 - t0
+                timing.decode_s += sum(seconds for _, _, seconds in decoded)
                 timing.encode_s += t2 - t1
                 timing.write_s += time.perf_counter() - t2
                 timing.images += len(items)
@@ -515,17 +524,17 @@ def embed(src: str | Path | None, out: str | Path, options: EmbedOptions | None 
                              test_images=o.test_images, on_bad_image=o.on_bad_image)
 
         plan = group.on_main(plan_it)
-        error, encoder = None, None
+        error, encoder, probe = None, None, None
         try:
             encoder = build_encoder(o.encoder, checkpoint=o.checkpoint, granularity=o.granularity,
                                     image_size=o.image_size, mean=o.mean, std=o.std, device=o.device, arch=o.arch)
-        except FastnclError as e:
+            image_mod = pil_image()
+            probe = encoder.encode(np.stack([encoder.preprocess(image_mod.new("RGB", (64, 64), (255, 255, 255)))]))
+        except FastnclError as e:  # every rank alike: agreed, so that rank 0 alone says it
             error = e
         group.agree(error)
         dtype = o.dtype or encoder.default_dtype
         work_dtype = "float32" if encoder.standardise else dtype
-        image_mod = pil_image()
-        probe = encoder.encode(np.stack([encoder.preprocess(image_mod.new("RGB", (64, 64), (255, 255, 255)))]))
         row_shape = tuple(int(d) for d in probe.shape[1:])
         describe = group.on_main(encoder.describe)  # the checkpoint's SHA-256, read once
         all_batches = batches(plan, o.batch_size)
@@ -551,7 +560,14 @@ def embed(src: str | Path | None, out: str | Path, options: EmbedOptions | None 
                                    on_bad_image=o.on_bad_image, progress=progress and rank == 0)
         except FastnclError as e:
             error = e
-        group.agree(error)
+        try:
+            group.agree(error)
+        except FastnclError:
+            if error is not None and not getattr(error, "resumable", False):
+                # vectors this command cannot store (their shape, NaN, float16's range): its work
+                # folder could only block the corrected command, so it goes (the other ranks have stopped)
+                shutil.rmtree(work.path, ignore_errors=True)
+            raise
 
         def finish_it():
             _, bad = work.journal()
@@ -564,5 +580,6 @@ def embed(src: str | Path | None, out: str | Path, options: EmbedOptions | None 
             if timing.images:
                 _say(f"rank 0 embedded {timing.images} images in {timing.total_s:.1f} s "
                      f"({timing.images / max(timing.total_s, 1e-9):.0f} images/s; encoder {timing.encode_s:.1f} s, "
-                     f"waiting for decoding {timing.wait_s:.1f} s on {o.workers} threads, writing {timing.write_s:.1f} s)")
+                     f"waiting for decoding {timing.wait_s:.1f} s, decoding {timing.decode_s:.1f} s of thread time on "
+                     f"{o.workers} threads, writing {timing.write_s:.1f} s)")
     return manifest

@@ -171,6 +171,14 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
+def _model_error(e: BaseException) -> str:
+    """A model's error in one line: a TorchScript interpreter's error ends with the original one."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    if len(lines) > 1 and "TorchScript interpreter" in lines[0]:
+        return lines[-1]
+    return _first_line(e)
+
+
 def package_version(dist: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -241,7 +249,12 @@ class _TorchEncoder(Encoder):
     def encode(self, batch):
         torch = self.torch
         with torch.inference_mode():
-            out = self.forward(torch.from_numpy(batch).to(self.device))
+            try:
+                out = self.forward(torch.from_numpy(batch).to(self.device))
+            except Exception as e:  # noqa: BLE001 (e.g. an input size the model does not take)
+                raise FastnclError(f"--checkpoint {self.checkpoint}: the model failed on {batch.shape[0]} images of "
+                                   f"{batch.shape[2]}x{batch.shape[3]} pixels ({_model_error(e)}); is --image-size "
+                                   f"{batch.shape[2]} its input size?") from None
         if not isinstance(out, torch.Tensor):
             raise FastnclError(f"--checkpoint {self.checkpoint}: the model returned a {type(out).__name__}, "
                                "not a tensor of image vectors")
@@ -308,36 +321,50 @@ class HuggingFace(_TorchEncoder):
             transformers = optional_import("transformers", self.HINT)
             with contextlib.suppress(ImportError):
                 importlib.import_module("kernels")  # while the root is off sys.path (see above)
-            model_class = transformers.CLIPVisionModelWithProjection
+            clip_model, vision_model = transformers.CLIPModel, transformers.CLIPVisionModelWithProjection
+        transformers.logging.set_verbosity_error()  # no per-tensor loading bars or config chatter on stderr
+        transformers.utils.logging.disable_progress_bar()
         processor = self._processor_config(checkpoint)
+        config = self._json(checkpoint / "config.json", required=True)
+        # a whole CLIP model (the usual saved checkpoint: its projection size is the top level's) or
+        # a vision tower saved on its own; either way its vision_model and visual_projection
+        model_class = clip_model if config.get("model_type") == "clip" else vision_model
         try:
             model = model_class.from_pretrained(str(checkpoint), local_files_only=True)
+            self.vision, self.projection = model.vision_model, model.visual_projection
         except Exception as e:
             raise FastnclError(f"--checkpoint {checkpoint}: not a CLIP-style checkpoint transformers can load "
                                f"locally ({_first_line(e)})") from None
         crop = processor.get("crop_size")
-        size = size or (crop.get("height") if isinstance(crop, dict) else crop) or model.config.image_size
+        size = size or (crop.get("height") if isinstance(crop, dict) else crop) or self.vision.config.image_size
         super().__init__(checkpoint, granularity, size, mean or processor.get("image_mean") or CLIP_MEAN,
                          std or processor.get("image_std") or CLIP_STD, device)
         self.model = model.to(self.device).eval()
 
+    @classmethod
+    def _processor_config(cls, checkpoint: Path) -> dict:
+        return cls._json(checkpoint / "preprocessor_config.json", required=False)
+
     @staticmethod
-    def _processor_config(checkpoint: Path) -> dict:
-        path = checkpoint / "preprocessor_config.json"
+    def _json(path: Path, required: bool) -> dict:
         if not path.exists():
+            if required:
+                raise FastnclError(f"--checkpoint {path.parent}: no config.json (a transformers save_pretrained folder)")
             return {}
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8"))
         except ValueError as e:
             raise FastnclError(f"{path}: not JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise FastnclError(f"{path}: not a JSON object")
+        return data
 
     def forward(self, x):
-        out = self.model(pixel_values=x)
-        if self.granularity == "image":
-            return out.image_embeds
-        # every token (CLS first) through the tower's final norm and projection: the image vector's space
-        vision = self.model.vision_model
-        return self.model.visual_projection(vision.post_layernorm(out.last_hidden_state))
+        out = self.vision(pixel_values=x)
+        if self.granularity == "image":  # CLIP's image embedding: the CLS token, normed, projected
+            return self.projection(out.pooler_output)
+        # every token (CLS first) through the tower's final norm and the projection: the image vector's space
+        return self.projection(self.vision.post_layernorm(out.last_hidden_state))
 
     def describe(self):
         return {**super().describe(), "transformers": package_version("transformers")}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import tarfile
 from dataclasses import dataclass, field
@@ -151,7 +152,7 @@ def _table_rows(path: Path, columns: dict):
         raise FastnclError(f"{path}: not UTF-8 text (byte {e.start})") from None
     if path.suffix.lower() == ".jsonl":
         header = None
-        for n, line in enumerate(text.splitlines(), 1):
+        for n, line in enumerate(text.split("\n"), 1):  # JSON strings may hold U+2028 and the like raw
             if not line.strip():
                 continue
             try:
@@ -174,14 +175,17 @@ def _table_rows(path: Path, columns: dict):
         if header is None:
             raise FastnclError(f"{path}: no rows")
         return
-    reader = csv.reader(text.splitlines(), delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+    # newline="": a quoted cell keeps its line breaks (str.splitlines would drop them, and split
+    # lines at U+2028 and other characters that are no line ends to csv)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
     header = next(reader, None)
     if not header:
         raise FastnclError(f"{path}: empty (a header row naming the columns comes first)")
     names = {role: _column(header, role, columns.get(role), path, role in ("image", "caption")) for role in ALIASES}
     index = {role: header.index(name) if name else None for role, name in names.items()}
     rows = 0
-    for n, row in enumerate(reader, 2):
+    for row in reader:
+        n = reader.line_num  # the row's last line
         if not any(cell.strip() for cell in row):
             continue
         if len(row) < len(header):
