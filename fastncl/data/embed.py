@@ -141,6 +141,15 @@ def make_plan(source: Source, *, captions_per_image: int | None = None, dev_imag
     return Plan(splits, k, splits_from, source.description, skipped, notes)
 
 
+def _rows_digest(plan: Plan) -> str:
+    """The SHA-256 of every row's split, image id, image and captions (streamed: no list of them)."""
+    h = hashlib.sha256()
+    for s in SPLIT_NAMES:
+        for it in plan.splits[s]:
+            h.update("\t".join((s, it.image_id, it.ref.name(), *it.captions)).encode("utf-8") + b"\n")
+    return h.hexdigest()
+
+
 def batches(plan: Plan, batch_size: int) -> list[Batch]:
     out = []
     for s in SPLIT_NAMES:
@@ -541,7 +550,7 @@ def embed(src: str | Path | None, out: str | Path, options: EmbedOptions | None 
         fingerprint = {
             "format": FORMAT, "encoder": describe, "dtype": work_dtype, "row_shape": list(row_shape),
             "batch_size": o.batch_size, "captions_per_image": plan.captions_per_image,
-            "rows": {s: [[it.image_id, it.ref.name()] for it in plan.splits[s]] for s in SPLIT_NAMES},
+            "rows_sha256": _rows_digest(plan),
         }
         work = Work(out)
         done, _ = group.on_main(lambda: work.prepare(fingerprint, plan, work_dtype, row_shape))
