@@ -47,7 +47,7 @@ from embed_inputs import (
 from helpers import one_thread  # noqa: F401 (an autouse fixture)
 
 from fastncl.cli import main
-from fastncl.data import encoders
+from fastncl.data import encoders, sources
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.*:DeprecationWarning")  # the traced test encoders
 
@@ -756,7 +756,7 @@ def test_hf_image_vectors_and_tokens(inputs, tmp_path, capsys):
     assert embed(inputs["table"], tokens, *base, "--granularity", "tokens") == 0
     counts = {"train": 32, "dev": 4, "test": 4}
     manifest = check_manifest(image, counts, 2, "hf", None)
-    assert manifest["encoder"]["checkpoint_sha256"] == encoders.sha256_of(ckpt)
+    assert manifest["encoder"]["checkpoint_sha256"] == sources.sha256_of(ckpt)
     assert manifest["encoder"]["preprocessing"]["input_size"] == 32  # the config's image_size
     assert manifest["encoder"]["preprocessing"]["mean"] == list(encoders.CLIP_MEAN)
     check_manifest(tokens, counts, 2, "hf", None)

@@ -49,7 +49,7 @@ import numpy as np
 
 from fastncl import FastnclError, __version__
 from fastncl.data.encoders import Encoder, _first_line, package_version, pil_image
-from fastncl.data.sources import Item, Source, read_source
+from fastncl.data.sources import Item, Source, read_source, sha256_of
 from fastncl.data.split import Vocab, tokenize
 
 FORMAT = 1
@@ -416,7 +416,7 @@ def finish(work: Work, out: Path, plan: Plan, encoder: Encoder, describe: dict, 
         "splits_from": plan.splits_from, "skipped": len(skipped),
         **manifest_extra,
         "packages": {**packages, **manifest_extra.get("packages", {})},
-        "sha256": {p.name: _file_sha256(p) for p in sorted(final.iterdir())},
+        "sha256": {p.name: sha256_of(p) for p in sorted(final.iterdir())},
     }
     (final / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     final.chmod(0o755)
@@ -425,14 +425,6 @@ def finish(work: Work, out: Path, plan: Plan, encoder: Encoder, describe: dict, 
     os.rename(final, out)
     shutil.rmtree(work.path)
     return manifest
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # -- the command --------------------------------------------------------------------------------

@@ -24,7 +24,6 @@ output does not depend on the number of processes.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib
 import importlib.util
 import json
@@ -34,6 +33,8 @@ from pathlib import Path
 import numpy as np
 
 from fastncl import FastnclError, optional_import
+
+from .sources import sha256_of
 
 KINDS = ("patches", "torchscript", "hf", "open_clip")
 GRANULARITIES = ("image", "tokens")
@@ -143,20 +144,6 @@ def region_features(rgba: np.ndarray) -> np.ndarray:
 
 
 # -- checkpoints --------------------------------------------------------------------------------
-def sha256_of(path: Path) -> str:
-    """A file's SHA-256; a folder's: of its files' relative paths and SHA-256s, in sorted order."""
-    if path.is_dir():
-        h = hashlib.sha256()
-        for f in sorted(p for p in path.rglob("*") if p.is_file()):
-            h.update(f"{f.relative_to(path).as_posix()}\0{sha256_of(f)}\n".encode())
-        return h.hexdigest()
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _checkpoint(path: str | None, kind: str, what: str) -> Path:
     if not path:
         raise FastnclError(f"--encoder {kind} needs --checkpoint ({what})")

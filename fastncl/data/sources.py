@@ -209,12 +209,17 @@ def _read_table(path: Path, columns: dict) -> Source:
         file = file if file.is_absolute() else base / file
         image_id = _clean_id(image_id, where) if image_id not in (None, "") else _clean_id(image, where)
         gather.add(image_id, ImageRef(str(file)), image, captions, _split_value(split, where), where)
-    description = {"kind": "table", "file": str(path), "sha256": _sha256(path)}
+    description = {"kind": "table", "file": str(path), "sha256": sha256_of(path)}
     return Source(list(gather.items.values()), description, gather.skipped)
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
+    """A file's SHA-256; a folder's: of its files' relative paths and SHA-256s, in sorted order."""
     h = hashlib.sha256()
+    if path.is_dir():
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            h.update(f"{f.relative_to(path).as_posix()}\0{sha256_of(f)}\n".encode())
+        return h.hexdigest()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
