@@ -7,7 +7,7 @@
     fastncl eval RUN_DIR [RUN_DIR ...] [--split test|dev]   (several runs: their ensemble, e.g. SGRAF)
     fastncl report RUN_DIR [--epochs 5,12]
     fastncl compare RUN_DIR... [--format md|csv]
-    fastncl data emoji OUT_DIR [--limit N]
+    fastncl data emoji|glyphs|icons OUT_DIR [--limit N]
     fastncl data embed SRC OUT --encoder patches|torchscript|hf|open_clip [--checkpoint PATH] ...
 
 A problem with the input (a file, an option, a config value) is one line on stderr and exit
@@ -40,7 +40,7 @@ def _parser(methods: tuple[str, ...] = (), preset_names: tuple[str, ...] = ()) -
 
     t = sub.add_parser("train", help="train two co-teaching models and evaluate the best checkpoint")
     t.add_argument("--method", choices=methods or None, help="default: sps, or the preset's method")
-    t.add_argument("--data", help="'synthetic' (the embedded default), 'emoji' (built on first use), "
+    t.add_argument("--data", help="'synthetic' (the embedded default), 'emoji', 'glyphs' or 'icons' (real sets, built on first use), "
                    "'synthetic-f30k' (Flickr30K shapes, for benchmarks) or a SCAN/NCR precomputed-feature folder")
     t.add_argument("--noise", type=float, help="NCR-protocol noise rate in [0, 1)")
     t.add_argument("--noise-file", help="caption -> image index (.npy) saved by an earlier run")
@@ -79,9 +79,14 @@ def _parser(methods: tuple[str, ...] = (), preset_names: tuple[str, ...] = ()) -
 
     d = sub.add_parser("data", help="build a dataset folder in the SCAN/NCR layout")
     dsub = d.add_subparsers(dest="data_command", required=True)
-    de = dsub.add_parser("emoji", help="Twemoji images with their names (needs fastncl[demo])")
-    de.add_argument("out_dir")
-    de.add_argument("--limit", type=int, help="about this many images only (a small build, for tests)")
+    for name, what in (("emoji", "Twemoji images with their names, 5 captions each (needs fastncl[demo])"),
+                       ("glyphs", "DejaVu Sans characters with their Unicode names, one fine-grained caption each "
+                                  "(needs fastncl[report])"),
+                       ("icons", "Phosphor icons in two weights, 3 captions each from names, tags and categories "
+                                 "(needs fastncl[icons])")):
+        de = dsub.add_parser(name, help=what)
+        de.add_argument("out_dir")
+        de.add_argument("--limit", type=int, help="about this many images only (a small build, for tests)")
     _embed_parser(dsub)
     return p
 
@@ -200,14 +205,16 @@ def _compare(args) -> int:
 def _data(args) -> int:
     if args.data_command == "embed":
         return _embed(args)
-    from fastncl.data.emoji import build_emoji
+    from fastncl.data import builtin
 
     if args.limit is not None and args.limit < 10:
         raise FastnclError(f"--limit: at least 10 images, got {args.limit}")
-    out = build_emoji(args.out_dir, limit=args.limit)
+    data_set = builtin.module(args.data_command)
+    out = data_set.build(args.out_dir, limit=args.limit)
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
-    print(f"emoji data written to {out}: " + ", ".join(f"{s} {n} images" for s, n in manifest["images"].items())
-          + f", {manifest['captions_per_image']} captions each (Twemoji by Twitter, Inc. and contributors, CC-BY 4.0)")
+    k = manifest["captions_per_image"]
+    print(f"{args.data_command} data written to {out}: " + ", ".join(f"{s} {n} images" for s, n in manifest["images"].items())
+          + f", {k} caption{'s' if k > 1 else ''} each ({data_set.CREDIT}; see ATTRIBUTION.txt)")
     return 0
 
 

