@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,18 @@ class OptimConfig:
     fill_epoch: bool = True  # an epoch trains on at least N pairs, cycling small subsets (official: one
     # pass over the primary subset, so a tiny reliable set gives SPS a tiny epoch)
     epochs: int = option(12, **NON_NEGATIVE)  # co-training epochs after warm-up (papers: 40 on F30K)
+    # a co-training epoch whose dev RSum falls below collapse_rsum_ratio x the best so far, or whose
+    # split puts fewer than collapse_min_fraction of the pairs in a model's primary (clean /
+    # reliable) subset, has collapsed: "recover" restores the best epoch's weights and optimizer
+    # states, multiplies the learning rate by collapse_lr_factor and splits again (after
+    # collapse_max_recoveries recoveries the run stops early and reports its best checkpoint);
+    # "stop" stops at the first; "warn" only says it; "off" does not look. Always said in the epoch
+    # line and metrics.jsonl.
+    collapse: str = option("recover", choices=("recover", "warn", "stop", "off"))
+    collapse_rsum_ratio: float = option(0.5, **PROBABILITY)
+    collapse_min_fraction: float = option(0.02, **PROBABILITY)
+    collapse_lr_factor: float = option(0.1, interval="(0, 1]")
+    collapse_max_recoveries: int = option(3, **NON_NEGATIVE)
 
 
 @dataclass
@@ -334,12 +347,28 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML with only true/false as booleans (YAML 1.2). PyYAML's YAML 1.1 rules also read on, off,
+    yes and no as booleans, so `runtime.amp=off` or `collapse: off` reached a string field as False."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise FastnclError(f"override '{text}': expected key.path=value")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _yaml(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
@@ -355,7 +384,7 @@ def nest(path: str, value: Any) -> dict:
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = _yaml(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise FastnclError(f"--config {path}: cannot read it ({e.strerror})") from None
     except UnicodeDecodeError:

@@ -68,7 +68,9 @@ class SplitQuality:
 class EpochRecord:
     """One epoch: its phase, learning rate, mean losses per model ("A", "B") and term, the dev
     recalls of the ensemble and of each model, the split's quality (epochs with a split), the
-    subsets trained, what was degenerate (``warnings``) and the time of each phase (seconds)."""
+    subsets trained, what was degenerate (``warnings``), a collapse and what the guard did
+    (``collapse``: reason, action, restored epoch, learning-rate scale) and the time of each phase
+    (seconds)."""
 
     epoch: int  # 0-based
     phase: str  # "warmup" or "train"
@@ -79,6 +81,7 @@ class EpochRecord:
     split: SplitQuality | None = None
     active_subsets: list[str] | None = None
     warnings: list[str] = field(default_factory=list)
+    collapse: dict | None = None  # the collapse guard's finding and action (optim.collapse)
     time: float = 0.0
     time_split: float | None = None
     time_fit: float | None = None

@@ -98,6 +98,9 @@ class Trainer:
         self.rng = np.random.default_rng(cfg.seed)
         self.start_epoch, self.best_rsum, self.best_epoch = 0, -1.0, -1
         self.last_split = None
+        # the collapse guard (optim.collapse): the learning rate's factor after recoveries, how many
+        # there were, and whether the run stopped early
+        self.lr_scale, self.recoveries, self.stopped = 1.0, 0, False
         if not fresh:
             self._restore()
         elif self.main:  # a new run, or a resumed one whose first epoch never finished: from the start
@@ -136,6 +139,9 @@ class Trainer:
             "grad_scaler": self.precision.state_dict(),
             "config": self.cfg.to_dict(),
             "last_split": None if self.last_split is None else self.last_split.to_json(),
+            "lr_scale": float(self.lr_scale),
+            "recoveries": int(self.recoveries),
+            "stopped": bool(self.stopped),
         }
 
     def _load(self, name: str) -> dict:
@@ -156,6 +162,8 @@ class Trainer:
         random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python_rng"]))
         self.precision.load_state_dict(state.get("grad_scaler", {}))
         self.best_rsum, self.best_epoch = state["best_rsum"], state["best_epoch"]
+        self.lr_scale, self.recoveries = state.get("lr_scale", 1.0), state.get("recoveries", 0)
+        self.stopped = state.get("stopped", False)
         self.last_split = SplitQuality.from_json(state["last_split"]) if state.get("last_split") else None
         self.start_epoch = state["epoch"] + 1
         if self.main:
@@ -186,7 +194,7 @@ class Trainer:
     def _set_lr(self, epoch: int) -> float:
         o = self.cfg.optim
         co_epoch = max(epoch - o.warmup_epochs, 0)
-        lr = o.lr * (0.1 ** (co_epoch // o.lr_step) if o.lr_step else 1.0)
+        lr = o.lr * (0.1 ** (co_epoch // o.lr_step) if o.lr_step else 1.0) * self.lr_scale
         for opt in self.optims:
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -277,6 +285,8 @@ class Trainer:
         log.info(f"fastncl {cfg.method}: {self.data.name} data, {n} training pairs, {noise}, "
                  f"seed {cfg.seed}, device {self.device}, {self.precision.name}; run folder {self.run.path}")
         for epoch in range(self.start_epoch, total):
+            if self.stopped:  # the collapse guard stopped the run (optim.collapse)
+                break
             with nvtx_range(f"epoch {epoch}"):
                 self._epoch(epoch, total)
         return self.finish()
@@ -292,7 +302,7 @@ class Trainer:
         co_epoch = None if warmup else epoch - o.warmup_epochs
         record = EpochRecord(epoch, "warmup" if warmup else "train", lr)
         all_pairs = {"all": np.arange(self.data.train.num_captions)}
-        losses, split_file, warnings = {}, None, []
+        losses, split_file, warnings, splits = {}, None, [], None
         if warmup or not self.method.uses_split:
             for k in range(2):
                 with nvtx_range(f"train model {'AB'[k]}"):
@@ -348,7 +358,9 @@ class Trainer:
         record.dev = dev
         record.dev_models = {"AB"[i]: retrieval_metrics(s, k) for i, s in enumerate(sims)}
         record.time_eval = time.perf_counter() - t_train
-        improved = dev["rsum"] > self.best_rsum
+        if splits is not None and self.cfg.optim.collapse != "off":
+            record.collapse = self._collapse(dev["rsum"], splits, warnings)
+        improved = dev["rsum"] > self.best_rsum and record.collapse is None
         if improved:
             self.best_rsum, self.best_epoch = dev["rsum"], epoch
         # committed in an order that a kill at any point resumes correctly: best.pt, then the metrics
@@ -369,6 +381,44 @@ class Trainer:
         if self.board is not None:
             self.board.log(record, split_file)
         log.info(record.line(total))
+
+    def _collapse(self, rsum: float, splits, warnings: list[str]) -> dict | None:
+        """The collapse guard (optim.collapse), after a co-training epoch's evaluation: what
+        collapsed and what was done, or None. Recovering restores the best epoch's weights and
+        optimizer states (the next epoch splits again from them) and lowers the learning rate."""
+        o, n = self.cfg.optim, self.data.train.num_captions
+        reasons = []
+        if self.best_rsum > 0 and rsum < o.collapse_rsum_ratio * self.best_rsum:
+            reasons.append(f"dev rsum {rsum:.1f} below {o.collapse_rsum_ratio:g} x the best {self.best_rsum:.1f} "
+                           f"(epoch {self.best_epoch + 1})")
+        for k, subsets in enumerate(splits):
+            primary = next(iter(subsets))
+            if len(subsets[primary]) < o.collapse_min_fraction * n:
+                reasons.append(f"split {'AB'[k]}'s {primary} subset holds {len(subsets[primary])} of {n} pairs "
+                               f"(< {o.collapse_min_fraction:.0%})")
+        if not reasons:
+            return None
+        found = {"reasons": reasons, "action": "none"}
+        if o.collapse == "recover" and self.recoveries < o.collapse_max_recoveries and self.best_epoch >= 0:
+            state = self._load("best")
+            for m, st in zip(self.models, state["models"]):
+                m.load_state_dict(st)
+            for opt, st in zip(self.optims, state["optimizers"]):
+                opt.load_state_dict(st)
+            self.recoveries += 1
+            self.lr_scale *= o.collapse_lr_factor
+            found.update(action="recovered", restored_epoch=self.best_epoch, lr_scale=self.lr_scale,
+                         recoveries=self.recoveries)
+            said = (f"restored epoch {self.best_epoch + 1}'s weights, learning rate x{self.lr_scale:g} from now on "
+                    f"(recovery {self.recoveries} of {o.collapse_max_recoveries})")
+        elif o.collapse in ("recover", "stop"):
+            self.stopped = True
+            found.update(action="stopped")
+            said = f"training stopped; the result is the best checkpoint's (epoch {self.best_epoch + 1})"
+        else:
+            said = "training goes on (optim.collapse=warn)"
+        warnings.append(f"collapse: {'; '.join(reasons)}: {said}")
+        return found
 
     def _diverged(self, epoch: int, what: str):
         kept = f"checkpoints/last.pt holds epoch {epoch}" if epoch > 0 else "no checkpoint was written"

@@ -1,0 +1,110 @@
+"""The collapse guard (optim.collapse): a collapse is said in the epoch line and metrics.jsonl, and
+the run recovers (best weights back, lower learning rate, a new split), stops, or goes on."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fastncl.cli import main
+
+TINY = ["data.synthetic.train_images=16", "data.synthetic.dev_images=8", "data.synthetic.test_images=8",
+        "data.synthetic.feature_dim=8", "data.synthetic.regions=8", "data.synthetic.idiosyncratic_words=20",
+        "model.embed_dim=16", "model.word_dim=8", "optim.batch_size=16", "optim.warmup_epochs=1",
+        "runtime.progress=false", "runtime.threads=1", "--noise", "0.4"]
+
+
+def _train(out, *args, method="ncr"):
+    return main(["train", "--method", method, "--out", str(out), *TINY, *args])
+
+
+def _records(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method", ["ncr", "sps", "esc"])
+def test_a_degenerate_split_is_a_collapse_and_the_run_recovers(tmp_path, capsys, method):
+    # every primary subset is below 99 % of the pairs: each co-training epoch "collapses"
+    out = tmp_path / "run"
+    assert _train(out, "optim.epochs=4", "optim.collapse_min_fraction=0.99", "optim.collapse_max_recoveries=2",
+                  method=method) == 0
+    lines = capsys.readouterr().out.splitlines()
+    records = _records(out)
+    assert [r["phase"] for r in records] == ["warmup", "train", "train", "train"]  # stopped after the third collapse
+    first, second, third = records[1:]
+    assert first["collapse"]["action"] == "recovered" and first["collapse"]["restored_epoch"] == 0
+    assert first["collapse"]["lr_scale"] == pytest.approx(0.1) and second["collapse"]["lr_scale"] == pytest.approx(0.01)
+    assert second["lr"] == pytest.approx(records[0]["lr"] * 0.1)  # the lower learning rate from the next epoch on
+    assert third["collapse"]["action"] == "stopped"
+    assert all(any(w.startswith("collapse: ") and "subset holds" in w for w in r["warnings"]) for r in records[1:])
+    epoch_lines = [line for line in lines if line.startswith("epoch ")]
+    said = epoch_lines[1].split(" | warning: ")[1]  # after the split's own notes, if any
+    assert "collapse: " in said and "restored epoch 1's weights" in said
+    assert "training stopped" in epoch_lines[3]
+    # the restored weights are the best epoch's (the warm-up's): last.pt after the first recovery trained
+    # one more epoch from them, and best.pt is still epoch 0
+    best = torch.load(out / "checkpoints" / "best.pt", weights_only=True)
+    assert best["epoch"] == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["best_epoch"] == 0
+
+
+def test_the_restored_weights_are_the_best_checkpoints(tmp_path):
+    out = tmp_path / "run"
+    # one co-training epoch, which collapses: last.pt is written after the recovery
+    assert _train(out, "optim.epochs=1", "optim.collapse_min_fraction=0.99", "optim.collapse=recover") == 0
+    records = _records(out)
+    assert records[1]["collapse"]["action"] == "recovered"
+    best = torch.load(out / "checkpoints" / "best.pt", weights_only=True)
+    last = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert last["epoch"] == 1 and best["epoch"] == 0 and last["recoveries"] == 1 and not last["stopped"]
+    assert last["lr_scale"] == pytest.approx(0.1)
+    for b, l in zip(best["models"], last["models"]):  # the collapsed epoch's training is undone
+        assert all(torch.equal(b[k], l[k]) for k in b)
+    for b, l in zip(best["optimizers"], last["optimizers"]):
+        assert all(torch.equal(b["state"][i]["exp_avg"], l["state"][i]["exp_avg"]) for i in b["state"])
+
+
+def test_a_dev_rsum_below_half_the_best_is_a_collapse(tmp_path):
+    out = tmp_path / "run"
+    # ratio 1: any co-training epoch below the best so far counts
+    assert _train(out, "optim.epochs=3", "optim.collapse_rsum_ratio=1.0", "optim.collapse=warn") == 0
+    records = _records(out)
+    best = records[0]["dev"]["rsum"]
+    for r in records[1:]:
+        below = r["dev"]["rsum"] < best
+        assert (r.get("collapse") is not None) == below
+        if below:
+            assert r["collapse"]["action"] == "none" and "dev rsum" in r["collapse"]["reasons"][0]
+        best = max(best, r["dev"]["rsum"])
+
+
+@pytest.mark.parametrize("mode, phases", [("stop", ["warmup", "train"]), ("off", ["warmup", "train", "train"])])
+def test_stop_and_off(tmp_path, mode, phases):
+    out = tmp_path / "run"
+    assert _train(out, "optim.epochs=2", "optim.collapse_min_fraction=0.99", f"optim.collapse={mode}") == 0
+    records = _records(out)
+    assert [r["phase"] for r in records] == phases
+    assert all(("collapse" in r) == (mode == "stop" and r["phase"] == "train") for r in records)
+
+
+def test_the_baselines_are_not_guarded(tmp_path):
+    out = tmp_path / "run"
+    assert _train(out, "optim.epochs=2", "optim.collapse_min_fraction=0.99", method="vanilla") == 0
+    assert not any("collapse" in r for r in _records(out))
+
+
+def test_a_resumed_run_keeps_the_guards_state(tmp_path):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    args = ("optim.collapse_min_fraction=0.99", "optim.collapse_max_recoveries=3", "model.dropout=0",
+            "ncr.noisy_start=1")  # else half of each run's epochs
+    assert _train(whole, "optim.epochs=3", *args) == 0
+    assert _train(cut, "optim.epochs=1", *args) == 0  # ends after one recovery: last.pt holds lr_scale 0.1
+    cfg = (cut / "config.yaml").read_text().replace("  epochs: 1\n", "  epochs: 3\n")
+    (cut / "config.yaml").write_text(cfg)
+    assert main(["train", "--resume", "--out", str(cut)]) == 0
+    a, b = _records(whole), _records(cut)
+    assert [r["lr"] for r in a] == [r["lr"] for r in b]
+    assert [r["collapse"]["lr_scale"] for r in a[1:]] == [r["collapse"]["lr_scale"] for r in b[1:]]
+    assert [r["dev"]["rsum"] for r in a] == [r["dev"]["rsum"] for r in b]
