@@ -45,9 +45,12 @@ class SplitQuality:
     auc: float | None = None
     subsets: dict[str, SubsetCount] = field(default_factory=dict)
     models: list[SplitQuality] = field(default_factory=list)
+    cuts: dict[str, float] = field(default_factory=dict)  # a model's every cut (the noisy one too), by name
 
     def to_json(self) -> dict:
         out = {"noisy_cut": self.noisy_cut, "detected_noisy": self.detected_noisy}
+        if self.cuts:
+            out["cuts"] = dict(self.cuts)
         if self.subsets:
             out["subsets"] = {name: {k: v for k, v in dataclasses.asdict(s).items() if v is not None}
                               for name, s in self.subsets.items()}
@@ -61,7 +64,7 @@ class SplitQuality:
     def from_json(cls, d: dict) -> SplitQuality:
         return cls(d["noisy_cut"], d["detected_noisy"], d.get("precision"), d.get("recall"), d.get("f1"), d.get("auc"),
                    {name: SubsetCount(**s) for name, s in (d.get("subsets") or {}).items()},
-                   [cls.from_json(m) for m in d.get("models") or []])
+                   [cls.from_json(m) for m in d.get("models") or []], dict(d.get("cuts") or {}))
 
 
 @dataclass
@@ -143,27 +146,32 @@ class SplitFile:
     mixture: str  # "gmm" or "bmm"
     params: list[dict]  # per model: the mixture's weights and component parameters, clean first
     clean_mask: np.ndarray | None = None  # (N,) bool
+    # every cut each model's split used, by name: (2,) float64 each ("noisy" as noisy_cut, and e.g.
+    # SPS's effective epsilon_1 as "reliable"); empty in a folder written before they were stored
+    cuts: dict[str, np.ndarray] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, losses, fits, cuts, splits, clean_mask) -> SplitFile:
-        """From the split pass's raw ``losses``, the MixtureFit per model, the noisy ``cuts``, the
-        subsets (name -> caption indices) per model and the ground truth."""
-        names = list(splits[0])
+    def build(cls, losses, fits, divisions, clean_mask) -> SplitFile:
+        """From the split pass's raw ``losses``, the MixtureFit and the ``methods.base.Division``
+        per model, and the ground truth."""
+        names = list(divisions[0].subsets)
         subset = np.full((len(fits), len(fits[0].clean_prob)), -1, dtype=np.int8)
-        for k, split in enumerate(splits):
+        for k, division in enumerate(divisions):
             for code, name in enumerate(names):
-                subset[k, split[name]] = code
+                subset[k, division.subsets[name]] = code
+        cuts = {name: np.asarray([d.cuts[name] for d in divisions], dtype=np.float64) for name in divisions[0].cuts}
         return cls(np.stack([np.asarray(x, dtype=np.float32) for x in losses]),
                    np.stack([f.normalized.astype(np.float32) for f in fits]),
                    np.stack([f.clean_prob.astype(np.float32) for f in fits]),
-                   np.asarray(cuts, dtype=np.float64), subset, names, fits[0].kind, [f.params for f in fits],
-                   None if clean_mask is None else np.asarray(clean_mask, dtype=bool))
+                   cuts["noisy"], subset, names, fits[0].kind, [f.params for f in fits],
+                   None if clean_mask is None else np.asarray(clean_mask, dtype=bool), cuts)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         out = {"format": np.asarray(FORMAT), "losses": self.losses, "normalized": self.normalized,
                "clean_prob": self.clean_prob, "noisy_cut": self.noisy_cut, "subset": self.subset,
                "subset_names": np.asarray(self.subset_names, dtype=str), "mixture": np.asarray(self.mixture),
-               "params": np.asarray(json.dumps(self.params))}
+               "params": np.asarray(json.dumps(self.params)),
+               "cuts": np.asarray(json.dumps({k: v.tolist() for k, v in self.cuts.items()}))}
         if self.clean_mask is not None:
             out["clean_mask"] = self.clean_mask
         return out
@@ -173,4 +181,6 @@ class SplitFile:
         check_format(z["format"] if "format" in z else None, where)
         return cls(z["losses"], z["normalized"], z["clean_prob"], z["noisy_cut"], z["subset"],
                    [str(n) for n in z["subset_names"]], str(z["mixture"]), json.loads(str(z["params"])),
-                   z.get("clean_mask"))
+                   z.get("clean_mask"),
+                   {k: np.asarray(v, dtype=np.float64) for k, v in json.loads(str(z["cuts"])).items()}
+                   if "cuts" in z else {})

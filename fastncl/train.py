@@ -324,14 +324,14 @@ class Trainer:
                 fits = distributed.on_main(lambda: [self.method.fit(loss) for loss, _ in passes])
             record.time_fit = time.perf_counter() - t_split
             record.time_split = t_split - t0
-            splits = [self.method.subsets(fit, anchors, co_epoch) for fit, (_, anchors) in zip(fits, passes)]
-            record.split = self._diagnostics(fits, splits)
+            divisions = [self.method.split(fit, anchors, co_epoch) for fit, (_, anchors) in zip(fits, passes)]
+            splits = [d.subsets for d in divisions]
+            record.split = self._diagnostics(fits, divisions)
             active_names = self.method.active_subsets(co_epoch)
             record.active_subsets = list(active_names)
-            warnings += self._split_warnings(fits, splits)
-            cuts = [m.noisy_cut for m in record.split.models]
+            warnings += self._split_warnings(divisions)
             if self.main:  # the split file: written (and shown on TensorBoard) by rank 0 only
-                split_file = SplitFile.build([loss for loss, _ in passes], fits, cuts, splits, self.clean_mask)
+                split_file = SplitFile.build([loss for loss, _ in passes], fits, divisions, self.clean_mask)
                 self.run.write_split(epoch, split_file)
             for k in range(2):  # model k trains on its peer's split
                 peer_fit, subsets = fits[1 - k], splits[1 - k]
@@ -425,26 +425,27 @@ class Trainer:
         # every rank meets it alike: the checks read values every rank holds the same
         raise distributed.agreed(Diverged(f"epoch {epoch + 1}: {what}; the run stopped ({kept}) in {self.run.path}"))
 
-    def _split_warnings(self, fits, splits) -> list[str]:
+    def _split_warnings(self, divisions) -> list[str]:
         """What is degenerate in each model's split: a fallback the method took (SPS's reliable-set
         floor, the 1 % noisy fallback), an empty subset, or one subset holding every pair."""
         n = self.data.train.num_captions
         out = []
-        for k, (fit, subsets) in enumerate(zip(fits, splits)):
+        for k, division in enumerate(divisions):
             where = f"split {'AB'[k]} (trains {'BA'[k]})"
-            out += [f"{where}: {note}" for note in self.method.split_notes(fit)]
-            for name, index in subsets.items():
+            out += [f"{where}: {note}" for note in division.notes]
+            for name, index in division.subsets.items():
                 if len(index) == 0:
                     out.append(f"{where}: {name} subset empty")
                 elif len(index) == n:
                     out.append(f"{where}: every pair in the {name} subset")
         return out
 
-    def _diagnostics(self, fits, splits) -> SplitQuality:
+    def _diagnostics(self, fits, divisions) -> SplitQuality:
         per_model = []
-        for fit, subsets in zip(fits, splits):
-            per_model.append(split_diagnostics(fit.clean_prob, self.method.noisy_cut(fit), self.clean_mask, subsets,
-                                               detected=subsets.get("noisy")))
+        for fit, division in zip(fits, divisions):
+            per_model.append(split_diagnostics(fit.clean_prob, division.noisy_cut, self.clean_mask, division.subsets,
+                                               detected=division.subsets.get("noisy")))
+            per_model[-1].cuts = dict(division.cuts)
         mean_prob = (fits[0].clean_prob + fits[1].clean_prob) / 2
         cut = (per_model[0].noisy_cut + per_model[1].noisy_cut) / 2
         split = split_diagnostics(mean_prob, cut, self.clean_mask)

@@ -255,15 +255,29 @@ def test_emoji_data_preset_and_what_beats_it():
     assert plain.model.embed_dim == 256 and data_preset("synthetic") is None
 
 
-def test_the_report_draws_the_reliable_cut_the_floor_fell_back_to():
+def test_the_report_draws_the_reliable_cut_the_split_used():
     from fastncl.records import SplitFile
 
     p = np.array([[0.999, 0.97, 0.95, 0.4], [0.999, 0.995, 0.3, 0.2]], dtype=np.float32)
     subset = np.array([[0, 0, 1, 2], [0, 0, 2, 2]], dtype=np.int8)  # model A: epsilon_1 fell to just below 0.97
-    split = SplitFile(p, p, p, np.array([0.5, 0.5]), subset, ["reliable", "quasi_clean", "noisy"], "gmm", [{}, {}])
+    cuts = {"noisy": np.array([0.5, 0.5]), "reliable": np.array([np.nextafter(0.97, 0), 0.99])}
+    split = SplitFile(p, p, p, cuts["noisy"], subset, ["reliable", "quasi_clean", "noisy"], "gmm", [{}, {}], None, cuts)
     cfg = {"sps": {"reliable_threshold": 0.99}}
     label, cut, _ = SPS.report_cuts(cfg, split, 0)[0]
-    assert label == "ε1 (floor's fallback)" and cut == pytest.approx(0.97)
-    assert SPS.report_cuts(cfg, split, 1)[0][:2] == ("ε1", 0.99)  # every reliable pair above 0.99
-    empty = SplitFile(p, p, p, np.array([0.5, 0.5]), np.full((2, 4), 2, np.int8), split.subset_names, "gmm", [{}, {}])
-    assert SPS.report_cuts(cfg, empty, 0)[0][:2] == ("ε1", 0.99)
+    assert label == "ε1 (floor's fallback)" and cut == cuts["reliable"][0]
+    assert SPS.report_cuts(cfg, split, 1)[0][:2] == ("ε1", 0.99)
+    old = SplitFile(p, p, p, cuts["noisy"], subset, split.subset_names, "gmm", [{}, {}])  # a folder from before
+    assert SPS.report_cuts(cfg, old, 0)[0][:2] == ("ε1", 0.99)
+
+
+def test_the_split_is_one_value_with_the_cuts_it_used():
+    """SPS's division holds the effective epsilon_1 its subsets were cut at, and its notes say it."""
+    method = SPS(config(("sps.min_reliable_fraction", 0.5)))
+    p = np.array([0.999, 0.98, 0.97, 0.96, 0.2, 0.1])  # one pair above 0.99: below the floor of 2
+    division = method.split(fake_fit(p), np.zeros(len(p), bool), 0)
+    reliable = division.cuts["reliable"]
+    assert reliable < 0.99 and division.subsets["reliable"].tolist() == np.flatnonzero(p > reliable).tolist()
+    assert division.subsets["quasi_clean"].tolist() == np.flatnonzero((p > division.noisy_cut) & (p <= reliable)).tolist()
+    assert any(f"fell back to {reliable:.4f}" in note for note in division.notes)
+    healthy = method.split(fake_fit(np.array([0.999, 0.995, 0.2])), np.zeros(3, bool), 0)
+    assert healthy.cuts["reliable"] == 0.99 and healthy.notes == []

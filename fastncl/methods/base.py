@@ -12,8 +12,12 @@ A method turns model outputs into losses and the training set into subsets:
 * ``split_losses(model, batch)``: per-sample division losses (the trainer calls it under no_grad
   with the model in eval mode, over the whole training set, once per epoch);
 * ``fit(losses)``: the mixture fit giving every pair's clean probability;
-* ``subsets(fit, anchors, co_epoch)``: caption indices per subset, the primary subset first
-  (the trainer iterates over the primary subset and cycles the others);
+* ``split(fit, anchors, co_epoch)``: the division the trainer uses, one value (``Division``): caption
+  indices per subset, the primary subset first (the trainer iterates over the primary subset and
+  cycles the others), every cut the split actually used (``noisy``, and e.g. SPS's effective
+  epsilon_1 as ``reliable``) and its notes (fallbacks taken). By default it is built from
+  ``subsets``, ``noisy_cut`` and ``split_notes``; a method whose cuts depend on each other
+  computes them once in its own ``split``;
 * ``train_groups(model, peer, batches, peer_prob, co_epoch)``: a list of loss closures. The
   trainer either sums them into one optimizer step (the papers' single objective) or, when
   ``separate_steps`` is set, runs one optimizer step per closure in order (the official codes).
@@ -24,6 +28,7 @@ indexing, no ``.item()``, no Python loop over samples, so that it can be compile
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -36,6 +41,22 @@ from fastncl.models import Encoding
 from .mixture import MixtureFit, fit_gmm
 
 LossGroup = Callable[[], dict]  # returns named terms; "loss" is what is minimised
+
+
+@dataclass
+class Division:
+    """One model's split of the training set, as the trainer uses it: the subsets (caption indices,
+    primary first), the cuts on the clean probability that made them (``noisy``: at or below it a
+    pair counts as detected noisy; a method may add its others, e.g. SPS's ``reliable``) and the
+    fallbacks it took (``notes``: said in the epoch line and metrics.jsonl)."""
+
+    subsets: dict[str, np.ndarray]
+    cuts: dict[str, float]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def noisy_cut(self) -> float:
+        return self.cuts["noisy"]
 
 
 class Method:
@@ -65,7 +86,8 @@ class Method:
     @classmethod
     def report_cuts(cls, cfg: dict, split, k: int) -> list[tuple[str, float, str]]:
         """Thresholds drawn on model ``k``'s loss histogram besides the noisy cut: (label, p(clean),
-        colour), from a run's config.yaml values (``cfg``) and its split file (``records.SplitFile``)."""
+        colour), from a run's config.yaml values (``cfg``) and its split file (``records.SplitFile``,
+        whose ``cuts`` hold the cuts each model's split used)."""
         return []
 
     def __init__(self, cfg: Config, ops: kernels.Ops = kernels.AUTO):
@@ -86,6 +108,11 @@ class Method:
 
     def subsets(self, fit: MixtureFit, anchors: np.ndarray, co_epoch: int) -> dict[str, np.ndarray]:
         raise NotImplementedError
+
+    def split(self, fit: MixtureFit, anchors: np.ndarray, co_epoch: int) -> Division:
+        """The division of ``fit`` the trainer trains on (once per model per epoch)."""
+        return Division(self.subsets(fit, anchors, co_epoch), {"noisy": float(self.noisy_cut(fit))},
+                        self.split_notes(fit))
 
     def split_notes(self, fit: MixtureFit) -> list[str]:
         """Fallbacks the split of ``fit`` takes (each said in the epoch line and metrics.jsonl)."""

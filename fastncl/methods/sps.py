@@ -24,7 +24,7 @@ from fastncl import FastnclError
 from fastncl.config import NON_NEGATIVE, POSITIVE, PROBABILITY, option
 from fastncl.models import cosine_matrix, encode_pairs, intramodal_features
 
-from .base import Method
+from .base import Division, Method
 from .mixture import fallback_note, noisy_threshold
 from .presets import paper_presets
 from .registry import register
@@ -94,14 +94,13 @@ class SPS(Method):
 
     @classmethod
     def report_cuts(cls, cfg, split, k):
-        """epsilon_1, or the cut the reliable-set floor fell back to: just below the least clean
-        probability of a reliable pair (the split file holds each pair's subset, not the cut)."""
+        """epsilon_1 as the split used it: the nominal value, or the reliable-set floor's fallback
+        (the split file's ``reliable`` cut; a folder from before it was stored: the nominal one)."""
         nominal = float(cfg.get("sps", {}).get("reliable_threshold", SPSConfig.reliable_threshold))
-        reliable = split.subset[k] == split.subset_names.index("reliable") if "reliable" in split.subset_names else []
-        if not np.any(reliable):
+        used = split.cuts.get("reliable")
+        if used is None or float(used[k]) == nominal:
             return [("ε1", nominal, "green")]
-        least = float(split.clean_prob[k][reliable].min())
-        return [("ε1", nominal, "green")] if least > nominal else [("ε1 (floor's fallback)", least, "green")]
+        return [("ε1 (floor's fallback)", float(used[k]), "green")]
 
     @property
     def separate_steps(self):
@@ -129,24 +128,28 @@ class SPS(Method):
         kth = np.sort(p)[::-1][floor - 1]  # above the noisy cut, so the subsets stay disjoint
         return float(np.nextafter(kth, -np.inf))  # p > cut keeps the floor-th largest (and its ties)
 
-    def split_notes(self, fit):
-        c = self.cfg.sps
-        notes = fallback_note(self.noisy_cut(fit), min(c.noisy_threshold, c.reliable_threshold))
-        cut = self.reliable_cut(fit)
-        if cut != c.reliable_threshold:
-            kept = int((fit.clean_prob > c.reliable_threshold).sum())
-            notes.append(f"reliable set below its floor ({kept} pairs with p > {c.reliable_threshold:g}): "
-                         f"epsilon_1 fell back to {cut:.4f}")
-        return notes
-
-    def subsets(self, fit, anchors, co_epoch):
-        p = fit.clean_prob
+    def split(self, fit, anchors, co_epoch):
+        """The three subsets, with both cuts computed once: the noisy cut (epsilon_2 or its fallback)
+        and the reliable cut (epsilon_1 or the floor's fallback)."""
+        c, p = self.cfg.sps, fit.clean_prob
         cut, reliable = self.noisy_cut(fit), self.reliable_cut(fit)
-        return {
+        notes = fallback_note(cut, min(c.noisy_threshold, c.reliable_threshold))
+        if reliable != c.reliable_threshold:
+            kept = int((p > c.reliable_threshold).sum())
+            notes.append(f"reliable set below its floor ({kept} pairs with p > {c.reliable_threshold:g}): "
+                         f"epsilon_1 fell back to {reliable:.4f}")
+        subsets = {
             "reliable": (p > reliable).nonzero()[0],
             "quasi_clean": ((p > cut) & (p <= reliable)).nonzero()[0],
             "noisy": (p <= cut).nonzero()[0],
         }
+        return Division(subsets, {"noisy": float(cut), "reliable": float(reliable)}, notes)
+
+    def split_notes(self, fit):
+        return self.split(fit, np.zeros(len(fit.clean_prob), dtype=bool), 0).notes
+
+    def subsets(self, fit, anchors, co_epoch):
+        return self.split(fit, anchors, co_epoch).subsets
 
     def active_subsets(self, co_epoch: int) -> tuple[str, ...]:
         c = self.cfg.sps

@@ -1,9 +1,12 @@
-"""The collapse guard (optim.collapse): a collapse is said in the epoch line and metrics.jsonl, and
-the run recovers (best weights back, lower learning rate, a new split), stops, or goes on."""
+"""The split as one value (methods.base.Division: subsets, the cuts used, notes) as the run folder
+records it, and the collapse guard (optim.collapse) that reads it: a collapse is said in the epoch
+line and metrics.jsonl, and the run recovers (best weights back, lower learning rate, a new
+split), stops, or goes on."""
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -108,3 +111,22 @@ def test_a_resumed_run_keeps_the_guards_state(tmp_path):
     assert [r["lr"] for r in a] == [r["lr"] for r in b]
     assert [r["collapse"]["lr_scale"] for r in a[1:]] == [r["collapse"]["lr_scale"] for r in b[1:]]
     assert [r["dev"]["rsum"] for r in a] == [r["dev"]["rsum"] for r in b]
+
+
+def test_split_files_and_metrics_hold_the_cuts_the_split_used(tmp_path):
+    out = tmp_path / "run"
+    assert _train(out, "optim.epochs=1", "sps.min_reliable_fraction=1.0", method="sps") == 0  # the floor fires
+    from fastncl.records import SplitFile
+
+    z = np.load(out / "splits" / "epoch_001.npz")
+    split = SplitFile.from_arrays(dict(z), "test")
+    record = _records(out)[1]
+    for k in range(2):
+        reliable = split.cuts["reliable"][k]
+        assert split.cuts["noisy"][k] == split.noisy_cut[k] == record["split"]["models"][k]["cuts"]["noisy"]
+        assert reliable == record["split"]["models"][k]["cuts"]["reliable"]
+        # the subsets are what those cuts give (up to the float32 the file stores the probabilities in)
+        p, at = split.clean_prob[k], np.float32(reliable)
+        in_reliable = split.subset[k] == split.subset_names.index("reliable")
+        assert in_reliable.any() and (p[in_reliable] >= at).all() and (p[~in_reliable] <= at).all()
+    assert any("fell back to" in w for w in record["warnings"])
