@@ -29,6 +29,7 @@ from fastncl.config import Config, dump_yaml
 from fastncl.data import load_dataset, training_pairs
 from fastncl.data.batches import PairBatches
 from fastncl.evaluation import fold5_metrics, format_results, retrieval_metrics, similarity_matrix, split_diagnostics
+from fastncl.methods.mixture import normalize_losses
 from fastncl.profiling import nvtx_range
 from fastncl.records import FORMAT, EpochRecord, SplitFile, SplitQuality
 from fastncl.run import RunDir, environment, write_atomic
@@ -101,6 +102,8 @@ class Trainer:
         # the collapse guard (optim.collapse): the learning rate's factor after recoveries, how many
         # there were, and whether the run stopped early
         self.lr_scale, self.recoveries, self.stopped = 1.0, 0, False
+        # split.signal=mean: each model's normalised split losses summed over the split epochs so far
+        self.signal_sum, self.signal_epochs = None, 0
         if not fresh:
             self._restore()
         elif self.main:  # a new run, or a resumed one whose first epoch never finished: from the start
@@ -142,6 +145,8 @@ class Trainer:
             "lr_scale": float(self.lr_scale),
             "recoveries": int(self.recoveries),
             "stopped": bool(self.stopped),
+            "signal_sum": None if self.signal_sum is None else [torch.from_numpy(x) for x in self.signal_sum],
+            "signal_epochs": int(self.signal_epochs),
         }
 
     def _load(self, name: str) -> dict:
@@ -164,6 +169,9 @@ class Trainer:
         self.best_rsum, self.best_epoch = state["best_rsum"], state["best_epoch"]
         self.lr_scale, self.recoveries = state.get("lr_scale", 1.0), state.get("recoveries", 0)
         self.stopped = state.get("stopped", False)
+        if state.get("signal_sum") is not None:
+            self.signal_sum = [x.numpy().astype(np.float64) for x in state["signal_sum"]]
+        self.signal_epochs = state.get("signal_epochs", 0)
         self.last_split = SplitQuality.from_json(state["last_split"]) if state.get("last_split") else None
         self.start_epoch = state["epoch"] + 1
         if self.main:
@@ -320,8 +328,9 @@ class Trainer:
                     self._diverged(epoch, f"model {'AB'[k]}'s per-sample division losses are not finite "
                                           f"({bad} of {len(loss)} pairs)")
             t_split = time.perf_counter()
+            signals = self._signal([loss for loss, _ in passes])
             with nvtx_range("mixture fit"):
-                fits = distributed.on_main(lambda: [self.method.fit(loss) for loss, _ in passes])
+                fits = distributed.on_main(lambda: [self.method.fit(x) for x in signals])
             record.time_fit = time.perf_counter() - t_split
             record.time_split = t_split - t0
             divisions = [self.method.split(fit, anchors, co_epoch) for fit, (_, anchors) in zip(fits, passes)]
@@ -381,6 +390,16 @@ class Trainer:
         if self.board is not None:
             self.board.log(record, split_file)
         log.info(record.line(total))
+
+    def _signal(self, losses: list[np.ndarray]) -> list[np.ndarray]:
+        """What each model's mixture is fitted to (split.signal): this epoch's losses, or their
+        normalised values averaged over the split epochs so far."""
+        if self.cfg.split.signal == "loss":
+            return losses
+        normalized = [normalize_losses(x, self.cfg.split.clip_quantile) for x in losses]
+        self.signal_sum = normalized if self.signal_sum is None else [a + b for a, b in zip(self.signal_sum, normalized)]
+        self.signal_epochs += 1
+        return [x / self.signal_epochs for x in self.signal_sum]
 
     def _collapse(self, rsum: float, splits, warnings: list[str]) -> dict | None:
         """The collapse guard (optim.collapse), after a co-training epoch's evaluation: what

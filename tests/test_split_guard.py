@@ -130,3 +130,36 @@ def test_split_files_and_metrics_hold_the_cuts_the_split_used(tmp_path):
         in_reliable = split.subset[k] == split.subset_names.index("reliable")
         assert in_reliable.any() and (p[in_reliable] >= at).all() and (p[~in_reliable] <= at).all()
     assert any("fell back to" in w for w in record["warnings"])
+
+
+@pytest.mark.parametrize("method", ["ncr", "sps"])
+def test_the_mean_signal_fits_the_average_of_the_normalised_losses(tmp_path, method):
+    from fastncl.methods.mixture import normalize_losses
+    from fastncl.records import SplitFile
+
+    out = tmp_path / "run"
+    assert _train(out, "optim.epochs=3", "split.signal=mean", "optim.collapse=off", method=method) == 0
+    files = sorted((out / "splits").glob("epoch_*.npz"))
+    assert len(files) == 3
+    seen = [[], []]
+    for path in files:
+        split = SplitFile.from_arrays(dict(np.load(path)), str(path))
+        for k in range(2):
+            seen[k].append(normalize_losses(split.losses[k].astype(np.float64)))
+            # what the mixture saw: the running mean, min-max normalised again by the fit
+            want = normalize_losses(np.mean(seen[k], axis=0))
+            assert np.allclose(split.normalized[k], want, atol=1e-4), (path.name, k)
+    # a resumed run carries the running sums on
+    cut = tmp_path / "cut"
+    assert _train(cut, "optim.epochs=1", "split.signal=mean", "optim.collapse=off", "model.dropout=0",
+                  "ncr.noisy_start=1", method=method) == 0
+    cfg = (cut / "config.yaml").read_text().replace("  epochs: 1\n", "  epochs: 3\n")
+    (cut / "config.yaml").write_text(cfg)
+    assert main(["train", "--resume", "--out", str(cut)]) == 0
+    whole = tmp_path / "whole"
+    assert _train(whole, "optim.epochs=3", "split.signal=mean", "optim.collapse=off", "model.dropout=0",
+                  "ncr.noisy_start=1", method=method) == 0
+    for name in ("epoch_003.npz",):
+        a = np.load(whole / "splits" / name)
+        b = np.load(cut / "splits" / name)
+        assert np.array_equal(a["normalized"], b["normalized"]) and np.array_equal(a["subset"], b["subset"])
