@@ -1,0 +1,45 @@
+"""tools/split_signals.py and tools/embed_throughput.py on tiny inputs."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from fastncl.cli import main
+from fastncl.records import SplitFile
+
+from helpers import load_tool
+
+TINY = ["data.synthetic.train_images=16", "data.synthetic.dev_images=8", "data.synthetic.test_images=8",
+        "data.synthetic.feature_dim=8", "data.synthetic.regions=8", "data.synthetic.idiosyncratic_words=20",
+        "model.embed_dim=16", "model.word_dim=8", "optim.batch_size=16", "optim.warmup_epochs=1",
+        "optim.epochs=3", "runtime.progress=false", "runtime.threads=1"]
+
+
+def test_split_signals_scores_each_epoch_from_what_it_had_seen(tmp_path):
+    from sklearn.metrics import roc_auc_score
+
+    out = tmp_path / "run"
+    assert main(["train", "--method", "ncr", "--noise", "0.4", "--out", str(out), *TINY]) == 0
+    rows = load_tool("split_signals").run_signals(str(out))
+    files = sorted((out / "splits").glob("epoch_*.npz"))
+    assert [r["epoch"] for r in rows] == [int(f.stem.split("_")[1]) for f in files]
+    first = rows[0]
+    assert first["mean"] == first["ema"] == first["first"] == first["both"]  # one epoch seen
+    split = SplitFile.from_arrays(dict(np.load(files[-1])), "x")
+    want = np.mean([roc_auc_score(split.clean_mask, -loss) for loss in split.losses])
+    assert rows[-1]["loss"] == pytest.approx(want)
+    assert rows[-1]["prob"] == pytest.approx(np.mean([roc_auc_score(split.clean_mask, p) for p in split.clean_prob]))
+    assert all(0 <= r[s] <= 1 for r in rows for s in load_tool("split_signals").SIGNALS)
+
+
+def test_embed_throughput_draws_a_folder_and_reports(tmp_path, capsys):
+    tool = load_tool("embed_throughput")
+    table = tool.draw_folder(tmp_path / "folder", 24, (40, 30))
+    assert len(table.read_text().splitlines()) == 25
+    result = tool.run(table, tmp_path / "out", "patches", None, 1, 8, 1)
+    assert result["images"] == 24 and result["images_per_s"] > 0 and result["rank0_images"] == 24
+    assert result["decode_thread_s"] is not None and result["peak_rss_mib"] > 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["encoder"]["kind"] == "patches"
