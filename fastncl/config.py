@@ -146,7 +146,7 @@ class SplitConfig:
     clip_quantile: float = option(1.0, interval="(0, 1]")
     # what each model's mixture is fitted to: "loss", its per-pair division loss of this epoch (all
     # the codes), or "mean", its min-max normalised losses averaged over this run's split epochs so
-    # far (a pair the model has lately memorised keeps the higher losses of earlier epochs;
+    # far, clipped (clip_quantile) and normalised once more by the fit (a pair the model has lately memorised keeps the higher losses of earlier epochs;
     # tools/split_signals.py scores both offline from a run's split files)
     signal: str = option("loss", choices=("loss", "mean"))
 

@@ -369,7 +369,8 @@ class Trainer:
         record.time_eval = time.perf_counter() - t_train
         if splits is not None and self.cfg.optim.collapse != "off":
             record.collapse = self._collapse(dev["rsum"], splits, warnings)
-        improved = dev["rsum"] > self.best_rsum and record.collapse is None
+        # an epoch the guard undid or stopped at never becomes the best (under "warn" it may)
+        improved = dev["rsum"] > self.best_rsum and (record.collapse or {}).get("action", "none") == "none"
         if improved:
             self.best_rsum, self.best_epoch = dev["rsum"], epoch
         # committed in an order that a kill at any point resumes correctly: best.pt, then the metrics
@@ -393,10 +394,11 @@ class Trainer:
 
     def _signal(self, losses: list[np.ndarray]) -> list[np.ndarray]:
         """What each model's mixture is fitted to (split.signal): this epoch's losses, or their
-        normalised values averaged over the split epochs so far."""
+        min-max normalised values averaged over the split epochs so far (the fit then clips and
+        normalises the average as it would a loss)."""
         if self.cfg.split.signal == "loss":
             return losses
-        normalized = [normalize_losses(x, self.cfg.split.clip_quantile) for x in losses]
+        normalized = [normalize_losses(x) for x in losses]  # the fit clips (split.clip_quantile) the average once
         self.signal_sum = normalized if self.signal_sum is None else [a + b for a, b in zip(self.signal_sum, normalized)]
         self.signal_epochs += 1
         return [x / self.signal_epochs for x in self.signal_sum]
@@ -418,12 +420,18 @@ class Trainer:
         if not reasons:
             return None
         found = {"reasons": reasons, "action": "none"}
-        if o.collapse == "recover" and self.recoveries < o.collapse_max_recoveries and self.best_epoch >= 0:
+        if self.best_epoch < 0:  # warm-up 0 and the first epoch: no best epoch to go back to yet
+            said = "no earlier epoch to go back to; training goes on"
+        elif o.collapse == "recover" and self.recoveries < o.collapse_max_recoveries:
             state = self._load("best")
             for m, st in zip(self.models, state["models"]):
                 m.load_state_dict(st)
             for opt, st in zip(self.optims, state["optimizers"]):
                 opt.load_state_dict(st)
+            # split.signal=mean: the running losses as they were at the best epoch
+            self.signal_sum = None if state.get("signal_sum") is None else \
+                [x.numpy().astype(np.float64) for x in state["signal_sum"]]
+            self.signal_epochs = state.get("signal_epochs", 0)
             self.recoveries += 1
             self.lr_scale *= o.collapse_lr_factor
             found.update(action="recovered", restored_epoch=self.best_epoch, lr_scale=self.lr_scale,

@@ -104,3 +104,24 @@ def test_data_name_builds_once_into_the_cache(tmp_path, monkeypatch):
     assert len(calls) == 1 and (folder / "manifest.json").exists()
     assert first.name == second.name == "glyphs"
     assert np.array_equal(first.train.tokens, second.train.tokens)
+
+
+def test_an_interrupted_build_started_again_resumes(tmp_path, monkeypatch):
+    from fastncl.data import embed
+
+    real, calls = embed.finish, []
+
+    def killed(*args, **kwargs):  # every batch embedded, then the process dies before the folder is written
+        calls.append(1)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(embed, "finish", killed)
+    with pytest.raises(KeyboardInterrupt):
+        glyphs.build(tmp_path / "g", limit=30)
+    assert (tmp_path / "g.partial").exists() and not (tmp_path / "g").exists()
+    monkeypatch.setattr(embed, "finish", real)
+    out = glyphs.build(tmp_path / "g", limit=30)  # the same rows, the same fingerprint: it resumes
+    assert (out / "manifest.json").exists() and not (tmp_path / "g.partial").exists()
+    again = glyphs.build(tmp_path / "whole", limit=30)
+    for name in ("train_ims.npy", "dev_ims.npy", "test_ims.npy", "vocab.json"):
+        assert (out / name).read_bytes() == (again / name).read_bytes()

@@ -494,7 +494,8 @@ def _fixed_size(tmp_path):
 @pytest.mark.parametrize("case", ["no caption column", "garbage checkpoint", "no checkpoint", "checkpoint elsewhere",
                                   "model refuses the input", "open_clip not installed", "no such source",
                                   "one id, two images", "tokens from an image model", "std not positive",
-                                  "batch size 0", "missing image file"])
+                                  "batch size 0", "missing image file", "an unquoted comma", "image size 0",
+                                  "no such device", "cuda without cuda"])
 def test_bad_input_is_one_line_and_writes_nothing(inputs, tmp_path, capsys, monkeypatch, case):
     src, args, mentions = inputs["table"], [*TS, "--checkpoint", str(inputs["ckpt"])], []
     if case == "no caption column":
@@ -541,6 +542,21 @@ def test_bad_input_is_one_line_and_writes_nothing(inputs, tmp_path, capsys, monk
         write_table(src, table_rows(images))
         args += ["--on-bad-image", "error", "--dev-images", "2", "--test-images", "2"]
         mentions = [str(tmp_path / images[5].path), "no such image file", "1 missing"]
+    elif case == "an unquoted comma":  # the caption would be cut at the comma
+        src = tmp_path / "caps.csv"
+        src.write_text(f"image,caption\n{inputs['root']}/images/im000.png,a dog, running fast\n")
+        mentions = [f"{src}:2", "3 fields, the header has 2", "quote a caption"]
+    elif case == "image size 0":
+        args += ["--image-size", "0"]
+        mentions = ["--image-size 0", "at least 1"]
+    elif case == "no such device":
+        args += ["--device", "foo"]
+        mentions = ["--device foo", "not a device"]
+    elif case == "cuda without cuda":
+        if __import__("torch").cuda.is_available():
+            pytest.skip("this machine has a CUDA device")
+        args += ["--device", "cuda"]
+        mentions = ["--device cuda", "no CUDA device"]
     out = tmp_path / "out"
     assert_user_error(embed(src, out, *args), capsys, *mentions, out=out)
 

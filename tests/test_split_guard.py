@@ -163,3 +163,21 @@ def test_the_mean_signal_fits_the_average_of_the_normalised_losses(tmp_path, met
         a = np.load(whole / "splits" / name)
         b = np.load(cut / "splits" / name)
         assert np.array_equal(a["normalized"], b["normalized"]) and np.array_equal(a["subset"], b["subset"])
+
+
+def test_a_collapse_before_any_best_epoch_only_warns(tmp_path):
+    out = tmp_path / "run"  # no warm-up: the first epoch has no best epoch to go back to
+    assert _train(out, "optim.warmup_epochs=0", "optim.epochs=2", "optim.collapse_min_fraction=0.99") == 0
+    first, second = _records(out)
+    assert first["collapse"]["action"] == "none" and "no earlier epoch" in first["warnings"][-1]
+    assert second["collapse"]["action"] == "recovered"
+    assert json.loads((out / "results.json").read_text())["best_epoch"] == 0
+
+
+def test_under_warn_a_flagged_epoch_may_still_be_the_best(tmp_path):
+    out = tmp_path / "run"
+    assert _train(out, "optim.epochs=4", "optim.collapse_min_fraction=0.99", "optim.collapse=warn") == 0
+    records = _records(out)
+    assert all(r["collapse"]["action"] == "none" for r in records[1:])
+    best = max(range(len(records)), key=lambda i: (records[i]["dev"]["rsum"], -i))
+    assert json.loads((out / "results.json").read_text())["best_epoch"] == best

@@ -2,7 +2,7 @@
 
     python tools/embed_throughput.py --images 2000 --encoder patches [--procs 2] [--size 320x240]
     python tools/embed_throughput.py --images 256 --encoder vit-b32 [--procs 2]
-    python tools/embed_throughput.py --images 100000 --encoder patches --size 64x64 --rss
+    python tools/embed_throughput.py --images 100000 --encoder patches --size 64x64
 
 Draws a folder of synthetic JPEG photos-to-be (coloured shapes on a gradient, ``--size``) with a
 caption table once (cached in ``--work``), then runs ``fastncl data embed`` on it in a

@@ -29,6 +29,7 @@ import numpy as np
 from scipy.stats import rankdata
 from sklearn.metrics import roc_auc_score
 
+from fastncl.methods.mixture import normalize_losses
 from fastncl.records import SplitFile
 from fastncl.run import RunDir
 
@@ -53,7 +54,7 @@ def run_signals(run_dir: str, ema: float = 0.5) -> list[dict]:
         ranked = np.stack([_ranks(loss) for loss in split.losses])  # (2, N), high = noisy-looking
         both = ranked.mean(axis=0)
         history.append(both)
-        own.append(split.normalized.astype(np.float64))
+        own.append(np.stack([normalize_losses(loss) for loss in split.losses]))  # what signal=mean averages
         smooth = both if smooth is None else ema * both + (1 - ema) * smooth
         scores = {
             "loss": np.mean([roc_auc_score(clean, -loss) for loss in split.losses]),

@@ -69,8 +69,11 @@ def embed_rendered(out: Path, records: list, *, version: int, name: str, package
     from .embed import EmbedOptions, embed
     from .sources import ImageRef, Item, Source
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    pngs = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".png.tmp"))
+    # a fixed folder beside OUT: the rows name these files, so that a killed build, started again,
+    # has the same fingerprint and resumes (fastncl.data.embed)
+    pngs = out.with_name(f".{out.name}.png")
+    shutil.rmtree(pngs, ignore_errors=True)
+    pngs.mkdir(parents=True)
     try:
         items = []
         for image_id, image, captions, split in records:

@@ -367,6 +367,8 @@ def _write_final_array(src: Path, dst: Path, keep: np.ndarray, dtype: str, stats
             if stats is not None:
                 chunk = (chunk - stats[0]) / stats[1]
             chunk = np.ascontiguousarray(chunk.astype(dtype))
+            if not np.isfinite(chunk).all():  # standardised values beyond float16's range
+                raise FastnclError(f"{dst.name}: standardised vectors exceed {dtype}'s range: use --dtype float32")
             g.seek(out_offset + written)
             g.write(chunk.tobytes())
             written += chunk.nbytes
@@ -541,6 +543,7 @@ def embed(src: str | Path | None, out: str | Path, options: EmbedOptions | None 
         all_batches = batches(plan, o.batch_size)
         fingerprint = {
             "format": FORMAT, "encoder": describe, "dtype": work_dtype, "row_shape": list(row_shape),
+            "device": str(getattr(encoder, "device", "cpu")).split(":")[0],  # CPU and GPU arithmetic differ
             "batch_size": o.batch_size, "captions_per_image": plan.captions_per_image,
             "rows_sha256": _rows_digest(plan),
         }

@@ -35,6 +35,7 @@ import numpy as np
 
 from fastncl import FastnclError, optional_import
 
+from .builtin import limited_sizes
 from .encoders import GRID
 
 # bump when the features or captions change: the cache folder is emoji-v{VERSION}. Built through
@@ -124,10 +125,8 @@ def _entries(emoji_data, assets: Path) -> list[dict]:
 def _assign_splits(groups: list[dict], limit: int | None) -> dict[str, list[dict]]:
     """Base emoji (with all their variants) shuffled with a fixed seed; test, then dev, then train."""
     order = np.random.default_rng(SEED).permutation(len(groups))
-    sizes = dict(SPLIT_IMAGES)
-    if limit is not None:  # a small build: the splits keep their proportions
-        total = sum(len(g["variants"]) for g in groups)
-        sizes = {s: max(2, round(limit * n / total)) for s, n in SPLIT_IMAGES.items()}
+    # a small build (limit): the splits keep their proportions
+    sizes = limited_sizes(limit, sum(len(g["variants"]) for g in groups), **SPLIT_IMAGES)
     out = {"test": [], "dev": [], "train": []}
     counts = dict.fromkeys(out, 0)
     for i in order:

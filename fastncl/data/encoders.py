@@ -225,7 +225,12 @@ class _TorchEncoder(Encoder):
             raise FastnclError(f"--mean/--std: three values each, std > 0 (got {self.mean}, {self.std})")
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        try:
+            self.device = torch.device(device)
+        except (RuntimeError, ValueError):
+            raise FastnclError(f"--device {device}: not a device (auto, cpu, cuda or cuda:N)") from None
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise FastnclError(f"--device {device}: this machine has no CUDA device")
 
     def preprocess(self, im):
         return clip_pixels(im, self.size, self.mean, self.std)
@@ -402,6 +407,8 @@ def build_encoder(kind: str, *, checkpoint: str | None = None, granularity: str 
     """The encoder ``kind`` from local files, or a one-line FastnclError."""
     if kind not in KINDS:
         raise FastnclError(f"--encoder {kind}: one of {', '.join(KINDS)}")
+    if image_size is not None and image_size < 1:
+        raise FastnclError(f"--image-size {image_size}: at least 1 pixel")
     if granularity is not None and granularity not in GRANULARITIES:
         raise FastnclError(f"--granularity {granularity}: one of {', '.join(GRANULARITIES)}")
     if kind == "patches":

@@ -21,7 +21,7 @@ import numpy as np
 
 from fastncl import FastnclError, optional_import
 
-from .builtin import embed_rendered
+from .builtin import embed_rendered, limited_sizes
 
 CREDIT = "Phosphor Icons by Helena Zhang and Tobias Fried, MIT"  # the line `fastncl data` ends with
 VERSION = 1
@@ -63,11 +63,12 @@ def icons(limit: int | None = None) -> list:
     root = Path(phosphor.__file__).parent
     meta = json.loads((root / "search" / "metadata.json").read_text(encoding="utf-8"))
     meta = sorted(meta, key=lambda m: m["name"])
+    total = len(meta)
     if limit is not None:  # a small build (tests): every k-th icon
         meta = meta[:: max(1, len(meta) // max(1, limit // len(WEIGHTS)))]
     # icons ordered by the SHA-256 of their name: test, dev, then train
     order = {m["name"]: i for i, m in enumerate(sorted(meta, key=lambda m: hashlib.sha256(m["name"].encode()).digest()))}
-    sizes = SPLIT_ICONS if limit is None else {s: max(2, round(n * len(meta) / 1512)) for s, n in SPLIT_ICONS.items()}
+    sizes = limited_sizes(None if limit is None else len(meta), total, **SPLIT_ICONS)
     rng = np.random.default_rng(SEED)
     out = []
     for m in meta:

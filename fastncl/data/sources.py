@@ -188,8 +188,9 @@ def _table_rows(path: Path, columns: dict):
         n = reader.line_num  # the row's last line
         if not any(cell.strip() for cell in row):
             continue
-        if len(row) < len(header):
-            raise FastnclError(f"{path}:{n}: {len(row)} fields, the header has {len(header)}")
+        if len(row) != len(header):  # more: an unquoted delimiter inside a caption would cut it short
+            raise FastnclError(f"{path}:{n}: {len(row)} fields, the header has {len(header)}"
+                               + (" (quote a caption that holds the delimiter)" if len(row) > len(header) else ""))
         rows += 1
         cell = {role: row[i] if i is not None else None for role, i in index.items()}
         yield n, cell["image"], [cell["caption"]], cell["image_id"], cell["split"]
@@ -269,7 +270,7 @@ def _read_shards(shards: list[Path]) -> Source:
                     captions = found if isinstance(found, list) else [found]
             if ".txt" in sample:
                 try:
-                    captions += sample[".txt"].decode("utf-8").splitlines()
+                    captions += sample[".txt"].decode("utf-8").split("\n")  # not splitlines: U+2028 is no line end
                 except UnicodeDecodeError as e:
                     raise FastnclError(f"{where}.txt: not UTF-8 text (byte {e.start})") from None
             captions = [c for c in captions if c is not None and clean_caption(c)]
