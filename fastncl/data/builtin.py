@@ -31,6 +31,14 @@ def module(name: str):
     return importlib.import_module(SETS[name])
 
 
+def packages(set_name: str, hint: str, *names: str) -> list:
+    """The modules ``names`` a set's build needs, or a one-line FastnclError naming the first
+    missing one and what to install (``hint``)."""
+    from fastncl import optional_import
+
+    return [optional_import(n, f"the {set_name} data needs the package {n.split('.')[0]}: {hint}") for n in names]
+
+
 def cache_root() -> Path:
     """$FASTNCL_CACHE, else $XDG_CACHE_HOME/fastncl, else ~/.cache/fastncl."""
     if os.environ.get("FASTNCL_CACHE"):

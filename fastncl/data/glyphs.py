@@ -19,9 +19,9 @@ from __future__ import annotations
 import unicodedata
 from pathlib import Path
 
-from fastncl import FastnclError, optional_import
+from fastncl import FastnclError
 
-from .builtin import embed_rendered, limited_sizes
+from .builtin import embed_rendered, limited_sizes, packages
 
 CREDIT = "DejaVu Sans glyphs, Bitstream Vera licence; Unicode character names"  # the line `fastncl data` ends with
 VERSION = 1
@@ -39,15 +39,9 @@ read through Python's unicodedata.
 """
 
 
-def _import(name: str):
-    return optional_import(name, f"the glyphs data needs the package {name.split('.')[0]}: {INSTALL_HINT}")
-
-
 def require():
-    matplotlib = _import("matplotlib")
-    _import("fontTools.ttLib")
-    _import("PIL.ImageFont")
-    return matplotlib
+    """Its packages, or a one-line FastnclError naming the extra to install."""
+    return packages("glyphs", INSTALL_HINT, "matplotlib", "fontTools.ttLib", "PIL.ImageFont")[0]
 
 
 def glyphs() -> list[tuple[str, object, list[str], None]]:

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fastncl import FastnclError, optional_import
+from fastncl import FastnclError
 
-from .builtin import embed_rendered, limited_sizes
+from .builtin import embed_rendered, limited_sizes, packages
 
 CREDIT = "Phosphor Icons by Helena Zhang and Tobias Fried, MIT"  # the line `fastncl data` ends with
 VERSION = 1
@@ -37,14 +37,9 @@ Captions are assembled from the icons' names, tags and categories in its metadat
 """
 
 
-def _import(name: str):
-    return optional_import(name, f"the icons data needs the package {name.split('.')[0]}: {INSTALL_HINT}")
-
-
 def require():
-    phosphor, resvg = _import("py_phosphor_icons"), _import("resvg_py")
-    _import("PIL.Image")
-    return phosphor, resvg
+    """Its packages, or a one-line FastnclError naming the extra to install."""
+    return packages("icons", INSTALL_HINT, "py_phosphor_icons", "resvg_py", "PIL.Image")[:2]
 
 
 def _words(name: str) -> str:
