@@ -120,6 +120,11 @@ class OptimConfig:
     grad_clip: float = 2.0  # all official codes
     # None: the method's own default (its ``warmup_epochs``; SPS code: 5, ESC paper: 10)
     warmup_epochs: int | None = option(None, **NON_NEGATIVE)
+    # "fixed": warmup_epochs of warm-up (the papers); "plateau": at least warmup_epochs, then until an
+    # epoch's dev RSum does not beat the best so far, at most warmup_max_epochs (the warm-up ends on
+    # evidence rather than on a count chosen for one data set)
+    warmup: str = option("fixed", choices=("fixed", "plateau"))
+    warmup_max_epochs: int = option(10, **NON_NEGATIVE)
     fill_epoch: bool = True  # an epoch trains on at least N pairs, cycling small subsets (official: one
     # pass over the primary subset, so a tiny reliable set gives SPS a tiny epoch)
     epochs: int = option(12, **NON_NEGATIVE)  # co-training epochs after warm-up (papers: 40 on F30K)

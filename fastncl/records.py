@@ -85,6 +85,7 @@ class EpochRecord:
     active_subsets: list[str] | None = None
     warnings: list[str] = field(default_factory=list)
     collapse: dict | None = None  # the collapse guard's finding and action (optim.collapse)
+    notes: list[str] = field(default_factory=list)  # events that are no warning (a plateau warm-up's end)
     time: float = 0.0
     time_split: float | None = None
     time_fit: float | None = None
@@ -94,7 +95,7 @@ class EpochRecord:
         out = {"format": FORMAT}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if value is None or (f.name == "warnings" and not value):
+            if value is None or (f.name in ("warnings", "notes") and not value):
                 continue
             out[f.name] = value.to_json() if isinstance(value, SplitQuality) else value
         return out
@@ -125,6 +126,8 @@ class EpochRecord:
             sizes = s.models[0].subsets if s.models else {}
             msg += " | " + " ".join(f"{name} {v.size}" for name, v in sizes.items())
         msg += f" | {self.time:.1f}s"
+        if self.notes:
+            msg += " | " + "; ".join(self.notes)
         if self.warnings:
             msg += " | warning: " + "; ".join(self.warnings)
         return msg

@@ -104,6 +104,8 @@ class Trainer:
         self.lr_scale, self.recoveries, self.stopped = 1.0, 0, False
         # split.signal=mean: each model's normalised split losses summed over the split epochs so far
         self.signal_sum, self.signal_epochs = None, 0
+        # the warm-up's length: optim.warmup_epochs, or (optim.warmup=plateau) None until dev RSum stops rising
+        self.warmup_end = cfg.optim.warmup_epochs if cfg.optim.warmup == "fixed" else None
         if not fresh:
             self._restore()
         elif self.main:  # a new run, or a resumed one whose first epoch never finished: from the start
@@ -147,6 +149,7 @@ class Trainer:
             "stopped": bool(self.stopped),
             "signal_sum": None if self.signal_sum is None else [torch.from_numpy(x) for x in self.signal_sum],
             "signal_epochs": int(self.signal_epochs),
+            "warmup_end": self.warmup_end,
         }
 
     def _load(self, name: str) -> dict:
@@ -172,6 +175,7 @@ class Trainer:
         if state.get("signal_sum") is not None:
             self.signal_sum = [x.numpy().astype(np.float64) for x in state["signal_sum"]]
         self.signal_epochs = state.get("signal_epochs", 0)
+        self.warmup_end = state.get("warmup_end", self.cfg.optim.warmup_epochs)
         self.last_split = SplitQuality.from_json(state["last_split"]) if state.get("last_split") else None
         self.start_epoch = state["epoch"] + 1
         if self.main:
@@ -199,9 +203,14 @@ class Trainer:
                                f"{self.run.file('config.yaml')}: " + "; ".join(diffs[:3]) + more)
 
     # -- pieces of an epoch ----------------------------------------------------------------
+    def _total(self) -> int:
+        """Warm-up and co-training epochs (while a plateau warm-up runs: with its longest warm-up)."""
+        o = self.cfg.optim
+        return (self.warmup_end if self.warmup_end is not None else max(o.warmup_max_epochs, o.warmup_epochs)) + o.epochs
+
     def _set_lr(self, epoch: int) -> float:
         o = self.cfg.optim
-        co_epoch = max(epoch - o.warmup_epochs, 0)
+        co_epoch = max(epoch - (epoch if self.warmup_end is None else self.warmup_end), 0)
         lr = o.lr * (0.1 ** (co_epoch // o.lr_step) if o.lr_step else 1.0) * self.lr_scale
         for opt in self.optims:
             for group in opt.param_groups:
@@ -286,17 +295,17 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------
     def fit(self) -> dict:
-        cfg, o = self.cfg, self.cfg.optim
-        total = o.warmup_epochs + o.epochs
+        cfg = self.cfg
         n = self.data.train.num_captions
         noise = f"noise {self.noise_rate:g}" + (f" (measured, {cfg.data.noise_file})" if cfg.data.noise_file else "")
         log.info(f"fastncl {cfg.method}: {self.data.name} data, {n} training pairs, {noise}, "
                  f"seed {cfg.seed}, device {self.device}, {self.precision.name}; run folder {self.run.path}")
-        for epoch in range(self.start_epoch, total):
-            if self.stopped:  # the collapse guard stopped the run (optim.collapse)
-                break
+        epoch = self.start_epoch
+        # the collapse guard may stop the run (optim.collapse); a plateau warm-up fixes the total as it ends
+        while not self.stopped and epoch < self._total():
             with nvtx_range(f"epoch {epoch}"):
-                self._epoch(epoch, total)
+                self._epoch(epoch, self._total())
+            epoch += 1
         return self.finish()
 
     def _epoch(self, epoch: int, total: int) -> None:
@@ -306,8 +315,8 @@ class Trainer:
             seed = np.random.SeedSequence([self.cfg.seed, epoch, distributed.rank()]).generate_state(1)[0]
             torch.manual_seed(int(seed))
         lr = self._set_lr(epoch)
-        warmup = epoch < o.warmup_epochs
-        co_epoch = None if warmup else epoch - o.warmup_epochs
+        warmup = self.warmup_end is None or epoch < self.warmup_end
+        co_epoch = None if warmup else epoch - self.warmup_end
         record = EpochRecord(epoch, "warmup" if warmup else "train", lr)
         all_pairs = {"all": np.arange(self.data.train.num_captions)}
         losses, split_file, warnings, splits = {}, None, [], None
@@ -373,6 +382,11 @@ class Trainer:
         improved = dev["rsum"] > self.best_rsum and (record.collapse or {}).get("action", "none") == "none"
         if improved:
             self.best_rsum, self.best_epoch = dev["rsum"], epoch
+        if warmup and self.warmup_end is None and epoch + 1 >= o.warmup_epochs \
+                and (not improved or epoch + 1 >= o.warmup_max_epochs):
+            self.warmup_end = epoch + 1  # optim.warmup=plateau: dev RSum stopped rising, or the cap
+            record.notes.append(f"warm-up ends after epoch {epoch + 1} "
+                                + ("(the cap, optim.warmup_max_epochs)" if improved else "(dev rsum stopped rising)"))
         # committed in an order that a kill at any point resumes correctly: best.pt, then the metrics
         # line, then last.pt (a resume restarts from last.pt, drops later metrics lines and redoes
         # the epoch, writing the same best.pt again)

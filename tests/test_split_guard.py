@@ -181,3 +181,43 @@ def test_under_warn_a_flagged_epoch_may_still_be_the_best(tmp_path):
     assert all(r["collapse"]["action"] == "none" for r in records[1:])
     best = max(range(len(records)), key=lambda i: (records[i]["dev"]["rsum"], -i))
     assert json.loads((out / "results.json").read_text())["best_epoch"] == best
+
+
+def test_a_plateau_warm_up_ends_when_dev_rsum_stops_rising(tmp_path):
+    out = tmp_path / "run"
+    assert _train(out, "optim.warmup=plateau", "optim.warmup_max_epochs=6", "optim.epochs=2", "optim.collapse=off") == 0
+    records = _records(out)
+    warm = [r for r in records if r["phase"] == "warmup"]
+    assert [r["phase"] for r in records] == ["warmup"] * len(warm) + ["train"] * 2  # then the co-training epochs
+    best = -1.0
+    for i, r in enumerate(warm):  # every warm-up epoch but the last improved on the best so far
+        rsum = r["dev"]["rsum"]
+        if i < len(warm) - 1:
+            assert rsum > best
+        best = max(best, rsum)
+    last = warm[-1]
+    assert len(warm) == 6 or last["dev"]["rsum"] <= max(r["dev"]["rsum"] for r in warm[:-1])
+    assert any(n.startswith(f"warm-up ends after epoch {len(warm)}") for n in last["notes"])
+    assert records[len(warm)]["lr"] == pytest.approx(records[0]["lr"])  # the schedule counts from the warm-up's end
+
+
+def test_a_plateau_warm_up_stops_at_its_cap_and_resumes(tmp_path):
+    capped = tmp_path / "capped"
+    assert _train(capped, "optim.warmup=plateau", "optim.warmup_max_epochs=1", "optim.epochs=1") == 0
+    records = _records(capped)
+    assert [r["phase"] for r in records] == ["warmup", "train"] and "the cap" in records[0]["notes"][0]
+    last = torch.load(capped / "checkpoints" / "last.pt", weights_only=True)
+    assert last["warmup_end"] == 1
+    # a resumed run keeps the warm-up's end it found
+    cut = tmp_path / "cut"
+    args = ("optim.warmup=plateau", "optim.warmup_max_epochs=8", "model.dropout=0", "optim.collapse=off",
+            "ncr.noisy_start=1")
+    assert _train(cut, "optim.epochs=0", *args) == 0
+    ended = torch.load(cut / "checkpoints" / "last.pt", weights_only=True)["warmup_end"]
+    assert ended is not None
+    cfg = (cut / "config.yaml").read_text().replace("  epochs: 0\n", "  epochs: 2\n")
+    (cut / "config.yaml").write_text(cfg)
+    assert main(["train", "--resume", "--out", str(cut)]) == 0
+    whole = tmp_path / "whole"
+    assert _train(whole, "optim.epochs=2", *args) == 0
+    assert [r["dev"]["rsum"] for r in _records(whole)] == [r["dev"]["rsum"] for r in _records(cut)]
