@@ -89,20 +89,23 @@ def test_missing_packages_name_the_extra(tmp_path, capsys, monkeypatch, name, mi
     assert not (tmp_path / "out").exists()
 
 
-def test_data_name_builds_once_into_the_cache(tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", sorted(builtin.SETS))
+def test_data_name_builds_once_into_the_cache(tmp_path, monkeypatch, name):
     monkeypatch.setenv("FASTNCL_CACHE", str(tmp_path / "cache"))
-    calls, real = [], glyphs.build
+    data_set = builtin.module(name)
+    calls, real = [], data_set.build
 
-    def small(out, limit=None):
+    def small(out, limit=None):  # a full set takes 10-15 s: build a small one in its place
         calls.append(out)
         return real(out, limit=40)
 
-    monkeypatch.setattr(glyphs, "build", small)
-    first = load_dataset(DataConfig(source="glyphs"))
-    second = load_dataset(DataConfig(source="glyphs"))
-    folder = tmp_path / "cache" / f"glyphs-v{glyphs.VERSION}"
-    assert len(calls) == 1 and (folder / "manifest.json").exists()
-    assert first.name == second.name == "glyphs"
+    monkeypatch.setattr(data_set, "build", small)
+    first = load_dataset(DataConfig(source=name))
+    second = load_dataset(DataConfig(source=name))
+    folder = tmp_path / "cache" / f"{name}-v{data_set.VERSION}"
+    assert len(calls) == 1 and calls[0].parent.parent == folder.parent  # built beside it, then renamed
+    assert (folder / "manifest.json").exists() and [p.name for p in folder.parent.iterdir()] == [folder.name]
+    assert first.name == second.name == name
     assert np.array_equal(first.train.tokens, second.train.tokens)
 
 

@@ -11,8 +11,7 @@ import pytest
 
 from fastncl import FastnclError
 from fastncl.cli import main
-from fastncl.config import DataConfig
-from fastncl.data import builtin, emoji, encoders, load_dataset
+from fastncl.data import builtin, emoji, encoders
 from fastncl.data.precomp import load_precomp
 
 LIMIT = 60  # images: a few seconds to build
@@ -103,24 +102,6 @@ def test_missing_packages_name_the_extra(tmp_path, capsys, monkeypatch, missing)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install 'fastncl[demo]'" in err
     assert not (tmp_path / "out").exists()
-
-
-def test_data_emoji_builds_once_into_the_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FASTNCL_CACHE", str(tmp_path / "cache"))
-    calls, real = [], emoji.build
-
-    def small(out, limit=None):  # the full set takes ~15 s: build a small one in its place
-        calls.append(out)
-        return real(out, limit=40)
-
-    monkeypatch.setattr(emoji, "build", small)
-    first = load_dataset(DataConfig(source="emoji"))
-    second = load_dataset(DataConfig(source="emoji"))
-    folder = tmp_path / "cache" / f"emoji-v{emoji.VERSION}"
-    assert len(calls) == 1 and calls[0].parent.parent == folder.parent  # built beside it, then renamed
-    assert (folder / "manifest.json").exists() and [p.name for p in folder.parent.iterdir()] == [folder.name]
-    assert first.name == second.name == "emoji"
-    assert np.array_equal(first.train.tokens, second.train.tokens)
 
 
 def test_cache_root_follows_the_environment(monkeypatch, tmp_path):
