@@ -10,7 +10,7 @@ encoder (``fastncl.data.embed``): one code path for every image folder.
   captioned with its Unicode name (one fine-grained caption per image: "latin small letter a
   with acute" against "... with grave"; 5,133 images);
 * ``icons``: Phosphor icons in two weights (outline and filled), 3 captions per image from the
-  icon's name, tags and category (3,024 images).
+  icon's name, tags and category (2,000 images of 1,000 icons).
 
 ``--data NAME`` builds a set once into ``cache_root()/NAME-vVERSION``; ``fastncl data NAME OUT``
 builds it into OUT.
