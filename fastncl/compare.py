@@ -41,7 +41,8 @@ def seed_group_key(cfg: dict) -> str:
 
 
 def compare_rows(run_dirs: list[str]) -> list[dict]:
-    """One row per finished run: COMPARE_COLUMNS, and ``group`` (seed_group_key of its config)."""
+    """One row per finished run: COMPARE_COLUMNS, ``dev_rsum`` (the best epoch's, by which its checkpoint
+    was chosen) and ``group`` (seed_group_key of its config)."""
     rows = []
     for run_dir in run_dirs:
         run = RunDir.open(run_dir)
@@ -56,6 +57,7 @@ def compare_rows(run_dirs: list[str]) -> list[dict]:
                "backbone": cfg.get("model", {}).get("backbone", "?"), "data": results.get("data", "?"),
                **{k: results["test"][k] for k in (*KEYS, "rsum")},
                "split_auc": split.get("auc"), "split_f1": split.get("f1"), "best_epoch": results["best_epoch"] + 1,
+               "dev_rsum": results["dev_rsum"],
                "time_s": sum(r.time for r in run.read_metrics()), "group": seed_group_key(cfg)}
         rows.append(row)
     return rows

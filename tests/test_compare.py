@@ -49,7 +49,8 @@ def fabricate(folder: Path, method: str = "sps", noise: float = 0.4, seed: int =
     (folder / "config.yaml").write_text(dump_yaml(cfg))
     split = None if values["split_auc"] is None else {"auc": values["split_auc"], "f1": values["split_f1"]}
     results = {"method": method, "preset": None, "noise": noise, "noise_file": None, "seed": seed,
-               "data": cfg.data.source, "best_epoch": 2, "dev_rsum": 123.0,
+               "data": cfg.data.source, "best_epoch": 2,
+               "dev_rsum": values.get("dev_rsum", 123.0),
                "test": {k: values[k] for k in (*KEYS, "rsum")}, "split": split}
     (folder / "results.json").write_text(json.dumps(results, indent=2))
     times = [values["time_s"] / 4, values["time_s"] * 3 / 4]  # two epochs
@@ -251,3 +252,55 @@ def test_noise_table_reruns_unfinished_runs_and_reports_failures(tmp_path, monke
     assert "1 of 3 runs failed" in err
     # the finished runs' table is still written, with the seeds it has
     assert [r[:3] for r in md_rows((out / "table.md").read_text())] == [["40%", "sps", "2"]]
+
+
+# ---------------------------------------------------------------------------------------------
+# tools/loo_table.py
+
+loo_table = load_tool("loo_table")
+
+
+def test_loo_table_chooses_each_held_out_set_s_setting_on_the_others_dev(tmp_path, capsys):
+    """SPS's dev RSum over vanilla's: candidate x wins on set c by far, y on a and b: held out a or
+    b, x is chosen (c's margin); held out c, y (a's and b's). The test numbers never choose."""
+    dev = {("a", "x"): 110, ("a", "y"): 130, ("b", "x"): 110, ("b", "y"): 120, ("c", "x"): 200, ("c", "y"): 100}
+    test = {("a", "x"): 150, ("a", "y"): 900, ("b", "x"): 160, ("b", "y"): 900, ("c", "x"): 900, ("c", "y"): 250}
+
+    def values(rsum, dev_rsum, auc=None):
+        return {**{k: 1.0 for k in KEYS}, "rsum": float(rsum), "dev_rsum": float(dev_rsum), "time_s": 10.0,
+                "split_auc": auc, "split_f1": None if auc is None else 0.5}
+
+    specs = []
+    for data in "abc":
+        for cand, extra in (("x", ()), ("y", ("optim.warmup=plateau",))):
+            folder = tmp_path / f"{data}-{cand}"
+            for seed in (0, 1):
+                fabricate(folder / f"sps-{seed}", "sps", 0.6, seed, extra, values(test[data, cand], dev[data, cand], 0.8))
+                if cand == "x":
+                    fabricate(folder / f"vanilla-{seed}", "vanilla", 0.6, seed, values=values(200, 100))
+                    fabricate(folder / f"clean-{seed}", "vanilla", 0.0, seed, values=values(300, 150))
+            specs += ["--runs", f"{data}:{cand}={folder}"]
+    cells = loo_table.read_cells(loo_table.parse_runs(None, specs[1::2]))
+    assert loo_table.scores(cells, "sps", "c") == pytest.approx({"x": 1.1, "y": 1.25})
+    assert loo_table.scores(cells, "sps", "a") == pytest.approx({"x": 1.55, "y": 1.1})
+    assert loo_table.main([*specs, "--out", str(tmp_path / "loo.md")]) == 0
+    text = capsys.readouterr().out
+    assert (tmp_path / "loo.md").read_text() == text
+    rows = {}
+    for block in text.split("### ")[1:4]:
+        name = block.split(",")[0]
+        rows[name] = [r for r in md_rows("\n".join(block.splitlines()[2:])) if r[1] == "sps"][0]
+    assert rows["a"][2] == "**x** 1.550, y 1.100" and rows["a"][4] == "**150.0 ± 0.0**" and rows["a"][5] == "-50.0"
+    assert rows["b"][2].startswith("**x**") and rows["b"][4] == "**160.0 ± 0.0**"
+    assert rows["c"][2] == "x 1.100, **y** 1.250" and rows["c"][4] == "**250.0 ± 0.0**"
+    assert rows["c"][5] == "+50.0" and rows["c"][6] == "50%" and rows["c"][8] == "0, 0"
+    assert "(clean vanilla 300.0 ± 0.0)" in text
+
+
+def test_loo_table_bad_runs_option(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        loo_table.main(["--runs", "glyphs=runs/x"])
+    assert e.value.code == 2 and "expected SET:CANDIDATE=DIR" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        loo_table.main(["--runs", f"glyphs:fixed={tmp_path / 'missing'}"])
+    assert e.value.code == 2 and "missing: not a folder" in capsys.readouterr().err
