@@ -281,8 +281,8 @@ def test_loo_table_chooses_each_held_out_set_s_setting_on_the_others_dev(tmp_pat
                     fabricate(folder / f"clean-{seed}", "vanilla", 0.0, seed, values=values(300, 150))
             specs += ["--runs", f"{data}:{cand}={folder}"]
     cells = loo_table.read_cells(loo_table.parse_runs(None, specs[1::2]))
-    assert loo_table.scores(cells, "sps", "c") == pytest.approx({"x": 1.1, "y": 1.25})
-    assert loo_table.scores(cells, "sps", "a") == pytest.approx({"x": 1.55, "y": 1.1})
+    assert loo_table.scores(cells, "sps", "c", "x") == pytest.approx({"x": 1.1, "y": 1.25})
+    assert loo_table.scores(cells, "sps", "a", "x") == pytest.approx({"x": 1.55, "y": 1.1})
     assert loo_table.main([*specs, "--out", str(tmp_path / "loo.md")]) == 0
     text = capsys.readouterr().out
     assert (tmp_path / "loo.md").read_text() == text

@@ -7,17 +7,18 @@
 
 Each ``--runs SET:CANDIDATE=DIR`` names a folder of `tools/noise_table.py` runs (its sub-folders
 holding a results.json) on data set SET with the candidate setting CANDIDATE (the overrides the
-folder's runs were given). Vanilla's runs belong to no candidate (the candidates change what it
-does not use: the warm-up, the split): they are read from every folder of their set.
+folder's runs were given). Vanilla is a method like the others (the candidates may change its
+schedule); its runs without noise, read from any folder of their set, are the clean reference.
 
 For each method and each held-out set S, the candidate chosen without S is the one with the
 highest score on the other sets: the mean, over every other set T and noise rate, of the method's
 dev RSum (the best epoch's, by which the checkpoint is chosen; mean over seeds) divided by
-vanilla's on T at that rate. Only candidates run on every other set compete, and test numbers never
-enter a choice. The held-out set's row is then the chosen candidate's runs on S: test RSum
-(mean ± sample std over seeds), its gain over vanilla, the fraction of what the noise costs vanilla
-that it wins back (with vanilla's clean runs, noise 0, in one of the set's folders), the split AUC
-of the last epoch, and how often the collapse guard fired (epochs, in how many runs).
+vanilla's on T at that rate under the reference candidate (--reference: the first one named).
+Only candidates run on every other set compete, and test numbers never enter a choice. The
+held-out set's row is then the chosen candidate's runs on S: test RSum (mean ± sample std over
+seeds), its gain over vanilla's row (vanilla with its own choice), the fraction of what the noise
+costs vanilla that it wins back (clean vanilla minus noisy vanilla), the split AUC of the last
+epoch, and how often the collapse guard fired (epochs, in how many runs).
 """
 from __future__ import annotations
 
@@ -53,64 +54,66 @@ def guard_fired(run_dir: str) -> int:
 
 
 def read_cells(runs: list[tuple[str, str, Path]]) -> dict:
-    """{(set, candidate or None, method, noise): aggregate_seeds row, with ``guard`` (epochs) and
-    ``guard_runs``}: vanilla's cells under candidate None."""
-    cells, seen = {}, set()
+    """{(set, candidate, method, noise): aggregate_seeds row, with ``dev_rsum`` (mean over the seeds),
+    ``guard`` (epochs the collapse guard fired in) and ``guard_runs``}."""
+    cells = {}
     for data, candidate, folder in runs:
         dirs = sorted(str(d) for d in folder.iterdir() if (d / "results.json").exists())
         rows = [r | {"dir": d} for r, d in zip(compare_rows(dirs), dirs)]
         for group in seed_groups(rows):
-            method, noise = group[0]["method"], group[0]["noise"]
-            key = (data, None if method == BASELINE else candidate, method, noise)
+            key = (data, candidate, group[0]["method"], group[0]["noise"])
             if key in cells:
-                if method == BASELINE and {r["dir"] for r in group} <= seen:
-                    continue
-                raise SystemExit(f"loo_table: {method} at noise {noise:g} on {data} under {candidate}: more than one "
+                raise SystemExit(f"loo_table: {key[2]} at noise {key[3]:g} on {data} under {candidate}: more than one "
                                  "config in its folders (runs that differ beyond the seed)")
-            seen |= {r["dir"] for r in group}
             fired = [guard_fired(r["dir"]) for r in group]
             cells[key] = aggregate_seeds(group) | {"dev_rsum": float(np.mean([r["dev_rsum"] for r in group])),
                                                    "guard": sum(fired), "guard_runs": sum(1 for f in fired if f)}
     return cells
 
 
-def scores(cells: dict, method: str, held_out: str) -> dict[str, float]:
+def clean_reference(cells: dict, data: str) -> dict | None:
+    """Vanilla without noise on ``data`` (from whichever candidate's folder holds it)."""
+    return next((row for (d, _, m, n), row in cells.items() if (d, m, n) == (data, BASELINE, 0.0)), None)
+
+
+def scores(cells: dict, method: str, held_out: str, reference: str) -> dict[str, float]:
     """Each candidate's score for ``method`` on the sets other than ``held_out`` (see the module's doc);
-    only candidates with runs on every other set that has runs of the method."""
-    others = sorted({d for d, c, m, _ in cells if m == method and d != held_out})
+    only candidates with runs on every other set that has noisy runs of the method."""
+    noisy = {k: v for k, v in cells.items() if k[3] > 0}
+    others = sorted({d for d, c, m, _ in noisy if m == method and d != held_out})
     out = {}
-    for cand in sorted({c for d, c, m, _ in cells if m == method and c is not None}):
+    for cand in sorted({c for d, c, m, _ in noisy if m == method}):
         ratios, complete = [], True
         for data in others:
-            rates = [n for d, c, m, n in cells if (d, c, m) == (data, cand, method)]
+            rates = [n for d, c, m, n in noisy if (d, c, m) == (data, cand, method)]
             if not rates:
                 complete = False
                 break
             for noise in rates:
-                base = cells.get((data, None, BASELINE, noise))
+                base = cells.get((data, reference, BASELINE, noise))
                 if base is None:
-                    raise SystemExit(f"loo_table: no {BASELINE} runs on {data} at noise {noise:g} to score {method}")
+                    raise SystemExit(f"loo_table: no {BASELINE} runs on {data} at noise {noise:g} under {reference} "
+                                     f"to score {method}")
                 ratios.append(cells[(data, cand, method, noise)]["dev_rsum"] / base["dev_rsum"])
         if complete and ratios:
             out[cand] = float(np.mean(ratios))
     return out
 
 
-def held_out_table(cells: dict, held_out: str) -> str:
-    methods = list(dict.fromkeys(m for d, c, m, _ in cells if d == held_out and c is not None))
+def held_out_table(cells: dict, held_out: str, reference: str) -> str:
+    methods = list(dict.fromkeys(m for d, c, m, n in cells if d == held_out and n > 0))
+    methods = sorted(methods, key=lambda m: m != BASELINE)  # vanilla first: the others are measured against it
     rates = sorted({n for d, _, m, n in cells if d == held_out and n > 0})
-    clean = cells.get((held_out, None, BASELINE, 0.0))
+    clean = clean_reference(cells, held_out)
     lines = [f"### {held_out}, with the settings chosen on the other sets' dev"
              + (f" (clean vanilla {mean_std(clean, 'rsum', '.1f')})" if clean else ""), "",
              "| noise | method | chosen without it (dev score of each candidate) | n | test RSum | vs vanilla | "
              "won back | split AUC | guard fired (epochs, runs) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for noise in rates:
-        base = cells.get((held_out, None, BASELINE, noise))
-        if base is not None:
-            lines.append(f"| {noise:.0%} | {BASELINE} | - | {base['n']} | {mean_std(base, 'rsum', '.1f')} | - | - | - | - |")
+        base = None
         for method in methods:
-            score = scores(cells, method, held_out)
+            score = scores(cells, method, held_out, reference)
             if not score:
                 continue
             chosen = max(score, key=score.get)
@@ -119,8 +122,10 @@ def held_out_table(cells: dict, held_out: str) -> str:
             if row is None:
                 lines.append(f"| {noise:.0%} | {method} | {said} | 0 | not run | - | - | - | - |")
                 continue
+            if method == BASELINE:
+                base = row
             gain = won = "-"
-            if base is not None:
+            if base is not None and method != BASELINE:
                 gain = f"{row['rsum'] - base['rsum']:+.1f}"
                 if clean is not None and clean["rsum"] > base["rsum"]:
                     won = f"{(row['rsum'] - base['rsum']) / (clean['rsum'] - base['rsum']):.0%}"
@@ -135,8 +140,8 @@ def every_cell(cells: dict) -> str:
              "| set | noise | method | candidate | n | dev RSum | test RSum | split AUC | guard (epochs, runs) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for (data, cand, method, noise), row in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][3], kv[0][2],
-                                                                                  kv[0][1] or "")):
-        lines.append(f"| {data} | {noise:.0%} | {method} | {cand or '-'} | {row['n']} | {row['dev_rsum']:.1f} | "
+                                                                                  kv[0][1])):
+        lines.append(f"| {data} | {noise:.0%} | {method} | {cand} | {row['n']} | {row['dev_rsum']:.1f} | "
                      f"{mean_std(row, 'rsum', '.1f')} | {mean_std(row, 'split_auc', '.3f')} | "
                      f"{row['guard']}, {row['guard_runs']} |")
     return "\n".join(lines)
@@ -145,13 +150,19 @@ def every_cell(cells: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", action="append", required=True, help="SET:CANDIDATE=DIR (repeated)")
+    p.add_argument("--reference", help="the candidate whose vanilla runs scale each set's dev RSum (default: the "
+                                       "first one named)")
     p.add_argument("--out", help="also write the tables to this Markdown file")
     args = p.parse_args(argv)
-    cells = read_cells(parse_runs(p, args.runs))
+    runs = parse_runs(p, args.runs)
+    reference = args.reference or runs[0][1]
+    if reference not in {c for _, c, _ in runs}:
+        p.error(f"--reference: {reference!r} is not a candidate of --runs")
+    cells = read_cells(runs)
     sets = list(dict.fromkeys(d for d, _, _, _ in cells))
     if len(sets) < 2:
         p.error("--runs: leave-one-out needs runs of at least two data sets")
-    text = "\n\n".join([held_out_table(cells, s) for s in sets] + [every_cell(cells)])
+    text = "\n\n".join([held_out_table(cells, s, reference) for s in sets] + [every_cell(cells)])
     if args.out:
         Path(args.out).write_text(text + "\n", encoding="utf-8")
     print(text)
