@@ -41,6 +41,7 @@ import contextlib
 import os
 from datetime import timedelta
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -114,6 +115,13 @@ def launched(backend: str, timeout_s: float, device_type: str):
         raise
     finally:
         dist.destroy_process_group()
+
+
+def seed_epoch(seed: int, epoch: int) -> None:
+    """Under torchrun, torch's seed for ``epoch`` on this rank: each rank its own dropout draws,
+    the same again on a resume (one process keeps torch's random stream, which its checkpoint holds)."""
+    if size() > 1:
+        torch.manual_seed(int(np.random.SeedSequence([seed, epoch, rank()]).generate_state(1)[0]))
 
 
 def check_batch(batch_size: int) -> None:
