@@ -2,7 +2,8 @@
 
 The trainer, ``fastncl eval``/``report`` and the end-to-end benchmark all get their device,
 precision, models, compiled views, loss-op backend and method from here, so that a run is
-evaluated as it was trained.
+evaluated as it was trained; the trainer also gets its inputs (data, noisy pairs, method),
+optimizers and schedule.
 """
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from dataclasses import dataclass
 import torch
 
 from fastncl import FastnclError, distributed, kernels
+from fastncl.board import check_tensorboard
 from fastncl.config import Config, ModelConfig
-from fastncl.data import Dataset
+from fastncl.data import Dataset, TrainingPairs, load_dataset, training_pairs
+from fastncl.schedule import Schedule
 from fastncl.step import CompiledBackbone, Precision, resolve_amp
 
 
@@ -63,6 +66,30 @@ def method(cfg: Config, device: torch.device):
     return build_method(cfg, kernels.Ops(backend(cfg, device)))
 
 
+@dataclass
+class Inputs:
+    data: Dataset
+    pairs: TrainingPairs  # the noisy training pairs and their ground truth
+    method: object  # a fastncl.methods.base.Method
+
+
+def inputs(cfg: Config, device: torch.device) -> Inputs:
+    """A run's data, noisy training pairs and method: everything that can fail on bad input, built
+    before the run folder is touched. Under torchrun every rank stops with the same error when any
+    rank failed (distributed.agree)."""
+    error = built = None
+    try:
+        distributed.check_batch(cfg.optim.batch_size)
+        data = load_dataset(cfg.data)
+        built = Inputs(data, training_pairs(data.train, cfg.data, cfg.seed), method(cfg, device))
+        if cfg.runtime.tensorboard:
+            check_tensorboard()
+    except Exception as e:
+        error = e
+    distributed.agree(error)
+    return built
+
+
 def backbone(model: ModelConfig, data: Dataset, device: torch.device) -> torch.nn.Module:
     from fastncl.models import build_backbone
 
@@ -83,3 +110,14 @@ def views(models: list, rt: Runtime) -> tuple[list, list]:
     if distributed.size() > 1:
         steps = [distributed.ShardedBackbone(v) for v in steps]
     return steps, evals
+
+
+def optimizers(models: list, cfg: Config, device: torch.device) -> list[torch.optim.Optimizer]:
+    """One Adam per model (the schedule sets each epoch's learning rate): fused on GPUs (one
+    kernel); the CPU keeps the default implementation."""
+    fused = {"fused": True} if device.type == "cuda" else {}
+    return [torch.optim.Adam(m.parameters(), lr=cfg.optim.lr, **fused) for m in models]
+
+
+def schedule(cfg: Config, optimizers: list) -> Schedule:
+    return Schedule(cfg.optim, optimizers)

@@ -180,7 +180,7 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    from fastncl.report import evaluate_run
+    from fastncl.evaluation import evaluate_run
 
     print(evaluate_run(args.run_dir, split=args.split, checkpoint=args.checkpoint))
     return 0

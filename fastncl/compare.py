@@ -9,7 +9,7 @@ import numpy as np
 
 from fastncl import FastnclError
 from fastncl.evaluation import KEYS
-from fastncl.records import check_format
+from fastncl.records import SplitQuality
 from fastncl.run import RunDir
 
 COMPARE_COLUMNS = ("run", "method", "noise", "seed", "backbone", "data", *KEYS, "rsum", "split_auc", "split_f1",
@@ -46,18 +46,15 @@ def compare_rows(run_dirs: list[str]) -> list[dict]:
     rows = []
     for run_dir in run_dirs:
         run = RunDir.open(run_dir)
-        path = run.file("results.json")
-        if not path.exists():
-            raise FastnclError(f"{path}: the run has not finished (no results.json)")
-        results = json.loads(path.read_text(encoding="utf-8"))
-        check_format(results.get("format"), str(path))
-        cfg = run.config()
-        split = results.get("split") or {}  # results.json: SplitQuality.to_json()
-        row = {"run": run.path.name, "method": results["method"], "noise": results["noise"], "seed": results["seed"],
-               "backbone": cfg.get("model", {}).get("backbone", "?"), "data": results.get("data", "?"),
-               **{k: results["test"][k] for k in (*KEYS, "rsum")},
-               "split_auc": split.get("auc"), "split_f1": split.get("f1"), "best_epoch": results["best_epoch"] + 1,
-               "dev_rsum": results["dev_rsum"],
+        result = run.read_result()
+        if result is None:
+            raise FastnclError(f"{run.file('results.json')}: the run has not finished (no results.json)")
+        cfg, split = run.config(), result.split or SplitQuality(0.0, 0)  # no split: no AUC, no F1
+        row = {"run": run.path.name, "method": result.method, "noise": result.noise, "seed": result.seed,
+               "backbone": cfg.get("model", {}).get("backbone", "?"), "data": result.data or "?",
+               **{k: result.test[k] for k in (*KEYS, "rsum")},
+               "split_auc": split.auc, "split_f1": split.f1, "best_epoch": result.best_epoch + 1,
+               "dev_rsum": result.dev_rsum,
                "time_s": sum(r.time for r in run.read_metrics()), "group": seed_group_key(cfg)}
         rows.append(row)
     return rows

@@ -30,9 +30,10 @@ coalesced all-reduce after backward is what DDP's buckets would send, without th
 Batch norm: a backbone's BatchNorm1d layers (sgr/saf's visual self-attention) take the global
 batch's statistics in training mode (``GlobalBatchNorm1d``), as one process would. SAF's gate
 norm takes per-caption statistics over all images, which a rank's columns hold; its running
-statistics (one update per caption, in order) are summed over the ranks' columns (``columns``,
-``sum_columns``). Float buffers are also averaged with the gradients, so every rank evaluates the
-same model.
+statistics (one update per caption, in order) are summed over the ranks' columns: the wrapper
+tells it, for the call, which columns this rank scores (its ``shard_columns``), and it sums its
+part over the ranks (``sum_over_ranks``). Float buffers are also averaged with the gradients, so
+every rank evaluates the same model.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ import contextlib
 import os
 from datetime import timedelta
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -113,6 +115,13 @@ def launched(backend: str, timeout_s: float, device_type: str):
         raise
     finally:
         dist.destroy_process_group()
+
+
+def seed_epoch(seed: int, epoch: int) -> None:
+    """Under torchrun, torch's seed for ``epoch`` on this rank: each rank its own dropout draws,
+    the same again on a resume (one process keeps torch's random stream, which its checkpoint holds)."""
+    if size() > 1:
+        torch.manual_seed(int(np.random.SeedSequence([seed, epoch, rank()]).generate_state(1)[0]))
 
 
 def check_batch(batch_size: int) -> None:
@@ -257,34 +266,26 @@ def on_main(fn):
 
 
 # -- models -----------------------------------------------------------------------------------
-_COLUMNS: list[tuple[int, int]] = []  # (first column, total) while a pairwise head scores its share
-_REPLICATED: list[bool] = []  # while every rank encodes the same whole batch
-
-
-@contextlib.contextmanager
-def _pushed(stack: list, value):
-    """``value`` on top of ``stack`` for the block (what the model code below it reads)."""
-    stack.append(value)
-    try:
-        yield
-    finally:
-        stack.pop()
-
-
-def columns(n: int) -> tuple[int, int]:
-    """(first column, total columns) of the n captions a pairwise head is scoring: this rank's share
-    inside ShardedBackbone.similarity, else (0, n): the captions are the whole batch."""
-    return _COLUMNS[-1] if _COLUMNS else (0, n)
-
-
-def sum_columns(x: torch.Tensor) -> torch.Tensor:
-    """The sum over the ranks of ``x`` while the ranks score shares of one batch's columns; else ``x``."""
-    if not _COLUMNS:
-        return x
+def sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """The sum over the ranks of ``x`` (a copy; ``x`` is left as it is)."""
     x = x.clone()
     with nvtx_range("all_reduce batch-norm statistics"):
         dist.all_reduce(x)
     return x
+
+
+@contextlib.contextmanager
+def _told(modules: list[nn.Module], name: str, value):
+    """Each of ``modules`` has attribute ``name`` = ``value`` for the block (what its forward
+    reads), then the value it had before."""
+    before = [getattr(m, name) for m in modules]
+    for m in modules:
+        setattr(m, name, value)
+    try:
+        yield
+    finally:
+        for m, old in zip(modules, before):
+            setattr(m, name, old)
 
 
 class ShardedBackbone:
@@ -296,10 +297,16 @@ class ShardedBackbone:
     def __init__(self, view):
         self.view = view
         self._pairwise = hasattr(view, "score_block")
+        # the modules told, for a call, what share of the batch this rank holds: the batch norms
+        # (``replicated``: every rank encodes the whole batch) and the modules of a pairwise head
+        # that declare ``shard_columns`` (SAF's gate norm: the captions it scores)
+        modules = list(view.modules())
+        self._norms = [m for m in modules if isinstance(m, GlobalBatchNorm1d)]
+        self._column_users = [m for m in modules if hasattr(type(m), "shard_columns")]
 
     def _encode(self, encode, n: int, *inputs):
         if n < size():  # every rank encodes the whole (tiny) batch: its own batch-norm statistics
-            with _pushed(_REPLICATED, True):
+            with _told(self._norms, "replicated", True):
                 return encode(*inputs)
         rows = own(n)
         enc = encode(*(x[rows] for x in inputs))
@@ -318,7 +325,7 @@ class ShardedBackbone:
             return self.view.similarity(images, captions)
         cols = own(n)
         mine = type(captions)(*(None if t is None else t[cols] for t in captions))
-        with _pushed(_COLUMNS, (cols.start, n)):
+        with _told(self._column_users, "shard_columns", (cols.start, n)):
             scores = self.view.similarity(images, mine)
         with nvtx_range("gather scores"):
             return gather(scores, n, dim=1)
@@ -353,10 +360,13 @@ def _channel_shape(x: torch.Tensor) -> list[int]:
 
 class GlobalBatchNorm1d(nn.BatchNorm1d):
     """BatchNorm1d whose training-mode statistics are the global batch's, over every rank (the
-    single-process statistics); eval mode and a single process are BatchNorm1d's own."""
+    single-process statistics); eval mode, a single process and a batch every rank encodes whole
+    (``replicated``, set by ShardedBackbone for the call) are BatchNorm1d's own."""
+
+    replicated = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or size() == 1 or _REPLICATED:
+        if not self.training or size() == 1 or self.replicated:
             return super().forward(x)
         dims = [0] + list(range(2, x.dim()))
         mean, var, count = _global_stats(x, dims)

@@ -1,4 +1,5 @@
-"""Retrieval evaluation (R@K, RSum; COCO 1K 5-fold and 5K) and split diagnostics.
+"""Retrieval evaluation (R@K, RSum; COCO 1K 5-fold and 5K), split diagnostics, and
+``fastncl eval`` (``evaluate_run``: a run folder's checkpoint on its test or dev split).
 
 Protocol (identical in NCR, BiCro, ESC, CREAM and SPS): image -> text ranks an image's best
 ground-truth caption among all captions; text -> image ranks a caption's image among all
@@ -8,13 +9,15 @@ scores everything equally gets no credit.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
-from fastncl import distributed
+from fastncl import FastnclError, distributed
 from fastncl.data.noise import own_images
 from fastncl.profiling import nvtx_range
-from fastncl.records import SplitQuality, SubsetCount
+from fastncl.records import RunResult, SplitQuality, SubsetCount
 from fastncl.step import FULL_PRECISION, Precision
 
 KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
@@ -146,18 +149,71 @@ def split_diagnostics(clean_prob: np.ndarray, noisy_cut: float, clean_mask: np.n
     return out
 
 
-def format_results(results: dict) -> str:
+def format_results(result: RunResult) -> str:
     """The papers' R@K table for the test split, and the split quality."""
-    t = results["test"]
+    t = result.test
     lines = [
-        f"test ({results['method']}, noise {results['noise']:g}, best epoch {results['best_epoch'] + 1}):",
+        f"test ({result.method}, noise {result.noise:g}, best epoch {result.best_epoch + 1}):",
         "| Image->Text R@1 | R@5 | R@10 | Text->Image R@1 | R@5 | R@10 | RSum |",
         "|---|---|---|---|---|---|---|",
         "| " + " | ".join(f"{t[k]:.1f}" for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum"))
         + " |",
     ]
-    s = results.get("split")
-    if s and s.get("auc") is not None:
-        lines.append(f"noisy-pair detection (last epoch): AUC {s['auc']:.3f}, precision {s['precision']:.3f}, "
-                     f"recall {s['recall']:.3f}, F1 {s['f1']:.3f}")
+    s = result.split
+    if s is not None and s.auc is not None:
+        lines.append(f"noisy-pair detection (last epoch): AUC {s.auc:.3f}, precision {s.precision:.3f}, "
+                     f"recall {s.recall:.3f}, F1 {s.f1:.3f}")
     return "\n".join(lines)
+
+
+def evaluate_run(run_dirs, split: str = "test", checkpoint: str = "best") -> str:
+    """``fastncl eval``: R@K of a run's two-model ensemble; with several run folders, of all their
+    models together.
+
+    Several runs are the SGRAF ensemble of the papers (a trained SGR run and a trained SAF run,
+    their similarity matrices averaged); they must share the data, the split and its captions.
+    """
+    from fastncl import assemble
+    from fastncl.checkpoint import Checkpoint
+    from fastncl.config import from_dict
+    from fastncl.data import load_dataset
+    from fastncl.data.noise import measured_rate
+    from fastncl.run import RunDir
+
+    run_dirs = [run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs)
+    runs = [RunDir.open(r) for r in run_dirs]
+    cfgs = [from_dict(run.config(), str(run.file("config.yaml"))) for run in runs]
+    for run, cfg in zip(runs[1:], cfgs[1:]):
+        if cfg.data != cfgs[0].data:
+            raise FastnclError(f"{run.path}: its data settings differ from {runs[0].path}'s; an ensemble needs the "
+                               "same data, splits and noise")
+    saved = [Checkpoint.load(run.checkpoint(checkpoint)) for run in runs]
+    cfg = cfgs[0]
+    device = assemble.resolve_device(cfg.runtime.device)
+    data = load_dataset(cfg.data)
+    part = data.test if split == "test" else data.dev
+    sims = []
+    for run_cfg, state in zip(cfgs, saved):  # each run evaluated as it trained: its compile and precision
+        rt = assemble.runtime(run_cfg, device)
+        models = [assemble.backbone(run_cfg.model, data, device) for _ in state.models]
+        state.load_weights(models)
+        sims.append(similarity_matrix(assemble.views(models, rt)[1], part, device, run_cfg.runtime.eval_batch,
+                                      rt.precision))
+    sim = sum(sims) / len(sims)
+    name = cfg.method if len(runs) == 1 else " + ".join(f"{c.method}/{c.model.backbone}" for c in cfgs)
+    noise = cfg.data.noise
+    if cfg.data.noise_file:  # a --noise-file run is labelled with its index's measured rate, as in training
+        noise = measured_rate(np.load(runs[0].file("noise_index.npy")), data.train.captions_per_image)
+    result = RunResult(method=name, noise=noise, best_epoch=saved[0].epoch,
+                       test=retrieval_metrics(sim, part.captions_per_image))
+    text = format_results(result).replace("test (", f"{split} ({checkpoint} checkpoint, ", 1)
+    if len(runs) > 1:  # one epoch per run
+        epochs = ", ".join(str(s.epoch + 1) for s in saved)
+        which = "best epochs" if checkpoint == "best" else "epochs"
+        text = text.replace(f"best epoch {saved[0].epoch + 1}", f"{which} {epochs}", 1)
+    elif checkpoint == "last":  # the last checkpoint's epoch is no "best epoch"
+        text = text.replace("best epoch", "epoch", 1)
+    if split == "test" and cfg.data.test_protocol == "coco":
+        m = fold5_metrics(sim, part.captions_per_image)
+        text += f"\nCOCO 1K (5-fold): rsum {m['rsum']:.1f}"
+    return text

@@ -1,6 +1,7 @@
-"""The run folder's records, defined once: the epoch record (a line of ``metrics.jsonl``) and the
-split file (``splits/epoch_NNN.npz``). The trainer writes them; report, board, compare and the
-tools read them through these classes, never through key strings of their own.
+"""The run folder's records, defined once: the epoch record (a line of ``metrics.jsonl``), the
+run's result (``results.json``) and the split file (``splits/epoch_NNN.npz``). The trainer writes
+them; report, board, compare, eval and the tools read them through these classes, never through
+key strings of their own.
 
 Every record, and ``results.json``, carries ``format`` (``FORMAT``). A record without one was written by fastncl 0.1.0,
 whose fields are the same; a newer format than this fastncl reads is a one-line error.
@@ -18,10 +19,26 @@ from fastncl import FastnclError
 FORMAT = 1
 
 
-def check_format(found, where: str) -> None:
-    if found is not None and int(found) > FORMAT:
-        raise FastnclError(f"{where}: written by a newer fastncl (record format {int(found)}; this one reads up to "
-                           f"{FORMAT}); upgrade fastncl to read it")
+def check_format(found, where: str, kind: str = "record", newest: int = FORMAT) -> None:
+    """A ``format`` number this fastncl reads (None: written before formats were numbered)."""
+    if found is not None and int(found) > newest:
+        raise FastnclError(f"{where}: written by a newer fastncl ({kind} format {int(found)}; this one reads up to "
+                           f"{newest}); upgrade fastncl to read it")
+
+
+def _from_json(cls, d: dict, where: str, what: str):
+    """The record ``cls`` (a dataclass whose only nested record is ``split``) from its JSON ``d``,
+    after checking its format and its required fields."""
+    check_format(d.get("format"), where)
+    fields = dataclasses.fields(cls)
+    missing = [f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+               and f.name not in d]
+    if missing:
+        raise FastnclError(f"{where}: not {what} (no {', '.join(missing)})")
+    values = {f.name: d[f.name] for f in fields if f.name in d}
+    if values.get("split") is not None:
+        values["split"] = SplitQuality.from_json(values["split"])
+    return cls(**values)
 
 
 @dataclass
@@ -102,16 +119,7 @@ class EpochRecord:
 
     @classmethod
     def from_json(cls, d: dict, where: str) -> EpochRecord:
-        check_format(d.get("format"), where)
-        fields = dataclasses.fields(cls)
-        missing = [f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-                   and f.name not in d]
-        if missing:
-            raise FastnclError(f"{where}: not an epoch record (no {', '.join(missing)})")
-        values = {f.name: d[f.name] for f in fields if f.name in d}
-        if values.get("split") is not None:
-            values["split"] = SplitQuality.from_json(values["split"])
-        return cls(**values)
+        return _from_json(cls, d, where, "an epoch record")
 
     def line(self, total_epochs: int) -> str:
         """The epoch line of the log."""
@@ -131,6 +139,39 @@ class EpochRecord:
         if self.warnings:
             msg += " | warning: " + "; ".join(self.warnings)
         return msg
+
+
+@dataclass(kw_only=True)
+class RunResult:
+    """``results.json``: the test recalls of the best checkpoint (``test``; ``test_coco1k`` under
+    data.test_protocol=coco), the dev RSum that chose it, the last split's diagnostics, and what
+    the run was (method, preset, noise rate, or noise file with its SHA-256, seed, data set).
+    Written once, when the run ends; ``fastncl compare``, ``eval`` and ``report`` read it."""
+
+    method: str
+    preset: str | None = None
+    noise: float  # a --noise-file run: the index's measured rate
+    noise_file: str | None = None
+    noise_file_sha256: str | None = None
+    seed: int | None = None
+    data: str | None = None
+    best_epoch: int  # 0-based
+    dev_rsum: float | None = None
+    test: dict[str, float]
+    split: SplitQuality | None = None
+    test_coco1k: dict[str, float] | None = None
+
+    def to_json(self) -> dict:
+        out = {"format": FORMAT}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name != "test_coco1k" or value is not None:
+                out[f.name] = value.to_json() if isinstance(value, SplitQuality) else value
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict, where: str) -> RunResult:
+        return _from_json(cls, d, where, "a fastncl results.json")
 
 
 @dataclass

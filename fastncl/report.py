@@ -1,4 +1,5 @@
-"""`fastncl eval` and `fastncl report`: read run folders back (`fastncl compare`: fastncl.compare).
+"""`fastncl report`: a run folder's figures and report.md, drawn from its records (`fastncl eval`:
+fastncl.evaluation; `fastncl compare`: fastncl.compare).
 
 ``fastncl report RUN`` writes ``RUN/report.md`` and its figures in ``RUN/report/`` (matplotlib,
 Agg backend, imported only here):
@@ -16,7 +17,6 @@ Nothing in it depends on the backbone: it reads ``metrics.jsonl``, ``splits/*.np
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import numpy as np
@@ -26,58 +26,6 @@ from fastncl.records import EpochRecord, SplitFile
 from fastncl.run import RunDir, write_atomic
 
 REPORT_HINT = "pip install 'fastncl[report]' (matplotlib)"
-
-
-def evaluate_run(run_dirs, split: str = "test", checkpoint: str = "best") -> str:
-    """R@K of a run's two-model ensemble; with several run folders, of all their models together.
-
-    Several runs are the SGRAF ensemble of the papers (a trained SGR run and a trained SAF run,
-    their similarity matrices averaged); they must share the data, the split and its captions.
-    """
-    from fastncl import assemble
-    from fastncl.config import from_dict
-    from fastncl.data import load_dataset
-    from fastncl.data.noise import measured_rate
-    from fastncl.evaluation import fold5_metrics, format_results, retrieval_metrics, similarity_matrix
-
-    run_dirs = [run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs)
-    runs = [RunDir.open(r) for r in run_dirs]
-    cfgs = [from_dict(run.config(), str(run.file("config.yaml"))) for run in runs]
-    for run, cfg in zip(runs[1:], cfgs[1:]):
-        if cfg.data != cfgs[0].data:
-            raise FastnclError(f"{run.path}: its data settings differ from {runs[0].path}'s; an ensemble needs the "
-                               "same data, splits and noise")
-    states = [run.load_checkpoint(checkpoint) for run in runs]
-    cfg = cfgs[0]
-    device = assemble.resolve_device(cfg.runtime.device)
-    data = load_dataset(cfg.data)
-    part = data.test if split == "test" else data.dev
-    sims = []
-    for run_cfg, state in zip(cfgs, states):  # each run evaluated as it trained: its compile and precision
-        rt = assemble.runtime(run_cfg, device)
-        models = [assemble.backbone(run_cfg.model, data, device) for _ in state["models"]]
-        for model, weights in zip(models, state["models"]):
-            model.load_state_dict(weights)
-        sims.append(similarity_matrix(assemble.views(models, rt)[1], part, device, run_cfg.runtime.eval_batch,
-                                      rt.precision))
-    sim = sum(sims) / len(sims)
-    name = cfg.method if len(runs) == 1 else " + ".join(f"{c.method}/{c.model.backbone}" for c in cfgs)
-    noise = cfg.data.noise
-    if cfg.data.noise_file:  # a --noise-file run is labelled with its index's measured rate, as in training
-        noise = measured_rate(np.load(runs[0].file("noise_index.npy")), data.train.captions_per_image)
-    results = {"method": name, "noise": noise, "best_epoch": states[0]["epoch"],
-               "test": retrieval_metrics(sim, part.captions_per_image)}
-    text = format_results(results).replace("test (", f"{split} ({checkpoint} checkpoint, ", 1)
-    if len(runs) > 1:  # one epoch per run
-        epochs = ", ".join(str(s["epoch"] + 1) for s in states)
-        which = "best epochs" if checkpoint == "best" else "epochs"
-        text = text.replace(f"best epoch {states[0]['epoch'] + 1}", f"{which} {epochs}", 1)
-    elif checkpoint == "last":  # the last checkpoint's epoch is no "best epoch"
-        text = text.replace("best epoch", "epoch", 1)
-    if split == "test" and cfg.data.test_protocol == "coco":
-        m = fold5_metrics(sim, part.captions_per_image)
-        text += f"\nCOCO 1K (5-fold): rsum {m['rsum']:.1f}"
-    return text
 
 
 # -- report.md ---------------------------------------------------------------------------------
@@ -318,11 +266,10 @@ def write_report(run_dir: str, epochs: list[int] | None = None) -> tuple[Path, s
              f"seed {cfg.get('seed')}, backbone {cfg.get('model', {}).get('backbone')}, data "
              f"{cfg.get('data', {}).get('source')}", ""]
     lines += _epoch_table(records)
-    results_path = run.file("results.json")
-    if results_path.exists():
-        results = json.loads(results_path.read_text(encoding="utf-8"))
+    result = run.read_result()
+    if result is not None:
         # a blank line after the table: Markdown would read the detection line as one more row
-        table = format_results(results).replace("\nnoisy-pair detection", "\n\nnoisy-pair detection")
+        table = format_results(result).replace("\nnoisy-pair detection", "\n\nnoisy-pair detection")
         lines += ["", "## Test", "", table]
     else:
         lines += ["", "(no results.json: the run has not finished)"]

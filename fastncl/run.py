@@ -4,24 +4,48 @@ Layout: ``config.yaml`` (the resolved config), ``env.json`` (versions, device, n
 ``log.txt``, ``metrics.jsonl`` (one line per epoch), ``noise_index.npy`` (caption -> image, int64),
 ``checkpoints/{last,best}.pt``, ``results.json`` and, for the methods that split the training
 set, ``splits/epoch_NNN.npz`` (per-sample division losses, clean probabilities, subsets and the
-fitted mixture of both models at that epoch; what ``fastncl report`` plots). Checkpoints hold only tensors, plain
-containers and scalars, so ``torch.load(weights_only=True)`` reads them.
+fitted mixture of both models at that epoch; what ``fastncl report`` plots). The records' types
+are in fastncl.records, the checkpoint's in fastncl.checkpoint.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+import logging
 import os
 import platform
+import sys
 import tempfile
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from fastncl import FastnclError, __version__
-from fastncl.records import EpochRecord, SplitFile
+from fastncl import FastnclError, __version__, distributed
+from fastncl.records import EpochRecord, RunResult, SplitFile
+
+
+def default_out(cfg) -> str:
+    """runs/<method>-noise<rate>-seed<seed>-<time> (a --noise-file run: noisefile-<its name>)."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    noise = f"noisefile-{Path(cfg.data.noise_file).stem}" if cfg.data.noise_file else f"noise{cfg.data.noise:g}"
+    return str(Path("runs") / f"{cfg.method}-{noise}-seed{cfg.seed}-{stamp}")
+
+
+def setup_logging(run: RunDir, main: bool) -> None:
+    """The "fastncl" log's lines on stdout and in log.txt, from rank 0 only under torchrun."""
+    log = logging.getLogger("fastncl")
+    log.setLevel(logging.INFO)
+    log.handlers.clear()
+    log.propagate = False
+    if not main:
+        log.addHandler(logging.NullHandler())
+        return
+    for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(run.file("log.txt"), encoding="utf-8")):
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
 
 
 TMP_PREFIX, TMP_SUFFIX = ".", ".tmp"  # write_atomic's temporary files: .NAME.XXXX.tmp
@@ -85,6 +109,17 @@ class RunDir:
             raise FastnclError(f"--out {run.path}: cannot create the run folder ({e.strerror})") from None
         return run
 
+    @classmethod
+    def start(cls, path: str | Path, resume: bool, config_yaml: str) -> tuple["RunDir", bool]:
+        """The run folder of a training run, and whether the run starts fresh (not resumed from
+        a checkpoint); a fresh one gets ``config_yaml`` as its config.yaml first: from then on, a
+        run killed at any point can be resumed."""
+        run = cls.create(path, resume)
+        fresh = not (resume and run.checkpoint("last").exists())
+        if fresh:
+            write_atomic(run.file("config.yaml"), config_yaml)
+        return run, fresh
+
     def file(self, name: str) -> Path:
         return self.path / name
 
@@ -96,6 +131,17 @@ class RunDir:
         np.save(buf, index.astype(np.int64))
         write_atomic(self.file("noise_index.npy"), buf.getvalue())
         return hashlib.sha256(index.astype(np.int64).tobytes()).hexdigest()
+
+    def write_env(self, device: torch.device, precision: str, noise_index: np.ndarray) -> None:
+        """env.json (versions, device, precision, processes, the noise index's SHA-256) and
+        noise_index.npy, when a run starts."""
+        env = environment(device)
+        env["precision"] = precision
+        env["world_size"] = distributed.size()
+        if distributed.size() > 1:
+            env["dist_backend"] = torch.distributed.get_backend()
+        env["noise_index_sha256"] = self.write_noise_index(noise_index)
+        self.write_json("env.json", env)
 
     def append_metrics(self, record: EpochRecord) -> None:
         with open(self.file("metrics.jsonl"), "a", encoding="utf-8") as f:
@@ -133,19 +179,19 @@ class RunDir:
         with np.load(path, allow_pickle=False) as z:
             return SplitFile.from_arrays({k: z[k] for k in z.files}, str(path))
 
-    def save_checkpoint(self, name: str, state: dict) -> None:
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        write_atomic(self.file(f"checkpoints/{name}.pt"), buf.getvalue())
+    def checkpoint(self, name: str) -> Path:
+        """checkpoints/NAME.pt ("last" or "best"; written and read by fastncl.checkpoint)."""
+        return self.file(f"checkpoints/{name}.pt")
 
-    def load_checkpoint(self, name: str, map_location="cpu") -> dict:
-        path = self.file(f"checkpoints/{name}.pt")
+    def write_result(self, result: RunResult) -> None:
+        self.write_json("results.json", result.to_json())
+
+    def read_result(self) -> RunResult | None:
+        """results.json, or None before the run has finished."""
+        path = self.file("results.json")
         if not path.exists():
-            raise FastnclError(f"{path}: no such checkpoint")
-        try:
-            return torch.load(path, map_location=map_location, weights_only=True)
-        except Exception as e:  # a truncated or foreign file
-            raise FastnclError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e})") from None
+            return None
+        return RunResult.from_json(json.loads(path.read_text(encoding="utf-8")), str(path))
 
 
 def environment(device: torch.device) -> dict:

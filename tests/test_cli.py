@@ -213,7 +213,7 @@ def test_noise_and_noise_file_together(tmp_path, capsys):
 
 def test_default_folder_of_a_noise_file_run_names_the_file():
     from fastncl.config import resolve
-    from fastncl.train import default_out
+    from fastncl.run import default_out
 
     cfg = resolve(method="ncr", overrides=[("data.noise_file", "idx/f30k_0.2.npy")])
     assert Path(default_out(cfg)).name.startswith("ncr-noisefile-f30k_0.2-seed0-")
@@ -261,6 +261,68 @@ def test_eval_without_checkpoint(tmp_path, capsys):
     run.mkdir()
     (run / "config.yaml").write_text(dump_yaml(resolve(overrides=[parse_override(o) for o in TINY])))
     assert_user_error(main(["eval", str(run)]), capsys, "best.pt", out=run, before={"config.yaml"})
+
+
+class _Foreign:
+    """An object of another program (a pickle of it names this class)."""
+
+
+def _hostile_checkpoint(kind: str, good: Path) -> bytes:
+    """A checkpoints/*.pt that fastncl did not write as it is, from the run's own ``good`` one."""
+    import io
+    import pickle
+
+    if kind == "random bytes":
+        return np.random.default_rng(0).bytes(4096)
+    if kind == "empty":
+        return b""
+    if kind == "cut short":
+        return good.read_bytes()[:3000]
+    if kind == "another program's pickle":
+        return pickle.dumps({"weights": _Foreign()}, protocol=4)
+    buf = io.BytesIO()
+    if kind == "another program's torch file":  # loads, but holds no fastncl checkpoint
+        torch.save({"state_dict": {"w": torch.zeros(2)}, "step": 3}, buf)
+    else:  # "a newer fastncl's"
+        state = torch.load(good, weights_only=True)
+        state["format"] = 99
+        torch.save(state, buf)
+    return buf.getvalue()
+
+
+HOSTILE = ["random bytes", "empty", "cut short", "another program's pickle", "another program's torch file",
+           "a newer fastncl's"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished") / "run"
+    threads = torch.get_num_threads()
+    assert train("--method", "ncr", "--out", str(out), *TINY, "optim.warmup_epochs=1", "optim.epochs=0") == 0
+    torch.set_num_threads(threads)
+    return out
+
+
+@pytest.mark.parametrize("kind", HOSTILE)
+@pytest.mark.parametrize("command", ["eval", "resume"])
+def test_a_damaged_or_foreign_checkpoint_is_one_line(finished_run, tmp_path, capsys, kind, command):
+    """`fastncl eval RUN` (best.pt) and `--resume` (last.pt) on a checkpoint fastncl did not write
+    as it is: one line naming the file, exit status 2, nothing written, and never torch's advice to
+    load it with weights_only=False."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    name = "best" if command == "eval" else "last"
+    path = run / "checkpoints" / f"{name}.pt"
+    path.write_bytes(_hostile_checkpoint(kind, path))
+    capsys.readouterr()
+    before = _listing(run)
+    code = main(["eval", str(run)]) if command == "eval" else train("--resume", "--out", str(run))
+    line = assert_user_error(code, capsys, str(path), out=run, before=before)
+    assert "weights_only" not in line
+    if kind == "a newer fastncl's":
+        assert "newer fastncl (checkpoint format 99" in line
+    else:
+        assert "not a fastncl checkpoint" in line
 
 
 def test_too_few_synthetic_regions_is_a_user_error(tmp_path, capsys):

@@ -47,7 +47,8 @@ def fabricate(folder: Path, method: str = "sps", noise: float = 0.4, seed: int =
     values = {"split_auc": None, "split_f1": None, **values}
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text(dump_yaml(cfg))
-    split = None if values["split_auc"] is None else {"auc": values["split_auc"], "f1": values["split_f1"]}
+    split = None if values["split_auc"] is None else {"noisy_cut": 0.5, "detected_noisy": 10, "precision": 0.5,
+                                                      "recall": 0.5, "auc": values["split_auc"], "f1": values["split_f1"]}
     results = {"method": method, "preset": None, "noise": noise, "noise_file": None, "seed": seed,
                "data": cfg.data.source, "best_epoch": 2,
                "dev_rsum": values.get("dev_rsum", 123.0),

@@ -210,9 +210,9 @@ def test_a_degenerate_split_is_said_in_the_epoch_line_and_metrics(tmp_path, floo
 
 def test_progress_lines_without_a_terminal(tmp_path, capsys, monkeypatch):
     """runtime.progress unset and stderr no terminal (pytest captures it): plain progress lines."""
-    import fastncl.train
+    import fastncl.progress
 
-    monkeypatch.setattr(fastncl.train, "PROGRESS_SECONDS", 0.0)
+    monkeypatch.setattr(fastncl.progress, "PROGRESS_SECONDS", 0.0)
     args = ["train", "--method", "ncr", "--out", str(tmp_path / "run"), *TINY, "runtime.progress=",
             "optim.warmup_epochs=1", "optim.epochs=1"]
     assert main(args) == 0
@@ -283,28 +283,29 @@ def test_a_kill_at_any_commit_point_resumes_to_the_uninterrupted_results(trained
     """An epoch commits best.pt, then its metrics line, then last.pt: a kill just before any of
     them (at the run's best epoch) resumes to the same results. With
     last.pt written first, a kill before best.pt lost the best checkpoint of that epoch."""
+    from fastncl.checkpoint import Checkpoint
     from fastncl.run import RunDir
 
     full = trained("ncr")
     epoch = results(full)["best_epoch"]  # the last epoch that writes best.pt
     assert epoch >= 1, "the tiny run's best epoch must come after an earlier checkpoint"
     out = tmp_path / "killed"
-    save, append = RunDir.save_checkpoint, RunDir.append_metrics
+    save, append = Checkpoint.save, RunDir.append_metrics
 
-    def killing_save(self, name, state):
-        if name == kill_at and state["epoch"] == epoch:
+    def killing_save(self, path):
+        if path.stem == kill_at and self.epoch == epoch:
             raise KeyboardInterrupt
-        return save(self, name, state)
+        return save(self, path)
 
     def killing_append(self, record):
         if kill_at == "metrics" and record.epoch == epoch:
             raise KeyboardInterrupt
         return append(self, record)
 
-    monkeypatch.setattr(RunDir, "save_checkpoint", killing_save)
+    monkeypatch.setattr(Checkpoint, "save", killing_save)
     monkeypatch.setattr(RunDir, "append_metrics", killing_append)
     assert main(train_args("ncr", out)) == 130
-    monkeypatch.setattr(RunDir, "save_checkpoint", save)
+    monkeypatch.setattr(Checkpoint, "save", save)
     monkeypatch.setattr(RunDir, "append_metrics", append)
     assert main(["train", "--resume", "--out", str(out)]) == 0
     assert results(out)["test"] == results(full)["test"] and results(out)["best_epoch"] == results(full)["best_epoch"]
@@ -580,7 +581,7 @@ def test_amp_dev_recalls_are_those_of_fastncl_eval(tmp_path, capsys):
     views), and the vse similarities stay fp32 under autocast."""
     from fastncl.models import build_backbone
     from fastncl.config import ModelConfig
-    from fastncl.report import evaluate_run
+    from fastncl.evaluation import evaluate_run
 
     model = build_backbone(ModelConfig(embed_dim=8, word_dim=4), 6, 20)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -205,3 +205,14 @@ def test_a_dispatching_op_takes_its_tensor_by_keyword_too():
 
     sim = torch.randn(5, 5)
     assert torch.equal(K.triplet_terms(sim=sim, margin=0.2, hardest=True), K.reference.triplet_terms(sim, 0.2, True))
+
+
+def test_only_the_composition_root_builds_optimizers():
+    """The trainer gets its optimizers (and the schedule that sets their learning rate) from
+    fastncl/assemble.py."""
+    import re
+
+    built = [f"{_rel(p)}:{i}" for p in SOURCES if p != ROOT / "fastncl" / "assemble.py"
+             for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+             if re.search(r"torch\.optim\.[A-Z]\w*\(|\bSchedule\(", line) and "class Schedule" not in line]
+    assert not built, "rule: only fastncl/assemble.py builds optimizers and the schedule: " + ", ".join(built)

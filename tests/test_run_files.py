@@ -67,3 +67,57 @@ def test_records_round_trip_and_their_format_is_checked(tmp_path):
     arrays = {**fake.to_arrays(), "format": np.asarray(FORMAT + 1)}
     with pytest.raises(FastnclError, match="written by a newer fastncl"):
         SplitFile.from_arrays(arrays, "epoch_002.npz")
+
+
+def test_the_run_result_round_trips_and_old_results_still_read(tmp_path):
+    import json
+
+    from fastncl import FastnclError
+    from fastncl.records import FORMAT, RunResult, SplitQuality
+    from fastncl.run import RunDir
+
+    result = RunResult(method="ncr", noise=0.4, seed=1, data="synthetic", best_epoch=3, dev_rsum=250.5,
+                       test={"rsum": 300.0}, split=SplitQuality(0.5, 3, 0.5, 0.25, 1 / 3, 0.8))
+    run = RunDir.create(tmp_path / "run", resume=False)
+    assert run.read_result() is None  # not finished
+    run.write_result(result)
+    written = json.loads(run.file("results.json").read_text())
+    assert written["format"] == FORMAT and "test_coco1k" not in written and written["noise_file"] is None
+    assert run.read_result() == result
+    # fastncl 0.1.0's results.json: no format, no noise_file_sha256
+    old = {k: v for k, v in written.items() if k not in ("format", "noise_file_sha256")}
+    assert RunResult.from_json(old, "r") == result
+    with pytest.raises(FastnclError, match=r"^r: written by a newer fastncl \(record format 99"):
+        RunResult.from_json({**written, "format": 99}, "r")
+    with pytest.raises(FastnclError, match=r"^r: not a fastncl results.json \(no noise, best_epoch, test\)"):
+        RunResult.from_json({"method": "ncr"}, "r")
+
+
+def test_the_checkpoint_round_trips_through_weights_only_and_old_ones_still_read(tmp_path):
+    import numpy as np
+    import torch
+
+    from fastncl.checkpoint import FORMAT, Checkpoint, LoopState
+    from fastncl.records import SplitQuality
+    from fastncl.step import Precision
+
+    models = [torch.nn.Linear(3, 2) for _ in range(2)]
+    optims = [torch.optim.Adam(m.parameters()) for m in models]
+    state = LoopState(250.0, 3, 2, 0.1, 1, False, [np.arange(4.0), np.ones(4)], 2, SplitQuality(0.5, 3))
+    saved = Checkpoint.capture(4, models, optims, state, {"method": "ncr", "optim": {"warmup_epochs": 2}},
+                               np.random.default_rng(0), Precision())
+    path = tmp_path / "last.pt"
+    saved.save(path)
+    raw = torch.load(path, weights_only=True)  # tensors, plain containers and numbers only
+    assert raw["format"] == FORMAT and raw["epoch"] == 4 and raw["warmup_end"] == 2
+    back = Checkpoint.load(path)
+    assert back.epoch == 4 and back.config == saved.config
+    assert all(torch.equal(a, b) for a, b in zip(back.models[1].values(), saved.models[1].values()))
+    assert [np.array_equal(a, b) for a, b in zip(back.state.signal_sum, state.signal_sum)] == [True, True]
+    assert (back.state.best_rsum, back.state.best_epoch, back.state.lr_scale, back.state.recoveries) == (250.0, 3, 0.1, 1)
+    # a checkpoint from before the format number, the guard, the mean signal and the plateau warm-up
+    old = {k: v for k, v in raw.items() if k not in ("format", "lr_scale", "recoveries", "stopped", "signal_sum",
+                                                       "signal_epochs", "warmup_end")}
+    torch.save(old, path)
+    back = Checkpoint.load(path).state
+    assert back == LoopState(250.0, 3, 2, 1.0, 0, False, None, 0, SplitQuality(0.5, 3))

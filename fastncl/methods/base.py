@@ -3,12 +3,14 @@
 A method declares everything about itself as class attributes (read by fastncl.methods.registry):
 ``name``, ``config`` (the dataclass of its section, ``cfg.<name>``; fields carry their allowed
 values with ``config.option``), ``warmup_epochs`` (its default), ``presets()``, ``data_presets``
-(per built-in data set, values of its own section), ``subset_names``, and for the report
-``cut_label``, ``report_cuts`` and ``subset_colors``. ``fill_defaults`` and ``check`` resolve and
-validate what spans several fields of the config.
+(per built-in data set, values of its own section), ``subset_names``, ``all_subset`` and
+``noisy_subset`` (the names the trainer uses), and for the report ``cut_label``, ``report_cuts``
+and ``subset_colors``. ``fill_defaults`` and ``check`` resolve and validate what spans several
+fields of the config.
 
 A method turns model outputs into losses and the training set into subsets:
-* ``warmup_loss(model, batch)``: the loss of a warm-up step on all pairs;
+* ``warmup_loss(model, batch)``: the loss of a warm-up step on all pairs (``warmup_groups``
+  makes it the step's one loss group);
 * ``split_losses(model, batch)``: per-sample division losses (the trainer calls it under no_grad
   with the model in eval mode, over the whole training set, once per epoch);
 * ``fit(losses)``: the mixture fit giving every pair's clean probability;
@@ -65,6 +67,13 @@ class Method:
     warmup_epochs = 2  # its default optim.warmup_epochs on the embedded data
     data_presets: dict[str, dict] = {}  # data source -> values of its own section
     subset_names: tuple[str, ...] = ()
+    # the subset of every training pair: what a warm-up epoch trains on, and every epoch of a
+    # method that does not split (``uses_split`` False; its ``train_groups`` get it by this name)
+    all_subset = "all"
+    # the subset of the pairs a split detects as noisy (the split diagnostics' precision and
+    # recall; e.g. ESC's leaves out its forced-clean anchors); None, or a split without it: the
+    # pairs whose clean probability is at or below the noisy cut
+    noisy_subset: str | None = "noisy"
     cut_label = "cut"  # the report's name of the noisy cut (the paper's symbol)
     subset_colors: dict[str, str] = {}  # non-empty: the report draws each subset's ground-truth composition
     separate_steps = False
@@ -125,6 +134,12 @@ class Method:
     # -- training ---------------------------------------------------------------------------
     def warmup_loss(self, model, batch) -> dict:
         raise NotImplementedError
+
+    def warmup_groups(self, model, batches: dict) -> list[LossGroup]:
+        """A warm-up step's loss group: ``warmup_loss`` on its batch of every pair (``all_subset``)."""
+        def warmup(b=batches[self.all_subset]):
+            return self.warmup_loss(model, b)
+        return [warmup]
 
     def train_groups(self, model, peer, batches: dict, peer_prob: torch.Tensor, co_epoch: int) -> list[LossGroup]:
         raise NotImplementedError

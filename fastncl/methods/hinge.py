@@ -28,7 +28,7 @@ class Hinge(Method):
     name = "hinge"
     config = HingeConfig
     warmup_epochs = 2  # mean-hinge warm-up, then the hardest negative
-    subset_names = ("all",)
+    subset_names = (Method.all_subset,)
     uses_split = False
 
     def _loss(self, model, batch, hardest: bool) -> dict:
@@ -39,7 +39,7 @@ class Hinge(Method):
         return self._loss(model, batch, hardest=False)
 
     def subsets(self, fit, anchors, co_epoch) -> dict[str, np.ndarray]:
-        return {"all": np.arange(len(anchors))}
+        return {self.all_subset: np.arange(len(anchors))}
 
     def train_groups(self, model, peer, batches, peer_prob, co_epoch):
-        return [lambda: self._loss(model, batches["all"], hardest=True)]
+        return [lambda: self._loss(model, batches[self.all_subset], hardest=True)]

@@ -22,7 +22,7 @@ class Vanilla(Method):
     name = "vanilla"
     config = VanillaConfig
     warmup_epochs = 4  # InfoNCE models need 4 epochs on the embedded data to give a useful first split
-    subset_names = ("all",)
+    subset_names = (Method.all_subset,)
     uses_split = False
 
     def warmup_loss(self, model, batch) -> dict:
@@ -30,7 +30,7 @@ class Vanilla(Method):
         return {"loss": loss.mean()}
 
     def subsets(self, fit, anchors, co_epoch) -> dict[str, np.ndarray]:
-        return {"all": np.arange(len(anchors))}
+        return {self.all_subset: np.arange(len(anchors))}
 
     def train_groups(self, model, peer, batches, peer_prob, co_epoch):
-        return [lambda: self.warmup_loss(model, batches["all"])]
+        return [lambda: self.warmup_loss(model, batches[self.all_subset])]

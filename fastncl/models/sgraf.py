@@ -170,6 +170,11 @@ class AttentionFiltration(nn.Module):
     of updates in closed form). Parameter and buffer names are those of ``nn.BatchNorm1d``.
     """
 
+    # (first column, total columns) while the ranks of a torchrun job each score their share of one
+    # batch's captions: set for the call by distributed.ShardedBackbone; None: the captions scored
+    # are the whole batch
+    shard_columns: tuple[int, int] | None = None
+
     def __init__(self, sim_dim: int, momentum: float = 0.1, eps: float = 1e-5):
         super().__init__()
         self.attn = _xavier(nn.Linear(sim_dim, 1))
@@ -210,10 +215,13 @@ class AttentionFiltration(nn.Module):
 
     @torch.compiler.disable
     def _update_running_sharded(self, means: torch.Tensor, variances: torch.Tensor) -> None:
-        """Under torchrun this rank's captions are its columns of the batch
-        (distributed.ShardedBackbone): every rank's updates in the global order, summed over the
-        ranks (one all-reduce of two numbers), give every rank the single-process statistics."""
-        self._update_running(means, variances, *distributed.columns(len(means)), reduce=distributed.sum_columns)
+        """Under torchrun this rank's captions may be its columns of the batch (``shard_columns``):
+        every rank's updates in the global order, summed over the ranks (one all-reduce of two
+        numbers), give every rank the single-process statistics."""
+        if self.shard_columns is None:  # a batch every rank scores whole
+            self._update_running(means, variances, 0, len(means))
+        else:
+            self._update_running(means, variances, *self.shard_columns, reduce=distributed.sum_over_ranks)
 
     def forward(self, nodes: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """nodes (Bi, Bc, N, S), valid (Bc, N) -> (Bi, Bc, S)."""
