@@ -43,3 +43,26 @@ def test_embed_throughput_draws_a_folder_and_reports(tmp_path, capsys):
     assert result["decode_thread_s"] is not None and result["peak_rss_mib"] > 0
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["encoder"]["kind"] == "patches"
+
+
+def test_warmup_signals_scores_every_warmup_epoch_against_the_noise(tmp_path, capsys):
+    from sklearn.metrics import roc_auc_score
+
+    tool = load_tool("warmup_signals")
+    out = tmp_path / "run"
+    assert tool.main(["--method", "ncr", "--noise", "0.4", "--epochs", "2", "--out", str(out), *TINY]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    epochs = [line for line in lines if line.startswith("after epoch ")]
+    assert [line.split(":")[0] for line in epochs] == ["after epoch 1", "after epoch 2"]
+    assert lines[-1].startswith("ncr on synthetic at noise 0.4, seed 0: the loss splits best after epoch ")
+    # the last epoch's AUC is that of a split pass of the run's own last models
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in records] == ["warmup", "warmup"]
+    aucs = [float(x) for x in epochs[-1].split("loss A ")[1].split(" (")[0].split(" B ")]
+    assert all(0 <= a <= 1 for a in aucs)
+
+
+def test_warmup_signals_refuses_a_method_that_does_not_split(capsys):
+    with pytest.raises(SystemExit) as e:
+        load_tool("warmup_signals").main(["--method", "vanilla"])
+    assert e.value.code == 2 and "--method: one that splits" in capsys.readouterr().err

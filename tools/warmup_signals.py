@@ -1,0 +1,91 @@
+"""How well each warm-up epoch's per-pair loss would split: its ROC AUC against the injected noise.
+
+    python tools/warmup_signals.py --method sps --data glyphs --noise 0.6 --epochs 7
+    python tools/warmup_signals.py --method ncr --data icons --noise 0.6 --epochs 7 --out runs/ws-ncr-icons
+
+Trains a run's warm-up alone (``optim.warmup=fixed``, ``optim.warmup_epochs=EPOCHS``, no
+co-training) and after every epoch runs the split pass a co-training epoch would start with: each
+model's per-pair division loss (the method's own: InfoNCE for SPS, the mean hinge for NCR and ESC)
+and the method's mixture fitted to it. Per epoch and model it prints the ROC AUC of the loss as a
+score for "clean" (higher is better; 0.5 is chance), that of the fit's clean probability, and the
+weight of the mixture's clean component (the true clean fraction is 1 - noise). The epoch where the
+AUC peaks is where a split taken from one epoch's losses is best; the dev RSum of the same epochs
+is in the run folder's metrics.jsonl. Extra arguments are config overrides (the warm-up's
+length and schedule are the tool's).
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+
+import numpy as np
+
+from fastncl.config import parse_override, resolve
+from fastncl.methods.registry import get, names as method_names
+from fastncl.train import Trainer
+
+
+class WarmupProbe(Trainer):
+    """A Trainer that, after each epoch, scores its models' split losses against the ground truth."""
+
+    rows: list[dict]
+
+    def _epoch(self, epoch: int, total: int) -> None:
+        from sklearn.metrics import roc_auc_score
+
+        super()._epoch(epoch, total)
+        row = {"epoch": epoch + 1, "auc_loss": [], "auc_prob": [], "clean_weight": []}
+        for model in self.fast:
+            loss, _ = self.splitter.split_pass(model)
+            fit = self.method.fit(loss)
+            row["auc_loss"].append(float(roc_auc_score(self.pairs.clean, -loss)))
+            row["auc_prob"].append(float(roc_auc_score(self.pairs.clean, fit.clean_prob)))
+            row["clean_weight"].append(float(fit.params["weights"][0]))
+        self.rows.append(row)
+        print(f"after epoch {row['epoch']}: split AUC of the loss A {row['auc_loss'][0]:.3f} B {row['auc_loss'][1]:.3f} "
+              f"(mean {np.mean(row['auc_loss']):.3f}), of the fit's clean probability A {row['auc_prob'][0]:.3f} "
+              f"B {row['auc_prob'][1]:.3f}, clean weight A {row['clean_weight'][0]:.2f} B {row['clean_weight'][1]:.2f}",
+              flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--method", default="sps")
+    p.add_argument("--data", default="synthetic")
+    p.add_argument("--noise", type=float, default=0.6)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=7, help="warm-up epochs to train and score")
+    p.add_argument("--out", help="the run folder (default: a temporary one, removed at the end)")
+    p.add_argument("overrides", nargs="*", help="config overrides (key=value)")
+    args = p.parse_args(argv)
+    if args.noise <= 0:
+        p.error("--noise: the AUC needs injected noise (a rate in (0, 1))")
+    if args.epochs < 1:
+        p.error("--epochs: at least 1")
+    if args.method not in method_names() or not get(args.method).uses_split:
+        p.error(f"--method: one that splits ({', '.join(m for m in method_names() if get(m).uses_split)}), "
+                f"got {args.method!r}")
+    out = args.out or tempfile.mkdtemp(prefix="fastncl-warmup-signals-")
+    values = [f"data.source={args.data}", f"data.noise={args.noise}", f"seed={args.seed}", "runtime.progress=false",
+              *args.overrides,  # then what makes the run a warm-up alone, over any override
+              f"out={out}", "optim.warmup=fixed", f"optim.warmup_epochs={args.epochs}", "optim.epochs=0"]
+    cfg = resolve(overrides=[parse_override(v) for v in values], method=args.method)
+    if not args.out:
+        shutil.rmtree(out)  # a fresh run folder: RunDir creates it
+    probe = WarmupProbe(cfg)
+    probe.rows = []
+    try:
+        probe.fit()
+    finally:
+        if not args.out:
+            shutil.rmtree(out, ignore_errors=True)
+    best = max(probe.rows, key=lambda r: np.mean(r["auc_loss"]))
+    print(f"{args.method} on {args.data} at noise {args.noise:g}, seed {args.seed}: the loss splits best after epoch "
+          f"{best['epoch']} (AUC {np.mean(best['auc_loss']):.3f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
