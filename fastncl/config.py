@@ -138,6 +138,11 @@ class OptimConfig:
     collapse: str = option("recover", choices=("recover", "warn", "stop", "off"))
     collapse_rsum_ratio: float = option(0.5, **PROBABILITY)
     collapse_min_fraction: float = option(0.02, **PROBABILITY)
+    # ... or one of whose models scores every dev caption alike with every image: the standard
+    # deviation of its dev similarities below collapse_min_spread (the hardest-negative collapse,
+    # every embedding pulled to one point: std 0.0005-0.0024 in the collapsed hinge runs on the
+    # glyphs and icons sets, 0.03-0.2 in the others)
+    collapse_min_spread: float = option(0.01, **NON_NEGATIVE)
     collapse_lr_factor: float = option(0.1, interval="(0, 1]")
     collapse_max_recoveries: int = option(3, **NON_NEGATIVE)
 

@@ -52,9 +52,11 @@ class Schedule:
                                                            else "(dev rsum stopped rising)")
 
     def guard(self, rsum: float, primary: list[tuple[str, int]], n: int, s: LoopState,
-              warnings: list[str]) -> dict | None:
+              warnings: list[str], spreads: list[tuple[float, float]] = ()) -> dict | None:
         """The collapse guard (optim.collapse), after a co-training epoch's evaluation, from its dev
-        RSum and the size of each model's primary subset (name, pairs of ``n``): what collapsed and
+        RSum, the size of each model's primary subset (name, pairs of ``n``) and the spread of each
+        model's dev similarities (std, mean; a std below optim.collapse_min_spread is the
+        hardest-negative collapse, every caption scored alike with every image): what collapsed and
         what is done (the epoch record's ``collapse``), or None. "recovered": the caller restores
         the best epoch's weights and optimizer states (the next epoch splits again from them); the
         learning rate is lowered here."""
@@ -67,6 +69,10 @@ class Schedule:
             if size < o.collapse_min_fraction * n:
                 reasons.append(f"split {'AB'[k]}'s {name} subset holds {size} of {n} pairs "
                                f"(< {o.collapse_min_fraction:.0%})")
+        for k, (std, mean) in enumerate(spreads):
+            if std < o.collapse_min_spread:
+                reasons.append(f"model {'AB'[k]}'s dev similarities all alike (std {std:.4f} < {o.collapse_min_spread:g}, "
+                               f"mean {mean:.3f})")
         if not reasons:
             return None
         found = {"reasons": reasons, "action": "none"}

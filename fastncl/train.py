@@ -109,9 +109,9 @@ class Trainer:
                 self.run.write_split(epoch, split.file)
         record.losses = self._train(epoch, co_epoch, split, record.warnings)
         t_train = time.perf_counter()
-        record.dev, record.dev_models = self._evaluate_dev(epoch)
+        record.dev, record.dev_models, spreads = self._evaluate_dev(epoch)
         record.time_eval = time.perf_counter() - t_train
-        improved = self._judge(epoch, split, record)
+        improved = self._judge(epoch, split, record, spreads)
         self._commit(epoch, record, improved, t0)
         if self.board is not None:
             self.board.log(record, split.file if split is not None else None)
@@ -175,8 +175,9 @@ class Trainer:
     def _similarity(self, split, views) -> torch.Tensor:
         return similarity_matrix(views, split, self.device, self.cfg.runtime.eval_batch, self.precision)
 
-    def _evaluate_dev(self, epoch: int) -> tuple[dict, dict]:
-        """The dev recalls of the ensemble (the average of the models' matrices) and of each model."""
+    def _evaluate_dev(self, epoch: int) -> tuple[dict, dict, list[tuple[float, float]]]:
+        """The dev recalls of the ensemble (the average of the models' matrices) and of each model, and
+        each model's similarity spread (std, mean): what the collapse guard reads."""
         with nvtx_range("evaluation"):
             k = self.data.dev.captions_per_image
             sims = [self._similarity(self.data.dev, [view]) for view in self.eval_views]
@@ -184,14 +185,15 @@ class Trainer:
                 if not torch.isfinite(sim).all():
                     self._diverged(epoch, f"model {name}'s dev similarities are not finite")
             dev = retrieval_metrics((sims[0] + sims[1]) / 2, k)
-        return dev, {"AB"[i]: retrieval_metrics(s, k) for i, s in enumerate(sims)}
+        spreads = [(float(sim.double().std()), float(sim.double().mean())) for sim in sims]
+        return dev, {"AB"[i]: retrieval_metrics(s, k) for i, s in enumerate(sims)}, spreads
 
-    def _judge(self, epoch: int, split: EpochSplit | None, record: EpochRecord) -> bool:
+    def _judge(self, epoch: int, split: EpochSplit | None, record: EpochRecord, spreads) -> bool:
         """The collapse guard, the best epoch, a plateau warm-up's end; whether the epoch is the best."""
         rsum = record.dev["rsum"]
         if split is not None and self.cfg.optim.collapse != "off":
             record.collapse = self.schedule.guard(rsum, split.primary(), self.data.train.num_captions, self.state,
-                                                  record.warnings)
+                                                  record.warnings, spreads)
             if record.collapse is not None and record.collapse["action"] == "recovered":
                 best = self._load("best")  # the next epoch splits again from the best epoch's models
                 best.load_weights(self.models, self.optims)

@@ -83,6 +83,24 @@ def test_a_dev_rsum_below_half_the_best_is_a_collapse(tmp_path):
         best = max(best, r["dev"]["rsum"])
 
 
+def test_dev_similarities_all_alike_are_a_collapse(tmp_path):
+    """The hardest-negative collapse: a model scoring every dev caption alike (its similarities' std
+    below optim.collapse_min_spread; here any std, the bound being 10) is said, and recovered from."""
+    out = tmp_path / "run"
+    assert _train(out, "optim.epochs=2", "optim.collapse_min_spread=10", "optim.collapse_max_recoveries=1") == 0
+    records = _records(out)
+    assert [r["collapse"]["action"] for r in records[1:]] == ["recovered", "stopped"]
+    for r in records[1:]:
+        said = [x for x in r["collapse"]["reasons"] if "dev similarities all alike" in x]
+        assert [x.split("'s")[0] for x in said] == ["model A", "model B"]
+        std = float(said[0].split("(std ")[1].split(" <")[0])
+        assert 0 < std < 10 and "< 10, mean " in said[0]
+    # the default bound (0.01) does not fire on these small healthy models
+    out = tmp_path / "default"
+    assert _train(out, "optim.epochs=2", "optim.collapse=warn") == 0
+    assert not any("all alike" in w for r in _records(out) for w in r.get("warnings", []))
+
+
 @pytest.mark.parametrize("mode, phases", [("stop", ["warmup", "train"]), ("off", ["warmup", "train", "train"])])
 def test_stop_and_off(tmp_path, mode, phases):
     out = tmp_path / "run"
