@@ -52,7 +52,7 @@ class Schedule:
                                                            else "(dev rsum stopped rising)")
 
     def guard(self, rsum: float, primary: list[tuple[str, int]], n: int, s: LoopState,
-              warnings: list[str], spreads: list[tuple[float, float]] = ()) -> dict | None:
+              warnings: list[str], spreads: list[tuple[float, float]]) -> dict | None:
         """The collapse guard (optim.collapse), after a co-training epoch's evaluation, from its dev
         RSum, the size of each model's primary subset (name, pairs of ``n``) and the spread of each
         model's dev similarities (std, mean; a std below optim.collapse_min_spread is the
@@ -71,8 +71,8 @@ class Schedule:
                                f"(< {o.collapse_min_fraction:.0%})")
         for k, (std, mean) in enumerate(spreads):
             if std < o.collapse_min_spread:
-                reasons.append(f"model {'AB'[k]}'s dev similarities all alike (std {std:.4f} < {o.collapse_min_spread:g}, "
-                               f"mean {mean:.3f})")
+                reasons.append(f"model {'AB'[k]}'s dev similarities all alike "
+                               f"(std {std:.4f} < {o.collapse_min_spread:g}, mean {mean:.3f})")
         if not reasons:
             return None
         found = {"reasons": reasons, "action": "none"}

@@ -185,7 +185,7 @@ class Trainer:
                 if not torch.isfinite(sim).all():
                     self._diverged(epoch, f"model {name}'s dev similarities are not finite")
             dev = retrieval_metrics((sims[0] + sims[1]) / 2, k)
-        spreads = [(float(sim.double().std()), float(sim.double().mean())) for sim in sims]
+        spreads = [(float(x.std()), float(x.mean())) for x in (sim.double() for sim in sims)]
         return dev, {"AB"[i]: retrieval_metrics(s, k) for i, s in enumerate(sims)}, spreads
 
     def _judge(self, epoch: int, split: EpochSplit | None, record: EpochRecord, spreads) -> bool:
