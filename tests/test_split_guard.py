@@ -95,7 +95,7 @@ def test_dev_similarities_all_alike_are_a_collapse(tmp_path):
         assert [x.split("'s")[0] for x in said] == ["model A", "model B"]
         std = float(said[0].split("(std ")[1].split(" <")[0])
         assert 0 < std < 10 and "< 10, mean " in said[0]
-    # the default bound (0.01) does not fire on these small healthy models
+    # by default (bound 0) it never fires
     out = tmp_path / "default"
     assert _train(out, "optim.epochs=2", "optim.collapse=warn") == 0
     assert not any("all alike" in w for r in _records(out) for w in r.get("warnings", []))
