@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from fastncl.cli import main
+from fastncl.methods.mixture import normalize_losses
 from fastncl.records import SplitFile
 
 from helpers import load_tool
@@ -60,6 +61,14 @@ def test_warmup_signals_scores_every_warmup_epoch_against_the_noise(tmp_path, ca
     assert [r["phase"] for r in records] == ["warmup", "warmup"]
     aucs = [float(x) for x in epochs[-1].split("loss A ")[1].split(" (")[0].split(" B ")]
     assert all(0 <= a <= 1 for a in aucs)
+    # the saved losses reproduce the printed AUCs: epoch 1's own, and the average over both epochs
+    saved = np.load(out / "warmup_losses.npz")
+    assert saved["losses"].shape == (2, 2, len(saved["clean"]))
+    first = [float(x) for x in epochs[0].split("loss A ")[1].split(" (")[0].split(" B ")]
+    assert first == pytest.approx([roc_auc_score(saved["clean"], -x) for x in saved["losses"][0]], abs=5e-4)
+    mean_a = (normalize_losses(saved["losses"][0, 0]) + normalize_losses(saved["losses"][1, 0])) / 2
+    printed = float(epochs[-1].split("epochs 1-2: A ")[1].split(" ")[0])
+    assert printed == pytest.approx(roc_auc_score(saved["clean"], -mean_a), abs=5e-4)
 
 
 def test_warmup_signals_refuses_a_method_that_does_not_split(capsys):

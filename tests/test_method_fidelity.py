@@ -51,10 +51,14 @@ def ncr_predict(sim: torch.Tensor, margin: float = 0.2) -> torch.Tensor:
     return (c / top).clamp(0, 1)
 
 
-def ncr_train_loss(sim: torch.Tensor, target: torch.Tensor, margin: float = 0.2, base: float = 10.0):
+def ncr_train_loss(sim: torch.Tensor, target: torch.Tensor, margin: float = 0.2, base: float = 10.0,
+                   negatives: str = "hardest"):
     m = margin * (base ** target.double() - 1) / (base - 1)
     cost_s, cost_im = ncr_costs(sim, m)
-    return cost_s.max(dim=1).values.sum() + cost_im.max(dim=0).values.sum()
+    b = sim.shape[0]
+    hardest = cost_s.max(dim=1).values.sum() + cost_im.max(dim=0).values.sum()
+    mean = (cost_s.sum(dim=1).sum() + cost_im.sum(dim=0).sum()) / (b - 1)  # over the B - 1 negatives
+    return {"hardest": hardest, "mean": mean, "mixed": hardest + mean}[negatives]
 
 
 def sim_of(model, b: Batch) -> torch.Tensor:
@@ -121,6 +125,23 @@ def test_ncr_departures_stay_options():
     mean_hinge = (cost_s.sum(dim=1) + cost_im.sum(dim=0)) / (2 * 9)  # over the B - 1 negatives
     own = ((0.2 - mean_hinge) / 0.2).clamp(0, 1)
     close(noisy()["loss"], ncr_train_loss(sim, own))
+
+
+@pytest.mark.parametrize("negatives", ["mean", "mixed"])
+def test_the_triplet_losss_negatives_are_an_option(negatives):
+    """ncr.negatives / esc.negatives: the co-training hinge over the mean of the negatives, or the
+    hardest and the mean added, both on NCR's soft margins (NCR's clean loss; ESC's soft triplet)."""
+    method = NCR(config(("ncr.clean_target", "peer"), ("ncr.negatives", negatives), method="ncr"))
+    model, peer = tiny_model(0), tiny_model(1)
+    batches = {"clean": tiny_batch(1, 10, 0)}
+    peer_prob = torch.linspace(0.05, 0.95, 10)
+    (clean,) = method.train_groups(model, peer, batches, peer_prob, co_epoch=0)
+    sim = sim_of(model, batches["clean"])
+    close(clean()["loss"], ncr_train_loss(sim, peer_prob, negatives=negatives))
+    assert not torch.allclose(ncr_train_loss(sim, peer_prob, negatives=negatives), ncr_train_loss(sim, peer_prob))
+    esc = ESC(config(("esc.negatives", negatives), method="esc"))
+    labels = torch.linspace(0, 1, 10)
+    close(esc._soft_triplet(sim.detach(), labels), ncr_train_loss(sim.detach(), labels, negatives=negatives))
 
 
 @pytest.mark.parametrize("method, epochs, noisy_start", [("ncr", 12, 6), ("ncr", 40, 20), ("esc", 12, 6),

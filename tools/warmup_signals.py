@@ -10,8 +10,12 @@ and the method's mixture fitted to it. Per epoch and model it prints the ROC AUC
 score for "clean" (higher is better; 0.5 is chance), that of the fit's clean probability, and the
 weight of the mixture's clean component (the true clean fraction is 1 - noise). The epoch where the
 AUC peaks is where a split taken from one epoch's losses is best; the dev RSum of the same epochs
-is in the run folder's metrics.jsonl. Extra arguments are config overrides (the warm-up's
-length and schedule are the tool's).
+is in the run folder's metrics.jsonl. It also prints the AUC of each model's min-max normalised
+losses averaged over the epochs so far (what ``split.signal=mean`` would fit if it averaged the
+warm-up's epochs too) and that of both models' average. With ``--out`` the per-epoch losses are
+kept in ``OUT/warmup_losses.npz`` (``losses``: epochs x 2 x N; ``clean``: N, the ground truth) so
+that other combinations can be scored offline. Extra arguments are config overrides (the
+warm-up's length and schedule are the tool's).
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import tempfile
 import numpy as np
 
 from fastncl.config import parse_override, resolve
+from fastncl.methods.mixture import normalize_losses
 from fastncl.methods.registry import get, names as method_names
 from fastncl.train import Trainer
 
@@ -31,23 +36,30 @@ class WarmupProbe(Trainer):
     """A Trainer that, after each epoch, scores its models' split losses against the ground truth."""
 
     rows: list[dict]
+    losses: list[list[np.ndarray]]  # per epoch, each model's (N,) split losses
 
     def _epoch(self, epoch: int, total: int) -> None:
         from sklearn.metrics import roc_auc_score
 
         super()._epoch(epoch, total)
-        row = {"epoch": epoch + 1, "auc_loss": [], "auc_prob": [], "clean_weight": []}
+        row = {"epoch": epoch + 1, "auc_loss": [], "auc_prob": [], "clean_weight": [], "auc_mean": []}
+        self.losses.append([])
         for model in self.fast:
             loss, _ = self.splitter.split_pass(model)
+            self.losses[-1].append(loss)
             fit = self.method.fit(loss)
             row["auc_loss"].append(float(roc_auc_score(self.pairs.clean, -loss)))
             row["auc_prob"].append(float(roc_auc_score(self.pairs.clean, fit.clean_prob)))
             row["clean_weight"].append(float(fit.params["weights"][0]))
+        means = [np.mean([normalize_losses(e[k]) for e in self.losses], axis=0) for k in range(len(self.fast))]
+        row["auc_mean"] = [float(roc_auc_score(self.pairs.clean, -m)) for m in means]
+        row["auc_mean_both"] = float(roc_auc_score(self.pairs.clean, -np.mean(means, axis=0)))
         self.rows.append(row)
         print(f"after epoch {row['epoch']}: split AUC of the loss A {row['auc_loss'][0]:.3f} B {row['auc_loss'][1]:.3f} "
               f"(mean {np.mean(row['auc_loss']):.3f}), of the fit's clean probability A {row['auc_prob'][0]:.3f} "
-              f"B {row['auc_prob'][1]:.3f}, clean weight A {row['clean_weight'][0]:.2f} B {row['clean_weight'][1]:.2f}",
-              flush=True)
+              f"B {row['auc_prob'][1]:.3f}, clean weight A {row['clean_weight'][0]:.2f} B {row['clean_weight'][1]:.2f}; "
+              f"normalised loss averaged over epochs 1-{row['epoch']}: A {row['auc_mean'][0]:.3f} "
+              f"B {row['auc_mean'][1]:.3f}, both models {row['auc_mean_both']:.3f}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,9 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.out:
         shutil.rmtree(out)  # a fresh run folder: RunDir creates it
     probe = WarmupProbe(cfg)
-    probe.rows = []
+    probe.rows, probe.losses = [], []
     try:
         probe.fit()
+        if args.out:
+            np.savez_compressed(f"{out}/warmup_losses.npz", losses=np.asarray(probe.losses),
+                                clean=np.asarray(probe.pairs.clean, dtype=bool))
     finally:
         if not args.out:
             shutil.rmtree(out, ignore_errors=True)

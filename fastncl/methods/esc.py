@@ -58,6 +58,10 @@ class ESCConfig:
     noisy_loss: str = option("hard", choices=("soft", "hard"))
     # co-training epoch of the first noisy step; None: epochs // 2 (paper: 20 of 40)
     noisy_start: int | None = option(None, **NON_NEGATIVE)
+    # negatives of the co-training triplet loss: "hardest" (the paper and the code, VSE++), "mean"
+    # over the batch's negatives (the warm-up's loss, which does not collapse onto hub images) or
+    # "mixed", the two added
+    negatives: str = option("hardest", choices=("hardest", "mean", "mixed"))
     # "all": mean hinge on every pair; "select": smallest warmup_rate only (official)
     warmup: str = option("all", choices=("all", "select"))
     warmup_rate: float = option(0.3, **PROBABILITY)
@@ -144,7 +148,7 @@ class ESC(Method):
 
     def _soft_triplet(self, sim, label, keep=None):
         c = self.cfg.esc
-        return soft_triplet(sim, label, c.margin, c.soft_margin_base, keep, ops=self.ops)
+        return soft_triplet(sim, label, c.margin, c.soft_margin_base, keep, ops=self.ops, negatives=c.negatives)
 
     def _esc_train(self, sim):
         """L_ESC (Eq. 14), summed over the batch."""

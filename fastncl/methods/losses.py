@@ -37,12 +37,16 @@ def ncr_prediction(sim: torch.Tensor, margin: float, anchor_fraction: float = 0.
 
 
 def soft_triplet(sim: torch.Tensor, label: torch.Tensor, margin: float, base: float, keep=None, *,
-                 ops: kernels.Ops) -> torch.Tensor:
-    """Soft-margin triplet loss over the hardest negatives (NCR; ESC Eq. 13), summed over the batch.
+                 ops: kernels.Ops, negatives: str = "hardest") -> torch.Tensor:
+    """Soft-margin triplet loss (NCR; ESC Eq. 13), summed over the batch: over each pair's hardest
+    negative (``negatives="hardest"``, the papers and codes), the mean over its negatives ("mean"),
+    or the two added ("mixed").
 
     ``keep`` (B,) optionally weighs each pair's term (0 leaves a pair out).
     """
-    terms = ops.triplet_terms(sim, soft_margin(label, margin, base), hardest=True)
+    m = soft_margin(label, margin, base)
+    terms = (ops.triplet_terms(sim, m, hardest=negatives != "mean") if negatives != "mixed"
+             else ops.triplet_terms(sim, m, hardest=True) + ops.triplet_terms(sim, m, hardest=False))
     return (terms if keep is None else terms * keep).sum()
 
 

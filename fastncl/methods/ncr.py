@@ -46,6 +46,10 @@ class NCRConfig:
     noise_label_cut: float = option(0.5, **PROBABILITY)
     # co-training epoch of the first noisy step; None: epochs // 2 (NCR code; fastncl <= 0.1.0: 0)
     noisy_start: int | None = option(None, **NON_NEGATIVE)
+    # negatives of the co-training triplet loss: "hardest" (the paper and the code, VSE++), "mean"
+    # over the batch's negatives (the warm-up's loss, which does not collapse onto hub images) or
+    # "mixed", the two added
+    negatives: str = option("hardest", choices=("hardest", "mean", "mixed"))
 
 
 @register
@@ -84,7 +88,7 @@ class NCR(Method):
 
     def _soft_triplet(self, sim, label, keep=None):
         c = self.cfg.ncr
-        return soft_triplet(sim, label, c.margin, c.soft_margin_base, keep, ops=self.ops)
+        return soft_triplet(sim, label, c.margin, c.soft_margin_base, keep, ops=self.ops, negatives=c.negatives)
 
     def active_subsets(self, co_epoch):
         return self.subset_names if co_epoch >= self.cfg.ncr.noisy_start else ("clean",)
