@@ -1,7 +1,7 @@
-"""The methods compute what their sources compute: NCR's targets against a float64 re-statement of
-NCR's code, ESC's BiCro labels from the features the similarity is built on, the noisy-subset
-start, SPS's reliable-set floor, the hinge baseline, the data-set presets, and the warnings a
-degenerate split gets.
+"""The methods compute what their sources compute: NCR's targets and optimizer steps against a
+float64 re-statement of NCR's code, ESC's BiCro labels from the features the similarity is built on,
+the noisy-subset start, SPS's reliable-set floor, the hinge baseline,
+the data-set presets, and the warnings a degenerate split gets.
 """
 from __future__ import annotations
 
@@ -142,6 +142,90 @@ def test_the_triplet_losss_negatives_are_an_option(negatives):
     esc = ESC(config(("esc.negatives", negatives), method="esc"))
     labels = torch.linspace(0, 1, 10)
     close(esc._soft_triplet(sim.detach(), labels), ncr_train_loss(sim.detach(), labels, negatives=negatives))
+
+
+def code_adam_step(model, opt, loss, clip: float) -> float:
+    """One call of NCR's ``SGRAF.train``: zero the gradients, backward, clip the total norm, Adam.
+    Returns the gradient's norm before the clip."""
+    opt.zero_grad()
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(list(model.parameters()), clip)
+    opt.step()
+    return float(norm)
+
+
+def ncr_code_iteration(model, peer, batches, peer_prob, two_steps: bool, lr: float, clip: float):
+    """One iteration of NCR's co_train.py ``train`` on ``model`` (changed in place): the label
+    refinement (both targets, eval mode, before any step), then ``SGRAF.train`` on the clean batch
+    and on the noisy batch (``two_steps``), or one step on their sum. Returns the targets and the
+    gradient norms before the clip."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    with torch.no_grad():
+        model.eval()
+        p = peer_prob[batches["clean"].index].double()
+        target_clean = p + (1 - p) * ncr_predict(sim_of(model, batches["clean"]))
+        target_noisy = (ncr_predict(sim_of(model, batches["noisy"])) + ncr_predict(sim_of(peer, batches["noisy"]))) / 2
+        model.train()
+    loss_clean = ncr_train_loss(sim_of(model, batches["clean"]), target_clean)
+    if two_steps:  # the clean step, then the noisy one on the updated weights
+        norms = [code_adam_step(model, opt, loss_clean, clip)]
+        norms.append(code_adam_step(model, opt, ncr_train_loss(sim_of(model, batches["noisy"]), target_noisy), clip))
+    else:
+        loss = loss_clean + ncr_train_loss(sim_of(model, batches["noisy"]), target_noisy)
+        norms = [code_adam_step(model, opt, loss, clip)]
+    return (target_clean, target_noisy), norms
+
+
+@pytest.mark.parametrize("separate", [True, False])
+def test_ncr_optimizer_steps_are_the_codes(separate):
+    """ncr.separate_steps=true: after one iteration (run_step, clip 2.0, Adam) the model's parameters
+    equal NCR's code restated (``ncr_code_iteration``: two clipped Adam steps, clean then noisy);
+    false (the default): one clipped step on the summed loss. Both: the targets the losses got are
+    the ones of the weights before the iteration (with two steps the noisy one is not recomputed
+    after the clean step), every step's gradient norm exceeds the clip, and the two ways end at
+    different parameters. Dropout 0.5, the same draws in both."""
+    import copy
+
+    from fastncl.step import run_step
+
+    clip, lr = 2.0, 1e-2
+    method = NCR(config(("ncr.separate_steps", separate), method="ncr"))
+    assert method.separate_steps is separate
+    model, peer = tiny_model(0, dropout=0.5), tiny_model(1, dropout=0.5)
+    peer.eval()
+    batches = {"clean": tiny_batch(1, 12, 0), "noisy": tiny_batch(2, 12, 12)}
+    peer_prob = torch.linspace(0.05, 0.95, 24)
+    expected, other = copy.deepcopy(model), copy.deepcopy(model)
+
+    seen = []  # the targets the soft-margin losses get
+    soft_triplet = method._soft_triplet
+
+    def recording(sim, label, keep=None):
+        seen.append(label)
+        return soft_triplet(sim, label, keep)
+
+    method._soft_triplet = recording
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    torch.manual_seed(5)  # the eval-mode forwards draw nothing: the train-mode ones draw alike below
+    groups = method.train_groups(model, peer, batches, peer_prob, co_epoch=100)
+    assert [g.__name__ for g in groups] == ["clean", "noisy"]
+    run_step(opt, groups, method.separate_steps, clip)
+    assert int(opt.state[model.region_proj.weight]["step"]) == (2 if separate else 1)
+
+    torch.manual_seed(5)
+    targets, norms = ncr_code_iteration(expected, peer, batches, peer_prob, separate, lr, clip)
+    torch.manual_seed(5)
+    ncr_code_iteration(other, peer, batches, peer_prob, not separate, lr, clip)
+    for got, want in zip(model.parameters(), expected.parameters()):
+        _close(got.detach(), want.detach(), rtol=1e-5)
+    close(seen[0], targets[0])
+    close(seen[1], targets[1])
+    with torch.no_grad():
+        model.eval()
+        after = (ncr_predict(sim_of(model, batches["noisy"])) + ncr_predict(sim_of(peer, batches["noisy"]))) / 2
+    assert (after - targets[1]).abs().max() > 1e-3  # the updated weights would give another target
+    assert min(norms) > clip
+    assert any(not torch.allclose(a, b, atol=1e-5) for a, b in zip(expected.parameters(), other.parameters()))
 
 
 @pytest.mark.parametrize("method, epochs, noisy_start", [("ncr", 12, 6), ("ncr", 40, 20), ("esc", 12, 6),
