@@ -57,6 +57,7 @@ def test_esc_official_preset_values():
     assert e.anchors_clean is False
     assert e.warmup == "select"
     assert e.separate_steps is True
+    assert e.label_ratio == "code"
 
 
 def test_presets_leave_other_methods_at_their_defaults():
@@ -214,6 +215,7 @@ def test_noise_zero_and_just_below_one_are_fine():
     ("esc.mixture", "kmeans"),
     ("esc.train_esc", "both"),
     ("esc.warmup", "some"),
+    ("esc.label_ratio", "min"),
     ("runtime.backend", "cuda"),
     ("model.backbone", "clip"),
     ("data.test_protocol", "5k"),

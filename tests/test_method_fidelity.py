@@ -1,6 +1,6 @@
 """The methods compute what their sources compute: NCR's targets and optimizer steps against a
-float64 re-statement of NCR's code, ESC's BiCro labels from the features the similarity is built on,
-the noisy-subset start, SPS's reliable-set floor, the hinge baseline,
+float64 re-statement of NCR's code, ESC's BiCro labels from the features the similarity is built on
+and with the code's ratio, the noisy-subset start, SPS's reliable-set floor, the hinge baseline,
 the data-set presets, and the warnings a degenerate split gets.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from fastncl.config import data_preset
 from fastncl.data.batches import Batch
 from fastncl.methods import ESC, NCR, SPS, Hinge
 from fastncl.kernels import AUTO
-from fastncl.methods.losses import ncr_prediction
+from fastncl.methods.losses import _ratio, bicro_consistency, ncr_prediction
 from fastncl.models import VSE, Encoding
 
 from helpers import close as _close
@@ -292,6 +292,87 @@ def test_esc_labels_use_the_similaritys_features():
     pooled = ESC(config(("esc.clean_labels", "bicro"), ("esc.label_features", "pooled"), method="esc"))
     labels = pooled._peer_labels(peer, batches, with_noisy=True)
     assert torch.all(labels["noisy"] == 0)  # fastncl <= 0.1.0's reading on vse: no signal
+
+
+def bicro_code_consistency(q_img, q_txt, k_img, k_txt) -> torch.Tensor:
+    """(Bq,) BiCro's and ESC's consistency of each query with the anchors (the keys), restated in
+    float64 from their code (``SIM_PAIR``, ``SIM_SELE``): per direction, the anchor with the largest
+    cosine a in one modality, b the other modality's cosine to it, then a / b if that is below 1,
+    else b / a; the mean of the two directions."""
+    def cos(x, y):
+        x, y = x.double(), y.double()
+        return (x @ y.T) / (x.norm(dim=1).view(-1, 1) * y.norm(dim=1).view(1, -1))
+
+    c_img, c_txt = cos(q_img, k_img), cos(q_txt, k_txt)
+    directions = []
+    for chosen_by, other in ((c_img, c_txt), (c_txt, c_img)):
+        ratios = []
+        for i in range(chosen_by.shape[0]):
+            k = int(chosen_by[i].argmax())
+            a, b = float(chosen_by[i, k]), float(other[i, k])
+            ratios.append(a / b if a / b < 1 else b / a)
+        directions.append(torch.tensor(ratios, dtype=torch.float64))
+    return (directions[0] + directions[1]) / 2
+
+
+def test_bicro_ratio_as_the_code_computes_it_on_signed_cosines():
+    """esc.label_ratio=code: BiCro's consistency equals the float64 restatement of the code on
+    features with cosines of both signs; the default ("positive") is min / max on positive cosines
+    and 0 otherwise. By hand: both positive, both forms 0.5; both negative (-0.2, -0.5): 0.4 and 0;
+    mixed (0.3, -0.5): the code's a / b = -0.6 (not min(a / b, b / a) = -5 / 3) and 0."""
+    g = torch.Generator().manual_seed(11)
+    q_img, q_txt = torch.randn(33, 4, generator=g), torch.randn(33, 4, generator=g)
+    k_img, k_txt = torch.randn(7, 4, generator=g), torch.randn(7, 4, generator=g)
+    every = torch.ones(7, dtype=torch.bool)
+    expected = bicro_code_consistency(q_img, q_txt, k_img, k_txt)
+    assert (expected < 0).any() and (expected > 0).any()
+    got = bicro_consistency(q_img, q_txt, k_img, k_txt, every, ops=AUTO, ratio="code")
+    _close(got, expected, rtol=1e-4)  # a / b near b = 0 amplifies fp32 rounding
+    mask = torch.tensor([True, False, True, True, False, False, True])  # only some keys are anchors
+    got = bicro_consistency(q_img, q_txt, k_img, k_txt, mask, ops=AUTO, ratio="code")
+    _close(got, bicro_code_consistency(q_img, q_txt, k_img[mask], k_txt[mask]), rtol=1e-4)
+
+    positive = bicro_consistency(q_img, q_txt, k_img, k_txt, every, ops=AUTO)
+    assert positive.min() >= 0 and positive.max() <= 1 and not torch.allclose(positive, got)
+    a = torch.tensor([0.4, 0.8, -0.2, -0.5, 0.3, -0.5])
+    b = torch.tensor([0.8, 0.4, -0.5, -0.2, -0.5, 0.3])
+    close(_ratio(a, b, "code"), [0.5, 0.5, 0.4, 0.4, -0.6, -5 / 3])
+    close(_ratio(a, b, "positive"), [0.5, 0.5, 0.0, 0.0, 0.0, 0.0])
+    zeros = torch.tensor([0.0, -0.3, 0.3, float("-inf")]), torch.tensor([0.0, 0.0, 0.0, 0.5])
+    out = _ratio(*zeros, "code")  # 0 / 0, -0.3 / 0, 0.3 / 0 and no anchor: finite
+    assert torch.isfinite(out).all() and out[0] == 0 and out[1] < -1e5 and out[2] == 0 and out[3] == 0
+
+
+def test_esc_official_labels_use_the_codes_ratio():
+    """esc-official sets esc.label_ratio=code, and ESC's BiCro labels (clean: 1 for the anchors, the
+    batch's top 2 hinge confidences, else 0.5 + consistency / 2; noisy: the consistency with the
+    clean anchors, 0 at or below 0.5) are built from it: equal to the float64 restatement."""
+    assert config(preset="esc-official").esc.label_ratio == "code"
+    assert config(method="esc").esc.label_ratio == "positive"
+    b = 10
+    g = torch.Generator().manual_seed(4)
+    batches = {"clean": tiny_batch(0, b, 0), "noisy": tiny_batch(1, b, b)}
+    features, encodings = {}, {}
+    for name, batch in batches.items():
+        features[name] = (torch.nn.functional.normalize(torch.randn(b, 5, generator=g), dim=-1),
+                          torch.nn.functional.normalize(torch.randn(b, 5, generator=g), dim=-1))
+        img, txt = features[name]
+        encodings[id(batch.images)] = (Encoding(img, img), None)
+        encodings[id(batch.tokens)] = (None, Encoding(txt, txt))
+
+    class FixedPeer(TwoFeatures):
+        def similarity(self, images, captions):  # hinge confidences rising with the index
+            return torch.diag(torch.linspace(0.01, 0.19, b))
+
+    method = ESC(config(("esc.clean_labels", "bicro"), ("esc.label_ratio", "code"), method="esc"))
+    labels = method._peer_labels(FixedPeer(encodings), batches, with_noisy=True)
+    anchors = torch.arange(b) >= b - 2  # int(b * 0.1) + 1 = 2 anchors: the two largest confidences
+    img, txt = features["clean"]
+    clean = bicro_code_consistency(img, txt, img[anchors], txt[anchors])
+    close(labels["clean"], torch.where(anchors, torch.ones(b, dtype=torch.float64), 0.5 + clean / 2))
+    noisy = bicro_code_consistency(*features["noisy"], img[anchors], txt[anchors])
+    assert (noisy > 0.5).any() and (noisy <= 0.5).any()
+    close(labels["noisy"], torch.where(noisy <= 0.5, torch.zeros(b, dtype=torch.float64), noisy))
 
 
 def test_backbones_declare_their_label_features():
