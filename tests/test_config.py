@@ -188,9 +188,10 @@ def test_official_presets_normalise_as_the_official_codes():
     assert resolve(overrides=emoji).split.clip_quantile == 0.99  # the emoji set's own setting
     for preset in ("ncr-official", "sps-official", "esc-official", "esc-official-f30k", "sps-official-coco"):
         assert resolve(preset=preset, overrides=emoji).split.clip_quantile == 1.0, preset
-    # NCR's defaults are its code but for its two optimizer steps
-    official = resolve(preset="ncr-official").ncr
-    assert official.separate_steps and dataclasses.replace(official, separate_steps=False) == resolve(method="ncr").ncr
+    # NCR's defaults are its code but for its two optimizer steps (its noisy start: half its own 40 epochs)
+    official, default = resolve(preset="ncr-official").ncr, resolve(method="ncr").ncr
+    assert official.separate_steps and official.noisy_start == 20
+    assert dataclasses.replace(official, separate_steps=False, noisy_start=default.noisy_start) == default
 
 
 def test_probability_bounds_are_inclusive():
