@@ -57,6 +57,7 @@ def test_esc_official_preset_values():
     assert e.anchors_clean is False
     assert e.warmup == "select"
     assert e.separate_steps is True
+    assert e.label_ratio == "code"
 
 
 def test_presets_leave_other_methods_at_their_defaults():
@@ -141,6 +142,7 @@ def test_section_given_a_scalar_raises():
     ("optim.lr", True),
     ("sps.separate_steps", 1),
     ("sps.separate_steps", "maybe"),
+    ("ncr.separate_steps", "maybe"),
     ("seed", None),
     ("optim.batch_size", [1, 2]),
     ("data.source", {"a": 1}),
@@ -186,7 +188,10 @@ def test_official_presets_normalise_as_the_official_codes():
     assert resolve(overrides=emoji).split.clip_quantile == 0.99  # the emoji set's own setting
     for preset in ("ncr-official", "sps-official", "esc-official", "esc-official-f30k", "sps-official-coco"):
         assert resolve(preset=preset, overrides=emoji).split.clip_quantile == 1.0, preset
-    assert resolve(preset="ncr-official").ncr == resolve(method="ncr").ncr  # NCR's defaults are its code
+    # NCR's defaults are its code but for its two optimizer steps (its noisy start: half its own 40 epochs)
+    official, default = resolve(preset="ncr-official").ncr, resolve(method="ncr").ncr
+    assert official.separate_steps and official.noisy_start == 20
+    assert dataclasses.replace(official, separate_steps=False, noisy_start=default.noisy_start) == default
 
 
 def test_probability_bounds_are_inclusive():
@@ -211,6 +216,7 @@ def test_noise_zero_and_just_below_one_are_fine():
     ("esc.mixture", "kmeans"),
     ("esc.train_esc", "both"),
     ("esc.warmup", "some"),
+    ("esc.label_ratio", "min"),
     ("runtime.backend", "cuda"),
     ("model.backbone", "clip"),
     ("data.test_protocol", "5k"),

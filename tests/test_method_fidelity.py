@@ -1,7 +1,7 @@
-"""The methods compute what their sources compute: NCR's targets against a float64 re-statement of
-NCR's code, ESC's BiCro labels from the features the similarity is built on, the noisy-subset
-start, SPS's reliable-set floor, the hinge baseline, the data-set presets, and the warnings a
-degenerate split gets.
+"""The methods compute what their sources compute: NCR's targets and optimizer steps against a
+float64 re-statement of NCR's code, ESC's BiCro labels from the features the similarity is built on
+and with the code's ratio, the noisy-subset start, SPS's reliable-set floor, the hinge baseline,
+the data-set presets, and the warnings a degenerate split gets.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from fastncl.config import data_preset
 from fastncl.data.batches import Batch
 from fastncl.methods import ESC, NCR, SPS, Hinge
 from fastncl.kernels import AUTO
-from fastncl.methods.losses import ncr_prediction
+from fastncl.methods.losses import _ratio, bicro_consistency, ncr_prediction
 from fastncl.models import VSE, Encoding
 
 from helpers import close as _close
@@ -144,6 +144,90 @@ def test_the_triplet_losss_negatives_are_an_option(negatives):
     close(esc._soft_triplet(sim.detach(), labels), ncr_train_loss(sim.detach(), labels, negatives=negatives))
 
 
+def code_adam_step(model, opt, loss, clip: float) -> float:
+    """One call of NCR's ``SGRAF.train``: zero the gradients, backward, clip the total norm, Adam.
+    Returns the gradient's norm before the clip."""
+    opt.zero_grad()
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(list(model.parameters()), clip)
+    opt.step()
+    return float(norm)
+
+
+def ncr_code_iteration(model, peer, batches, peer_prob, two_steps: bool, lr: float, clip: float):
+    """One iteration of NCR's co_train.py ``train`` on ``model`` (changed in place): the label
+    refinement (both targets, eval mode, before any step), then ``SGRAF.train`` on the clean batch
+    and on the noisy batch (``two_steps``), or one step on their sum. Returns the targets and the
+    gradient norms before the clip."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    with torch.no_grad():
+        model.eval()
+        p = peer_prob[batches["clean"].index].double()
+        target_clean = p + (1 - p) * ncr_predict(sim_of(model, batches["clean"]))
+        target_noisy = (ncr_predict(sim_of(model, batches["noisy"])) + ncr_predict(sim_of(peer, batches["noisy"]))) / 2
+        model.train()
+    loss_clean = ncr_train_loss(sim_of(model, batches["clean"]), target_clean)
+    if two_steps:  # the clean step, then the noisy one on the updated weights
+        norms = [code_adam_step(model, opt, loss_clean, clip)]
+        norms.append(code_adam_step(model, opt, ncr_train_loss(sim_of(model, batches["noisy"]), target_noisy), clip))
+    else:
+        loss = loss_clean + ncr_train_loss(sim_of(model, batches["noisy"]), target_noisy)
+        norms = [code_adam_step(model, opt, loss, clip)]
+    return (target_clean, target_noisy), norms
+
+
+@pytest.mark.parametrize("separate", [True, False])
+def test_ncr_optimizer_steps_are_the_codes(separate):
+    """ncr.separate_steps=true: after one iteration (run_step, clip 2.0, Adam) the model's parameters
+    equal NCR's code restated (``ncr_code_iteration``: two clipped Adam steps, clean then noisy);
+    false (the default): one clipped step on the summed loss. Both: the targets the losses got are
+    the ones of the weights before the iteration (with two steps the noisy one is not recomputed
+    after the clean step), every step's gradient norm exceeds the clip, and the two ways end at
+    different parameters. Dropout 0.5, the same draws in both."""
+    import copy
+
+    from fastncl.step import run_step
+
+    clip, lr = 2.0, 1e-2
+    method = NCR(config(("ncr.separate_steps", separate), method="ncr"))
+    assert method.separate_steps is separate
+    model, peer = tiny_model(0, dropout=0.5), tiny_model(1, dropout=0.5)
+    peer.eval()
+    batches = {"clean": tiny_batch(1, 12, 0), "noisy": tiny_batch(2, 12, 12)}
+    peer_prob = torch.linspace(0.05, 0.95, 24)
+    expected, other = copy.deepcopy(model), copy.deepcopy(model)
+
+    seen = []  # the targets the soft-margin losses get
+    soft_triplet = method._soft_triplet
+
+    def recording(sim, label, keep=None):
+        seen.append(label)
+        return soft_triplet(sim, label, keep)
+
+    method._soft_triplet = recording
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    torch.manual_seed(5)  # the eval-mode forwards draw nothing: the train-mode ones draw alike below
+    groups = method.train_groups(model, peer, batches, peer_prob, co_epoch=100)
+    assert [g.__name__ for g in groups] == ["clean", "noisy"]
+    run_step(opt, groups, method.separate_steps, clip)
+    assert int(opt.state[model.region_proj.weight]["step"]) == (2 if separate else 1)
+
+    torch.manual_seed(5)
+    targets, norms = ncr_code_iteration(expected, peer, batches, peer_prob, separate, lr, clip)
+    torch.manual_seed(5)
+    ncr_code_iteration(other, peer, batches, peer_prob, not separate, lr, clip)
+    for got, want in zip(model.parameters(), expected.parameters()):
+        _close(got.detach(), want.detach(), rtol=1e-5)
+    close(seen[0], targets[0])
+    close(seen[1], targets[1])
+    with torch.no_grad():
+        model.eval()
+        after = (ncr_predict(sim_of(model, batches["noisy"])) + ncr_predict(sim_of(peer, batches["noisy"]))) / 2
+    assert (after - targets[1]).abs().max() > 1e-3  # the updated weights would give another target
+    assert min(norms) > clip
+    assert any(not torch.allclose(a, b, atol=1e-5) for a, b in zip(expected.parameters(), other.parameters()))
+
+
 @pytest.mark.parametrize("method, epochs, noisy_start", [("ncr", 12, 6), ("ncr", 40, 20), ("esc", 12, 6),
                                                           ("esc", 7, 3)])
 def test_noisy_subset_joins_after_half_the_epochs(method, epochs, noisy_start):
@@ -208,6 +292,87 @@ def test_esc_labels_use_the_similaritys_features():
     pooled = ESC(config(("esc.clean_labels", "bicro"), ("esc.label_features", "pooled"), method="esc"))
     labels = pooled._peer_labels(peer, batches, with_noisy=True)
     assert torch.all(labels["noisy"] == 0)  # fastncl <= 0.1.0's reading on vse: no signal
+
+
+def bicro_code_consistency(q_img, q_txt, k_img, k_txt) -> torch.Tensor:
+    """(Bq,) BiCro's and ESC's consistency of each query with the anchors (the keys), restated in
+    float64 from their code (``SIM_PAIR``, ``SIM_SELE``): per direction, the anchor with the largest
+    cosine a in one modality, b the other modality's cosine to it, then a / b if that is below 1,
+    else b / a; the mean of the two directions."""
+    def cos(x, y):
+        x, y = x.double(), y.double()
+        return (x @ y.T) / (x.norm(dim=1).view(-1, 1) * y.norm(dim=1).view(1, -1))
+
+    c_img, c_txt = cos(q_img, k_img), cos(q_txt, k_txt)
+    directions = []
+    for chosen_by, other in ((c_img, c_txt), (c_txt, c_img)):
+        ratios = []
+        for i in range(chosen_by.shape[0]):
+            k = int(chosen_by[i].argmax())
+            a, b = float(chosen_by[i, k]), float(other[i, k])
+            ratios.append(a / b if a / b < 1 else b / a)
+        directions.append(torch.tensor(ratios, dtype=torch.float64))
+    return (directions[0] + directions[1]) / 2
+
+
+def test_bicro_ratio_as_the_code_computes_it_on_signed_cosines():
+    """esc.label_ratio=code: BiCro's consistency equals the float64 restatement of the code on
+    features with cosines of both signs; the default ("positive") is min / max on positive cosines
+    and 0 otherwise. By hand: both positive, both forms 0.5; both negative (-0.2, -0.5): 0.4 and 0;
+    mixed (0.3, -0.5): the code's a / b = -0.6 (not min(a / b, b / a) = -5 / 3) and 0."""
+    g = torch.Generator().manual_seed(11)
+    q_img, q_txt = torch.randn(33, 4, generator=g), torch.randn(33, 4, generator=g)
+    k_img, k_txt = torch.randn(7, 4, generator=g), torch.randn(7, 4, generator=g)
+    every = torch.ones(7, dtype=torch.bool)
+    expected = bicro_code_consistency(q_img, q_txt, k_img, k_txt)
+    assert (expected < 0).any() and (expected > 0).any()
+    got = bicro_consistency(q_img, q_txt, k_img, k_txt, every, ops=AUTO, ratio="code")
+    _close(got, expected, rtol=1e-4)  # a / b near b = 0 amplifies fp32 rounding
+    mask = torch.tensor([True, False, True, True, False, False, True])  # only some keys are anchors
+    got = bicro_consistency(q_img, q_txt, k_img, k_txt, mask, ops=AUTO, ratio="code")
+    _close(got, bicro_code_consistency(q_img, q_txt, k_img[mask], k_txt[mask]), rtol=1e-4)
+
+    positive = bicro_consistency(q_img, q_txt, k_img, k_txt, every, ops=AUTO)
+    assert positive.min() >= 0 and positive.max() <= 1 and not torch.allclose(positive, got)
+    a = torch.tensor([0.4, 0.8, -0.2, -0.5, 0.3, -0.5])
+    b = torch.tensor([0.8, 0.4, -0.5, -0.2, -0.5, 0.3])
+    close(_ratio(a, b, "code"), [0.5, 0.5, 0.4, 0.4, -0.6, -5 / 3])
+    close(_ratio(a, b, "positive"), [0.5, 0.5, 0.0, 0.0, 0.0, 0.0])
+    zeros = torch.tensor([0.0, -0.3, 0.3, float("-inf")]), torch.tensor([0.0, 0.0, 0.0, 0.5])
+    out = _ratio(*zeros, "code")  # 0 / 0, -0.3 / 0, 0.3 / 0 and no anchor: finite
+    assert torch.isfinite(out).all() and out[0] == 0 and out[1] < -1e5 and out[2] == 0 and out[3] == 0
+
+
+def test_esc_official_labels_use_the_codes_ratio():
+    """esc-official sets esc.label_ratio=code, and ESC's BiCro labels (clean: 1 for the anchors, the
+    batch's top 2 hinge confidences, else 0.5 + consistency / 2; noisy: the consistency with the
+    clean anchors, 0 at or below 0.5) are built from it: equal to the float64 restatement."""
+    assert config(preset="esc-official").esc.label_ratio == "code"
+    assert config(method="esc").esc.label_ratio == "positive"
+    b = 10
+    g = torch.Generator().manual_seed(4)
+    batches = {"clean": tiny_batch(0, b, 0), "noisy": tiny_batch(1, b, b)}
+    features, encodings = {}, {}
+    for name, batch in batches.items():
+        features[name] = (torch.nn.functional.normalize(torch.randn(b, 5, generator=g), dim=-1),
+                          torch.nn.functional.normalize(torch.randn(b, 5, generator=g), dim=-1))
+        img, txt = features[name]
+        encodings[id(batch.images)] = (Encoding(img, img), None)
+        encodings[id(batch.tokens)] = (None, Encoding(txt, txt))
+
+    class FixedPeer(TwoFeatures):
+        def similarity(self, images, captions):  # hinge confidences rising with the index
+            return torch.diag(torch.linspace(0.01, 0.19, b))
+
+    method = ESC(config(("esc.clean_labels", "bicro"), ("esc.label_ratio", "code"), method="esc"))
+    labels = method._peer_labels(FixedPeer(encodings), batches, with_noisy=True)
+    anchors = torch.arange(b) >= b - 2  # int(b * 0.1) + 1 = 2 anchors: the two largest confidences
+    img, txt = features["clean"]
+    clean = bicro_code_consistency(img, txt, img[anchors], txt[anchors])
+    close(labels["clean"], torch.where(anchors, torch.ones(b, dtype=torch.float64), 0.5 + clean / 2))
+    noisy = bicro_code_consistency(*features["noisy"], img[anchors], txt[anchors])
+    assert (noisy > 0.5).any() and (noisy <= 0.5).any()
+    close(labels["noisy"], torch.where(noisy <= 0.5, torch.zeros(b, dtype=torch.float64), noisy))
 
 
 def test_backbones_declare_their_label_features():

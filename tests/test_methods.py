@@ -469,6 +469,8 @@ def test_ncr_curriculum_and_vanilla_has_none():
 CASES = {
     "vanilla": dict(method="vanilla"),
     "ncr": dict(method="ncr"),
+    "ncr-separate": dict(method="ncr", overrides=[("ncr.separate_steps", True)]),
+    "ncr-official": dict(preset="ncr-official"),
     "sps": dict(method="sps", overrides=[("sps.separate_steps", False)]),
     "sps-separate": dict(method="sps", overrides=[("sps.separate_steps", True)]),
     "sps-official": dict(preset="sps-official"),
@@ -522,7 +524,7 @@ def test_every_group_gives_a_finite_scalar_loss_with_gradients(name):
     assert total_grad > 0
 
 
-@pytest.mark.parametrize("name", ["vanilla", "ncr", "sps", "sps-separate", "esc", "esc-separate"])
+@pytest.mark.parametrize("name", ["vanilla", "ncr", "ncr-separate", "sps", "sps-separate", "esc", "esc-separate"])
 def test_trainer_step_runs_the_groups_and_updates_the_model(name):
     cfg, method, model, peer, batches, peer_prob = case_setup(name)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)

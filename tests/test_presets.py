@@ -57,6 +57,21 @@ def test_esc_schedules(dataset):
     assert official.seed == 96 and paper.seed == 0
 
 
+def test_ncr_official_runs_the_codes_epoch_and_steps():
+    """ncr-official: one pass over the clean subset per epoch and two optimizer steps per iteration
+    (NCR's co_train.py); the schedule of NCR's run.py and its README's Flickr30K command (lr 2e-4,
+    x0.1 at 30, 5 warm-up epochs, 40); the plain min-max normalisation."""
+    official, default = resolve(preset="ncr-official"), resolve(method="ncr")
+    assert official.optim.fill_epoch is False and default.optim.fill_epoch is True
+    assert official.ncr.separate_steps is True and default.ncr.separate_steps is False
+    schedule = ("lr", "lr_step", "warmup_epochs", "epochs")
+    assert [getattr(official.optim, k) for k in schedule] == [2e-4, 30, 5, 40]
+    assert official.ncr.noisy_start == 20  # half of 40, as the code's num_epochs // 2
+    same = ("batch_size", "grad_clip")
+    assert [getattr(official.optim, k) for k in same] == [getattr(default.optim, k) for k in same]
+    assert official.split.clip_quantile == 1.0
+
+
 def test_a_preset_value_can_still_be_overridden():
     cfg = resolve(preset="sps-f30k", overrides=[("model.sim_dim", 64), ("optim.epochs", 2)])
     assert cfg.model.sim_dim == 64 and cfg.optim.epochs == 2 and cfg.model.embed_dim == 1024

@@ -52,6 +52,10 @@ class ESCConfig:
     # features the BiCro labels compare: "auto" = those the backbone's similarity uses (vse: "global";
     # sgr/saf: "pooled", the mean-pooled features of BiCro's code); fastncl <= 0.1.0 used "pooled" on vse
     label_features: str = option("auto", choices=("auto", "global", "pooled"))
+    # BiCro's ratio of a pair's image and text cosines to its nearest anchor: "positive" (min / max,
+    # 0 when either cosine is not positive) or "code" (ESC's and BiCro's: a / b if below 1, else b / a;
+    # equal on positive cosines, |min| / |max| when both are negative, negative on mixed signs)
+    label_ratio: str = option("positive", choices=("positive", "code"))
     noise_label_cut: float = option(0.5, **PROBABILITY)  # BiCro noise_soft: soft labels <= this become 0
     # "hard" (BiCro's noise_hard): labels <= the cut are left out; "soft" (BiCro scripts, noise_soft): every
     # noisy pair trained, a label-0 pair with margin 0, which pulls the mismatched pairs together
@@ -73,6 +77,7 @@ OFFICIAL = {  # the ESC code on BiCro's (reference-implementations notes, B.3 an
         "esc_normalize": True, "train_esc": "anchor", "division_hardest": False, "anchors_clean": False,
         "warmup": "select", "separate_steps": True, "noisy_start": 20, "clean_labels": "bicro",
         "min_noisy_fraction": 0.01, "mixture": "bmm", "noisy_loss": "soft", "label_features": "pooled",
+        "label_ratio": "code",
     },
     "split": {"clip_quantile": 1.0},
     "optim": {"lr": 2e-4, "lr_step": 30, "warmup_epochs": 10, "epochs": 40, "fill_epoch": False},
@@ -175,7 +180,7 @@ class ESC(Method):
         anchors[torch.topk(confidence, k).indices] = True
         which = self._label_features(peer)
         img, txt = intramodal_features(out.images, which), intramodal_features(out.captions, which)
-        consistency = bicro_consistency(img, txt, img, txt, anchors, ops=self.ops)
+        consistency = bicro_consistency(img, txt, img, txt, anchors, ops=self.ops, ratio=c.label_ratio)
         if c.clean_labels == "one":  # paper (Sec. 3.3): every pair of D_c has label 1
             labels = {"clean": torch.ones_like(consistency)}
         else:  # official (BiCro): anchors 1, the others 0.5 + consistency / 2
@@ -184,7 +189,8 @@ class ESC(Method):
             n = batches["noisy"]
             out_n = forward_pairs(peer, n.images, n.tokens, n.lengths)
             label = bicro_consistency(intramodal_features(out_n.images, which),
-                                      intramodal_features(out_n.captions, which), img, txt, anchors, ops=self.ops)
+                                      intramodal_features(out_n.captions, which), img, txt, anchors, ops=self.ops,
+                                      ratio=c.label_ratio)
             labels["noisy"] = torch.where(label <= c.noise_label_cut, torch.zeros_like(label), label)
         return labels
 

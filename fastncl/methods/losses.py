@@ -56,24 +56,44 @@ def noisy_keep(label: torch.Tensor, c) -> torch.Tensor | None:
     return (label > c.noise_label_cut).to(label.dtype) if c.noisy_loss == "hard" else None
 
 
-def _ratio(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """min(a/b, b/a) for positive cosines; 0 when either is not positive."""
-    return (torch.minimum(a, b).clamp_min(0) / torch.maximum(a, b).clamp_min(1e-6)).clamp(0, 1)
+def _ratio(a: torch.Tensor, b: torch.Tensor, form: str = "positive") -> torch.Tensor:
+    """BiCro's ratio of a pair's two cosines to its nearest anchor, elementwise.
+
+    Args:
+        a: (B,) the cosine in the modality that chose the anchor (its largest); b: (B,) the other
+            modality's cosine to that anchor. fp32.
+        form: "positive": min(a, b) / max(a, b) when both are positive, else 0, in [0, 1].
+            "code": ESC's and BiCro's code (``SIM_SELE``): a / b where that is below 1, else b / a.
+            The same on positive cosines; both negative: min(|a|, |b|) / max(|a|, |b|); mixed signs:
+            a / b, negative and unbounded below. Exact zeros: 0 / 0 (NaN in the code, a NaN loss)
+            gives 0; a / 0 with a < 0 (-inf in the code) gives -1e6, a zero margin as -inf gives.
+            The reference notes write min(a / b, b / a), which differs from the code on mixed signs
+            (docs/methods.md).
+    Returns:
+        (B,) the ratio; a query without an anchor (a = -inf) gets 0.
+    """
+    if form == "positive":
+        return (torch.minimum(a, b).clamp_min(0) / torch.maximum(a, b).clamp_min(1e-6)).clamp(0, 1)
+    r = a / b
+    r = torch.nan_to_num(torch.where(r < 1, r, b / a), nan=0.0, neginf=-1e6)
+    return torch.where(torch.isneginf(a), torch.zeros_like(r), r)
 
 
-def bicro_consistency(q_img, q_txt, k_img, k_txt, key_mask, *, ops: kernels.Ops) -> torch.Tensor:
+def bicro_consistency(q_img, q_txt, k_img, k_txt, key_mask, *, ops: kernels.Ops,
+                      ratio: str = "positive") -> torch.Tensor:
     """BiCro's bidirectional similarity consistency of each query pair with its nearest anchor.
 
     img2text: the anchor whose image is closest to the query image, then the ratio of the image
     cosine and the text cosine to that anchor; text2img: the same with the anchor chosen by
-    caption. Returns (img2text + text2img) / 2 in [0, 1], shape (Bq,). Features are pooled
-    per-modality features; only keys with ``key_mask`` True are anchors.
+    caption. Returns (img2text + text2img) / 2, shape (Bq,): in [0, 1] with ``ratio="positive"``,
+    at most 1 with ``"code"`` (``_ratio``). Features are pooled per-modality features; only keys
+    with ``key_mask`` True are anchors.
     """
     qi, qt, ki, kt = (F.normalize(x.float(), dim=-1) for x in (q_img, q_txt, k_img, k_txt))
     idx, a = ops.proxy_argmax(qi, ki, key_mask)
-    img2text = _ratio(a, (qt * kt[idx.clamp_min(0)]).sum(-1))
+    img2text = _ratio(a, (qt * kt[idx.clamp_min(0)]).sum(-1), ratio)
     idx, a = ops.proxy_argmax(qt, kt, key_mask)
-    text2img = _ratio(a, (qi * ki[idx.clamp_min(0)]).sum(-1))
+    text2img = _ratio(a, (qi * ki[idx.clamp_min(0)]).sum(-1), ratio)
     return (img2text + text2img) / 2
 
 

@@ -10,8 +10,12 @@ NCR/model.py) computes it by default:
 * a prediction q (``ncr_prediction``): the hinge confidence clamp(alpha - mean hinge, 0, alpha)
   divided by the mean of the batch's top floor(B/10) + 1 confidences, clamped to [0, 1];
 * both subsets with the soft margin ``alpha * (m**y - 1) / (m - 1)`` of their targets and the
-  hardest negative (VSE++), summed over the batch, in one optimizer step.
-fastncl's earlier departures stay as options (config.NCRConfig; README glossary).
+  hardest negative (VSE++), summed over the batch, in one optimizer step (``separate_steps``: one
+  step each, clean then noisy, as the code);
+* every target of an iteration computed before its first optimizer step (the code's "label
+  refinement").
+fastncl's earlier departures stay as options (config.NCRConfig; docs/methods.md's glossary);
+``ncr-official`` sets the code's values.
 """
 from __future__ import annotations
 
@@ -50,6 +54,18 @@ class NCRConfig:
     # over the batch's negatives (the warm-up's loss, which does not collapse onto hub images) or
     # "mixed", the two added
     negatives: str = option("hardest", choices=("hardest", "mean", "mixed"))
+    # official: from the noisy phase on, the clean and the noisy batch each get their own optimizer
+    # step (zero the gradients, clip, Adam), clean first (NCR/co_train.py); default: one step on their sum
+    separate_steps: bool = False
+
+
+OFFICIAL = {  # NCR's code (NCR/co_train.py, NCR/model.py); its other values are the defaults
+    "ncr": {"separate_steps": True},
+    "split": {"clip_quantile": 1.0},  # plain min-max, also on a data set whose preset clips the losses (emoji)
+    # one pass over the clean subset per epoch; NCR's run.py: lr 2e-4, x0.1 at epoch 30 (lr_update), 40
+    # epochs; its README's Flickr30K command: 5 warm-up epochs
+    "optim": {"fill_epoch": False, "lr": 2e-4, "lr_step": 30, "warmup_epochs": 5, "epochs": 40},
+}
 
 
 @register
@@ -61,12 +77,15 @@ class NCR(Method):
 
     @classmethod
     def presets(cls):
-        # NCR's code, also on a data set whose preset clips the losses (emoji); its other values are the defaults
-        return {"ncr-official": {"split": {"clip_quantile": 1.0}}}
+        return {"ncr-official": OFFICIAL}
 
     @classmethod
     def fill_defaults(cls, cfg):
         half_the_epochs(cfg, cfg.ncr)
+
+    @property
+    def separate_steps(self):
+        return self.cfg.ncr.separate_steps
 
     def split_losses(self, model, batch):
         sim = forward_pairs(model, batch.images, batch.tokens, batch.lengths).sim
@@ -102,24 +121,38 @@ class NCR(Method):
 
     def train_groups(self, model, peer, batches, peer_prob, co_epoch):
         c = self.cfg.ncr
+        targets = {}
 
-        def clean():
+        def refine():
+            """The iteration's eval-mode targets, once, before its first optimizer step (the code's
+            label refinement): with separate steps the noisy target comes from the weights the clean
+            step started from, as in NCR's code."""
+            if targets:
+                return
             b = batches["clean"]
             p = peer_prob[b.index]
             # code: co-rectified p + (1 - p) q; "peer": the peer's clean probability alone
-            target = p + (1 - p) * self._prediction(model, b) if c.clean_target == "corectified" else p
+            targets["clean"] = p + (1 - p) * self._prediction(model, b) if c.clean_target == "corectified" else p
+            if "noisy" in batches and c.noisy_target == "corefined":  # code: both models' predictions, averaged
+                n = batches["noisy"]
+                targets["noisy"] = (self._prediction(model, n) + self._prediction(peer, n)) / 2
+
+        def clean():
+            refine()
+            b = batches["clean"]
             sim = forward_pairs(model, b.images, b.tokens, b.lengths).sim
-            l_clean = self._soft_triplet(sim, target)
+            l_clean = self._soft_triplet(sim, targets["clean"])
             return {"loss": l_clean, "clean": l_clean.detach()}
 
         def noisy():
+            refine()
             b = batches["noisy"]
-            if c.noisy_target == "corefined":  # code: both models' eval-mode predictions, averaged
-                target = (self._prediction(model, b) + self._prediction(peer, b)) / 2
             sim = forward_pairs(model, b.images, b.tokens, b.lengths).sim
-            if c.noisy_target == "own":  # the model's own train-mode hinge confidence / alpha
-                target = hinge_confidence(sim.detach(), c.margin, ops=self.ops)
+            # "own": the model's own train-mode hinge confidence / alpha
+            target = targets["noisy"] if c.noisy_target == "corefined" else hinge_confidence(
+                sim.detach(), c.margin, ops=self.ops)
             l_noisy = self._soft_triplet(sim, target, noisy_keep(target, c))
             return {"loss": l_noisy, "noisy": l_noisy.detach()}
 
+        # the code's order: the clean step, then the noisy one
         return [clean, noisy] if "noisy" in batches else [clean]
