@@ -117,17 +117,20 @@ def esc_anchor_terms(sim: torch.Tensor, anchor, alpha: float = 0.0, normalize: b
 def triplet_terms(sim: torch.Tensor, margin, hardest: bool) -> torch.Tensor:
     """Per-pair bidirectional hinge triplet loss (VSE++ / NCR / ESC Eq. 1 and 13).
 
-    For pair i with margin m_i and diagonal d_i = sim[i, i]:
-    image i against negative captions j: ``max(m_i + sim[i, j] - d_i, 0)``;
-    caption i against negative images j: ``max(m_i + sim[j, i] - d_i, 0)``.
+    For pair i with diagonal d_i = sim[i, i], against each negative j:
+    image i against caption j: ``max(m^r_ij + sim[i, j] - d_i, 0)``;
+    caption i against image j: ``max(m^c_ij + sim[j, i] - d_i, 0)``.
     ``hardest=True`` takes the largest violation of each direction (VSE++), ``hardest=False``
     the mean over the B - 1 negatives; the two directions are summed.
 
     Args:
         sim: (B, B) similarities.
-        margin: a float, or a (B,) tensor of per-pair margins (pair i's margin applies to both of
-            its directions; the official ESC/BiCro code broadcasts it along the wrong axis for
-            image-to-text, see the README).
+        margin: a float (m^r = m^c = m); a (B,) tensor of per-pair margins, pair i's for both of its
+            directions (m^r_ij = m^c_ij = m_i: the papers' form); or a (B, B) tensor indexed like
+            ``sim``, the margin of the entry a hinge compares (m^r_ij = margin[i, j], m^c_ij =
+            margin[j, i]): NCR's code, which broadcasts its targets against the (B, B) scores
+            (``ncr.margins=broadcast``; docs/methods.md). The ESC/BiCro code's (B,) broadcast,
+            column j's margin in both directions, is the (B, B) form ``m.view(1, B).expand(B, B)``.
     Returns:
         (B,) per-pair losses. With B = 1 there are no negatives and the loss is 0.
     """
@@ -135,11 +138,17 @@ def triplet_terms(sim: torch.Tensor, margin, hardest: bool) -> torch.Tensor:
     s = _acc(sim)
     n = s.shape[0]
     m = torch.as_tensor(margin, device=s.device, dtype=s.dtype)
-    m = m.view(n, 1) if m.dim() == 1 else m
+    if m.dim() > 0 and m.shape not in ((n,), (n, n)):
+        raise ValueError(f"triplet_terms: margin must be a float, a 0-d, a ({n},) or a ({n}, {n}) tensor, "
+                         f"got shape {tuple(m.shape)}")
+    if m.dim() == 2:  # per entry: caption i against image j compares the entry sim[j, i]
+        m_i2t, m_t2i = m, m.T
+    else:  # pair i's margin (a (B, 1) column) or one for all
+        m_i2t = m_t2i = m.view(n, 1) if m.dim() == 1 else m
     diag = s.diagonal().view(n, 1)
     negative = ~torch.eye(n, dtype=torch.bool, device=s.device)
-    cost_i2t = torch.relu(m + s - diag) * negative  # (B, B): row i = image i as query
-    cost_t2i = torch.relu(m + s.T - diag) * negative  # (B, B): row i = caption i as query
+    cost_i2t = torch.relu(m_i2t + s - diag) * negative  # (B, B): row i = image i as query
+    cost_t2i = torch.relu(m_t2i + s.T - diag) * negative  # (B, B): row i = caption i as query
     if hardest:
         return cost_i2t.amax(dim=1) + cost_t2i.amax(dim=1)
     return (cost_i2t.sum(dim=1) + cost_t2i.sum(dim=1)) / max(n - 1, 1)

@@ -91,17 +91,23 @@ def esc_anchor_terms(sim, anchor, alpha: float = 0.0, normalize: bool = False) -
 def triplet_terms(sim, margin, hardest: bool) -> torch.Tensor:
     """Per pair: image i against captions j != i plus caption i against images j != i.
 
-    Each negative costs max(m_i + sim - sim[i][i], 0); hardest takes each direction's largest
-    cost, otherwise each direction's mean over the B - 1 negatives. B = 1 gives 0.
+    Each negative costs max(m + sim - sim[i][i], 0) with m = pair i's margin (a scalar or a (n,)
+    margin) or, for a (n, n) margin, the margin of the entry compared: margin[i][j] for image i
+    against caption j, margin[j][i] for caption i against image j. hardest takes each direction's
+    largest cost, otherwise each direction's mean over the B - 1 negatives. B = 1 gives 0.
     """
     s = _matrix(sim)
     n = len(s)
-    margins = [float(m) for m in _per_pair(margin, n)]
+    if isinstance(margin, torch.Tensor) and margin.dim() == 2:
+        m_i2t = _matrix(margin)  # m_i2t[i][j] = margin[i][j]
+        m_t2i = [list(column) for column in zip(*m_i2t)]  # m_t2i[i][j] = margin[j][i]
+    else:
+        m_i2t = m_t2i = [[float(m)] * n for m in _per_pair(margin, n)]  # row i: pair i's margin
     out = []
     for i in range(n):
-        m, d = margins[i], s[i][i]
-        i2t = [max(m + s[i][j] - d, 0.0) for j in range(n) if j != i]
-        t2i = [max(m + s[j][i] - d, 0.0) for j in range(n) if j != i]
+        d = s[i][i]
+        i2t = [max(m_i2t[i][j] + s[i][j] - d, 0.0) for j in range(n) if j != i]
+        t2i = [max(m_t2i[i][j] + s[j][i] - d, 0.0) for j in range(n) if j != i]
         if not i2t:  # B = 1: no negatives
             out.append(0.0)
         elif hardest:

@@ -284,6 +284,9 @@ def test_loo_table_chooses_each_held_out_set_s_setting_on_the_others_dev(tmp_pat
     cells = loo_table.read_cells(loo_table.parse_runs(None, specs[1::2]))
     assert loo_table.scores(cells, "sps", "c", "x") == pytest.approx({"x": 1.1, "y": 1.25})
     assert loo_table.scores(cells, "sps", "a", "x") == pytest.approx({"x": 1.55, "y": 1.1})
+    # the worst other set instead: held out a, x scores b's 1.1 and y c's 1.0
+    assert loo_table.scores(cells, "sps", "a", "x", "worst") == pytest.approx({"x": 1.1, "y": 1.0})
+    assert loo_table.scores(cells, "sps", "b", "x", "worst") == pytest.approx({"x": 1.1, "y": 1.0})
     assert loo_table.main([*specs, "--out", str(tmp_path / "loo.md")]) == 0
     text = capsys.readouterr().out
     assert (tmp_path / "loo.md").read_text() == text

@@ -188,7 +188,8 @@ def test_official_presets_normalise_as_the_official_codes():
     assert resolve(overrides=emoji).split.clip_quantile == 0.99  # the emoji set's own setting
     for preset in ("ncr-official", "sps-official", "esc-official", "esc-official-f30k", "sps-official-coco"):
         assert resolve(preset=preset, overrides=emoji).split.clip_quantile == 1.0, preset
-    # NCR's defaults are its code but for its two optimizer steps (its noisy start: half its own 40 epochs)
+    # NCR's defaults are its code but for its two optimizer steps, its broadcast margins and its
+    # co-training loss and noisy phase (its noisy start: half its own 40 epochs)
     official, default = resolve(preset="ncr-official").ncr, resolve(method="ncr").ncr
     assert official.separate_steps and official.noisy_start == 20 and official.margins == "broadcast"
     code_loss = {"negatives": "mixed", "train_noisy": False}  # the defaults' co-training loss (docs/results.md)
@@ -219,6 +220,7 @@ def test_noise_zero_and_just_below_one_are_fine():
     ("esc.train_esc", "both"),
     ("esc.warmup", "some"),
     ("esc.label_ratio", "min"),
+    ("ncr.margins", "rows"),
     ("runtime.backend", "cuda"),
     ("model.backbone", "clip"),
     ("data.test_protocol", "5k"),

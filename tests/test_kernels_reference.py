@@ -113,14 +113,19 @@ def test_esc_anchor_terms_int_and_tensor_anchor_agree():
     assert torch.equal(by_int, K.esc_anchor_terms(sim, torch.full((7,), 4), 0.01))
 
 
+# a triplet margin: one for all, pair i's (both directions), or one per entry of sim (NCR's code)
+MARGIN_SHAPES = {"float": lambda n: None, "per_pair": lambda n: (n,), "per_entry": lambda n: (n, n)}
+
+
 @pytest.mark.parametrize("dtype", INPUT_DTYPES, ids=str)
 @pytest.mark.parametrize("hardest", (True, False))
-@pytest.mark.parametrize("margin_kind", ("float", "per_pair"))
+@pytest.mark.parametrize("margin_kind", MARGIN_SHAPES)
 @pytest.mark.parametrize("n", SIZES)
 def test_triplet_terms_matches_oracle(n, margin_kind, hardest, dtype):
     gen, seed = make_generator("triplet", n, margin_kind, hardest, dtype)
     sim = random_sim(n, gen, dtype)
-    margin = 0.2 if margin_kind == "float" else uniform((n,), gen, 0.0, 0.5, torch.float32)
+    shape = MARGIN_SHAPES[margin_kind](n)
+    margin = 0.2 if shape is None else uniform(shape, gen, 0.0, 0.5, torch.float32)
     actual = K.triplet_terms(sim, margin, hardest)
     assert actual.shape == (n,)
     expected = oracles.triplet_terms(sim.double(), margin, hardest)
@@ -263,20 +268,22 @@ def test_esc_anchor_terms_gradcheck(n, anchor_kind, alpha, normalize):
 
 
 @pytest.mark.parametrize("hardest", (True, False))
-@pytest.mark.parametrize("margin_kind", ("float", "per_pair"))
+@pytest.mark.parametrize("margin_kind", MARGIN_SHAPES)
 @pytest.mark.parametrize("n", (2, 5))
 def test_triplet_terms_gradcheck(n, margin_kind, hardest):
     gen, _ = make_generator("triplet-gradcheck", n, margin_kind, hardest)
-    margin = 0.2 if margin_kind == "float" else uniform((n,), gen, 0.05, 0.4, torch.float64)
-    m = torch.as_tensor(margin, dtype=torch.float64).expand(n).view(n, 1)
+    shape = MARGIN_SHAPES[margin_kind](n)
+    margin = 0.2 if shape is None else uniform(shape, gen, 0.05, 0.4, torch.float64)
+    m = torch.as_tensor(margin, dtype=torch.float64)
+    m_i2t, m_t2i = (m, m.T) if m.dim() == 2 else (m.expand(n).view(n, 1),) * 2
 
     def ok(s):
         diag = s.diagonal().view(n, 1)
-        cost_i2t, cost_t2i = off_diagonal(m + s - diag), off_diagonal(m + s.T - diag)
+        cost_i2t, cost_t2i = off_diagonal(m_i2t + s - diag), off_diagonal(m_t2i + s.T - diag)
         if not (_away_from(cost_i2t, 0.0) and _away_from(cost_t2i, 0.0)):
             return False
         if hardest and n > 2:  # the largest cost of each row must be unique
-            for c in ((m + s - diag), (m + s.T - diag)):
+            for c in ((m_i2t + s - diag), (m_t2i + s.T - diag)):
                 c = torch.where(torch.eye(n, dtype=torch.bool), -1.0, c.clamp_min(0))
                 top2 = c.topk(2, dim=1).values
                 if ((top2[:, 0] - top2[:, 1] < 1e-3) & (top2[:, 0] > 0)).any():
@@ -284,7 +291,7 @@ def test_triplet_terms_gradcheck(n, margin_kind, hardest):
         return True
 
     sim = kink_free_sim(n, gen, ok)
-    if margin_kind == "per_pair":  # the margin tensor is differentiable too
+    if margin_kind != "float":  # the margin tensor is differentiable too
         _gradcheck(lambda s, mm: K.triplet_terms(s, mm, hardest), sim, margin)
     else:
         _gradcheck(lambda s: K.triplet_terms(s, margin, hardest), sim)
@@ -496,6 +503,12 @@ def test_non_square_similarity_raises(shape):
             call()
     with pytest.raises(ValueError, match="differ in shape"):
         K.metric_consistency(ok, torch.zeros(3, 3), 0.0)
+
+
+@pytest.mark.parametrize("shape", ((3,), (2, 1), (1, 2), (2, 3), (2, 2, 2)), ids=str)
+def test_triplet_margin_of_another_shape_raises(shape):
+    with pytest.raises(ValueError, match=r"triplet_terms: margin must be a float, a 0-d, a \(2,\) or a \(2, 2\)"):
+        K.triplet_terms(torch.zeros(2, 2), torch.zeros(shape), True)
 
 
 def test_proxy_argmax_shape_mismatch_raises():

@@ -115,10 +115,12 @@ def _triplet_near_kinks(s, margin, hardest):
     0 and, for the hardest negative, every positive maximum is an exact tie (which fp32 and float64
     both see) or clear of the runner-up (whose entry is marked)."""
     n = s.shape[0]
-    m = torch.as_tensor(margin, dtype=torch.float64).expand(n).view(n, 1)
+    m = torch.as_tensor(margin, dtype=torch.float64)
+    m_i2t, m_t2i = (m, m.T) if m.dim() == 2 else (m.expand(n).view(n, 1),) * 2  # reference.triplet_terms' forms
     eye = torch.eye(n, dtype=torch.bool)
     bad = torch.zeros(n, n, dtype=torch.bool)
-    for transposed, cost in ((False, m + s - s.diagonal().view(n, 1)), (True, m + s.T - s.diagonal().view(n, 1))):
+    for transposed, cost in ((False, m_i2t + s - s.diagonal().view(n, 1)),
+                             (True, m_t2i + s.T - s.diagonal().view(n, 1))):
         near = (cost.abs() <= KINK_GAP) & ~eye
         if hardest and n > 2:
             top2 = torch.where(eye, 0.0, cost.clamp_min(0)).topk(2, dim=1)
@@ -141,9 +143,20 @@ def _triplet_sim(n, gen, dtype, margin, hardest, tries=20):
     raise RuntimeError("could not draw a kink-free matrix")
 
 
+def _triplet_margin(kind, n, gen):
+    """float: one for all; per_pair: (B,), pair i's in both directions; per_entry: (B, B), one per
+    entry of sim; column: NCR's (B, 1) targets broadcast against sim, a (B, B) view of stride
+    (1, 0) that the kernel reads in place."""
+    if kind == "float":
+        return 0.2
+    if kind == "per_pair":
+        return uniform((n,), gen, 0.0, 0.5)
+    return uniform((n, n), gen, 0.0, 0.5) if kind == "per_entry" else uniform((n, 1), gen, 0.0, 0.5).expand(n, n)
+
+
 def _triplet_case(margin_kind, hardest):
     def make(n, gen, dtype):
-        margin = 0.2 if margin_kind == "float" else uniform((n,), gen, 0.0, 0.5)
+        margin = _triplet_margin(margin_kind, n, gen)
         sim = _triplet_sim(n, gen, dtype, margin, hardest)
         # a per-pair margin is a differentiable input: its gradient is compared too
         return ((sim,), (margin,)) if margin_kind == "float" else ((sim, margin), ())
@@ -223,7 +236,7 @@ CASES = [_infonce_case(tau) for tau in TAUS] + [
          lambda a, b, backend, alpha=alpha: K.metric_consistency(a, b, alpha, backend=backend))
     for alpha in (0.0, 0.05)
 ] + [
-    _triplet_case(kind, hardest) for kind in ("float", "per_pair") for hardest in (True, False)
+    _triplet_case(kind, hardest) for kind in ("float", "per_pair", "per_entry", "column") for hardest in (True, False)
 ] + [
     _esc_case(kind, alpha, normalize) for kind in ("int", "tensor0d", "per_pair")
     for alpha, normalize in ((0.0, False), (0.05, False), (0.0, True))
@@ -379,7 +392,7 @@ def _grads(fn, *inputs):
 def test_triplet_on_the_kink_passes_no_gradient(hardest):
     # 0.25 + 0.25 - 0.5 == 0 exactly for every negative: torch.relu's convention, mirrored by '>'
     sim = torch.tensor([[0.5, 0.25], [0.25, 0.5]])
-    for margin in (0.25, torch.tensor([0.25, 0.25])):
+    for margin in (0.25, torch.tensor([0.25, 0.25]), torch.full((2, 2), 0.25)):
         inputs = (sim, margin) if isinstance(margin, torch.Tensor) else (sim,)
         out, grads = _grads(lambda s, *m: K.triplet_terms(s, m[0] if m else margin, hardest, backend="triton"), *inputs)
         assert torch.equal(out.cpu(), torch.zeros(2))
@@ -403,6 +416,33 @@ def test_triplet_hardest_ties_share_the_gradient_like_amax():
         assert_close(g, e, 1e-6)
     assert grads[0][0, 3] == 0.5  # half of image 0's unit upstream gradient
     assert grads[0][0, 1] == 1.5  # the other half, plus caption 1's (image 0 is its unique hardest)
+
+
+def test_triplet_per_entry_margin_ties_share_the_gradient_like_amax():
+    """A (B, B) margin: image 0's hardest negatives tie (captions 1 and 3, cost 0.25) and so do
+    caption 2's (images 0 and 1, cost 0.25); multiples of 1/8, so fp32 and float64 tie exactly. The
+    gradients of sim and of the margin equal the reference's, the margin's diagonal gets none."""
+    sim = torch.tensor([[0.5, 0.375, 0.0, 0.375],
+                        [0.0, 0.5, 0.25, -0.5],
+                        [0.25, 0.25, 0.375, 0.0],
+                        [-0.25, 0.0, 0.125, 0.75]])
+    margin = torch.tensor([[0.5, 0.375, 0.625, 0.375],
+                           [0.25, 0.5, 0.375, 0.125],
+                           [0.25, 0.125, 0.5, 0.25],
+                           [0.125, 0.25, 0.375, 0.5]])
+    cost = margin + sim - sim.diagonal().view(4, 1)  # image r against caption c
+    assert cost[0, 1] == cost[0, 3] == 0.25 and cost[0, 2] < 0.25
+    cost_t2i = margin + sim - sim.diagonal().view(1, 4)  # caption c against image r
+    assert cost_t2i[0, 2] == cost_t2i[1, 2] == 0.25 and cost_t2i[3, 2] < 0.25
+    fn = lambda backend: lambda s, m: K.triplet_terms(s, m, True, backend=backend)  # noqa: E731
+    out, grads = _grads(fn("triton"), sim, margin)
+    exp_out, exp_grads = _grads(fn("torch"), sim.double(), margin.double())
+    assert_close(out, exp_out, 1e-6)
+    for g, e in zip(grads, exp_grads):
+        assert_close(g, e, 1e-6)
+    assert grads[0][0, 3] == 0.5 and grads[0][0, 2] == 0.5  # half of image 0's, half of caption 2's
+    assert grads[0][1, 2] == 1.5  # the other half of caption 2's, plus image 1's (caption 2 its unique hardest)
+    assert torch.equal(grads[1].diagonal().cpu(), torch.zeros(4))
 
 
 @pytest.mark.parametrize("op", ("triplet_terms", "esc_division_terms"))
@@ -528,6 +568,7 @@ def _opcheck_args(gen):
         return random_sim(7, gen).to(DEVICE).requires_grad_(grad)
 
     margin = uniform((7,), gen, 0.0, 0.5).to(DEVICE)
+    entry_margin = uniform((7, 7), gen, 0.0, 0.5).to(DEVICE)
     anchors = torch.tensor([0, 2, 1, 5, 5, 3, 6], device=DEVICE)  # self-anchored, mutual and shared rows
     stats = torch.rand(5, 7, generator=gen).to(DEVICE)
     grad = torch.randn(7, generator=gen).to(DEVICE)
@@ -543,6 +584,10 @@ def _opcheck_args(gen):
         (torch.ops.fastncl.triplet_fwd.default, (sim(), margin.clone().requires_grad_(True), 0.0, True)),
         (torch.ops.fastncl.triplet_fwd.default, (sim().T, None, 0.2, False)),
         (torch.ops.fastncl.triplet_bwd.default, (sim(False), None, 0.2, stats, grad, True)),
+        (torch.ops.fastncl.triplet_fwd.default, (sim(), entry_margin.clone().requires_grad_(True), 0.0, False)),
+        (torch.ops.fastncl.triplet_fwd.default, (sim().T, margin.view(7, 1).expand(7, 7), 0.0, True)),
+        (torch.ops.fastncl.triplet_matrix_bwd.default, (sim(False), entry_margin, stats, grad, True, True)),
+        (torch.ops.fastncl.triplet_matrix_bwd.default, (sim(False), entry_margin.T, stats, grad, False, False)),
         (torch.ops.fastncl.esc_anchor_fwd.default, (sim(), anchors, 0, 0.01, False)),
         (torch.ops.fastncl.esc_anchor_fwd.default, (sim().T, None, 3, 0.0, True)),
         (torch.ops.fastncl.esc_anchor_bwd.default, (sim(False), anchors, 0, stats, grad, True)),
@@ -608,6 +653,7 @@ def test_float64_is_a_clear_error():
 @pytest.mark.parametrize("call, match", [
     (lambda s: K.triplet_terms(s, torch.ones(3), True, backend="triton"), "margin must be"),
     (lambda s: K.triplet_terms(s, torch.ones(7, dtype=torch.long), True, backend="triton"), "margin must be"),
+    (lambda s: K.triplet_terms(s, torch.ones(7, 1), True, backend="triton"), r"a \(7,\) or a \(7, 7\) floating"),
     (lambda s: K.esc_division_terms(s, torch.ones(3), 0.5, backend="triton"), "margin must be"),
     (lambda s: K.esc_division_terms(s[:0, :0], 0.2, 0.5, backend="triton"), "B must be >= 1"),
     (lambda s: K.esc_anchor_terms(s, 7, backend="triton"), "anchor 7 is outside"),
@@ -616,7 +662,7 @@ def test_float64_is_a_clear_error():
     (lambda s: K.proxy_argmax(s, s.to(torch.bfloat16), backend="triton"), "one dtype"),
     (lambda s: K.proxy_argmax(s, s, torch.ones(6, dtype=torch.bool), backend="triton"), "key_mask must be"),
     (lambda s: K.proxy_argmax(s, s, torch.ones(7), backend="triton"), "key_mask must be"),
-], ids=("margin-shape", "margin-dtype", "division-margin-shape", "division-empty", "anchor-range", "anchor-dtype",
+], ids=("margin-shape", "margin-dtype", "margin-column", "division-margin-shape", "division-empty", "anchor-range", "anchor-dtype",
         "anchor-shape", "proxy-dtypes", "mask-shape", "mask-dtype"))
 def test_bad_arguments_are_clear_errors(call, match):
     sim = torch.zeros(7, 7, device=DEVICE)

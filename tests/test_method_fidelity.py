@@ -1,7 +1,7 @@
-"""The methods compute what their sources compute: NCR's targets and optimizer steps against a
-float64 re-statement of NCR's code, ESC's BiCro labels from the features the similarity is built on
-and with the code's ratio, the noisy-subset start, SPS's reliable-set floor, the hinge baseline,
-the data-set presets, and the warnings a degenerate split gets.
+"""The methods compute what their sources compute: NCR's targets, margins and optimizer steps
+against a float64 re-statement of NCR's code, ESC's BiCro labels from the features the similarity
+is built on and with the code's ratio, the noisy-subset start, SPS's reliable-set floor, the hinge
+baseline, the data-set presets, and the warnings a degenerate split gets.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from fastncl.config import data_preset
 from fastncl.data.batches import Batch
 from fastncl.methods import ESC, NCR, SPS, Hinge
-from fastncl.kernels import AUTO
+from fastncl.kernels import AUTO, Ops
 from fastncl.methods.losses import _ratio, bicro_consistency, ncr_prediction
 from fastncl.models import VSE, Encoding
 
@@ -60,6 +60,38 @@ def ncr_train_loss(sim: torch.Tensor, target: torch.Tensor, margin: float = 0.2,
     hardest = cost_s.max(dim=1).values.sum() + cost_im.max(dim=0).values.sum()
     mean = (cost_s.sum(dim=1).sum() + cost_im.sum(dim=0).sum()) / (b - 1)  # over the B - 1 negatives
     return {"hardest": hardest, "mean": mean, "mixed": hardest + mean}[negatives]
+
+
+def ncr_code_loss(sim: torch.Tensor, target: torch.Tensor, margin: float = 0.2, base: float = 10.0):
+    """NCR's ContrastiveLoss in "train" mode (exponential soft margin, hardest negative) with the
+    targets in the shapes NCR's co_train.py gives them, broadcast against the (B, B) scores as torch
+    broadcasts them: a clean target (B, B) (its (B, 1) probabilities and labels against its (B,)
+    prediction), a noisy one (B, 1) (``view(-1, 1)``). Both hinges add the margin of the entry
+    compared: cost_s[i, j] = [M_ij + S_ij - S_ii]_+, max over j; cost_im[i, j] = [M_ij + S_ij - S_jj]_+,
+    max over i."""
+    s = sim.double()
+    b = s.shape[0]
+    m = margin * (base ** target.double() - 1) / (base - 1)
+    d = s.diagonal().view(b, 1)
+    eye = torch.eye(b, dtype=torch.bool)
+    cost_s = (m + s - d.expand(b, b)).clamp_min(0).masked_fill(eye, 0)
+    cost_im = (m + s - d.T.expand(b, b)).clamp_min(0).masked_fill(eye, 0)
+    return cost_s.max(dim=1).values.sum() + cost_im.max(dim=0).values.sum()
+
+
+def ncr_code_targets(model, peer, batches, peer_prob, broadcast: bool):
+    """NCR's label refinement (eval mode, float64): the clean target p * 1 + (1 - p) q and the noisy
+    (q_model + q_peer) / 2, as (B, B) and (B, 1) (the code's shapes) with ``broadcast``, else (B,)."""
+    with torch.no_grad():
+        model.eval()
+        p = peer_prob[batches["clean"].index].double()
+        labels = torch.ones_like(p)
+        if broadcast:  # the code's collate stacks (1,) tensors: p and the labels are (B, 1)
+            p, labels = p.view(-1, 1), labels.view(-1, 1)
+        target_clean = p * labels + (1 - p) * ncr_predict(sim_of(model, batches["clean"]))
+        target_noisy = (ncr_predict(sim_of(model, batches["noisy"])) + ncr_predict(sim_of(peer, batches["noisy"]))) / 2
+        model.train()
+    return target_clean, target_noisy.view(-1, 1) if broadcast else target_noisy
 
 
 def sim_of(model, b: Batch) -> torch.Tensor:
@@ -128,6 +160,47 @@ def test_ncr_departures_stay_options():
     close(noisy()["loss"], ncr_train_loss(sim, own))
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_ncr_broadcast_margins_are_the_codes(backend):
+    """ncr.margins=broadcast: NCR's clean and noisy losses and their gradients equal the float64
+    restatement of NCR's code (``ncr_code_loss`` on the code's (B, B) clean and (B, 1) noisy targets),
+    with the reference ops and with the Triton kernels (on CPU in the interpreter); the per-pair
+    default's differ (the paper's form: pair i's margin in both directions). Dropout 0.5, so that
+    eval-mode targets and train-mode losses differ; the same draws in both."""
+    if backend == "triton":
+        pytest.importorskip("triton", reason="the Triton kernels need the triton package")
+        if torch.cuda.is_available():
+            pytest.skip("CPU tensors reach the Triton kernels only in the interpreter (tests/conftest.py: no GPU)")
+    model, peer = tiny_model(0, dropout=0.5), tiny_model(1, dropout=0.5)
+    peer.eval()
+    batches = {"clean": tiny_batch(1, 12, 0), "noisy": tiny_batch(2, 12, 12)}
+    peer_prob = torch.linspace(0.05, 0.95, 24)
+    targets = dict(zip(("clean", "noisy"), ncr_code_targets(model, peer, batches, peer_prob, broadcast=True)))
+    assert targets["clean"].shape == (12, 12) and targets["noisy"].shape == (12, 1)
+    params = list(model.parameters())
+    got = {}
+    for margins in ("broadcast", "per_pair"):
+        method = NCR(config(("ncr.margins", margins), method="ncr"), ops=Ops(backend))
+        for seed, group in zip((7, 8), method.train_groups(model, peer, batches, peer_prob, co_epoch=100)):
+            torch.manual_seed(seed)
+            loss = group()["loss"]
+            got[margins, group.__name__] = float(loss.detach())
+            if margins == "per_pair":
+                continue
+            torch.manual_seed(seed)  # the same dropout draw: the eval-mode forwards draw nothing
+            expected = ncr_code_loss(sim_of(model, batches[group.__name__]), targets[group.__name__])
+            close(loss, expected)
+            for g, e in zip(torch.autograd.grad(loss, params), torch.autograd.grad(expected, params)):
+                _close(g, e, rtol=1e-5)
+    for name in ("clean", "noisy"):
+        assert abs(got["broadcast", name] - got["per_pair", name]) > 1e-3 * got["per_pair", name], got
+
+
+def test_ncr_official_broadcasts_the_margins():
+    assert config(preset="ncr-official").ncr.margins == "broadcast"
+    assert config(method="ncr").ncr.margins == "per_pair"
+
+
 @pytest.mark.parametrize("negatives", ["mean", "mixed"])
 def test_the_triplet_losss_negatives_are_an_option(negatives):
     """ncr.negatives / esc.negatives: the co-training hinge over the mean of the negatives, or the
@@ -155,42 +228,42 @@ def code_adam_step(model, opt, loss, clip: float) -> float:
     return float(norm)
 
 
-def ncr_code_iteration(model, peer, batches, peer_prob, two_steps: bool, lr: float, clip: float):
+def ncr_code_iteration(model, peer, batches, peer_prob, two_steps: bool, lr: float, clip: float,
+                       broadcast: bool = False):
     """One iteration of NCR's co_train.py ``train`` on ``model`` (changed in place): the label
     refinement (both targets, eval mode, before any step), then ``SGRAF.train`` on the clean batch
-    and on the noisy batch (``two_steps``), or one step on their sum. Returns the targets and the
-    gradient norms before the clip."""
+    and on the noisy batch (``two_steps``), or one step on their sum; the margins broadcast as the
+    code's (``broadcast``: ``ncr_code_loss``) or per pair (``ncr_train_loss``). Returns the targets
+    and the gradient norms before the clip."""
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    with torch.no_grad():
-        model.eval()
-        p = peer_prob[batches["clean"].index].double()
-        target_clean = p + (1 - p) * ncr_predict(sim_of(model, batches["clean"]))
-        target_noisy = (ncr_predict(sim_of(model, batches["noisy"])) + ncr_predict(sim_of(peer, batches["noisy"]))) / 2
-        model.train()
-    loss_clean = ncr_train_loss(sim_of(model, batches["clean"]), target_clean)
+    target_clean, target_noisy = ncr_code_targets(model, peer, batches, peer_prob, broadcast)
+    train_loss = ncr_code_loss if broadcast else ncr_train_loss
+    loss_clean = train_loss(sim_of(model, batches["clean"]), target_clean)
     if two_steps:  # the clean step, then the noisy one on the updated weights
         norms = [code_adam_step(model, opt, loss_clean, clip)]
-        norms.append(code_adam_step(model, opt, ncr_train_loss(sim_of(model, batches["noisy"]), target_noisy), clip))
+        norms.append(code_adam_step(model, opt, train_loss(sim_of(model, batches["noisy"]), target_noisy), clip))
     else:
-        loss = loss_clean + ncr_train_loss(sim_of(model, batches["noisy"]), target_noisy)
+        loss = loss_clean + train_loss(sim_of(model, batches["noisy"]), target_noisy)
         norms = [code_adam_step(model, opt, loss, clip)]
     return (target_clean, target_noisy), norms
 
 
-@pytest.mark.parametrize("separate", [True, False])
-def test_ncr_optimizer_steps_are_the_codes(separate):
+@pytest.mark.parametrize("separate, margins", [(True, "per_pair"), (False, "per_pair"), (True, "broadcast")])
+def test_ncr_optimizer_steps_are_the_codes(separate, margins):
     """ncr.separate_steps=true: after one iteration (run_step, clip 2.0, Adam) the model's parameters
     equal NCR's code restated (``ncr_code_iteration``: two clipped Adam steps, clean then noisy);
-    false (the default): one clipped step on the summed loss. Both: the targets the losses got are
-    the ones of the weights before the iteration (with two steps the noisy one is not recomputed
-    after the clean step), every step's gradient norm exceeds the clip, and the two ways end at
-    different parameters. Dropout 0.5, the same draws in both."""
+    false (the default): one clipped step on the summed loss; with ncr.margins=broadcast as well
+    (ncr-official), the code itself: its broadcast margins in both steps. All: the targets the losses
+    got are the ones of the weights before the iteration (with two steps the noisy one is not
+    recomputed after the clean step), every step's gradient norm exceeds the clip, and the two ways
+    end at different parameters. Dropout 0.5, the same draws in both."""
     import copy
 
     from fastncl.step import run_step
 
     clip, lr = 2.0, 1e-2
-    method = NCR(config(("ncr.separate_steps", separate), method="ncr"))
+    broadcast = margins == "broadcast"
+    method = NCR(config(("ncr.separate_steps", separate), ("ncr.margins", margins), method="ncr"))
     assert method.separate_steps is separate
     model, peer = tiny_model(0, dropout=0.5), tiny_model(1, dropout=0.5)
     peer.eval()
@@ -214,17 +287,17 @@ def test_ncr_optimizer_steps_are_the_codes(separate):
     assert int(opt.state[model.region_proj.weight]["step"]) == (2 if separate else 1)
 
     torch.manual_seed(5)
-    targets, norms = ncr_code_iteration(expected, peer, batches, peer_prob, separate, lr, clip)
+    targets, norms = ncr_code_iteration(expected, peer, batches, peer_prob, separate, lr, clip, broadcast)
     torch.manual_seed(5)
-    ncr_code_iteration(other, peer, batches, peer_prob, not separate, lr, clip)
+    ncr_code_iteration(other, peer, batches, peer_prob, not separate, lr, clip, broadcast)
     for got, want in zip(model.parameters(), expected.parameters()):
         _close(got.detach(), want.detach(), rtol=1e-5)
-    close(seen[0], targets[0])
-    close(seen[1], targets[1])
+    close(seen[0], targets[0])  # broadcast: the (B, B) target
+    close(seen[1], targets[1].view(-1))  # the method keeps the noisy target (B,) and broadcasts its (B, 1) view
     with torch.no_grad():
         model.eval()
         after = (ncr_predict(sim_of(model, batches["noisy"])) + ncr_predict(sim_of(peer, batches["noisy"]))) / 2
-    assert (after - targets[1]).abs().max() > 1e-3  # the updated weights would give another target
+    assert (after - targets[1].view(-1)).abs().max() > 1e-3  # the updated weights would give another target
     assert min(norms) > clip
     assert any(not torch.allclose(a, b, atol=1e-5) for a, b in zip(expected.parameters(), other.parameters()))
 

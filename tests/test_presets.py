@@ -58,12 +58,14 @@ def test_esc_schedules(dataset):
 
 
 def test_ncr_official_runs_the_codes_epoch_and_steps():
-    """ncr-official: one pass over the clean subset per epoch and two optimizer steps per iteration
-    (NCR's co_train.py); the schedule of NCR's run.py and its README's Flickr30K command (lr 2e-4,
-    x0.1 at 30, 5 warm-up epochs, 40); the plain min-max normalisation."""
+    """ncr-official: one pass over the clean subset per epoch, two optimizer steps per iteration and
+    the targets broadcast into the margins (NCR's co_train.py and model.py); the schedule of NCR's
+    run.py and its README's Flickr30K command (lr 2e-4, x0.1 at 30, 5 warm-up epochs, 40); the plain
+    min-max normalisation."""
     official, default = resolve(preset="ncr-official"), resolve(method="ncr")
     assert official.optim.fill_epoch is False and default.optim.fill_epoch is True
     assert official.ncr.separate_steps is True and default.ncr.separate_steps is False
+    assert official.ncr.margins == "broadcast" and default.ncr.margins == "per_pair"
     schedule = ("lr", "lr_step", "warmup_epochs", "epochs")
     assert [getattr(official.optim, k) for k in schedule] == [2e-4, 30, 5, 40]
     assert official.ncr.noisy_start == 20  # half of 40, as the code's num_epochs // 2

@@ -14,7 +14,10 @@ For each method and each held-out set S, the candidate chosen without S is the o
 highest score on the other sets: the mean, over every other set T and noise rate, of the method's
 dev RSum (the best epoch's, by which the checkpoint is chosen; mean over seeds) divided by
 vanilla's on T at that rate under the reference candidate (--reference: the first one named).
-Only candidates run on every other set compete, and test numbers never enter a choice. The
+With ``--score worst`` a candidate's score is instead its lowest such ratio (the set where it does
+worst against vanilla): the choice that guards the issue's target, at least vanilla on every set,
+rather than the one a set with large ratios pulls up. Only candidates run on every other set
+compete, and test numbers never enter a choice. The
 held-out set's row is then the chosen candidate's runs on S: test RSum (mean ± sample std over
 seeds), its gain over vanilla's row (vanilla with its own choice), the fraction of what the noise
 costs vanilla that it wins back (clean vanilla minus noisy vanilla), the split AUC of the last
@@ -76,9 +79,10 @@ def clean_reference(cells: dict, data: str) -> dict | None:
     return next((row for (d, _, m, n), row in cells.items() if (d, m, n) == (data, BASELINE, 0.0)), None)
 
 
-def scores(cells: dict, method: str, held_out: str, reference: str) -> dict[str, float]:
-    """Each candidate's score for ``method`` on the sets other than ``held_out`` (see the module's doc);
-    only candidates with runs on every other set that has noisy runs of the method."""
+def scores(cells: dict, method: str, held_out: str, reference: str, how: str = "mean") -> dict[str, float]:
+    """Each candidate's score for ``method`` on the sets other than ``held_out`` (see the module's doc):
+    the ``mean`` or the ``worst`` of its dev ratios; only candidates with runs on every other set that
+    has noisy runs of the method."""
     noisy = {k: v for k, v in cells.items() if k[3] > 0}
     others = sorted({d for d, c, m, _ in noisy if m == method and d != held_out})
     out = {}
@@ -96,11 +100,11 @@ def scores(cells: dict, method: str, held_out: str, reference: str) -> dict[str,
                                      f"to score {method}")
                 ratios.append(cells[(data, cand, method, noise)]["dev_rsum"] / base["dev_rsum"])
         if complete and ratios:
-            out[cand] = float(np.mean(ratios))
+            out[cand] = float(np.mean(ratios) if how == "mean" else np.min(ratios))
     return out
 
 
-def held_out_table(cells: dict, held_out: str, reference: str) -> str:
+def held_out_table(cells: dict, held_out: str, reference: str, how: str = "mean") -> str:
     methods = list(dict.fromkeys(m for d, c, m, n in cells if d == held_out and n > 0))
     methods = sorted(methods, key=lambda m: m != BASELINE)  # vanilla first: the others are measured against it
     rates = sorted({n for d, _, m, n in cells if d == held_out and n > 0})
@@ -113,7 +117,7 @@ def held_out_table(cells: dict, held_out: str, reference: str) -> str:
     for noise in rates:
         base = None
         for method in methods:
-            score = scores(cells, method, held_out, reference)
+            score = scores(cells, method, held_out, reference, how)
             if not score:
                 continue
             chosen = max(score, key=score.get)
@@ -152,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", action="append", required=True, help="SET:CANDIDATE=DIR (repeated)")
     p.add_argument("--reference", help="the candidate whose vanilla runs scale each set's dev RSum (default: the "
                                        "first one named)")
+    p.add_argument("--score", choices=("mean", "worst"), default="mean",
+                   help="a candidate's score on the other sets: the mean of its dev ratios to vanilla, or the worst")
     p.add_argument("--out", help="also write the tables to this Markdown file")
     args = p.parse_args(argv)
     runs = parse_runs(p, args.runs)
@@ -162,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     sets = list(dict.fromkeys(d for d, _, _, _ in cells))
     if len(sets) < 2:
         p.error("--runs: leave-one-out needs runs of at least two data sets")
-    text = "\n\n".join([held_out_table(cells, s, reference) for s in sets] + [every_cell(cells)])
+    text = "\n\n".join([held_out_table(cells, s, reference, args.score) for s in sets] + [every_cell(cells)])
     if args.out:
         Path(args.out).write_text(text + "\n", encoding="utf-8")
     print(text)

@@ -42,9 +42,14 @@ def soft_triplet(sim: torch.Tensor, label: torch.Tensor, margin: float, base: fl
     negative (``negatives="hardest"``, the papers and codes), the mean over its negatives ("mean"),
     or the two added ("mixed").
 
+    ``label`` (B,) gives pair i's margin to both of its directions; a (B, 1) or (B, B) label is
+    broadcast against the (B, B) similarities as NCR's code does, each hinge taking the margin of
+    the entry it compares (``triplet_terms``' (B, B) form; a (B, 1) column is expanded, not copied).
     ``keep`` (B,) optionally weighs each pair's term (0 leaves a pair out).
     """
     m = soft_margin(label, margin, base)
+    if m.dim() == 2:
+        m = m.expand(sim.shape)
     terms = (ops.triplet_terms(sim, m, hardest=negatives != "mean") if negatives != "mixed"
              else ops.triplet_terms(sim, m, hardest=True) + ops.triplet_terms(sim, m, hardest=False))
     return (terms if keep is None else terms * keep).sum()

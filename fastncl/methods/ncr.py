@@ -12,6 +12,10 @@ NCR/model.py) computes it by default:
 * both subsets with the soft margin ``alpha * (m**y - 1) / (m - 1)`` of their targets and the
   hardest negative (VSE++), summed over the batch, in one optimizer step (``separate_steps``: one
   step each, clean then noisy, as the code);
+* pair i's margin in both of its directions, the paper's per-pair form (``margins="broadcast"``:
+  the code's, whose (B, 1) targets broadcast against the (B, B) scores: a clean entry (i, j) gets
+  the margin of p_i + (1 - p_i) q_j, and a noisy caption j's text-to-image hinge against image i
+  the margin of image i's target);
 * every target of an iteration computed before its first optimizer step (the code's "label
   refinement").
 fastncl's earlier departures stay as options (config.NCRConfig; docs/methods.md's glossary);
@@ -62,12 +66,17 @@ class NCRConfig:
     # official: from the noisy phase on, the clean and the noisy batch each get their own optimizer
     # step (zero the gradients, clip, Adam), clean first (NCR/co_train.py); default: one step on their sum
     separate_steps: bool = False
+    # the soft margins: "per_pair" (the paper: pair i's margin in both of its directions) or
+    # "broadcast" (NCR's code: its (B, 1) targets broadcast against the (B, B) scores; each hinge
+    # takes the margin of the entry it compares: clean entry (i, j) m(p_i + (1 - p_i) q_j) with the
+    # peer's p and the model's own q, noisy entry (i, j) image i's m(t_i) in both directions)
+    margins: str = option("per_pair", choices=("per_pair", "broadcast"))
 
 
 CODE_LOSS = {"negatives": "hardest", "train_noisy": True}  # the paper's and the code's co-training loss and noisy phase
 
 OFFICIAL = {  # NCR's code (NCR/co_train.py, NCR/model.py); its other values are the defaults
-    "ncr": {**CODE_LOSS, "separate_steps": True},
+    "ncr": {**CODE_LOSS, "separate_steps": True, "margins": "broadcast"},
     "split": {"clip_quantile": 1.0},  # plain min-max, also on a data set whose preset clips the losses (emoji)
     # one pass over the clean subset per epoch; NCR's run.py: lr 2e-4, x0.1 at epoch 30 (lr_update), 40
     # epochs; its README's Flickr30K command: 5 warm-up epochs
@@ -114,6 +123,8 @@ class NCR(Method):
 
     def _soft_triplet(self, sim, label, keep=None):
         c = self.cfg.ncr
+        if c.margins == "broadcast" and label.dim() == 1:
+            label = label.view(-1, 1)  # NCR's code: a (B, 1) target, image i's in both directions of row i
         return soft_triplet(sim, label, c.margin, c.soft_margin_base, keep, ops=self.ops, negatives=c.negatives)
 
     def active_subsets(self, co_epoch):
@@ -139,6 +150,8 @@ class NCR(Method):
                 return
             b = batches["clean"]
             p = peer_prob[b.index]
+            if c.margins == "broadcast":  # NCR's code: its (B, 1) p against its (B,) q: (B, B), p_i + (1 - p_i) q_j
+                p = p.view(-1, 1)
             # code: co-rectified p + (1 - p) q; "peer": the peer's clean probability alone
             targets["clean"] = p + (1 - p) * self._prediction(model, b) if c.clean_target == "corectified" else p
             if "noisy" in batches and c.noisy_target == "corefined":  # code: both models' predictions, averaged
