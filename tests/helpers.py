@@ -40,6 +40,17 @@ def config(*overrides, preset=None, method=None):
     return resolve(preset=preset, method=method, overrides=list(overrides))
 
 
+# NCR's and ESC's co-training loss and noisy phase as their papers and codes have them (the
+# defaults train the clean subset alone with the hardest and the mean negative added)
+CODE_LOSS = (("ncr.negatives", "hardest"), ("ncr.train_noisy", True), ("esc.negatives", "hardest"),
+             ("esc.train_noisy", True))
+
+
+def code_config(*overrides, preset=None, method=None):
+    """``config`` with NCR's and ESC's loss and noisy phase as their codes (CODE_LOSS), then ``overrides``."""
+    return config(*CODE_LOSS, *overrides, preset=preset, method=method)
+
+
 def fake_fit(clean_prob) -> MixtureFit:
     p = np.asarray(clean_prob, dtype=np.float64)
     return MixtureFit(clean_prob=p, normalized=1 - p, kind="gmm", params={})

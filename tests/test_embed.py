@@ -723,7 +723,8 @@ def test_an_undecodable_image_stops_an_error_mode_run_that_resumes_when_fixed(in
 # -- 7. training on the result ----------------------------------------------------------------------
 TRAIN = ["--noise", "0.2", "--seed", "0", "runtime.threads=1", "runtime.progress=false", "runtime.device=cpu",
          "optim.epochs=1", "optim.warmup_epochs=1", "optim.batch_size=8", "model.embed_dim=16", "model.word_dim=8",
-         "sps.quasi_clean_start=0", "sps.noisy_start=1", "esc.noisy_start=1", "ncr.noisy_start=1"]
+         "sps.quasi_clean_start=0", "sps.noisy_start=1", "esc.noisy_start=1", "ncr.noisy_start=1",
+         "esc.train_noisy=true", "ncr.train_noisy=true"]
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ TINY = [
     "data.synthetic.regions=8",  # the synthetic images need >= 7 regions (6 attributes, one shown twice)
     "data.synthetic.idiosyncratic_words=50", "model.embed_dim=16", "model.word_dim=8", "optim.batch_size=16",
     "optim.warmup_epochs=1", "optim.epochs=2", "optim.lr_step=0", "sps.quasi_clean_start=0", "sps.noisy_start=1",
-    "esc.noisy_start=1", "ncr.noisy_start=1", "runtime.progress=false", "runtime.threads=1", "runtime.device=cpu",
+    "esc.noisy_start=1", "ncr.noisy_start=1", "esc.train_noisy=true", "ncr.train_noisy=true", "runtime.progress=false", "runtime.threads=1", "runtime.device=cpu",
 ]
 RUNS = {  # flags, and overrides after the common ones
     "vanilla": (["--method", "vanilla"], []),

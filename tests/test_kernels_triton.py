@@ -408,14 +408,21 @@ def test_triplet_hardest_ties_share_the_gradient_like_amax():
                         [0.25, 0.25, 0.375, 0.0],
                         [-0.25, 0.0, 0.125, 0.75]])
     margin = torch.tensor([0.375, 0.25, 0.25, 0.125])
+    grads = _hardest_triplet_matches_the_reference(sim, margin)
+    assert grads[0][0, 3] == 0.5  # half of image 0's unit upstream gradient
+    assert grads[0][0, 1] == 1.5  # the other half, plus caption 1's (image 0 is its unique hardest)
+
+
+def _hardest_triplet_matches_the_reference(sim, margin):
+    """The Triton hardest-negative triplet loss and its gradients (of sim, of the margin) against the
+    float64 reference, to 1e-6; returns the Triton gradients."""
     fn = lambda backend: lambda s, m: K.triplet_terms(s, m, True, backend=backend)  # noqa: E731
     out, grads = _grads(fn("triton"), sim, margin)
     exp_out, exp_grads = _grads(fn("torch"), sim.double(), margin.double())
     assert_close(out, exp_out, 1e-6)
     for g, e in zip(grads, exp_grads):
         assert_close(g, e, 1e-6)
-    assert grads[0][0, 3] == 0.5  # half of image 0's unit upstream gradient
-    assert grads[0][0, 1] == 1.5  # the other half, plus caption 1's (image 0 is its unique hardest)
+    return grads
 
 
 def test_triplet_per_entry_margin_ties_share_the_gradient_like_amax():
@@ -434,12 +441,7 @@ def test_triplet_per_entry_margin_ties_share_the_gradient_like_amax():
     assert cost[0, 1] == cost[0, 3] == 0.25 and cost[0, 2] < 0.25
     cost_t2i = margin + sim - sim.diagonal().view(1, 4)  # caption c against image r
     assert cost_t2i[0, 2] == cost_t2i[1, 2] == 0.25 and cost_t2i[3, 2] < 0.25
-    fn = lambda backend: lambda s, m: K.triplet_terms(s, m, True, backend=backend)  # noqa: E731
-    out, grads = _grads(fn("triton"), sim, margin)
-    exp_out, exp_grads = _grads(fn("torch"), sim.double(), margin.double())
-    assert_close(out, exp_out, 1e-6)
-    for g, e in zip(grads, exp_grads):
-        assert_close(g, e, 1e-6)
+    grads = _hardest_triplet_matches_the_reference(sim, margin)
     assert grads[0][0, 3] == 0.5 and grads[0][0, 2] == 0.5  # half of image 0's, half of caption 2's
     assert grads[0][1, 2] == 1.5  # the other half of caption 2's, plus image 1's (caption 2 its unique hardest)
     assert torch.equal(grads[1].diagonal().cpu(), torch.zeros(4))

@@ -18,7 +18,8 @@ from fastncl.models import VSE, Encoding
 
 from helpers import close as _close
 from helpers import one_thread  # noqa: F401 (an autouse fixture)
-from helpers import config, fake_fit, tiny_batch, tiny_model
+from helpers import code_config as config  # the methods as their codes train (CODE_LOSS) unless a test says otherwise
+from helpers import fake_fit, tiny_batch, tiny_model
 
 
 def close(actual, expected):
@@ -304,12 +305,20 @@ def test_ncr_optimizer_steps_are_the_codes(separate, margins):
 @pytest.mark.parametrize("method, epochs, noisy_start", [("ncr", 12, 6), ("ncr", 40, 20), ("esc", 12, 6),
                                                           ("esc", 7, 3)])
 def test_noisy_subset_joins_after_half_the_epochs(method, epochs, noisy_start):
-    cfg = config(("optim.epochs", epochs), method=method)
+    cfg = config(("optim.epochs", epochs), (f"{method}.train_noisy", True), method=method)
     assert getattr(cfg, method).noisy_start == noisy_start
     m = NCR(cfg) if method == "ncr" else ESC(cfg)
     assert m.active_subsets(noisy_start - 1) == ("clean",)
     assert m.active_subsets(noisy_start) == ("clean", "noisy")
     assert getattr(config((f"{method}.noisy_start", 0), method=method), method).noisy_start == 0  # explicit wins
+
+
+@pytest.mark.parametrize("method", ["ncr", "esc"])
+def test_train_noisy_off_trains_the_clean_subset_alone(method):
+    cfg = config(("optim.epochs", 12), (f"{method}.train_noisy", False), method=method)
+    m = NCR(cfg) if method == "ncr" else ESC(cfg)
+    assert [m.active_subsets(e) for e in (0, 6, 11, 100)] == [("clean",)] * 4
+    assert "noisy" in m.subset_names  # the split still names the noisy pairs (diagnostics, guard)
 
 
 def test_ncr_trains_only_the_clean_subset_before_noisy_start():

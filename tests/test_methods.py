@@ -25,7 +25,8 @@ from fastncl.step import Precision
 from fastncl.train import Trainer
 
 from helpers import one_thread  # noqa: F401 (an autouse fixture)
-from helpers import ROOT, close, config, fake_fit, tiny_batch, tiny_model
+from helpers import code_config as config  # the methods as their codes train (CODE_LOSS) unless a test says otherwise
+from helpers import ROOT, close, fake_fit, tiny_batch, tiny_model
 
 
 class FixedSim:

@@ -77,3 +77,15 @@ def test_ncr_official_runs_the_codes_epoch_and_steps():
 def test_a_preset_value_can_still_be_overridden():
     cfg = resolve(preset="sps-f30k", overrides=[("model.sim_dim", 64), ("optim.epochs", 2)])
     assert cfg.model.sim_dim == 64 and cfg.optim.epochs == 2 and cfg.model.embed_dim == 1024
+
+
+def test_ncr_and_esc_default_loss_and_the_presets_that_restore_the_papers():
+    """The defaults train the clean subset alone with the hardest and the mean negative added (chosen
+    leave-one-data-set-out, docs/results.md); every paper or code preset restores the hardest negative
+    and the noisy phase."""
+    for method in ("ncr", "esc"):
+        section = getattr(resolve(method=method), method)
+        assert (section.negatives, section.train_noisy) == ("mixed", False)
+    for name in ("ncr-official", "esc-official", "esc-f30k", "esc-official-coco", "esc-cc152k"):
+        section = getattr(resolve(preset=name), name.split("-")[0])
+        assert (section.negatives, section.train_noisy) == ("hardest", True), name

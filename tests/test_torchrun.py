@@ -28,7 +28,7 @@ TINY = [
     "data.synthetic.feature_dim=16", "data.synthetic.regions=8", "data.synthetic.idiosyncratic_words=50",
     "model.embed_dim=16", "model.word_dim=8", "model.dropout=0", "optim.batch_size=16", "optim.warmup_epochs=1",
     "optim.epochs=2", "optim.lr_step=0", "sps.quasi_clean_start=0", "sps.noisy_start=1", "esc.noisy_start=1",
-    "ncr.noisy_start=1", "sps.reliable_threshold=0.8", "runtime.progress=false", "runtime.threads=1",
+    "ncr.noisy_start=1", "esc.train_noisy=true", "ncr.train_noisy=true", "sps.reliable_threshold=0.8", "runtime.progress=false", "runtime.threads=1",
     "runtime.device=cpu",
 ]
 TIMEOUT = 300  # seconds: a hang fails the test instead of the CI job
