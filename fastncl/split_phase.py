@@ -69,6 +69,16 @@ class EpochSplit:
         return SplitFile.build(self.losses, self.fits, self.divisions, self.clean_mask)
 
 
+def mean_signal(losses: list[np.ndarray], state: LoopState) -> list[np.ndarray]:
+    """Each model's min-max normalised ``losses`` averaged over the epochs seen so far, this one
+    included (split.signal=mean); ``state`` carries the sums and the count. No clipping here: the
+    fit clips (split.clip_quantile) the average once."""
+    normalized = [normalize_losses(x) for x in losses]
+    state.signal_sum = normalized if state.signal_sum is None else [a + b for a, b in zip(state.signal_sum, normalized)]
+    state.signal_epochs += 1
+    return [x / state.signal_epochs for x in state.signal_sum]
+
+
 class SplitPhase:
     def __init__(self, method, signal: str, clean_mask: np.ndarray | None, n: int, batches, bar, precision,
                  graphs: bool):
@@ -122,12 +132,7 @@ class SplitPhase:
         """What each model's mixture is fitted to (split.signal): this epoch's losses, or their
         min-max normalised values averaged over the split epochs so far (the fit then clips and
         normalises the average as it would a loss)."""
-        if self.signal == "loss":
-            return losses
-        normalized = [normalize_losses(x) for x in losses]  # the fit clips (split.clip_quantile) the average once
-        state.signal_sum = normalized if state.signal_sum is None else [a + b for a, b in zip(state.signal_sum, normalized)]
-        state.signal_epochs += 1
-        return [x / state.signal_epochs for x in state.signal_sum]
+        return losses if self.signal == "loss" else mean_signal(losses, state)
 
     def _diagnostics(self, fits, divisions) -> SplitQuality:
         """Each model's split quality (the detected noisy set: the method's noisy subset where it

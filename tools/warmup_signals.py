@@ -26,9 +26,10 @@ import tempfile
 
 import numpy as np
 
+from fastncl.checkpoint import LoopState
 from fastncl.config import parse_override, resolve
-from fastncl.methods.mixture import normalize_losses
 from fastncl.methods.registry import get, names as method_names
+from fastncl.split_phase import mean_signal
 from fastncl.train import Trainer
 
 
@@ -37,6 +38,7 @@ class WarmupProbe(Trainer):
 
     rows: list[dict]
     losses: list[list[np.ndarray]]  # per epoch, each model's (N,) split losses
+    averaged: LoopState  # the running sums of the normalised losses (split.signal=mean's)
 
     def _epoch(self, epoch: int, total: int) -> None:
         from sklearn.metrics import roc_auc_score
@@ -51,7 +53,7 @@ class WarmupProbe(Trainer):
             row["auc_loss"].append(float(roc_auc_score(self.pairs.clean, -loss)))
             row["auc_prob"].append(float(roc_auc_score(self.pairs.clean, fit.clean_prob)))
             row["clean_weight"].append(float(fit.params["weights"][0]))
-        means = [np.mean([normalize_losses(e[k]) for e in self.losses], axis=0) for k in range(len(self.fast))]
+        means = mean_signal(self.losses[-1], self.averaged)
         row["auc_mean"] = [float(roc_auc_score(self.pairs.clean, -m)) for m in means]
         row["auc_mean_both"] = float(roc_auc_score(self.pairs.clean, -np.mean(means, axis=0)))
         self.rows.append(row)
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.out:
         shutil.rmtree(out)  # a fresh run folder: RunDir creates it
     probe = WarmupProbe(cfg)
-    probe.rows, probe.losses = [], []
+    probe.rows, probe.losses, probe.averaged = [], [], LoopState()
     try:
         probe.fit()
         if args.out:
