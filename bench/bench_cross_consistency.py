@@ -6,6 +6,7 @@ and (j, i) together); forward+backward also reads S and writes dS: 3 B^2 e. Memo
 import torch
 
 from conftest import Work, embeddings, measure, params, similarity
+from targets import SHAPES
 
 ALPHA = 0.0  # the SPS code's value (no hinge)
 
@@ -19,6 +20,6 @@ def cost(B, D, e, mode):
     return 0, (1 if mode == "fwd" else 3) * B * B * e
 
 
-@params("cross_consistency", sizes=(128, 1024, 8192))
+@params("cross_consistency", **SHAPES["cross_consistency"])
 def bench_cross_consistency(benchmark, cuda, op, provider, B, D, dtype, mode):
     measure(benchmark, op=op, provider=provider, B=B, D=D, dtype=dtype, mode=mode, make=make, cost=cost, alpha=ALPHA)

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from conftest import Work, embeddings, measure, params
+from targets import SHAPES
 
 ALPHA = 0.01  # fastncl's consistency_margin (the tile kernels at every B)
 
@@ -35,14 +36,13 @@ def cost_alpha0(B, D, e, mode):
     return (6 if mode == "fwd" else 14) * B * D * D, (2 if mode == "fwd" else 4) * B * D * e
 
 
-@params("cross_consistency_embed", sizes=(128, 1024, 8192, 32768), dims=(256, 1024))
+@params("cross_consistency_embed", **SHAPES["cross_consistency_embed"])
 def bench_cross_consistency_embed(benchmark, cuda, op, provider, B, D, dtype, mode):
     measure(benchmark, op=op, provider=provider, B=B, D=D, dtype=dtype, mode=mode, make=make, cost=cost, alpha=ALPHA)
 
 
 @pytest.mark.variant
-@params("cross_consistency_embed", sizes=(1024, 2048, 8192, 32768), dims=(256, 1024), dtypes=("bf16",),
-        modes=("fwd+bwd",))
+@params("cross_consistency_embed", **SHAPES["cross_consistency_embed_alpha0"])
 def bench_cross_consistency_embed_alpha0(benchmark, cuda, op, provider, B, D, dtype, mode):
     measure(benchmark, op=op, provider=provider, B=B, D=D, dtype=dtype, mode=mode,
             make=functools.partial(make, alpha=0.0), cost=cost_alpha0, variant="alpha=0", alpha=0.0)

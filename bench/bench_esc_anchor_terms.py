@@ -6,6 +6,7 @@ the backward writes the dense dS (zero outside row a, column a and the diagonal)
 3 B e + B^2 e. Memory-bound.
 """
 from conftest import Work, embeddings, measure, params, similarity, soft_labels
+from targets import SHAPES
 
 
 def make(B, D, dtype, grad, gen):
@@ -19,7 +20,7 @@ def cost(B, D, e, mode):
     return 0, 3 * B * e + (0 if mode == "fwd" else B * B * e)
 
 
-@params("esc_anchor_terms", sizes=(128, 1024, 8192))
+@params("esc_anchor_terms", **SHAPES["esc_anchor_terms"])
 def bench_esc_anchor_terms(benchmark, cuda, op, provider, B, D, dtype, mode):
     measure(benchmark, op=op, provider=provider, B=B, D=D, dtype=dtype, mode=mode, make=make, cost=cost,
             normalize=True)

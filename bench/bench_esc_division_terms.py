@@ -6,6 +6,7 @@ Triton objective is specified for B <= 256; larger B is skipped if it refuses.
 Model (e = bytes per element): forward reads S once, B^2 e bytes; forward+backward 3 B^2 e.
 """
 from conftest import Work, embeddings, measure, params, similarity, soft_labels
+from targets import SHAPES
 
 ESC_WEIGHT, ALPHA = 0.5, 0.0
 
@@ -20,7 +21,7 @@ def cost(B, D, e, mode):
     return 0, (1 if mode == "fwd" else 3) * B * B * e
 
 
-@params("esc_division_terms", sizes=(128, 1024, 8192))
+@params("esc_division_terms", **SHAPES["esc_division_terms"])
 def bench_esc_division_terms(benchmark, cuda, op, provider, B, D, dtype, mode):
     measure(benchmark, op=op, provider=provider, B=B, D=D, dtype=dtype, mode=mode, make=make, cost=cost,
             launches=True, esc_weight=ESC_WEIGHT, alpha=ALPHA, hardest=True, normalize=True)

@@ -4,6 +4,7 @@ Model (e = bytes per element of sim): no matmul; the forward reads S once, B^2 e
 backward reads S again and writes dS, so forward+backward moves 3 B^2 e. Memory-bound.
 """
 from conftest import Work, embeddings, measure, params, similarity, soft_labels
+from targets import SHAPES
 
 TAU = 0.07
 
@@ -18,6 +19,6 @@ def cost(B, D, e, mode):
     return 0, (1 if mode == "fwd" else 3) * B * B * e
 
 
-@params("infonce_terms", sizes=(128, 1024, 8192))
+@params("infonce_terms", **SHAPES["infonce_terms"])
 def bench_infonce_terms(benchmark, cuda, op, provider, B, D, dtype, mode):
     measure(benchmark, op=op, provider=provider, B=B, D=D, dtype=dtype, mode=mode, make=make, cost=cost, tau=TAU)

@@ -8,7 +8,7 @@ B = 65536 (bf16, D = 1024, forward+backward, one timed call) is the capacity run
 reference is expected to run out of memory there on an 80 GB GPU.
 """
 from conftest import Work, embeddings, measure, params, soft_labels
-from targets import CAPACITY_B
+from targets import CAPACITY_B, SHAPES
 
 TAU = 0.07
 
@@ -23,8 +23,7 @@ def cost(B, D, e, mode):
     return (2 if mode == "fwd" else 8) * B * B * D, (2 if mode == "fwd" else 6) * B * D * e
 
 
-@params("infonce_terms_embed", sizes=(128, 1024, 8192, 32768), dims=(256, 1024),
-        extra=[(CAPACITY_B, 1024, "bf16", "fwd+bwd")])
+@params("infonce_terms_embed", **SHAPES["infonce_terms_embed"])
 def bench_infonce_terms_embed(benchmark, cuda, op, provider, B, D, dtype, mode):
     measure(benchmark, op=op, provider=provider, B=B, D=D, dtype=dtype, mode=mode, make=make, cost=cost, tau=TAU,
             quick=B >= CAPACITY_B)

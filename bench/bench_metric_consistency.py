@@ -6,6 +6,7 @@ forward+backward also reads them again and writes both gradients: 6 B^2 e. Memor
 import torch
 
 from conftest import Work, embeddings, measure, params, similarity
+from targets import SHAPES
 
 ALPHA = 0.0  # the SPS code's value (no hinge)
 
@@ -21,6 +22,6 @@ def cost(B, D, e, mode):
     return 0, (2 if mode == "fwd" else 6) * B * B * e
 
 
-@params("metric_consistency", sizes=(128, 1024, 8192))
+@params("metric_consistency", **SHAPES["metric_consistency"])
 def bench_metric_consistency(benchmark, cuda, op, provider, B, D, dtype, mode):
     measure(benchmark, op=op, provider=provider, B=B, D=D, dtype=dtype, mode=mode, make=make, cost=cost, alpha=ALPHA)

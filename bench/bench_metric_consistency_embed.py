@@ -8,10 +8,11 @@ T8): the same numbers as cross_consistency_embed's (its ``cost``).
 """
 from bench_cross_consistency_embed import ALPHA, cost, make
 from conftest import measure, params
+from targets import SHAPES
 
 __all__ = ["cost", "make"]
 
 
-@params("metric_consistency_embed", sizes=(128, 1024, 8192, 32768), dims=(256, 1024))
+@params("metric_consistency_embed", **SHAPES["metric_consistency_embed"])
 def bench_metric_consistency_embed(benchmark, cuda, op, provider, B, D, dtype, mode):
     measure(benchmark, op=op, provider=provider, B=B, D=D, dtype=dtype, mode=mode, make=make, cost=cost, alpha=ALPHA)

@@ -5,6 +5,7 @@ Model (e = bytes per element): 2 B^2 D FLOPs (the score matrix, never stored); r
 keys once, 2 B D e bytes. Matmul-bound from B of a few hundred on.
 """
 from conftest import Work, embeddings, measure, params, soft_labels
+from targets import SHAPES
 
 
 def make(B, D, dtype, grad, gen):
@@ -17,6 +18,6 @@ def cost(B, D, e, mode):
     return 2 * B * B * D, 2 * B * D * e
 
 
-@params("proxy_argmax", sizes=(128, 1024, 8192), dims=(256,), modes=("fwd",))
+@params("proxy_argmax", **SHAPES["proxy_argmax"])
 def bench_proxy_argmax(benchmark, cuda, op, provider, B, D, dtype, mode):
     measure(benchmark, op=op, provider=provider, B=B, D=D, dtype=dtype, mode=mode, make=make, cost=cost)

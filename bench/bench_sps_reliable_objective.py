@@ -9,6 +9,7 @@ forward+backward 9 B^2 e. At B = 128 the floor is launch latency, not bytes.
 import torch
 
 from conftest import Work, embeddings, measure, params, similarity
+from targets import SHAPES
 
 TAU, ALPHA, CROSS_WEIGHT, METRIC_WEIGHT = 0.07, 0.0, 25.0, 25.0
 
@@ -24,7 +25,7 @@ def cost(B, D, e, mode):
     return 0, (3 if mode == "fwd" else 9) * B * B * e
 
 
-@params("sps_reliable_objective", sizes=(128, 1024, 8192))
+@params("sps_reliable_objective", **SHAPES["sps_reliable_objective"])
 def bench_sps_reliable_objective(benchmark, cuda, op, provider, B, D, dtype, mode):
     measure(benchmark, op=op, provider=provider, B=B, D=D, dtype=dtype, mode=mode, make=make, cost=cost,
             launches=True, tau=TAU, alpha=ALPHA, cross_weight=CROSS_WEIGHT, metric_weight=METRIC_WEIGHT)

@@ -5,6 +5,7 @@ Model (e = bytes per element): the forward reads S once, B^2 e bytes (rows and c
 sweep); forward+backward also reads S and writes dS: 3 B^2 e. Memory-bound.
 """
 from conftest import Work, embeddings, measure, params, similarity, soft_labels
+from targets import SHAPES
 
 
 def make(B, D, dtype, grad, gen):
@@ -17,7 +18,7 @@ def cost(B, D, e, mode):
     return 0, (1 if mode == "fwd" else 3) * B * B * e
 
 
-@params("triplet_terms", sizes=(128, 1024, 8192))
+@params("triplet_terms", **SHAPES["triplet_terms"])
 def bench_triplet_terms(benchmark, cuda, op, provider, B, D, dtype, mode):
     measure(benchmark, op=op, provider=provider, B=B, D=D, dtype=dtype, mode=mode, make=make, cost=cost,
             hardest=True)

@@ -106,10 +106,10 @@ def cuda():
     return torch.device("cuda")
 
 
-def params(op: str, sizes, dims=(None,), dtypes=tuple(DTYPES), modes=MODES, extra=()):
+def params(op: str, sizes, dims=(None,), dtypes=targets.BENCH_DTYPES, modes=MODES, extra=()):
     """The parametrization of a bench_<op> function: op x provider x B x D x dtype x mode, the three
     providers of one shape next to each other (one pytest-benchmark group). ``extra`` adds
-    (B, D, dtype, mode) combinations outside the grid."""
+    (B, D, dtype, mode) combinations outside the grid. The bench files pass ``targets.SHAPES``."""
     combos = [(B, D, dt, m) for B in sizes for D in dims for dt in dtypes for m in modes] + list(extra)
     return pytest.mark.parametrize("op,provider,B,D,dtype,mode", [
         pytest.param(op, p, B, D, dt, m, id=f"{op}-B{B}" + (f"-D{D}" if D else "") + f"-{dt}-{m}-{p}")
