@@ -1,6 +1,6 @@
 """bench/roofline.py: the counts against hand computations, the kernels' counts against their
-docstrings, kernel >= minimum everywhere, the GPU names, and the command that writes the Markdown
-section. Pure arithmetic: about a second."""
+docstrings, kernel >= minimum everywhere, the GPU names, the Markdown section of docs/kernels.md
+and the command that writes it. Pure arithmetic: about a second."""
 from __future__ import annotations
 
 import math
@@ -148,6 +148,22 @@ def test_every_benchmark_record_gets_its_bound_on_every_known_gpu():
                     rf = roofline.record_fields(op, B, D, dtype, mode, name, **params)
                     assert rf["roofline_ms"] > 0 and rf["roofline_kernel_ms"] >= rf["roofline_ms"] * (1 - 1e-12)
                     assert "roofline_note" not in rf, rf
+
+
+def test_docs_section_is_generated_and_up_to_date():
+    pytest.importorskip("triton", reason="the section holds the kernels' own bounds")
+    section = roofline.markdown()
+    assert section.startswith(roofline.BEGIN) and section.rstrip().endswith(roofline.END)
+    for title, *_ in roofline.SECTIONS:
+        assert f"### {title}" in section
+    assert "{" not in section and "nan" not in section  # every number of the notes filled in
+    doc = (ROOT / "docs" / "kernels.md").read_text(encoding="utf-8")
+    assert roofline.replace_section(doc, section) == doc, \
+        "docs/kernels.md's Roofline section is out of date: python bench/roofline.py --write docs/kernels.md"
+    # the B = 8192 bf16 row of infonce_terms: bytes, exps and both bounds, forward / backward
+    row = next(line for line in section.split("### `infonce_terms(sim, tau)`")[1].splitlines()
+               if line.startswith("| 8192 | bf16 |"))
+    assert "| 134 MB / 269 MB | 134 M / 134 M | 40.1 HBM / 80.2 HBM | 65.9 HBM / 132 HBM |" in row
 
 
 def test_write_replaces_the_section_atomically_and_bad_input_is_one_line(tmp_path, capsys):
