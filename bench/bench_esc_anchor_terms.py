@@ -1,11 +1,10 @@
 """esc_anchor_terms(sim, anchor, normalize=True): the official ESC code's row-normalised terms
 against one anchor pair a = argmax_i S_ii (ESC Eq. 6-8).
 
-Model (e = bytes per element): the forward needs row a, column a and the diagonal, 3 B e bytes;
-the backward writes the dense dS (zero outside row a, column a and the diagonal): forward+backward
-3 B e + B^2 e. Memory-bound.
+Roofline (minimal bytes, FLOPs, SFU operations; bound on H100 and A100): bench/roofline.py.
 """
 from conftest import Work, embeddings, measure, params, similarity, soft_labels
+from targets import SHAPES
 
 
 def make(B, D, dtype, grad, gen):
@@ -15,11 +14,6 @@ def make(B, D, dtype, grad, gen):
                 upstream=(soft_labels(B, gen),))
 
 
-def cost(B, D, e, mode):
-    return 0, 3 * B * e + (0 if mode == "fwd" else B * B * e)
-
-
-@params("esc_anchor_terms", sizes=(128, 1024, 8192))
+@params("esc_anchor_terms", **SHAPES["esc_anchor_terms"])
 def bench_esc_anchor_terms(benchmark, cuda, op, provider, B, D, dtype, mode):
-    measure(benchmark, op=op, provider=provider, B=B, D=D, dtype=dtype, mode=mode, make=make, cost=cost,
-            normalize=True)
+    measure(benchmark, op=op, provider=provider, B=B, D=D, dtype=dtype, mode=mode, make=make, normalize=True)

@@ -3,9 +3,10 @@ loss l_hard + beta l_ESC with its anchor, in one call (beta = 0.5, alpha = 0, ha
 row-normalised l_ESC: the official code's settings), with its kernel launches counted. The fused
 Triton objective is specified for B <= 256; larger B is skipped if it refuses.
 
-Model (e = bytes per element): forward reads S once, B^2 e bytes; forward+backward 3 B^2 e.
+Roofline (minimal bytes, FLOPs, SFU operations; bound on H100 and A100): bench/roofline.py.
 """
 from conftest import Work, embeddings, measure, params, similarity, soft_labels
+from targets import SHAPES
 
 ESC_WEIGHT, ALPHA = 0.5, 0.0
 
@@ -16,11 +17,7 @@ def make(B, D, dtype, grad, gen):
     return Work(args=(sim, margin, ESC_WEIGHT, ALPHA, True, True), leaves=(sim,), upstream=(soft_labels(B, gen), None))
 
 
-def cost(B, D, e, mode):
-    return 0, (1 if mode == "fwd" else 3) * B * B * e
-
-
-@params("esc_division_terms", sizes=(128, 1024, 8192))
+@params("esc_division_terms", **SHAPES["esc_division_terms"])
 def bench_esc_division_terms(benchmark, cuda, op, provider, B, D, dtype, mode):
-    measure(benchmark, op=op, provider=provider, B=B, D=D, dtype=dtype, mode=mode, make=make, cost=cost,
-            launches=True, esc_weight=ESC_WEIGHT, alpha=ALPHA, hardest=True, normalize=True)
+    measure(benchmark, op=op, provider=provider, B=B, D=D, dtype=dtype, mode=mode, make=make, launches=True,
+            esc_weight=ESC_WEIGHT, alpha=ALPHA, hardest=True, normalize=True)

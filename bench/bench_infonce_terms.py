@@ -1,9 +1,9 @@
 """infonce_terms(sim, tau) on a given (B, B) similarity matrix (SPS Eq. 1, 2, 15).
 
-Model (e = bytes per element of sim): no matmul; the forward reads S once, B^2 e bytes; the
-backward reads S again and writes dS, so forward+backward moves 3 B^2 e. Memory-bound.
+Roofline (minimal bytes, FLOPs, SFU operations; bound on H100 and A100): bench/roofline.py.
 """
 from conftest import Work, embeddings, measure, params, similarity, soft_labels
+from targets import SHAPES
 
 TAU = 0.07
 
@@ -14,10 +14,6 @@ def make(B, D, dtype, grad, gen):
     return Work(args=(sim, TAU), leaves=(sim,), upstream=(w, w, None, None))
 
 
-def cost(B, D, e, mode):
-    return 0, (1 if mode == "fwd" else 3) * B * B * e
-
-
-@params("infonce_terms", sizes=(128, 1024, 8192))
+@params("infonce_terms", **SHAPES["infonce_terms"])
 def bench_infonce_terms(benchmark, cuda, op, provider, B, D, dtype, mode):
-    measure(benchmark, op=op, provider=provider, B=B, D=D, dtype=dtype, mode=mode, make=make, cost=cost, tau=TAU)
+    measure(benchmark, op=op, provider=provider, B=B, D=D, dtype=dtype, mode=mode, make=make, tau=TAU)

@@ -1,14 +1,12 @@
 """infonce_terms_embed(img, txt, tau): bidirectional InfoNCE terms of img @ txt.T from the (B, D)
 embeddings, without materialising B x B (the Triton kernel); the references form the matrix.
 
-Model (e = bytes per element): forward 2 B^2 D FLOPs (S once) and 2 B D e bytes; forward+backward
-8 B^2 D FLOPs (recompute S, dS @ txt, dS.T @ img) and 6 B D e bytes (read both twice, write both
-gradients). Matmul-bound above B of about 400 (performance.md section 3).
+Roofline (minimal bytes, FLOPs, SFU operations; bound on H100 and A100): bench/roofline.py.
 B = 65536 (bf16, D = 1024, forward+backward, one timed call) is the capacity run: the eager
 reference is expected to run out of memory there on an 80 GB GPU.
 """
 from conftest import Work, embeddings, measure, params, soft_labels
-from targets import CAPACITY_B
+from targets import CAPACITY_B, SHAPES
 
 TAU = 0.07
 
@@ -19,12 +17,7 @@ def make(B, D, dtype, grad, gen):
     return Work(args=(img, txt, TAU), leaves=(img, txt), upstream=(w, w, None, None))
 
 
-def cost(B, D, e, mode):
-    return (2 if mode == "fwd" else 8) * B * B * D, (2 if mode == "fwd" else 6) * B * D * e
-
-
-@params("infonce_terms_embed", sizes=(128, 1024, 8192, 32768), dims=(256, 1024),
-        extra=[(CAPACITY_B, 1024, "bf16", "fwd+bwd")])
+@params("infonce_terms_embed", **SHAPES["infonce_terms_embed"])
 def bench_infonce_terms_embed(benchmark, cuda, op, provider, B, D, dtype, mode):
-    measure(benchmark, op=op, provider=provider, B=B, D=D, dtype=dtype, mode=mode, make=make, cost=cost, tau=TAU,
+    measure(benchmark, op=op, provider=provider, B=B, D=D, dtype=dtype, mode=mode, make=make, tau=TAU,
             quick=B >= CAPACITY_B)

@@ -2,16 +2,15 @@
 matrices img_feats @ img_feats.T and txt_feats @ txt_feats.T, from the (B, D) features.
 
 Inputs: two (B, D) L2-normalised feature sets and alpha, as for cross_consistency_embed (its
-``make``). Model (e = bytes per element): using the Grams' symmetry (upper-triangle tiles), forward
-2 B^2 D FLOPs and 2 B D e bytes; forward+backward 8 B^2 D FLOPs and 6 B D e bytes (performance.md
-T8): the same numbers as cross_consistency_embed's (its ``cost``).
+``make``). Roofline (minimal bytes, FLOPs, SFU operations; bound on H100 and A100): bench/roofline.py.
 """
-from bench_cross_consistency_embed import ALPHA, cost, make
+from bench_cross_consistency_embed import ALPHA, make
 from conftest import measure, params
+from targets import SHAPES
 
-__all__ = ["cost", "make"]
+__all__ = ["make"]
 
 
-@params("metric_consistency_embed", sizes=(128, 1024, 8192, 32768), dims=(256, 1024))
+@params("metric_consistency_embed", **SHAPES["metric_consistency_embed"])
 def bench_metric_consistency_embed(benchmark, cuda, op, provider, B, D, dtype, mode):
-    measure(benchmark, op=op, provider=provider, B=B, D=D, dtype=dtype, mode=mode, make=make, cost=cost, alpha=ALPHA)
+    measure(benchmark, op=op, provider=provider, B=B, D=D, dtype=dtype, mode=mode, make=make, alpha=ALPHA)

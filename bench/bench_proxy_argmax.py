@@ -1,10 +1,10 @@
 """proxy_argmax(query, keys, key_mask): for every noisy image the most similar reliable one
 (SPS Eq. 11); no gradient, so forward only. About 70 % of the keys are valid.
 
-Model (e = bytes per element): 2 B^2 D FLOPs (the score matrix, never stored); reads query and
-keys once, 2 B D e bytes. Matmul-bound from B of a few hundred on.
+Roofline (minimal bytes, FLOPs, SFU operations; bound on H100 and A100): bench/roofline.py.
 """
 from conftest import Work, embeddings, measure, params, soft_labels
+from targets import SHAPES
 
 
 def make(B, D, dtype, grad, gen):
@@ -13,10 +13,6 @@ def make(B, D, dtype, grad, gen):
     return Work(args=(query, keys, key_mask))
 
 
-def cost(B, D, e, mode):
-    return 2 * B * B * D, 2 * B * D * e
-
-
-@params("proxy_argmax", sizes=(128, 1024, 8192), dims=(256,), modes=("fwd",))
+@params("proxy_argmax", **SHAPES["proxy_argmax"])
 def bench_proxy_argmax(benchmark, cuda, op, provider, B, D, dtype, mode):
-    measure(benchmark, op=op, provider=provider, B=B, D=D, dtype=dtype, mode=mode, make=make, cost=cost)
+    measure(benchmark, op=op, provider=provider, B=B, D=D, dtype=dtype, mode=mode, make=make)

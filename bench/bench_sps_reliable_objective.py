@@ -3,12 +3,13 @@ reliable-batch objective L^re + 25 L^cro + 25 L^met (the SPS code's weights, alp
 with its kernel launches counted (target at B = 128: <= 4 launches, <= 25 us, <= 10 us in a CUDA
 graph). The fused Triton objective is specified for B <= 256; larger B is skipped if it refuses.
 
-Model (e = bytes per element): forward reads the three (B, B) matrices once, 3 B^2 e bytes;
-forward+backward 9 B^2 e. At B = 128 the floor is launch latency, not bytes.
+Roofline (minimal bytes, FLOPs, SFU operations; bound on H100 and A100): bench/roofline.py. At
+B = 128 the floor is launch latency, not bytes.
 """
 import torch
 
 from conftest import Work, embeddings, measure, params, similarity
+from targets import SHAPES
 
 TAU, ALPHA, CROSS_WEIGHT, METRIC_WEIGHT = 0.07, 0.0, 25.0, 25.0
 
@@ -20,11 +21,7 @@ def make(B, D, dtype, grad, gen):
                 upstream=(torch.ones((), device=img.device), None, None, None))
 
 
-def cost(B, D, e, mode):
-    return 0, (3 if mode == "fwd" else 9) * B * B * e
-
-
-@params("sps_reliable_objective", sizes=(128, 1024, 8192))
+@params("sps_reliable_objective", **SHAPES["sps_reliable_objective"])
 def bench_sps_reliable_objective(benchmark, cuda, op, provider, B, D, dtype, mode):
-    measure(benchmark, op=op, provider=provider, B=B, D=D, dtype=dtype, mode=mode, make=make, cost=cost,
-            launches=True, tau=TAU, alpha=ALPHA, cross_weight=CROSS_WEIGHT, metric_weight=METRIC_WEIGHT)
+    measure(benchmark, op=op, provider=provider, B=B, D=D, dtype=dtype, mode=mode, make=make, launches=True,
+            tau=TAU, alpha=ALPHA, cross_weight=CROSS_WEIGHT, metric_weight=METRIC_WEIGHT)

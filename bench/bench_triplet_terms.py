@@ -1,10 +1,10 @@
 """triplet_terms(sim, margin, hardest=True): VSE++ hardest-negative hinge in both directions with
 per-pair (soft) margins (ESC Eq. 1, 13; NCR).
 
-Model (e = bytes per element): the forward reads S once, B^2 e bytes (rows and columns in one
-sweep); forward+backward also reads S and writes dS: 3 B^2 e. Memory-bound.
+Roofline (minimal bytes, FLOPs, SFU operations; bound on H100 and A100): bench/roofline.py.
 """
 from conftest import Work, embeddings, measure, params, similarity, soft_labels
+from targets import SHAPES
 
 
 def make(B, D, dtype, grad, gen):
@@ -13,11 +13,6 @@ def make(B, D, dtype, grad, gen):
     return Work(args=(sim, margin, True), leaves=(sim,), upstream=(soft_labels(B, gen),))
 
 
-def cost(B, D, e, mode):
-    return 0, (1 if mode == "fwd" else 3) * B * B * e
-
-
-@params("triplet_terms", sizes=(128, 1024, 8192))
+@params("triplet_terms", **SHAPES["triplet_terms"])
 def bench_triplet_terms(benchmark, cuda, op, provider, B, D, dtype, mode):
-    measure(benchmark, op=op, provider=provider, B=B, D=D, dtype=dtype, mode=mode, make=make, cost=cost,
-            hardest=True)
+    measure(benchmark, op=op, provider=provider, B=B, D=D, dtype=dtype, mode=mode, make=make, hardest=True)

@@ -4,7 +4,7 @@ Every loss-op benchmark compares three providers measured in the same run: "trit
 (``fastncl.kernels.<op>(..., backend="triton")``), "eager" (``fastncl.kernels.reference.<op>``)
 and "compiled" (``torch.compile(reference.<op>, dynamic=False)``, one wrapper per op per session,
 each shape compiled and warmed up before timing). Each bench_<op>.py file holds only its
-parametrization, its inputs and its FLOP/byte model; ``measure`` does the rest:
+parametrization (its shapes: ``targets.SHAPES``) and its inputs; ``measure`` does the rest:
 
 1. builds the inputs outside the timed region (L2-normalised embeddings, similarities in [-1, 1],
    per-sample upstream gradients as the methods' soft labels give them);
@@ -21,7 +21,10 @@ parametrization, its inputs and its FLOP/byte model; ``measure`` does the rest:
 
 Everything lands in ``benchmark.extra_info`` (GPU name, torch/Triton versions, op, provider, B,
 D, dtype, mode and the numbers) and, when ``FASTNCL_BENCH_RECORDS`` names a file, as one JSON line
-per benchmark there (tools/gpu_report.py reads it; it survives a run that is cut short).
+per benchmark there (tools/gpu_report.py reads it; it survives a run that is cut short). With the
+numbers goes the op's roofline (bench/roofline.py): its minimal bytes, FLOPs and SFU operations,
+and on a GPU with a published spec there (H100 SXM, H200, A100 SXM) the bound and the measured
+time as a fraction of it (``roofline_fraction`` = bound / median; ``roofline_note`` on another GPU).
 
 Benchmarks that enter one of the issue's targets (bench/targets.py) carry the ``target`` mark and
 run first: ``pytest bench/ -m target`` runs only them. Without a GPU everything here is skipped
@@ -39,6 +42,7 @@ from typing import Callable
 import pytest
 import torch
 
+import roofline
 import targets
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -106,10 +110,10 @@ def cuda():
     return torch.device("cuda")
 
 
-def params(op: str, sizes, dims=(None,), dtypes=tuple(DTYPES), modes=MODES, extra=()):
+def params(op: str, sizes, dims=(None,), dtypes=targets.BENCH_DTYPES, modes=MODES, extra=()):
     """The parametrization of a bench_<op> function: op x provider x B x D x dtype x mode, the three
     providers of one shape next to each other (one pytest-benchmark group). ``extra`` adds
-    (B, D, dtype, mode) combinations outside the grid."""
+    (B, D, dtype, mode) combinations outside the grid. The bench files pass ``targets.SHAPES``."""
     combos = [(B, D, dt, m) for B in sizes for D in dims for dt in dtypes for m in modes] + list(extra)
     return pytest.mark.parametrize("op,provider,B,D,dtype,mode", [
         pytest.param(op, p, B, D, dt, m, id=f"{op}-B{B}" + (f"-D{D}" if D else "") + f"-{dt}-{m}-{p}")
@@ -283,19 +287,24 @@ def _free() -> None:
 
 
 def measure(benchmark, *, op: str, provider: str, B: int, D: int | None, dtype: str, mode: str,
-            make: Callable[..., Work], cost: Callable | None = None, launches: bool = False, quick: bool = False,
-            variant: str | None = None, **info) -> None:
+            make: Callable[..., Work], launches: bool = False, quick: bool = False, variant: str | None = None,
+            **info) -> None:
     """Benchmark one (op, provider, B, D, dtype, mode); see the module docstring for the steps.
 
-    ``make(B, D, torch_dtype, grad, gen)`` builds the Work; ``cost(B, D, element_size, mode)`` gives
-    the op's minimal (FLOPs, bytes) (its file's model), from which the report derives TFLOP/s, GB/s
-    and the fraction of the H100 floor. ``quick``: one timed call only (capacity runs); ``info``
-    goes into extra_info as is (tau, alpha, ...); ``variant`` records the op as "op (variant)"."""
+    ``make(B, D, torch_dtype, grad, gen)`` builds the Work. The op's roofline (bench/roofline.py,
+    with the parameters in ``info`` that change it: alpha, normalize, ...) gives the record its
+    minimal ``flops``, ``bytes`` and ``exp`` (the report derives TFLOP/s and GB/s from them) and, on
+    a known GPU, ``roofline_ms`` and after the timing ``roofline_fraction``. ``quick``: one timed
+    call only (capacity runs); ``info`` goes into extra_info as is (tau, alpha, ...); ``variant``
+    records the op as "op (variant)"."""
     label = op if variant is None else f"{op} ({variant})"
     benchmark.group = f"{label}-B{B}" + (f"-D{D}" if D else "") + f"-{dtype}-{mode}"
-    flops, nbytes = cost(B, D, DTYPES[dtype].itemsize, mode) if cost else (0.0, 0.0)
-    rec = {**gpu_info(), "op": label, "provider": provider, "B": B, "D": D, "dtype": dtype, "mode": mode,
-           "flops": float(flops), "bytes": float(nbytes), **info}
+    rec = {**gpu_info(), "op": label, "provider": provider, "B": B, "D": D, "dtype": dtype, "mode": mode, **info}
+    try:  # a model error must not cost a GPU run its timings: it is recorded instead
+        rec.update(roofline.record_fields(op, B, D, dtype, mode, rec.get("gpu"),
+                                          **{k: v for k, v in info.items() if k in roofline.PARAMS.get(op, {})}))
+    except Exception as e:  # noqa: BLE001
+        rec["roofline_note"] = f"bench/roofline.py failed: {type(e).__name__}: {e}"[:300]
     fn = provider_fn(op, provider)
     work = make(B, D, DTYPES[dtype], mode == "fwd+bwd", generator(0))
     step = make_step(fn, work, mode)
@@ -315,6 +324,7 @@ def measure(benchmark, *, op: str, provider: str, B: int, D: int | None, dtype: 
             clear_grads(work.leaves)
             torch.cuda.synchronize()
             rec.update(_timings(step, work, B, quick, launches))
+            rec.update(roofline.fractions(rec))
     except torch.cuda.OutOfMemoryError:
         skip = f"CUDA out of memory: {op} {provider} B={B} D={D} {dtype} {mode}"
         rec["oom"] = True

@@ -38,8 +38,27 @@ EMBED_MEM_B = 32768
 EMBED_MAX_MB = 40.0
 CAPACITY_B = 65536
 TARGET_DTYPE = "bf16"
+# The shapes each benchmark times: bench_<key>'s parametrisation (bench/conftest.py ``params``: B
+# sizes x D dims x dtypes x modes, plus extra (B, D, dtype, mode)); bench/roofline.py tabulates
+# the same shapes. Without dims the op takes (B, B) matrices (D None); dtypes default to
+# BENCH_DTYPES, modes to fwd and fwd+bwd.
+BENCH_DTYPES = ("bf16", "fp32")
+_MATRIX_SIZES = (128, 1024, 8192)
+_EMBED = {"sizes": (128, 1024, 8192, 32768), "dims": (256, 1024)}
+SHAPES = {
+    **{op: {"sizes": _MATRIX_SIZES} for op in ("infonce_terms", "cross_consistency", "metric_consistency",
+                                               "esc_anchor_terms", "triplet_terms")},
+    "proxy_argmax": {"sizes": _MATRIX_SIZES, "dims": (256,), "modes": ("fwd",)},
+    **{op: {"sizes": _MATRIX_SIZES} for op in FUSED_OPS},
+    "infonce_terms_embed": {**_EMBED, "extra": ((CAPACITY_B, 1024, "bf16", "fwd+bwd"),)},
+    "cross_consistency_embed": _EMBED,
+    # the closed form's switch (alpha = 0, B >= 8 D) on both sides, recorded as "op (alpha=0)"
+    "cross_consistency_embed_alpha0": {"sizes": (1024, 2048, 8192, 32768), "dims": (256, 1024), "dtypes": ("bf16",),
+                                       "modes": ("fwd+bwd",)},
+    "metric_consistency_embed": _EMBED,
+}
 # D of the benchmarks of each op (None: the op takes a (B, B) matrix), for targets with no record yet
-BENCH_DIMS = {"proxy_argmax": (256,), **{op: (256, 1024) for op in EMBED_OPS}}
+BENCH_DIMS = {op: SHAPES[op]["dims"] for op in MATRIX_OPS + EMBED_OPS if "dims" in SHAPES[op]}
 
 
 def target_mode(op: str) -> str:

@@ -99,8 +99,8 @@ def test_bench_inputs_run_through_the_reference(name, dtype, mode):
         for o, g in zip(outs, work.upstream):
             assert g is None or g.shape == o.shape
         assert work.leaves and all(x.grad is not None and torch.isfinite(x.grad.float()).all() for x in work.leaves)
-    flops, nbytes = module.cost(B, D, HARNESS.DTYPES[dtype].itemsize, mode)
-    assert flops > 0 or nbytes > 0
+    rf = HARNESS.roofline.record_fields(op, B, D, dtype, mode, None)  # the op's roofline at the bench's shape
+    assert (rf["flops"] > 0 or rf["bytes"] > 0) and "roofline_ms" not in rf and "roofline_note" in rf
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))
@@ -200,7 +200,7 @@ def _measure(benchmark, name, provider, B, mode, **kwargs):
     module = MODULES[name]
     op = _op(module)
     HARNESS.measure(benchmark, op=op, provider=provider, B=B, D=kwargs.pop("D", None), dtype="fp32", mode=mode,
-                    make=module.make, cost=module.cost, **kwargs)
+                    make=module.make, **kwargs)
 
 
 def test_measure_records_every_number_on_cpu_with_faked_cuda_calls(cpu_cuda, tmp_path, monkeypatch):
@@ -223,7 +223,10 @@ def test_measure_records_every_number_on_cpu_with_faked_cuda_calls(cpu_cuda, tmp
         "median_ms": 1.0, "p20_ms": 0.9, "p80_ms": 1.1, "graph_ms": 0.5, "launches": 7, "oom": False,
         "peak_mb": 4.0, "pedantic_median_ms": 2.0, "tau": 0.07}
     assert lines["loss_peak_mb"] == pytest.approx(4.0 - sim_grad_mb)
-    assert lines["bytes"] == 3 * 16 * 16 * 4 and lines["flops"] == 0
+    # the roofline's minimum: S read forward, S read and dS written backward; 4 fp32 (B,) outputs and
+    # 4 upstream gradients; no GPU name on CPU, so no bound and no fraction
+    assert lines["bytes"] == 3 * 16 * 16 * 4 + 2 * 4 * 4 * 16 and lines["flops"] == 0
+    assert "roofline_note" in lines and "roofline_ms" not in lines and "roofline_fraction" not in lines
 
     # forward only, above the CUDA-graph size: no graph time, no gradients to reset
     bench = _FakeBenchmark()
@@ -234,6 +237,27 @@ def test_measure_records_every_number_on_cpu_with_faked_cuda_calls(cpu_cuda, tmp
         bench = _FakeBenchmark()
         _measure(bench, "bench_infonce_terms_embed", "eager", 32, "fwd+bwd", D=8, quick=True, tau=0.07)
         assert bench.calls == 1 and bench.extra_info["median_ms"] == 3.0 and bench.extra_info["p20_ms"] is None
+
+
+@pytest.mark.parametrize("gpu, bound", [("NVIDIA H100 80GB HBM3", True), ("NVIDIA GeForce RTX 4090", False)])
+def test_measure_records_the_roofline_bound_and_the_fraction_on_a_known_gpu(cpu_cuda, monkeypatch, gpu, bound):
+    """On an H100 (by its CUDA name) a record carries the op's bound and the measured time as a
+    fraction of it; on a GPU without a published spec in bench/roofline.py, a note instead."""
+    pytest.importorskip("triton", reason="needs the triton package")
+    roofline = HARNESS.roofline
+    monkeypatch.setattr(HARNESS, "gpu_info", lambda: {"torch": torch.__version__, "gpu": gpu})
+    monkeypatch.setattr(HARNESS, "PEDANTIC_SECONDS", 0.005)
+    bench = _FakeBenchmark()
+    _measure(bench, "bench_triplet_terms", "triton" if bound else "eager", 16, "fwd+bwd", hardest=True)
+    rec = bench.extra_info
+    if not bound:
+        assert "roofline_ms" not in rec and "RTX 4090" in rec["roofline_note"] and "roofline_fraction" not in rec
+        return
+    expected = roofline.bound_of(roofline.minimum("triplet_terms", 16, None, "fp32"), "fwd+bwd", roofline.GPUS["H100"])
+    assert rec["roofline_gpu"] == "H100 SXM5 80GB" and rec["roofline_ms"] == pytest.approx(expected.ms)
+    assert rec["roofline_fraction"] == pytest.approx(expected.ms / 1.0)  # the fake do_bench's median: 1 ms
+    assert rec["roofline_graph_fraction"] == pytest.approx(expected.ms / 0.5)
+    assert rec["roofline_kernel_fraction"] == pytest.approx(rec["roofline_kernel_ms"] / 1.0)
 
 
 def test_measure_skips_with_the_reason_and_records_out_of_memory(cpu_cuda, tmp_path, monkeypatch):

@@ -56,8 +56,6 @@ sys.path.insert(0, str(ROOT / "bench"))
 import targets  # noqa: E402  (bench/targets.py: the one definition of the targets)
 
 PARITY_TESTS = ("tests/test_kernels_triton.py", "tests/test_cuda_graph_sps.py")
-H100_TFLOPS = 790.0  # measured bf16 matmul rate (performance.md section 3)
-H100_TBS = 3.0  # measured HBM3 bandwidth
 RESERVE_S = 25  # kept from the budget for writing the report
 GRACE_S = 45  # a test that started before the deadline may run this much past it before it is killed
 FATAL_CUDA = re.compile(r"illegal memory access|illegal address|device-side assert|unspecified launch failure|"
@@ -111,13 +109,12 @@ def summarize_outcomes(outcomes: list[dict]) -> dict:
             "skip_reasons": [{"reason": r, "count": n} for r, n in skips.most_common()]}
 
 
-def floor_ms(rec: dict) -> float | None:
-    """The record's H100 floor: its FLOP model at the measured bf16 rate or its byte model at the
-    measured HBM bandwidth, whichever is larger (None without a model)."""
-    flops, nbytes = rec.get("flops") or 0.0, rec.get("bytes") or 0.0
-    if not flops and not nbytes:
-        return None
-    return max(flops / (H100_TFLOPS * 1e12), nbytes / (H100_TBS * 1e12)) * 1e3
+def roofline_pct(rec: dict | None) -> str:
+    """The op's roofline bound on the run's GPU (bench/roofline.py, recorded by the benchmark) over
+    the measured median, in percent; "—" without a bound (a GPU with no spec there) or a time."""
+    if rec is None or rec.get("oom") or not rec.get("roofline_ms") or not rec.get("median_ms"):
+        return "—"
+    return f"{100 * rec['roofline_ms'] / rec['median_ms']:.0f} %"
 
 
 def rate(rec: dict) -> str:
@@ -172,12 +169,12 @@ def times_table(records: list[dict]) -> list[str]:
     by_key = targets.index(records)
     shapes = sorted({(r["op"], r["B"], r.get("D"), r["dtype"], r["mode"]) for r in records}, key=_sort_key)
     lines = ["| op | B | D | dtype | mode | triton (p20–p80) | eager | compiled | eager / triton | compiled / triton "
-             "| triton rate | triton % of floor | CUDA graph t / e / c | loss peak MB t / e / c | launches t / e / c |",
+             "| triton rate | triton % of roofline | CUDA graph t / e / c | loss peak MB t / e / c "
+             "| launches t / e / c |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for op, B, D, dtype, mode in shapes:
         t, e, c = (by_key.get((op, p, B, D, dtype, mode)) for p in targets.PROVIDERS)
-        fl = floor_ms(t) if t is not None and not t.get("oom") else None
-        pct = f"{100 * fl / t['median_ms']:.0f} %" if fl and t.get("median_ms") else "—"
+        pct = roofline_pct(t)
         lines.append(" | ".join([
             f"| {op}", str(B), "—" if D is None else str(D), dtype, mode, _cell_time(t, spread=True), _cell_time(e),
             _cell_time(c), _ratio(e, t), _ratio(c, t), "—" if t is None else rate(t), pct,
@@ -225,9 +222,10 @@ def render(results: dict) -> str:
     out += [f"| {r['target']} | {r['required']} | {r['measured']} | {r['status']} |" for r in rows]
     out += ["", "## Times", "",
             "Median of `triton.testing.do_bench` (CUDA events, L2 flushed between calls, gradients reset), Triton's "
-            "p20–p80 in brackets; a ratio above 1 means Triton is faster. Rate: the op's FLOP/byte model (its bench "
-            f"file) over Triton's time; `% of floor`: that model at {H100_TFLOPS:g} TFLOP/s bf16 and {H100_TBS:g} TB/s "
-            "over the measured time. CUDA graph: "
+            "p20–p80 in brackets; a ratio above 1 means Triton is faster. Rate: the op's minimal FLOPs (or bytes) "
+            "over Triton's time; `% of roofline`: the op's bound on this GPU at its published peak rates over "
+            "Triton's time (bench/roofline.py; docs/kernels.md, Roofline; — on a GPU without a spec there). "
+            "CUDA graph: "
             "median of `do_bench_cudagraph` (B <= 1024). Loss peak: peak allocation minus inputs and their gradients. "
             "Launches: kernels per call (torch.profiler; fused objectives). OOM: out of memory; —: not measured.", ""]
     out += times_table(records) if records else ["No benchmark records."]
