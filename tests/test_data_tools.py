@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from fastncl.cli import main
 from fastncl.methods.mixture import normalize_losses
@@ -75,3 +76,33 @@ def test_warmup_signals_refuses_a_method_that_does_not_split(capsys):
     with pytest.raises(SystemExit) as e:
         load_tool("warmup_signals").main(["--method", "vanilla"])
     assert e.value.code == 2 and "--method: one that splits" in capsys.readouterr().err
+
+
+def test_fullset_margin_is_the_smaller_direction_over_the_whole_set():
+    tool = load_tool("warmup_signals")
+    rng = np.random.default_rng(0)
+    sim = torch.from_numpy(rng.normal(size=(4, 7)))
+    caption_to_image = np.array([0, 0, 1, 2, 3, 3, 1])  # two captions per image, one noisy pair included
+    got = tool.fullset_margin(sim, caption_to_image)
+    s = sim.numpy()
+    for k, i in enumerate(caption_to_image):
+        best_image = max(s[j, k] for j in range(4) if j != i)
+        best_caption = max(s[i, c] for c in range(7) if caption_to_image[c] != i)
+        assert got[k] == pytest.approx(min(s[i, k] - best_image, s[i, k] - best_caption), abs=1e-12)
+
+
+def test_warmup_signals_whole_run_scores_every_epoch_and_keeps_the_margins(tmp_path, capsys):
+    from sklearn.metrics import roc_auc_score
+
+    tool = load_tool("warmup_signals")
+    out = tmp_path / "run"
+    assert tool.main(["--method", "ncr", "--noise", "0.4", "--whole-run", "--out", str(out), *TINY]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in records] == ["warmup", "train", "train", "train"]  # the run's own schedule
+    extra = [line for line in lines if line.startswith("  clean side of the fit")]
+    assert len(extra) == len(records)
+    saved = np.load(out / "warmup_losses.npz")
+    assert saved["margins"].shape == (4, 2, len(saved["clean"]))
+    printed = [float(x) for x in extra[-1].split("full-set margin A ")[1].split(" B ")]
+    assert printed == pytest.approx([roc_auc_score(saved["clean"], m) for m in saved["margins"][-1]], abs=5e-4)

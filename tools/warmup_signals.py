@@ -2,6 +2,7 @@
 
     python tools/warmup_signals.py --method sps --data glyphs --noise 0.6 --epochs 7
     python tools/warmup_signals.py --method ncr --data icons --noise 0.6 --epochs 7 --out runs/ws-ncr-icons
+    python tools/warmup_signals.py --method ncr --data glyphs --noise 0.6 --whole-run
 
 Trains a run's warm-up alone (``optim.warmup=fixed``, ``optim.warmup_epochs=EPOCHS``, no
 co-training) and after every epoch runs the split pass a co-training epoch would start with: each
@@ -16,6 +17,14 @@ warm-up's epochs too) and that of both models' average. With ``--out`` the per-e
 kept in ``OUT/warmup_losses.npz`` (``losses``: epochs x 2 x N; ``clean``: N, the ground truth) so
 that other combinations can be scored offline. Extra arguments are config overrides (the
 warm-up's length and schedule are the tool's).
+
+With ``--whole-run`` the run trains as configured (its warm-up and its co-training epochs, on the
+splits it takes itself) and the same scores follow every epoch. Each epoch then also prints what
+the mixture's clean side (clean probability > 0.5) holds: its size and its purity (the share of
+truly clean pairs), and the AUC of a full-set signal: each pair's margin over the whole training
+set, the smaller of its two directions (its caption's cosine minus the best other image's; its
+image's minus the best caption not paired with that image). ``OUT/warmup_losses.npz`` then also
+keeps these margins (``margins``: epochs x 2 x N).
 """
 from __future__ import annotations
 
@@ -25,9 +34,11 @@ import sys
 import tempfile
 
 import numpy as np
+import torch
 
 from fastncl.checkpoint import LoopState
 from fastncl.config import parse_override, resolve
+from fastncl.evaluation import similarity_matrix
 from fastncl.methods.registry import get, names as method_names
 from fastncl.split_phase import mean_signal
 from fastncl.train import Trainer
@@ -39,6 +50,7 @@ class WarmupProbe(Trainer):
     rows: list[dict]
     losses: list[list[np.ndarray]]  # per epoch, each model's (N,) split losses
     averaged: LoopState  # the running sums of the normalised losses (split.signal=mean's)
+    margins: list[list[np.ndarray]] | None  # per epoch, each model's (N,) full-set margins (--whole-run)
 
     def _epoch(self, epoch: int, total: int) -> None:
         from sklearn.metrics import roc_auc_score
@@ -53,6 +65,11 @@ class WarmupProbe(Trainer):
             row["auc_loss"].append(float(roc_auc_score(self.pairs.clean, -loss)))
             row["auc_prob"].append(float(roc_auc_score(self.pairs.clean, fit.clean_prob)))
             row["clean_weight"].append(float(fit.params["weights"][0]))
+            if self.margins is not None:
+                clean_side = fit.clean_prob > 0.5
+                row.setdefault("clean_side", []).append(int(clean_side.sum()))
+                row.setdefault("purity", []).append(float(self.pairs.clean[clean_side].mean()) if clean_side.any()
+                                                    else float("nan"))
         means = mean_signal(self.losses[-1], self.averaged)
         row["auc_mean"] = [float(roc_auc_score(self.pairs.clean, -m)) for m in means]
         row["auc_mean_both"] = float(roc_auc_score(self.pairs.clean, -np.mean(means, axis=0)))
@@ -62,6 +79,29 @@ class WarmupProbe(Trainer):
               f"B {row['auc_prob'][1]:.3f}, clean weight A {row['clean_weight'][0]:.2f} B {row['clean_weight'][1]:.2f}; "
               f"normalised loss averaged over epochs 1-{row['epoch']}: A {row['auc_mean'][0]:.3f} "
               f"B {row['auc_mean'][1]:.3f}, both models {row['auc_mean_both']:.3f}", flush=True)
+        if self.margins is not None:
+            self.margins.append([fullset_margin(similarity_matrix([m], self.data.train, self.device),
+                                                self.pairs.caption_to_image) for m in self.models])
+            row["auc_margin"] = [float(roc_auc_score(self.pairs.clean, m)) for m in self.margins[-1]]
+            print(f"  clean side of the fit A {row['clean_side'][0]} pairs, purity {row['purity'][0]:.2f}; "
+                  f"B {row['clean_side'][1]}, {row['purity'][1]:.2f}; AUC of the full-set margin "
+                  f"A {row['auc_margin'][0]:.3f} B {row['auc_margin'][1]:.3f}", flush=True)
+
+
+def fullset_margin(sim: torch.Tensor, caption_to_image: np.ndarray) -> np.ndarray:
+    """(N,) each pair's margin over the whole set, the smaller of its two directions: caption k's
+    cosine to its image minus its best other image's, and that image's cosine to caption k minus
+    its best caption among those not paired with it. ``sim``: (n_images, N) similarities."""
+    sim = sim.double()
+    image = torch.as_tensor(caption_to_image, dtype=torch.long)
+    own = sim[image, torch.arange(sim.shape[1])]
+    others = sim.clone()
+    others[image, torch.arange(sim.shape[1])] = float("-inf")
+    to_images = own - others.max(dim=0).values
+    paired = torch.zeros_like(sim, dtype=torch.bool)
+    paired[image, torch.arange(sim.shape[1])] = True
+    to_captions = own - sim.masked_fill(paired, float("-inf")).max(dim=1).values[image]
+    return torch.minimum(to_images, to_captions).numpy()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=7, help="warm-up epochs to train and score")
     p.add_argument("--out", help="the run folder (default: a temporary one, removed at the end)")
+    p.add_argument("--whole-run", action="store_true",
+                   help="train the run as configured (warm-up and co-training) and score every epoch; --epochs is unused")
     p.add_argument("overrides", nargs="*", help="config overrides (key=value)")
     args = p.parse_args(argv)
     if args.noise <= 0:
@@ -83,18 +125,21 @@ def main(argv: list[str] | None = None) -> int:
                 f"got {args.method!r}")
     out = args.out or tempfile.mkdtemp(prefix="fastncl-warmup-signals-")
     values = [f"data.source={args.data}", f"data.noise={args.noise}", f"seed={args.seed}", "runtime.progress=false",
-              *args.overrides,  # then what makes the run a warm-up alone, over any override
-              f"out={out}", "optim.warmup=fixed", f"optim.warmup_epochs={args.epochs}", "optim.epochs=0"]
+              *args.overrides, f"out={out}"]
+    if not args.whole_run:  # what makes the run a warm-up alone, over any override
+        values += ["optim.warmup=fixed", f"optim.warmup_epochs={args.epochs}", "optim.epochs=0"]
     cfg = resolve(overrides=[parse_override(v) for v in values], method=args.method)
     if not args.out:
         shutil.rmtree(out)  # a fresh run folder: RunDir creates it
     probe = WarmupProbe(cfg)
     probe.rows, probe.losses, probe.averaged = [], [], LoopState()
+    probe.margins = [] if args.whole_run else None
     try:
         probe.fit()
         if args.out:
+            extra = {} if probe.margins is None else {"margins": np.asarray(probe.margins)}
             np.savez_compressed(f"{out}/warmup_losses.npz", losses=np.asarray(probe.losses),
-                                clean=np.asarray(probe.pairs.clean, dtype=bool))
+                                clean=np.asarray(probe.pairs.clean, dtype=bool), **extra)
     finally:
         if not args.out:
             shutil.rmtree(out, ignore_errors=True)
