@@ -446,7 +446,8 @@ def test_esc_official_labels_use_the_codes_ratio():
         def similarity(self, images, captions):  # hinge confidences rising with the index
             return torch.diag(torch.linspace(0.01, 0.19, b))
 
-    method = ESC(config(("esc.clean_labels", "bicro"), ("esc.label_ratio", "code"), method="esc"))
+    method = ESC(config(("esc.clean_labels", "bicro"), ("esc.label_ratio", "code"), ("esc.noisy_loss", "soft"),
+                        method="esc"))  # esc-official's noise_soft: the noisy labels are cut
     labels = method._peer_labels(FixedPeer(encodings), batches, with_noisy=True)
     anchors = torch.arange(b) >= b - 2  # int(b * 0.1) + 1 = 2 anchors: the two largest confidences
     img, txt = features["clean"]

@@ -415,7 +415,12 @@ def test_esc_peer_labels():
     assert clean.shape == (10,) and noisy.shape == (6,)
     assert int((clean == 1).sum()) >= int(10 * 0.1) + 1  # the top B/10 + 1 pairs are anchors
     assert torch.all((clean >= 0.5) & (clean <= 1))
-    assert torch.all((noisy == 0) | ((noisy > cfg.esc.noise_label_cut) & (noisy <= 1)))
+    # esc.noisy_loss=hard (BiCro's noise_hard): not cut, its pairs <= the cut are left out of the loss instead
+    assert torch.all((noisy >= 0) & (noisy <= 1))
+    cut = cfg.esc.noise_label_cut
+    soft = ESC(config(("esc.noisy_loss", "soft"), method="esc"))._peer_labels(peer, batches, with_noisy=True)
+    assert torch.equal(soft["noisy"], torch.where(noisy <= cut, torch.zeros_like(noisy), noisy))  # noise_soft: cut to 0
+    assert torch.all((soft["noisy"] == 0) | ((soft["noisy"] > cut) & (soft["noisy"] <= 1)))
 
 
 @pytest.mark.parametrize("train_esc", ["pseudo_negative", "anchor"])

@@ -199,8 +199,17 @@ class ESC(Method):
             label = bicro_consistency(intramodal_features(out_n.images, which),
                                       intramodal_features(out_n.captions, which), img, txt, anchors, ops=self.ops,
                                       ratio=c.label_ratio)
-            labels["noisy"] = torch.where(label <= c.noise_label_cut, torch.zeros_like(label), label)
+            labels["noisy"] = self._cut(label)
         return labels
+
+    def _cut(self, label):
+        """BiCro's soft labels as its code leaves them: with noise_soft (``esc.noisy_loss=soft``) a label
+        <= the cut becomes 0; with noise_hard it stays (``noisy_keep`` leaves its pair out of the loss);
+        clamped to [0, 1] (the soft margin clamps it too)."""
+        c = self.cfg.esc
+        if c.noisy_loss == "soft":
+            label = torch.where(label <= c.noise_label_cut, torch.zeros_like(label), label)
+        return label.clamp(0, 1)
 
     def train_groups(self, model, peer, batches, peer_prob, co_epoch):
         c = self.cfg.esc
