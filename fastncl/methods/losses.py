@@ -67,8 +67,9 @@ def soft_triplet(sim: torch.Tensor, label: torch.Tensor, margin: float, base: fl
 
 
 def noisy_keep(label: torch.Tensor, c) -> torch.Tensor | None:
-    """Per-pair weights of the noisy subset's loss: None ("soft": every pair, margin from its
-    label) or, for "hard" (BiCro's noise_train=noise_hard), 0 for labels <= the cut."""
+    """Per-pair weights of a soft-labelled subset's loss (the noisy subset's; ESC's clean one too
+    with ``esc.clean_label_cut=code``): None ("soft": every pair, margin from its label) or, for
+    "hard" (BiCro's noise_train=noise_hard), 0 for labels <= the cut."""
     return (label > c.noise_label_cut).to(label.dtype) if c.noisy_loss == "hard" else None
 
 
