@@ -221,6 +221,8 @@ def test_noise_zero_and_just_below_one_are_fine():
     ("esc.warmup", "some"),
     ("esc.label_ratio", "min"),
     ("ncr.margins", "rows"),
+    ("esc.margins", "columns"),
+    ("esc.clean_label_cut", "paper"),
     ("runtime.backend", "cuda"),
     ("model.backbone", "clip"),
     ("data.test_protocol", "5k"),

@@ -146,11 +146,14 @@ def _triplet_sim(n, gen, dtype, margin, hardest, tries=20):
 def _triplet_margin(kind, n, gen):
     """float: one for all; per_pair: (B,), pair i's in both directions; per_entry: (B, B), one per
     entry of sim; column: NCR's (B, 1) targets broadcast against sim, a (B, B) view of stride
-    (1, 0) that the kernel reads in place."""
+    (1, 0) that the kernel reads in place; row: ESC's and BiCro's (B,) labels broadcast as a row
+    (esc.margins=broadcast), a view of stride (0, 1)."""
     if kind == "float":
         return 0.2
     if kind == "per_pair":
         return uniform((n,), gen, 0.0, 0.5)
+    if kind == "row":
+        return uniform((1, n), gen, 0.0, 0.5).expand(n, n)
     return uniform((n, n), gen, 0.0, 0.5) if kind == "per_entry" else uniform((n, 1), gen, 0.0, 0.5).expand(n, n)
 
 
@@ -236,7 +239,8 @@ CASES = [_infonce_case(tau) for tau in TAUS] + [
          lambda a, b, backend, alpha=alpha: K.metric_consistency(a, b, alpha, backend=backend))
     for alpha in (0.0, 0.05)
 ] + [
-    _triplet_case(kind, hardest) for kind in ("float", "per_pair", "per_entry", "column") for hardest in (True, False)
+    _triplet_case(kind, hardest) for kind in ("float", "per_pair", "per_entry", "column", "row")
+    for hardest in (True, False)
 ] + [
     _esc_case(kind, alpha, normalize) for kind in ("int", "tensor0d", "per_pair")
     for alpha, normalize in ((0.0, False), (0.05, False), (0.0, True))

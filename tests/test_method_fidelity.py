@@ -446,7 +446,8 @@ def test_esc_official_labels_use_the_codes_ratio():
         def similarity(self, images, captions):  # hinge confidences rising with the index
             return torch.diag(torch.linspace(0.01, 0.19, b))
 
-    method = ESC(config(("esc.clean_labels", "bicro"), ("esc.label_ratio", "code"), method="esc"))
+    method = ESC(config(("esc.clean_labels", "bicro"), ("esc.label_ratio", "code"), ("esc.noisy_loss", "soft"),
+                        method="esc"))  # esc-official's noise_soft: the noisy labels are cut
     labels = method._peer_labels(FixedPeer(encodings), batches, with_noisy=True)
     anchors = torch.arange(b) >= b - 2  # int(b * 0.1) + 1 = 2 anchors: the two largest confidences
     img, txt = features["clean"]
@@ -455,6 +456,151 @@ def test_esc_official_labels_use_the_codes_ratio():
     noisy = bicro_code_consistency(*features["noisy"], img[anchors], txt[anchors])
     assert (noisy > 0.5).any() and (noisy <= 0.5).any()
     close(labels["noisy"], torch.where(noisy <= 0.5, torch.zeros(b, dtype=torch.float64), noisy))
+
+
+# ---------------------------------------------------------------------------------------------
+# ESC's soft triplets as ESC's code computes them (esc-official: esc.margins=broadcast,
+# esc.clean_label_cut=code), restated in float64 from ESC's model.py (BiCro's, which ESC copies)
+
+
+def esc_code_loss(sim: torch.Tensor, labels: torch.Tensor, mode: str, margin: float = 0.2,
+                  noise_tem: float = 0.5) -> torch.Tensor:
+    """``ContrastiveLoss`` with labels, as ``SGRAF.train`` calls it on a clean or a noisy batch
+    (exponential soft margin, hardest negatives): m = margin (10**y - 1) / 9 of the (B,) labels, which
+    torch broadcasts against the (B, B) scores as a row, so entry (i, j) takes caption j's margin in
+    both costs: cost_im[i, j] = [m_j + S_ij - S_jj]_+ (caption j against image i), cost_s[i, j] =
+    [m_j + S_ij - S_ii]_+ (image i against caption j: the code transposes the margin first, which
+    does nothing to a 1-D tensor); diagonals zeroed; max of cost_s over j, of cost_im over i. Mode
+    "noise_soft" (as "train"): every pair's two hinges summed; "noise_hard": only the pairs labelled
+    above noise_tem."""
+    s = sim.double()
+    b = s.shape[0]
+    m = (margin * (10 ** labels.double() - 1) / 9).view(1, b)
+    d = s.diagonal()
+    eye = torch.eye(b, dtype=torch.bool)
+    cost_s = (m + s - d.view(b, 1)).clamp_min(0).masked_fill(eye, 0)
+    cost_im = (m + s - d.view(1, b)).clamp_min(0).masked_fill(eye, 0)
+    per_pair = cost_s.max(dim=1).values + cost_im.max(dim=0).values
+    if mode == "noise_hard":
+        per_pair = per_pair * (labels.double() > noise_tem)
+    return per_pair.sum()
+
+
+def esc_code_predict(peer, batches, mode: str, margin: float = 0.2, noise_tem: float = 0.5) -> dict:
+    """``SGRAF.predict`` by the peer (eval mode), restated in float64: the anchors are the
+    B // 10 + 1 pairs with the largest p = clamp(margin - (mean_j cost_s[i, j] + mean_j cost_im[j, i])
+    / 2, 0, margin) (a scalar margin, means over B); a clean label is 1 at an anchor, else 0.5 + c / 2,
+    c the consistency of the pair with the anchors on the mean-pooled features
+    (``bicro_code_consistency``); a noisy label is the consistency of the noisy pair with the clean
+    batch's anchors; under noise_soft a label <= noise_tem becomes 0, under noise_hard it stays; every
+    label is clamped to [0, 1]. The code writes the non-anchors' clean labels with
+    ``scatter_(0, noise_index, values)``, whose t-th value goes to the t-th non-anchor in rising p:
+    the value of batch position t, not that pair's own (docs/methods.md); this restatement gives
+    every pair its own, as fastncl does."""
+    with torch.no_grad():
+        feats = {}
+        for name, b in batches.items():
+            feats[name] = (peer.encode_images(b.images).pooled, peer.encode_captions(b.tokens, b.lengths).pooled)
+        cost_s, cost_im = ncr_costs(sim_of(peer, batches["clean"]), margin)
+    p = (margin - (cost_s.mean(dim=1) + cost_im.mean(dim=0)) / 2).clamp(0, margin)
+    n = p.shape[0]
+    k = n // 10 + 1
+    order = torch.sort(p, descending=True).values
+    assert order[k - 1] > order[k]  # no tie at the anchors' edge: the code's argsort and topk agree
+    anchors = p >= order[k - 1]
+    img, txt = feats["clean"]
+
+    def cut(y):
+        return (torch.where(y <= noise_tem, torch.zeros_like(y), y) if mode == "noise_soft" else y).clamp(0, 1)
+
+    clean = bicro_code_consistency(img, txt, img[anchors], txt[anchors])
+    labels = {"clean": torch.where(anchors, torch.ones(n, dtype=torch.float64), cut(0.5 + clean / 2))}
+    labels["noisy"] = cut(bicro_code_consistency(*feats["noisy"], img[anchors], txt[anchors]))
+    return labels
+
+
+def esc_official_groups(backend: str, noisy_loss: str, *overrides):
+    """The peer's labels and the noisy and clean groups' losses and gradients of esc-official (with
+    esc.noisy_loss and ``overrides``) on tiny models, the noisy step first as the code; dropout 0.5 in
+    the trained model, the same draws as the restatement's (``code``); the peer in eval mode."""
+    model, peer = tiny_model(2, dropout=0.5), tiny_model(3, dropout=0.5)
+    peer.eval()
+    batches = {"clean": tiny_batch(7, 12, 0), "noisy": tiny_batch(4, 12, 12)}
+    method = ESC(config(("esc.noisy_loss", noisy_loss), *overrides, preset="esc-official"), ops=Ops(backend))
+    groups = method.train_groups(model, peer, batches, None, co_epoch=100)
+    assert [g.__name__ for g in groups] == ["noisy", "clean", "esc"]  # separate steps: L_ESC has its own
+    params = list(model.parameters())
+    out = {"labels": method._peer_labels(peer, batches, with_noisy=True)}
+    for seed, group in zip((7, 8), groups[:2]):
+        torch.manual_seed(seed)
+        loss = group()["loss"]
+        out[group.__name__] = (loss, torch.autograd.grad(loss, params))
+
+    def code(name, labels):
+        torch.manual_seed({"noisy": 7, "clean": 8}[name])
+        loss = esc_code_loss(sim_of(model, batches[name]), labels[name], f"noise_{noisy_loss}")
+        return loss, torch.autograd.grad(loss, params)
+
+    return out, esc_code_predict(peer, batches, f"noise_{noisy_loss}"), code
+
+
+def skip_without_triton(backend):
+    if backend == "triton":
+        pytest.importorskip("triton", reason="the Triton kernels need the triton package")
+        if torch.cuda.is_available():
+            pytest.skip("CPU tensors reach the Triton kernels only in the interpreter (tests/conftest.py: no GPU)")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("noisy_loss", ["soft", "hard"])
+def test_esc_broadcast_margins_are_the_codes(noisy_loss, backend):
+    """esc.margins=broadcast (esc-official): both soft triplets of ESC's code, the clean batch's with
+    BiCro's labels and the noisy batch's with the labels the peer predicts, and the gradient each of
+    their optimizer steps applies, equal the float64 restatement of the code (``esc_code_loss`` on
+    ``esc_code_predict``'s labels: image i's hinge against negative caption j takes caption j's
+    margin), with the reference ops and the Triton kernels (on CPU in the interpreter), under
+    noise_soft and noise_hard; the per-pair default's losses differ on both batches."""
+    skip_without_triton(backend)
+    got, labels, code = esc_official_groups(backend, noisy_loss)
+    for name in ("noisy", "clean"):
+        close(got["labels"][name], labels[name])
+        loss, grads = got[name]
+        expected, expected_grads = code(name, labels)
+        close(loss, expected)
+        for g, e in zip(grads, expected_grads):
+            _close(g, e, rtol=1e-5)
+    per_pair, _, _ = esc_official_groups(backend, noisy_loss, ("esc.margins", "per_pair"))
+    for name in ("noisy", "clean"):
+        a, b = float(got[name][0].detach()), float(per_pair[name][0].detach())
+        assert abs(a - b) > 1e-3 * b, (name, a, b)
+
+
+@pytest.mark.parametrize("noisy_loss", ["soft", "hard"])
+def test_esc_clean_label_cut_is_the_codes(noisy_loss):
+    """esc.clean_label_cut=code (esc-official): D_c's BiCro labels are the code's, clamped to [0, 1],
+    a label <= 0.5 zeroed under noise_soft and its pair left out of the clean loss under noise_hard
+    (the code trains the clean batch in the noisy batch's mode), the anchors kept at 1; the clean
+    loss and its gradient equal the restatement's. The inputs hold labels the cut and the clamp
+    change (0.5 + c / 2 in (0, 0.5] and below 0); without the cut (fastncl <= 0.1.0) they stay and
+    the clean loss differs."""
+    got, labels, code = esc_official_groups("torch", noisy_loss)
+    loss, grads = got["clean"]
+    expected, expected_grads = code("clean", labels)
+    close(got["labels"]["clean"], labels["clean"])
+    close(loss, expected)
+    for g, e in zip(grads, expected_grads):
+        _close(g, e, rtol=1e-5)
+    uncut, _, _ = esc_official_groups("torch", noisy_loss, ("esc.clean_label_cut", "none"))
+    raw = uncut["labels"]["clean"]
+    assert ((raw > 0) & (raw <= 0.5)).any() and (raw < 0).any() and (raw > 0.5).any()
+    anchors = raw == 1
+    assert int(anchors.sum()) == 2 and torch.equal(got["labels"]["clean"][anchors], raw[anchors])
+    if noisy_loss == "soft":
+        close(got["labels"]["clean"], torch.where(raw <= 0.5, torch.zeros_like(raw), raw))
+    else:
+        close(got["labels"]["clean"], raw.clamp(0, 1))
+    # under noise_soft only the margins of the labels in (0.5, ...] cut to 0 change (at most 0.048 each)
+    assert abs(float(loss.detach()) - float(uncut["clean"][0].detach())) > 1e-3 * float(loss.detach())
 
 
 def test_backbones_declare_their_label_features():

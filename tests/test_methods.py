@@ -19,7 +19,7 @@ from fastncl import kernels
 from fastncl.data.batches import Batch
 from fastncl.methods import ESC, NCR, SPS, Vanilla, build_method
 from fastncl.kernels import AUTO
-from fastncl.methods.losses import bicro_consistency, hinge_confidence, pseudo_negative, soft_margin
+from fastncl.methods.losses import bicro_consistency, hinge_confidence, pseudo_negative, soft_margin, soft_triplet
 from fastncl.models import Encoding, forward_pairs
 from fastncl.step import Precision
 from fastncl.train import Trainer
@@ -383,6 +383,23 @@ def test_esc_warmup_select_sums_the_smallest_mean_hinge_losses(size, rate, k):
     close(out["loss"], losses.sort().values[:k].sum())  # k = max(1, floor(B * rate))
 
 
+def test_soft_triplet_broadcasts_a_label_as_a_column_or_a_row():
+    """soft_triplet's ``broadcast``: the (B,) label as the codes broadcast it against the (B, B) scores,
+    NCR's (B, 1) ("image": entry (i, j) takes image i's margin) or ESC's and BiCro's row ("caption":
+    caption j's), through triplet_terms' per-entry margin; None keeps pair i's margin in both of its
+    directions; each form gives another loss."""
+    sim = torch.rand(6, 6, generator=torch.Generator().manual_seed(2))
+    label = torch.linspace(0, 1, 6)
+    m = soft_margin(label, 0.2, 10.0)
+    got = {how: soft_triplet(sim, label, 0.2, 10.0, ops=AUTO, broadcast=how) for how in (None, "image", "caption")}
+    close(got[None], kernels.triplet_terms(sim, m, hardest=True).sum())
+    close(got["image"], kernels.triplet_terms(sim, m.view(6, 1).expand(6, 6), hardest=True).sum())
+    close(got["caption"], kernels.triplet_terms(sim, m.view(1, 6).expand(6, 6), hardest=True).sum())
+    assert len({round(float(v), 6) for v in got.values()}) == 3, got
+    with pytest.raises(ValueError, match="broadcast"):
+        soft_triplet(sim, label, 0.2, 10.0, ops=AUTO, broadcast="rows")
+
+
 def esc_setup(*overrides, preset=None):
     cfg = config(*overrides, preset=preset, method="esc")
     method = ESC(cfg)
@@ -398,7 +415,12 @@ def test_esc_peer_labels():
     assert clean.shape == (10,) and noisy.shape == (6,)
     assert int((clean == 1).sum()) >= int(10 * 0.1) + 1  # the top B/10 + 1 pairs are anchors
     assert torch.all((clean >= 0.5) & (clean <= 1))
-    assert torch.all((noisy == 0) | ((noisy > cfg.esc.noise_label_cut) & (noisy <= 1)))
+    # esc.noisy_loss=hard (BiCro's noise_hard): not cut, its pairs <= the cut are left out of the loss instead
+    assert torch.all((noisy >= 0) & (noisy <= 1))
+    cut = cfg.esc.noise_label_cut
+    soft = ESC(config(("esc.noisy_loss", "soft"), method="esc"))._peer_labels(peer, batches, with_noisy=True)
+    assert torch.equal(soft["noisy"], torch.where(noisy <= cut, torch.zeros_like(noisy), noisy))  # noise_soft: cut to 0
+    assert torch.all((soft["noisy"] == 0) | ((soft["noisy"] > cut) & (soft["noisy"] <= 1)))
 
 
 @pytest.mark.parametrize("train_esc", ["pseudo_negative", "anchor"])

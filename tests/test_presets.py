@@ -89,3 +89,15 @@ def test_ncr_and_esc_default_loss_and_the_presets_that_restore_the_papers():
     for name in ("ncr-official", "esc-official", "esc-f30k", "esc-official-coco", "esc-cc152k"):
         section = getattr(resolve(preset=name), name.split("-")[0])
         assert (section.negatives, section.train_noisy) == ("hardest", True), name
+
+
+def test_esc_official_runs_the_codes_margins_and_clean_labels():
+    """esc-official (and esc-official-<dataset>): the (B,) labels broadcast against the scores as
+    ESC's code does (esc.margins=broadcast) and D_c's BiCro labels clamped and cut as the code's
+    (esc.clean_label_cut=code); the defaults and the paper presets keep pair i's margin in both
+    directions and the labels as they come (the paper's D_c labels are 1: esc.clean_labels=one)."""
+    for name in ("esc-official", *(f"esc-official-{d}" for d in DATASETS)):
+        esc = resolve(preset=name).esc
+        assert (esc.margins, esc.clean_label_cut, esc.clean_labels) == ("broadcast", "code", "bicro"), name
+    for cfg in (resolve(method="esc"), *(resolve(preset=f"esc-{d}") for d in DATASETS)):
+        assert (cfg.esc.margins, cfg.esc.clean_label_cut, cfg.esc.clean_labels) == ("per_pair", "none", "one")

@@ -5,10 +5,11 @@ with S(I_i, T_a) for the batch's anchor a = argmax_i S(I_i, T_i) (Eq. 6-8); a tw
 Beta mixture on the normalised l_div gives the clean probability; clean = p > delta, plus the
 anchors (Eq. 12). Training (co-teaching; each model on its peer's split): soft correspondence
 labels predicted by the peer as BiCro defines them, the soft-margin triplet loss L_soft (Eq. 13)
-with the margin alpha * (m**y - 1) / (m - 1) applied per pair in both directions, and on clean
-pairs L_ESC (Eq. 14-15) against each pair's pseudo-negative
-p(i) = argmax_{j != i} S(I_j, T_i). Noisy pairs join from `noisy_start`.
-Official-code variants are options (config.ESCConfig; preset esc-official).
+with the margin alpha * (m**y - 1) / (m - 1) applied per pair in both directions (``margins=
+"broadcast"``: the code's, whose (B,) labels broadcast against the (B, B) scores as a row, so every
+hinge takes its caption's margin), and on clean pairs L_ESC (Eq. 14-15) against each pair's
+pseudo-negative p(i) = argmax_{j != i} S(I_j, T_i). Noisy pairs join from `noisy_start`.
+Official-code variants are options (ESCConfig; preset esc-official).
 """
 from __future__ import annotations
 
@@ -56,6 +57,11 @@ class ESCConfig:
     # 0 when either cosine is not positive) or "code" (ESC's and BiCro's: a / b if below 1, else b / a;
     # equal on positive cosines, |min| / |max| when both are negative, negative on mixed signs)
     label_ratio: str = option("positive", choices=("positive", "code"))
+    # D_c's BiCro labels (esc.clean_labels=bicro): "none" (fastncl <= 0.1.0: 0.5 + consistency / 2 as it
+    # comes) or "code" (ESC's and BiCro's predict: clamped to [0, 1] and, as the noisy labels, cut by
+    # noisy_loss: "soft" (noise_soft) zeroes a label <= noise_label_cut, "hard" (noise_hard) leaves
+    # that pair out of the clean loss; the anchors keep their 1)
+    clean_label_cut: str = option("none", choices=("none", "code"))
     noise_label_cut: float = option(0.5, **PROBABILITY)  # BiCro noise_soft: soft labels <= this become 0
     # "hard" (BiCro's noise_hard): labels <= the cut are left out; "soft" (BiCro scripts, noise_soft): every
     # noisy pair trained, a label-0 pair with margin 0, which pulls the mismatched pairs together
@@ -75,6 +81,11 @@ class ESCConfig:
     warmup: str = option("all", choices=("all", "select"))
     warmup_rate: float = option(0.3, **PROBABILITY)
     separate_steps: bool = False  # official: separate optimizer steps for noisy, clean and L_ESC
+    # the soft margins of L_soft (clean and noisy batches): "per_pair" (the paper: pair i's margin in
+    # both of its directions) or "broadcast" (ESC's and BiCro's code: the (B,) labels broadcast against
+    # the (B, B) scores as a row, every entry (i, j) takes caption j's margin, so image i's hinge
+    # against negative caption j uses caption j's label)
+    margins: str = option("per_pair", choices=("per_pair", "broadcast"))
 
 
 CODE_LOSS = {"negatives": "hardest", "train_noisy": True}  # the paper's and the code's co-training loss and noisy phase
@@ -84,7 +95,7 @@ OFFICIAL = {  # the ESC code on BiCro's (reference-implementations notes, B.3 an
         "esc_normalize": True, "train_esc": "anchor", "division_hardest": False, "anchors_clean": False,
         "warmup": "select", "separate_steps": True, "noisy_start": 20, "clean_labels": "bicro",
         "min_noisy_fraction": 0.01, "mixture": "bmm", "noisy_loss": "soft", "label_features": "pooled",
-        "label_ratio": "code",
+        "label_ratio": "code", "margins": "broadcast", "clean_label_cut": "code",
     },
     "split": {"clip_quantile": 1.0},
     "optim": {"lr": 2e-4, "lr_step": 30, "warmup_epochs": 10, "epochs": 40, "fill_epoch": False},
@@ -161,7 +172,10 @@ class ESC(Method):
 
     def _soft_triplet(self, sim, label, keep=None):
         c = self.cfg.esc
-        return soft_triplet(sim, label, c.margin, c.soft_margin_base, keep, ops=self.ops, negatives=c.negatives)
+        # the code: the (B,) labels as a row of the (B, B) scores, every entry takes its caption's margin
+        broadcast = "caption" if c.margins == "broadcast" else None
+        return soft_triplet(sim, label, c.margin, c.soft_margin_base, keep, ops=self.ops, negatives=c.negatives,
+                            broadcast=broadcast)
 
     def _esc_train(self, sim):
         """L_ESC (Eq. 14), summed over the batch."""
@@ -192,15 +206,28 @@ class ESC(Method):
         if c.clean_labels == "one":  # paper (Sec. 3.3): every pair of D_c has label 1
             labels = {"clean": torch.ones_like(consistency)}
         else:  # official (BiCro): anchors 1, the others 0.5 + consistency / 2
-            labels = {"clean": torch.where(anchors, torch.ones_like(consistency), 0.5 + consistency / 2)}
+            label = 0.5 + consistency / 2
+            if c.clean_label_cut == "code":  # the code's: cut (noise_soft) and clamped, as the noisy labels
+                label = self._cut(label)
+            labels = {"clean": torch.where(anchors, torch.ones_like(consistency), label)}
         if with_noisy:
             n = batches["noisy"]
             out_n = forward_pairs(peer, n.images, n.tokens, n.lengths)
             label = bicro_consistency(intramodal_features(out_n.images, which),
                                       intramodal_features(out_n.captions, which), img, txt, anchors, ops=self.ops,
                                       ratio=c.label_ratio)
-            labels["noisy"] = torch.where(label <= c.noise_label_cut, torch.zeros_like(label), label)
+            labels["noisy"] = self._cut(label)
         return labels
+
+    def _cut(self, label):
+        """BiCro's soft labels as its code leaves them: with noise_soft (``esc.noisy_loss=soft``) a label
+        <= the cut becomes 0; with noise_hard it stays (``noisy_keep`` leaves its pair out of the loss,
+        and with ``esc.margins=broadcast`` it still sets the margins of the hinges its caption is a
+        negative in); clamped to [0, 1] (the soft margin clamps it too)."""
+        c = self.cfg.esc
+        if c.noisy_loss == "soft":
+            label = torch.where(label <= c.noise_label_cut, torch.zeros_like(label), label)
+        return label.clamp(0, 1)
 
     def train_groups(self, model, peer, batches, peer_prob, co_epoch):
         c = self.cfg.esc
@@ -217,7 +244,9 @@ class ESC(Method):
 
         def clean():
             sim = forward("clean")
-            terms = {"soft_clean": self._soft_triplet(sim, labels["clean"])}
+            # the code trains the clean batch in the noisy batch's mode: noise_hard leaves out its labels <= the cut
+            keep = noisy_keep(labels["clean"], c) if c.clean_label_cut == "code" else None
+            terms = {"soft_clean": self._soft_triplet(sim, labels["clean"], keep)}
             if not self.separate_steps:  # Eq. 15: L = L_soft + L_ESC on the same forward pass
                 terms["esc"] = self._esc_train(sim)
             return {"loss": sum(terms.values()), **terms}

@@ -36,18 +36,29 @@ def ncr_prediction(sim: torch.Tensor, margin: float, anchor_fraction: float = 0.
     return (confidence / top.clamp_min(1e-12)).clamp(0, 1)
 
 
+BROADCASTS = ("image", "caption")  # whose label an entry (i, j) of the scores takes: image i's or caption j's
+
+
 def soft_triplet(sim: torch.Tensor, label: torch.Tensor, margin: float, base: float, keep=None, *,
-                 ops: kernels.Ops, negatives: str = "hardest") -> torch.Tensor:
+                 ops: kernels.Ops, negatives: str = "hardest", broadcast: str | None = None) -> torch.Tensor:
     """Soft-margin triplet loss (NCR; ESC Eq. 13), summed over the batch: over each pair's hardest
     negative (``negatives="hardest"``, the papers and codes), the mean over its negatives ("mean"),
     or the two added ("mixed").
 
-    ``label`` (B,) gives pair i's margin to both of its directions; a (B, 1) or (B, B) label is
-    broadcast against the (B, B) similarities as NCR's code does, each hinge taking the margin of
-    the entry it compares (``triplet_terms``' (B, B) form; a (B, 1) column is expanded, not copied).
-    ``keep`` (B,) optionally weighs each pair's term (0 leaves a pair out).
+    ``label`` (B,) gives pair i's margin to both of its directions (``broadcast=None``: the papers'
+    per-pair form). The codes broadcast their labels against the (B, B) scores instead, and every
+    hinge takes the margin of the entry (i, j) it compares (``triplet_terms``' (B, B) form):
+    ``broadcast="image"``, NCR's (B, 1) targets, image i's label (row i's); ``"caption"``, ESC's and
+    BiCro's (B,) labels, caption j's (column j's), so image i's hinge against negative caption j
+    takes caption j's margin. A (B, B) label (NCR's clean target) is per entry already; a row or a
+    column is expanded, not copied. ``keep`` (B,) optionally weighs each pair's two hinges (0 leaves
+    a pair out; its label still sets the margins of the hinges it is a negative in).
     """
+    if broadcast is not None and broadcast not in BROADCASTS:
+        raise ValueError(f"soft_triplet: broadcast must be None or one of {BROADCASTS}, got {broadcast!r}")
     m = soft_margin(label, margin, base)
+    if broadcast is not None and m.dim() == 1:
+        m = m.view(-1, 1) if broadcast == "image" else m.view(1, -1)
     if m.dim() == 2:
         m = m.expand(sim.shape)
     terms = (ops.triplet_terms(sim, m, hardest=negatives != "mean") if negatives != "mixed"
@@ -56,8 +67,9 @@ def soft_triplet(sim: torch.Tensor, label: torch.Tensor, margin: float, base: fl
 
 
 def noisy_keep(label: torch.Tensor, c) -> torch.Tensor | None:
-    """Per-pair weights of the noisy subset's loss: None ("soft": every pair, margin from its
-    label) or, for "hard" (BiCro's noise_train=noise_hard), 0 for labels <= the cut."""
+    """Per-pair weights of a soft-labelled subset's loss (the noisy subset's; ESC's clean one too
+    with ``esc.clean_label_cut=code``): None ("soft": every pair, margin from its label) or, for
+    "hard" (BiCro's noise_train=noise_hard), 0 for labels <= the cut."""
     return (label > c.noise_label_cut).to(label.dtype) if c.noisy_loss == "hard" else None
 
 

@@ -123,9 +123,10 @@ class NCR(Method):
 
     def _soft_triplet(self, sim, label, keep=None):
         c = self.cfg.ncr
-        if c.margins == "broadcast" and label.dim() == 1:
-            label = label.view(-1, 1)  # NCR's code: a (B, 1) target, image i's in both directions of row i
-        return soft_triplet(sim, label, c.margin, c.soft_margin_base, keep, ops=self.ops, negatives=c.negatives)
+        # NCR's code: a (B, 1) target, image i's in both directions of row i (the clean one is (B, B))
+        broadcast = "image" if c.margins == "broadcast" else None
+        return soft_triplet(sim, label, c.margin, c.soft_margin_base, keep, ops=self.ops, negatives=c.negatives,
+                            broadcast=broadcast)
 
     def active_subsets(self, co_epoch):
         c = self.cfg.ncr
