@@ -23,7 +23,7 @@ import torch
 from fastncl import distributed
 from fastncl.checkpoint import LoopState
 from fastncl.evaluation import split_diagnostics
-from fastncl.methods.mixture import normalize_losses
+from fastncl.methods.mixture import clean_core, normalize_losses
 from fastncl.profiling import nvtx_range
 from fastncl.records import EpochRecord, SplitFile, SplitQuality
 from fastncl.step import mark_step
@@ -81,10 +81,11 @@ def mean_signal(losses: list[np.ndarray], state: LoopState) -> list[np.ndarray]:
 
 class SplitPhase:
     def __init__(self, method, signal: str, clean_mask: np.ndarray | None, n: int, batches, bar, precision,
-                 graphs: bool):
+                 graphs: bool, clean_side: str = "posterior"):
         """``batches(index)``: the training pairs ``index`` in batches (data.batches.PairBatches);
-        ``bar``: progress.Bars; ``signal``: split.signal."""
+        ``bar``: progress.Bars; ``signal``, ``clean_side``: split.signal, split.clean_side."""
         self.method, self.signal, self.clean_mask, self.n = method, signal, clean_mask, n
+        self.clean_side = clean_side
         self.batches, self.bar, self.precision, self.graphs = batches, bar, precision, graphs
 
     def run(self, models, co_epoch: int, state: LoopState, diverged) -> EpochSplit:
@@ -100,7 +101,7 @@ class SplitPhase:
         t_split = time.perf_counter()
         signals = self._signal([loss for loss, _ in passes], state)
         with nvtx_range("mixture fit"):
-            fits = distributed.on_main(lambda: [self.method.fit(x) for x in signals])
+            fits = distributed.on_main(lambda: [self._clean_side(self.method.fit(x)) for x in signals])
         time_fit = time.perf_counter() - t_split
         divisions = [self.method.split(fit, anchors, co_epoch) for fit, (_, anchors) in zip(fits, passes)]
         return EpochSplit([loss for loss, _ in passes], fits, divisions, tuple(self.method.active_subsets(co_epoch)),
@@ -133,6 +134,10 @@ class SplitPhase:
         min-max normalised values averaged over the split epochs so far (the fit then clips and
         normalises the average as it would a loss)."""
         return losses if self.signal == "loss" else mean_signal(losses, state)
+
+    def _clean_side(self, fit):
+        """The fit the split uses (split.clean_side): as fitted, or its clean component's core."""
+        return clean_core(fit) if self.clean_side == "core" else fit
 
     def _diagnostics(self, fits, divisions) -> SplitQuality:
         """Each model's split quality (the detected noisy set: the method's noisy subset where it

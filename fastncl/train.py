@@ -58,7 +58,7 @@ class Trainer:
         self.fast, self.eval_views = assemble.views(self.models, rt)
         self.rng = np.random.default_rng(cfg.seed)
         self.splitter = SplitPhase(self.method, cfg.split.signal, self.pairs.clean, self.data.train.num_captions,
-                                   self._batches, self.bar, self.precision, self.graphs)
+                                   self._batches, self.bar, self.precision, self.graphs, cfg.split.clean_side)
         self.state, self.start_epoch = self.schedule.start(), 0
         if not fresh:
             self._resume()

@@ -273,3 +273,19 @@ def test_normalize_losses_clips_above_the_quantile():
     np.testing.assert_allclose(out[:91], x[:91] / 90)
     assert np.all(out[90:] == 1.0)
     np.testing.assert_array_equal(normalize_losses(x, 1.0), x / 100)
+
+
+@pytest.mark.parametrize("fit", [fit_gmm, fit_bmm])
+def test_the_clean_core_is_the_clean_side_up_to_the_clean_mean(fit):
+    losses, _ = beta_mixture()
+    full = fit(losses)
+    core = mixture.clean_core(full)
+    mean = mixture.clean_mean(full)
+    if full.kind == "bmm":
+        assert mean == pytest.approx(beta_means(full)[0])
+    else:
+        assert mean == full.params["means"][0]
+    below = full.normalized <= mean
+    assert 0 < below.sum() < (full.clean_prob > 0.5).sum()  # a strict part of the clean side
+    assert np.array_equal(core.clean_prob[below], full.clean_prob[below]) and (core.clean_prob[~below] == 0).all()
+    assert np.array_equal(core.normalized, full.normalized) and core.params == full.params

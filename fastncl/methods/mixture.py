@@ -16,6 +16,7 @@ the *smaller mean* (identified after fitting, never by index):
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -106,6 +107,21 @@ def fit_bmm(losses, iters: int = 10, eps: float = 1e-4, clip_quantile: float = 1
     v[split:] = np.minimum.accumulate(v[split:])
     clean[by_loss] = v
     return MixtureFit(clean, x, "bmm", params)
+
+
+def clean_mean(fit: MixtureFit) -> float:
+    """The clean component's mean, on the fit's normalised scale."""
+    if fit.kind == "gmm":
+        return float(fit.params["means"][0])
+    a, b = fit.params["alphas"][0], fit.params["betas"][0]
+    return float(a / (a + b))
+
+
+def clean_core(fit: MixtureFit) -> MixtureFit:
+    """``fit`` with its clean probability set to 0 above the clean component's mean
+    (split.clean_side=core): only the core of the clean component stays clean."""
+    prob = np.where(fit.normalized <= clean_mean(fit), fit.clean_prob, 0.0)
+    return dataclasses.replace(fit, clean_prob=prob)
 
 
 def noisy_threshold(clean_prob: np.ndarray, threshold: float, min_noisy_fraction: float) -> float:
