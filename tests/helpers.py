@@ -40,14 +40,14 @@ def config(*overrides, preset=None, method=None):
     return resolve(preset=preset, method=method, overrides=list(overrides))
 
 
-# NCR's and ESC's co-training loss and noisy phase as their papers and codes have them (the
-# defaults train the clean subset alone with the hardest and the mean negative added)
+# NCR's and ESC's co-training loss, noisy phase and clean side as their papers and codes have them
+# (the defaults train the clean component's core alone, with the hardest and the mean negative added)
 CODE_LOSS = (("ncr.negatives", "hardest"), ("ncr.train_noisy", True), ("esc.negatives", "hardest"),
-             ("esc.train_noisy", True))
+             ("esc.train_noisy", True), ("split.clean_side", "posterior"))
 
 
 def code_config(*overrides, preset=None, method=None):
-    """``config`` with NCR's and ESC's loss and noisy phase as their codes (CODE_LOSS), then ``overrides``."""
+    """``config`` with NCR's and ESC's loss, noisy phase and clean side as their codes (CODE_LOSS), then ``overrides``."""
     return config(*CODE_LOSS, *overrides, preset=preset, method=method)
 
 

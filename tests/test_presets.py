@@ -91,6 +91,17 @@ def test_ncr_and_esc_default_loss_and_the_presets_that_restore_the_papers():
         assert (section.negatives, section.train_noisy) == ("hardest", True), name
 
 
+def test_the_clean_side_is_the_core_for_ncr_and_esc_and_the_posterior_in_the_papers_presets():
+    """Left out, split.clean_side is the method's: the clean component's core for NCR and ESC (chosen
+    leave-one-data-set-out, docs/results.md), its posterior for SPS; every paper or code preset
+    takes the posterior, and an explicit value wins over the method's."""
+    assert [resolve(method=m).split.clean_side for m in ("ncr", "esc", "sps")] == ["core", "core", "posterior"]
+    for name in ("ncr-official", "esc-official", "esc-f30k", "esc-official-coco", "sps-official", "sps-cc152k"):
+        assert resolve(preset=name).split.clean_side == "posterior", name
+    assert resolve(method="ncr", overrides=[("split.clean_side", "posterior")]).split.clean_side == "posterior"
+    assert resolve(method="sps", overrides=[("split.clean_side", "core")]).split.clean_side == "core"
+
+
 def test_esc_official_runs_the_codes_margins_and_clean_labels():
     """esc-official (and esc-official-<dataset>): the (B,) labels broadcast against the scores as
     ESC's code does (esc.margins=broadcast) and D_c's BiCro labels clamped and cut as the code's

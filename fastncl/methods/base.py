@@ -78,6 +78,7 @@ class Method:
     subset_colors: dict[str, str] = {}  # non-empty: the report draws each subset's ground-truth composition
     separate_steps = False
     uses_split = True
+    clean_side = "posterior"  # split.clean_side when the config leaves it out
 
     @classmethod
     def presets(cls) -> dict[str, dict]:
