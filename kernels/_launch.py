@@ -57,6 +57,47 @@ def device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
+class LaunchTarget(NamedTuple):
+    """The GPU a compiled launch is planned for."""
+
+    capability: int  # compute capability x 10: 80 (A100), 90 (H100)
+    shared_per_block: int  # bytes of shared memory one block may use (the opt-in maximum)
+
+
+SM80 = LaunchTarget(80, 163 * 1024)  # cudaDevAttrMaxSharedMemoryPerBlockOptin of an A100
+SM90 = LaunchTarget(90, 227 * 1024)  # and of an H100
+_PLANNED: list[LaunchTarget] = []  # planned_for's targets, innermost last
+_DEVICE_TARGETS: dict[int, LaunchTarget] = {}
+
+
+@contextlib.contextmanager
+def planned_for(target: LaunchTarget):
+    """Within the block every launch is planned as a compiled launch on ``target`` (its tiles,
+    warps, pipelining and dot precisions), CPU tensors under the interpreter included: how
+    tools/aot_report.py records what a GPU launch compiles without a GPU."""
+    _PLANNED.append(target)
+    try:
+        yield target
+    finally:
+        _PLANNED.pop()
+
+
+def launch_target(device: torch.device) -> LaunchTarget | None:
+    """The GPU a launch on ``device`` compiles for (read once per device), or None for the
+    interpreter's launches on CPU tensors; inside ``planned_for``, that block's target."""
+    if _PLANNED:
+        return _PLANNED[-1]
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    target = _DEVICE_TARGETS.get(index)
+    if target is None:
+        props = torch.cuda.get_device_properties(index)
+        target = _DEVICE_TARGETS[index] = LaunchTarget(props.major * 10 + props.minor,
+                                                       props.shared_memory_per_block_optin)
+    return target
+
+
 def row_block(n: int) -> int:
     """Rows (or columns) a program owns in a matrix sweep: 16 to 64, a power of two.
 
@@ -175,7 +216,7 @@ def dot_precision(dtype: torch.dtype) -> str:
     exact fp32 products of the bf16 values, as the tensor cores compute them. Removing this makes
     the bf16 cases of tests/test_kernels_triton.py fail on CPU.
     """
-    if dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting()):
+    if dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting() and not _PLANNED):
         return "ieee"
     return "tf32"
 
@@ -195,7 +236,8 @@ class EmbedBlocks(NamedTuple):
 _SMEM_BUDGET = 200 * 1024  # bytes of shared memory a program may plan for (H100: 227 KiB per block)
 
 
-def embed_blocks(n: int, d: int, elem_bytes: int = 2, towers: int = 1, gpu: bool | None = None) -> EmbedBlocks:
+def embed_blocks(n: int, d: int, elem_bytes: int = 2, towers: int = 1,
+                 target: LaunchTarget | None = None) -> EmbedBlocks:
     """The launch shape of a sweep over tiles of (n, d) @ (d, n) products recomputed from features.
 
     Rows: ``row_block`` (16 to 64) per program and per step. Features: when the whole row fits one
@@ -204,14 +246,14 @@ def embed_blocks(n: int, d: int, elem_bytes: int = 2, towers: int = 1, gpu: bool
     chip for the sweep and the backward reuses each key tile for dS @ K, as FlashAttention does up
     to head dim 256 (up to 3 stages, as many as fit). Otherwise D is reduced in chunks of 64 and the
     backward splits the gradient columns into blocks of up to 256, each program recomputing the
-    similarities. Under the interpreter (the CPU tests) one chunk is at most 64 wide, so that
-    D = 256 and D = 300 cover the chunked path and D <= 64 the one-chunk path; ``gpu`` (default: not
-    interpreting) picks the compiled shapes anyway (tests/test_kernels_compile.py compiles those).
+    similarities. ``target`` is the GPU the launch compiles for (``launch_target``); None gives the
+    interpreter's shapes (the CPU tests), where one chunk is at most 64 wide, so that D = 256 and
+    D = 300 cover the chunked path and D <= 64 the one-chunk path.
 
     [2026-11-24] Chosen from ptxas's register and shared-memory reports for sm_90 (an ahead-of-time
     compile on a CPU machine), not from timings: no GPU was available to tune on.
     """
-    gpu = not interpreting() if gpu is None else gpu
+    gpu = target is not None
     block = row_block(n)
     dpow = max(16, triton.next_power_of_2(max(d, 1)))
     tile = block * dpow * elem_bytes * towers  # bytes of one set of query (or key) tiles

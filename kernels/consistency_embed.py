@@ -46,8 +46,8 @@ import triton
 import triton.language as tl
 from torch.library import custom_op
 
-from ._launch import (check_inputs, device_guard, dot_precision, embed_blocks, finish_scalar, gram_tile, load_tile,
-                      scalar_workspace)
+from ._launch import (check_inputs, device_guard, dot_precision, embed_blocks, finish_scalar, gram_tile,
+                      launch_target, load_tile, scalar_workspace)
 from .reference import _check_features
 
 
@@ -158,7 +158,8 @@ def _check(op: str, x: torch.Tensor, y: torch.Tensor, cross: bool) -> None:
 
 
 def _blocks(x: torch.Tensor, y: torch.Tensor):
-    return embed_blocks(x.shape[0], max(x.shape[1], y.shape[1]), x.element_size(), towers=2)
+    return embed_blocks(x.shape[0], max(x.shape[1], y.shape[1]), x.element_size(), towers=2,
+                        target=launch_target(x.device))
 
 
 @custom_op("fastncl::consistency_embed_fwd", mutates_args=())

@@ -49,7 +49,8 @@ import triton
 import triton.language as tl
 from torch.library import custom_op
 
-from ._launch import check_inputs, device_guard, dot_precision, embed_blocks, gram_tile, load_tile
+from ._launch import (check_inputs, device_guard, dot_precision, embed_blocks, gram_tile, launch_target,
+                      load_tile)
 from .infonce import LOG2E, effective_grad, infonce_dsim, online_lse
 from .reference import _check_features
 
@@ -188,7 +189,7 @@ def infonce_embed_fwd(img: torch.Tensor, txt: torch.Tensor, tau: float
     """(lse, loss, prob), each (2, B) fp32: row 0 image -> text, row 1 text -> image."""
     n, d = _check(img, txt)
     lse, loss, prob = (torch.empty(2, n, device=img.device, dtype=torch.float32) for _ in range(3))
-    blocks = embed_blocks(n, d, img.element_size())
+    blocks = embed_blocks(n, d, img.element_size(), target=launch_target(img.device))
     with device_guard(img):
         _infonce_embed_fwd_kernel[(2 * triton.cdiv(n, blocks.m),)](
             img, txt, lse, loss, prob, img.stride(0), img.stride(1), txt.stride(0), txt.stride(1), n, d, LOG2E / tau,
@@ -211,7 +212,7 @@ def infonce_embed_bwd(img: torch.Tensor, txt: torch.Tensor, lse: torch.Tensor, p
     n, d = img.shape
     dimg, dtxt = (torch.empty(n, d, device=img.device, dtype=img.dtype) for _ in range(2))  # one layout, one stride pair
     grad_loss, grad_prob = grad_loss.float().contiguous(), grad_prob.float().contiguous()
-    blocks = embed_blocks(n, d, img.element_size())
+    blocks = embed_blocks(n, d, img.element_size(), target=launch_target(img.device))
     with device_guard(img):
         _infonce_embed_bwd_kernel[(2 * triton.cdiv(n, blocks.m), triton.cdiv(d, blocks.do))](
             img, txt, lse, prob, grad_loss, grad_prob, dimg, dtxt, img.stride(0), img.stride(1), txt.stride(0),
