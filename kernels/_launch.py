@@ -107,6 +107,19 @@ def row_block(n: int) -> int:
     return max(16, min(64, triton.next_power_of_2(max(n, 1)) // 4))
 
 
+def tile_warps(block_m: int, block_n: int) -> int:
+    """Warps of a program that sweeps or writes (block_m, block_n) tiles of a (B, B) matrix: 8 from
+    4096 elements on (64 x 64, 32 x 128, 64 x 128 tiles: at most 32 elements per thread), else 4.
+
+    [2026-12-07] From tools/aot_report.py's ptxas reports (sm_80, sm_90; Triton 3.9), not timings: at 4
+    warps the InfoNCE, triplet and ESC sweeps over 64 x 128 tiles spilled 100 bytes to 1.4 KB per
+    thread from B = 256 on, and at a ragged B (no divisibility hints: no vector loads, a 64-bit
+    address per element) up to 21 KB, the 64 x 64 backward tiles up to 650 bytes. Where 8 warps
+    still spill, the launcher says so (``sweep_block``, esc_division.py).
+    """
+    return 8 if block_m * block_n >= 4096 else 4
+
+
 def feature_block(d: int) -> int:
     """Feature-axis chunk of a ``tl.dot`` (its K size): 16 (the smallest dot) to 64, a power of two."""
     return max(16, min(64, triton.next_power_of_2(max(d, 1))))
