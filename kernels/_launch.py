@@ -107,6 +107,17 @@ def row_block(n: int) -> int:
     return max(16, min(64, triton.next_power_of_2(max(n, 1)) // 4))
 
 
+def sweep_block(n: int) -> int:
+    """Columns per step of a sweep that holds a row tile S[I, J] and a transposed tile S[J, I]^T
+    (the triplet and ESC forwards; with a (B, B) margin, two more): ``col_block`` capped at 64.
+
+    [2026-12-07] From tools/aot_report.py's ptxas reports, not timings: with 128 columns these sweeps
+    spilled at a ragged B (no divisibility hints: a 64-bit address per element) even at 8 warps,
+    about 1-2 KB per thread at B = 1000; with 64, none does.
+    """
+    return min(64, col_block(n))
+
+
 def tile_warps(block_m: int, block_n: int) -> int:
     """Warps of a program that sweeps or writes (block_m, block_n) tiles of a (B, B) matrix: 8 from
     4096 elements on (64 x 64, 32 x 128, 64 x 128 tiles: at most 32 elements per thread), else 4.
