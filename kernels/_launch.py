@@ -131,9 +131,12 @@ def tile_warps(block_m: int, block_n: int) -> int:
     return 8 if block_m * block_n >= 4096 else 4
 
 
-def feature_block(d: int) -> int:
-    """Feature-axis chunk of a ``tl.dot`` (its K size): 16 (the smallest dot) to 64, a power of two."""
-    return max(16, min(64, triton.next_power_of_2(max(d, 1))))
+def feature_block(d: int, elem_bytes: int = 2) -> int:
+    """Feature-axis chunk of a ``tl.dot`` (its K size): 16 (the smallest dot) to 64, a power of two;
+    16 for fp32 operands (``elem_bytes`` 4), whose IEEE dots run on the FMA units with the operands
+    in registers, as ``embed_blocks`` takes them (proxy_argmax's fp32 kernel spilled about 2.2 KB per
+    thread on sm_80 at 64, 32 B at 32: tools/aot_report.py)."""
+    return max(16, min(16 if elem_bytes >= 4 else 64, triton.next_power_of_2(max(d, 1))))
 
 
 def col_block(n: int) -> int:
