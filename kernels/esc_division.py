@@ -33,6 +33,10 @@ Limits: fp16, bf16, fp32 inputs (upcast on load; the diagonal's argmax sees the 
 torch's), any B >= 1 (B = 0 has no anchor: ValueError), any strides; a NaN on the diagonal is
 not handled like torch.argmax (which picks it). Loss fp32, anchor 0-d int64, dsim in sim's dtype.
 Tested on CPU under the interpreter at B <= 130.
+[2026-12-07] Compiled ahead of time for sm_80 and sm_90 with Triton 3.9 (tools/aot_report.py, the
+table in docs/kernels.md): no register spills at B = 64 to 8192, ragged B included, every variant
+(the launchers' warps say where ptxas needed other than ``tile_warps``). With 128-column sweeps at
+4 warps the forward spilled up to 21 KB per thread at a ragged B = 1000, 100-360 B at B = 1024.
 """
 from __future__ import annotations
 

@@ -97,7 +97,6 @@ def test_largest_tiles_compile_for_sm80_and_sm90_and_fit_in_shared_memory(compil
         t: max(r["shared"] for c, r in zip(picked, results) if c["target"] == t) for t in aot.TARGETS}))
 
 
-@pytest.mark.xfail(strict=True, reason="issue 21, item 3: the spills docs/kernels.md lists are being fixed")
 def test_no_spills_on_the_trained_path(compiled):
     import fastncl.kernels as K
 
