@@ -57,6 +57,47 @@ def device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
+class LaunchTarget(NamedTuple):
+    """The GPU a compiled launch is planned for."""
+
+    capability: int  # compute capability x 10: 80 (A100), 90 (H100)
+    shared_per_block: int  # bytes of shared memory one block may use (the opt-in maximum)
+
+
+SM80 = LaunchTarget(80, 163 * 1024)  # cudaDevAttrMaxSharedMemoryPerBlockOptin of an A100
+SM90 = LaunchTarget(90, 227 * 1024)  # and of an H100
+_PLANNED: list[LaunchTarget] = []  # planned_for's targets, innermost last
+_DEVICE_TARGETS: dict[int, LaunchTarget] = {}
+
+
+@contextlib.contextmanager
+def planned_for(target: LaunchTarget):
+    """Within the block every launch is planned as a compiled launch on ``target`` (its tiles,
+    warps, pipelining and dot precisions), CPU tensors under the interpreter included: how
+    tools/aot_report.py records what a GPU launch compiles without a GPU."""
+    _PLANNED.append(target)
+    try:
+        yield target
+    finally:
+        _PLANNED.pop()
+
+
+def launch_target(device: torch.device) -> LaunchTarget | None:
+    """The GPU a launch on ``device`` compiles for (read once per device), or None for the
+    interpreter's launches on CPU tensors; inside ``planned_for``, that block's target."""
+    if _PLANNED:
+        return _PLANNED[-1]
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    target = _DEVICE_TARGETS.get(index)
+    if target is None:
+        props = torch.cuda.get_device_properties(index)
+        target = _DEVICE_TARGETS[index] = LaunchTarget(props.major * 10 + props.minor,
+                                                       props.shared_memory_per_block_optin)
+    return target
+
+
 def row_block(n: int) -> int:
     """Rows (or columns) a program owns in a matrix sweep: 16 to 64, a power of two.
 
@@ -66,9 +107,36 @@ def row_block(n: int) -> int:
     return max(16, min(64, triton.next_power_of_2(max(n, 1)) // 4))
 
 
-def feature_block(d: int) -> int:
-    """Feature-axis chunk of a ``tl.dot`` (its K size): 16 (the smallest dot) to 64, a power of two."""
-    return max(16, min(64, triton.next_power_of_2(max(d, 1))))
+def sweep_block(n: int) -> int:
+    """Columns per step of a sweep that holds a row tile S[I, J] and a transposed tile S[J, I]^T
+    (the triplet and ESC forwards; with a (B, B) margin, two more): ``col_block`` capped at 64.
+
+    [2026-12-07] From tools/aot_report.py's ptxas reports, not timings: with 128 columns these sweeps
+    spilled at a ragged B (no divisibility hints: a 64-bit address per element) even at 8 warps,
+    about 1-2 KB per thread at B = 1000; with 64, none does.
+    """
+    return min(64, col_block(n))
+
+
+def tile_warps(block_m: int, block_n: int) -> int:
+    """Warps of a program that sweeps or writes (block_m, block_n) tiles of a (B, B) matrix: 8 from
+    4096 elements on (64 x 64, 32 x 128, 64 x 128 tiles: at most 32 elements per thread), else 4.
+
+    [2026-12-07] From tools/aot_report.py's ptxas reports (sm_80, sm_90; Triton 3.9), not timings: at 4
+    warps the InfoNCE, triplet and ESC sweeps over 64 x 128 tiles spilled 100 bytes to 1.4 KB per
+    thread from B = 256 on, and at a ragged B (no divisibility hints: no vector loads, a 64-bit
+    address per element) up to 21 KB, the 64 x 64 backward tiles up to 650 bytes. Where 8 warps
+    still spill, the launcher says so (``sweep_block``, esc_division.py).
+    """
+    return 8 if block_m * block_n >= 4096 else 4
+
+
+def feature_block(d: int, elem_bytes: int = 2) -> int:
+    """Feature-axis chunk of a ``tl.dot`` (its K size): 16 (the smallest dot) to 64, a power of two;
+    16 for fp32 operands (``elem_bytes`` 4), whose IEEE dots run on the FMA units with the operands
+    in registers, as ``embed_blocks`` takes them (proxy_argmax's fp32 kernel spilled about 2.2 KB per
+    thread on sm_80 at 64, 32 B at 32: tools/aot_report.py)."""
+    return max(16, min(16 if elem_bytes >= 4 else 64, triton.next_power_of_2(max(d, 1))))
 
 
 def col_block(n: int) -> int:
@@ -175,7 +243,7 @@ def dot_precision(dtype: torch.dtype) -> str:
     exact fp32 products of the bf16 values, as the tensor cores compute them. Removing this makes
     the bf16 cases of tests/test_kernels_triton.py fail on CPU.
     """
-    if dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting()):
+    if dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting() and not _PLANNED):
         return "ieee"
     return "tf32"
 
@@ -192,41 +260,58 @@ class EmbedBlocks(NamedTuple):
     stages: int  # software-pipelining depth of the key-tile loop
 
 
-_SMEM_BUDGET = 200 * 1024  # bytes of shared memory a program may plan for (H100: 227 KiB per block)
+# bytes of a block's shared memory the plan leaves to what it does not count (layout conversions,
+# reductions, the pipeline's barriers): an H100 plans for 200 of its 227 KiB, an A100 for 136 of its 163
+_SMEM_RESERVE = 27 * 1024
 
 
-def embed_blocks(n: int, d: int, elem_bytes: int = 2, towers: int = 1, gpu: bool | None = None) -> EmbedBlocks:
+def embed_blocks(n: int, d: int, elem_bytes: int = 2, towers: int = 1,
+                 target: LaunchTarget | None = None, backward: bool = False) -> EmbedBlocks:
     """The launch shape of a sweep over tiles of (n, d) @ (d, n) products recomputed from features.
 
     Rows: ``row_block`` (16 to 64) per program and per step. Features: when the whole row fits one
     chunk (BLOCK_D = next_pow2(d) <= 256) and ``towers`` query tiles plus one pipelined stage of
     ``towers`` key tiles (``elem_bytes`` per element) fit in shared memory, the query tiles stay on
     chip for the sweep and the backward reuses each key tile for dS @ K, as FlashAttention does up
-    to head dim 256 (up to 3 stages, as many as fit). Otherwise D is reduced in chunks of 64 and the
-    backward splits the gradient columns into blocks of up to 256, each program recomputing the
-    similarities. Under the interpreter (the CPU tests) one chunk is at most 64 wide, so that
-    D = 256 and D = 300 cover the chunked path and D <= 64 the one-chunk path; ``gpu`` (default: not
-    interpreting) picks the compiled shapes anyway (tests/test_kernels_compile.py compiles those).
+    to head dim 256 (up to 3 stages, as many as fit the target's per-block shared memory less
+    ``_SMEM_RESERVE``: an A100's 163 KiB, an H100's 227; at most 2 on sm_90). Otherwise D is
+    reduced in chunks of 64 and the backward splits the gradient columns into blocks of up to 256,
+    each program recomputing the similarities. fp32 inputs (IEEE dots on the FMA units, both
+    operands in registers over the dot's whole K) take 16-feature chunks, 64 gradient columns, and
+    with one tower 16 keys per step (the gradient GEMM's K), 8 warps and 2 stages. Two towers (the
+    consistency ops) hold two fp32 gradient accumulators per backward program: on a GPU their
+    ``backward`` programs own at most 32 rows (the forward keeps ``row_block``, so that its
+    partials stay ceil(B / 64)^2). ``target`` is the GPU the launch compiles for
+    (``launch_target``); None gives the interpreter's shapes (the CPU tests), where one chunk is at
+    most 64 wide, so that D = 256 and D = 300 cover the chunked path and D <= 64 the one-chunk path.
 
-    [2026-11-24] Chosen from ptxas's register and shared-memory reports for sm_90 (an ahead-of-time
-    compile on a CPU machine), not from timings: no GPU was available to tune on.
+    [2026-12-07] Chosen from ptxas's register, spill and shared-memory reports for sm_80 and sm_90
+    (tools/aot_report.py, an ahead-of-time compile on a CPU machine), not from timings: no GPU was
+    available to tune on. With 64-row backward programs for two towers, 32-feature chunks and
+    64 keys for fp32, and 3 stages on sm_90, the backward kernels spilled 0.1 to 3 KB per thread.
     """
-    gpu = not interpreting() if gpu is None else gpu
+    gpu = target is not None
+    budget = (target or SM90).shared_per_block - _SMEM_RESERVE  # the interpreter: any (stages unused)
+    # fp32 operands take IEEE dots, which run on the FMA units with the operands in registers (each
+    # thread holds its rows and columns of both operands over the whole K of a dot): small K there
+    fma = elem_bytes >= 4 and gpu
     block = row_block(n)
+    if gpu and towers == 2 and backward:  # two (rows, BLOCK_DO) fp32 gradient accumulators per program
+        block = min(block, 32)
+    keys = 16 if fma and towers == 1 else block  # the gradient GEMM's K
     dpow = max(16, triton.next_power_of_2(max(d, 1)))
     tile = block * dpow * elem_bytes * towers  # bytes of one set of query (or key) tiles
-    stages = min(3, _SMEM_BUDGET // tile - 1) if tile <= _SMEM_BUDGET else 0
-    # fp32 operands take IEEE dots, which run on the FMA units with the operands in registers:
-    # small chunks there (on sm_90 one 256-wide chunk spills tens of KiB per thread)
-    fma = elem_bytes >= 4 and gpu
+    stages = min(3, budget // tile - 1) if tile <= budget else 0
     one_chunk = dpow <= (256 if gpu else 64) and stages >= 1 and not fma
-    chunk, out_chunk = (32, 64) if fma else (64, 256)
+    chunk, out_chunk = (16, 64) if fma else (64, 256)
     if not one_chunk:
-        stages = min(3, _SMEM_BUDGET // (2 * block * chunk * elem_bytes * towers))
+        stages = min(2 if fma and towers == 1 else 3, budget // ((block + keys) * chunk * elem_bytes * towers))
+    elif gpu and target.capability >= 90:
+        stages = min(stages, 2)  # sm_90's wgmma pipeline: a third stage of keys costs the backward its registers
     block_d = dpow if one_chunk else min(chunk, dpow)
     block_do = block_d if one_chunk else min(out_chunk, dpow)
-    return EmbedBlocks(block, block, block_d, block_do, one_chunk, 8 if block * block_do >= 64 * 128 else 4,
-                       max(1, stages))
+    warps = 8 if (fma and towers == 1) or towers * block * block_do > 64 * 128 else 4
+    return EmbedBlocks(block, keys, block_d, block_do, one_chunk, warps, max(1, stages))
 
 
 @triton.jit

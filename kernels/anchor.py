@@ -31,6 +31,10 @@ forward and one backward launch.
 Limits: fp16, bf16, fp32 inputs (upcast on load), any B >= 1, any strides; an int anchor is
 checked against B, an anchor tensor (0-d or (B,), any integer dtype) is not (no host sync: an
 index outside [0, B) is undefined behaviour); outputs fp32, dsim in sim's dtype.
+[2026-12-07] Compiled ahead of time for sm_80 and sm_90 with Triton 3.9 (tools/aot_report.py, the
+table in docs/kernels.md): no register spills at B = 64 to 8192, ragged B included (8 warps from
+4096 elements per tile, ``tile_warps``; at 4, a ragged B = 1000 spilled about 2 KB per thread
+forward and 300 bytes backward).
 """
 from __future__ import annotations
 
@@ -41,7 +45,7 @@ import triton
 import triton.language as tl
 from torch.library import custom_op
 
-from ._launch import check_inputs, col_block, device_guard, row_block, store_stats
+from ._launch import check_inputs, col_block, device_guard, row_block, store_stats, tile_warps
 from .reference import _check_square
 
 
@@ -193,7 +197,8 @@ def esc_anchor_fwd(sim: torch.Tensor, anchor: Optional[torch.Tensor], anchor_ind
     with device_guard(sim):
         _esc_anchor_fwd_kernel[(triton.cdiv(n, block_m),)](
             sim, a_ptr, out, stats, sim.stride(0), sim.stride(1), a_stride, n, anchor_index, alpha,
-            PER_PAIR=anchor is not None, NORMALIZE=normalize, BLOCK_M=block_m, BLOCK_N=col_block(n))
+            PER_PAIR=anchor is not None, NORMALIZE=normalize, BLOCK_M=block_m, BLOCK_N=col_block(n),
+            num_warps=tile_warps(block_m, col_block(n)))
     return out, stats
 
 
@@ -223,7 +228,7 @@ def esc_anchor_bwd(sim: torch.Tensor, anchor: Optional[torch.Tensor], anchor_ind
         _esc_anchor_bwd_kernel[(triton.cdiv(n, block), triton.cdiv(n, block))](
             sim, a_ptr, stats, grad, wv, dsim, sim.stride(0), sim.stride(1), a_stride, dsim.stride(0),
             dsim.stride(1), n, anchor_index, PER_PAIR=anchor is not None, NORMALIZE=normalize,
-            BLOCK_M=block, BLOCK_N=block)
+            BLOCK_M=block, BLOCK_N=block, num_warps=tile_warps(block, block))
     return dsim
 
 

@@ -35,9 +35,15 @@ dots for fp32), any B >= 1, D >= 1, any strides; the loss is fp32, gradients in 
 (E is rounded to it before the gradient GEMM). Tested on CPU in the interpreter up to B = 130,
 D = 300. For alpha <= 0 and B >= 8 D (fp32: 2 D) the ops take a closed form through D x D Grams
 instead (``_ClosedForm``: torch matmuls, fp32 Grams, no Triton launch).
-[2026-11-24] Not yet run on a GPU: compiled ahead of time for sm_90 with Triton 3.9 (bf16,
-B = 8192, D = 256: at most 196 KiB of shared memory, about 56 bytes of register spills in the
-backward); launch shapes are not tuned.
+[2026-12-07] Not yet run on a GPU: compiled ahead of time for sm_80 and sm_90 with Triton 3.9
+(tools/aot_report.py, the table in docs/kernels.md): at most 98 KiB (sm_80) and 128 KiB (sm_90) of
+shared memory, and no register spills from B = 512 (EMBED_MIN_BATCH, where the trainer takes these
+ops) to 65536 at D = 256 and 1024 in every dtype: on a GPU the backward's programs own 32 rows
+(``embed_blocks``), whose two 32 x BLOCK_DO fp32 accumulators fit the registers where 64 rows
+spilled 0.1-0.4 KB per thread (16-bit) and 2-3 KB (fp32). Below B = 512 three configs spill 8 to
+56 bytes with 72-80 of their 255 registers in use (ptxas's allocator, not register pressure): the
+fp32 backward at B = 64 and the 16-bit metric forward at B = 64 on sm_80, the fp32 metric forward
+at B = 127 on sm_90. Launch shapes are not tuned.
 """
 from __future__ import annotations
 
@@ -46,8 +52,8 @@ import triton
 import triton.language as tl
 from torch.library import custom_op
 
-from ._launch import (check_inputs, device_guard, dot_precision, embed_blocks, finish_scalar, gram_tile, load_tile,
-                      scalar_workspace)
+from ._launch import (check_inputs, device_guard, dot_precision, embed_blocks, finish_scalar, gram_tile,
+                      launch_target, load_tile, scalar_workspace)
 from .reference import _check_features
 
 
@@ -157,8 +163,9 @@ def _check(op: str, x: torch.Tensor, y: torch.Tensor, cross: bool) -> None:
         raise ValueError(f"{op}: the two embeddings differ in dtype ({x.dtype} and {y.dtype})")
 
 
-def _blocks(x: torch.Tensor, y: torch.Tensor):
-    return embed_blocks(x.shape[0], max(x.shape[1], y.shape[1]), x.element_size(), towers=2)
+def _blocks(x: torch.Tensor, y: torch.Tensor, backward: bool = False):
+    return embed_blocks(x.shape[0], max(x.shape[1], y.shape[1]), x.element_size(), towers=2,
+                        target=launch_target(x.device), backward=backward)
 
 
 @custom_op("fastncl::consistency_embed_fwd", mutates_args=())
@@ -188,7 +195,7 @@ def _(x, y, alpha, cross):
 def consistency_embed_bwd(x: torch.Tensor, y: torch.Tensor, grad: torch.Tensor, alpha: float, cross: bool
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, dy) in the inputs' dtype and shapes, from the upstream gradient of the hinge mean."""
-    n, blocks = x.shape[0], _blocks(x, y)
+    n, blocks = x.shape[0], _blocks(x, y, backward=True)
     dx, dy = torch.empty(x.shape, device=x.device, dtype=x.dtype), torch.empty(y.shape, device=y.device, dtype=y.dtype)
     with device_guard(x):
         _consistency_embed_bwd_kernel[(triton.cdiv(n, blocks.m), triton.cdiv(max(x.shape[1], y.shape[1]), blocks.do))](

@@ -39,8 +39,12 @@ Limits: fp16, bf16, fp32 embeddings of one dtype (tensor-core dots for 16-bit in
 accumulation, IEEE fp32 dots on the FMA units for fp32), any B >= 1, D >= 1, any strides; outputs
 fp32, gradients in the input dtype (dS is rounded to it before the gradient GEMM, as
 FlashAttention does). Tested on CPU in the interpreter up to B = 130, D = 256.
-[2026-11-24] Not yet run on a GPU: compiled ahead of time for sm_90 with Triton 3.9 (no spills,
-at most 200 KiB of shared memory for bf16 at B = 8192, D = 256); launch shapes are not tuned.
+[2026-12-07] Not yet run on a GPU: compiled ahead of time for sm_80 and sm_90 with Triton 3.9
+(tools/aot_report.py, the table in docs/kernels.md): no register spills at B = 64 to 65536, D = 256
+and 1024, fp32/bf16/fp16; at most 132 KiB of shared memory on sm_80 and 130 KiB on sm_90 (bf16,
+D = 256, the backward). The fp32 backward spilled about 1.5 KB per thread on sm_80 with 64 keys per
+step and 32-feature chunks, the bf16 one-chunk backward about 110 B on sm_90 with 3 stages
+(``embed_blocks``). Launch shapes are not tuned.
 """
 from __future__ import annotations
 
@@ -49,7 +53,8 @@ import triton
 import triton.language as tl
 from torch.library import custom_op
 
-from ._launch import check_inputs, device_guard, dot_precision, embed_blocks, gram_tile, load_tile
+from ._launch import (check_inputs, device_guard, dot_precision, embed_blocks, gram_tile, launch_target,
+                      load_tile)
 from .infonce import LOG2E, effective_grad, infonce_dsim, online_lse
 from .reference import _check_features
 
@@ -188,7 +193,7 @@ def infonce_embed_fwd(img: torch.Tensor, txt: torch.Tensor, tau: float
     """(lse, loss, prob), each (2, B) fp32: row 0 image -> text, row 1 text -> image."""
     n, d = _check(img, txt)
     lse, loss, prob = (torch.empty(2, n, device=img.device, dtype=torch.float32) for _ in range(3))
-    blocks = embed_blocks(n, d, img.element_size())
+    blocks = embed_blocks(n, d, img.element_size(), target=launch_target(img.device))
     with device_guard(img):
         _infonce_embed_fwd_kernel[(2 * triton.cdiv(n, blocks.m),)](
             img, txt, lse, loss, prob, img.stride(0), img.stride(1), txt.stride(0), txt.stride(1), n, d, LOG2E / tau,
@@ -211,7 +216,7 @@ def infonce_embed_bwd(img: torch.Tensor, txt: torch.Tensor, lse: torch.Tensor, p
     n, d = img.shape
     dimg, dtxt = (torch.empty(n, d, device=img.device, dtype=img.dtype) for _ in range(2))  # one layout, one stride pair
     grad_loss, grad_prob = grad_loss.float().contiguous(), grad_prob.float().contiguous()
-    blocks = embed_blocks(n, d, img.element_size())
+    blocks = embed_blocks(n, d, img.element_size(), target=launch_target(img.device))
     with device_guard(img):
         _infonce_embed_bwd_kernel[(2 * triton.cdiv(n, blocks.m), triton.cdiv(d, blocks.do))](
             img, txt, lse, prob, grad_loss, grad_prob, dimg, dtxt, img.stride(0), img.stride(1), txt.stride(0),
