@@ -78,6 +78,13 @@ class GPU:
         return self.tensor16 if unit == "MMA" else self.fp32
 
 
+def _launch_target(gpu: "GPU"):
+    """The launchers' plan for ``gpu``'s architecture (kernels/_launch.py: SM80, SM90); the
+    backward's own row blocks of the two-tower ops (at most 32 rows) are not modelled."""
+    L = _launchers()
+    return L.SM90 if gpu.arch == "sm_90" else L.SM80
+
+
 GPUS = {
     "H100": GPU("H100 SXM5 80GB", "sm_90", r"\bH100\b.*\b(HBM3|SXM)", 3.35e12, 989.4e12, 494.7e12, 66.9e12, 132,
                 1.98e9, 50 * 2**20,
@@ -281,7 +288,7 @@ def kernel(op: str, B: int, D: int | None, dtype: str, gpu: GPU, **params) -> di
         return {"fwd": fwd, "bwd": Work(2 * S + B * e + 2 * F32 * B + (5 + 4 + 2) * F32 * B + 8)}
     T = B * D * e
     if op == "infonce_terms_embed":
-        k = L.embed_blocks(B, D, e, towers=1, gpu=True)
+        k = L.embed_blocks(B, D, e, towers=1, target=_launch_target(gpu))
         nbe = _cdiv(B, k.m)
         Bp, Dp, ncol = nbe * k.m, _pad(D, k.d), _cdiv(D, k.do)
         # forward: 2 nb programs, each direction's keys swept by its nb programs
@@ -299,7 +306,7 @@ def kernel(op: str, B: int, D: int | None, dtype: str, gpu: GPU, **params) -> di
             grams = 3 * D * D * F32
             return {"fwd": replace(m["fwd"], bytes=m["fwd"].bytes + grams),
                     "bwd": replace(m["bwd"], bytes=m["bwd"].bytes + grams)}
-        k = L.embed_blocks(B, D, e, towers=2, gpu=True)
+        k = L.embed_blocks(B, D, e, towers=2, target=_launch_target(gpu))
         nbe = _cdiv(B, k.m)
         Bp, Dp, ncol = nbe * k.m, _pad(D, k.d), _cdiv(D, k.do)
         tile2 = k.m * D * e * 2  # a row block of both towers
