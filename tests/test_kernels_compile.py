@@ -13,9 +13,9 @@ ops) and target it compiles the config with the largest tile, without the compil
 checks that it compiles, that the shared memory it requests fits the target's block (a launch
 over it fails only on the GPU), and that it spills no register on the trained path. The (B, B) ops
 are recorded at a ragged B = 1000: their largest tiles without the divisibility hints that
-B = 1024 gives (the loads lose their vector width, the addresses take registers), their worse case
-in the full sweep; the embedding ops (above EMBED_MIN_BATCH) at B = 1024, their worse case, and D =
-256 and 1024. The full sweep (every B, ragged or not, every variant) is the table in
+B = 1024 gives (the loads lose their vector width, the addresses take registers); the embedding
+ops (above EMBED_MIN_BATCH) at B = 1024, and D = 256 and 1024: for each, the worse of the two in
+tools/aot_report.py's sweep before issue 21's fixes. The full sweep (every B, ragged or not, every variant) is the table in
 docs/kernels.md. On a GPU the parity tests compile the kernels for real, so the test is skipped
 there.
 """
