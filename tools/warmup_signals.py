@@ -94,13 +94,12 @@ def fullset_margin(sim: torch.Tensor, caption_to_image: np.ndarray) -> np.ndarra
     its best caption among those not paired with it. ``sim``: (n_images, N) similarities."""
     sim = sim.double()
     image = torch.as_tensor(caption_to_image, dtype=torch.long)
-    own = sim[image, torch.arange(sim.shape[1])]
-    others = sim.clone()
-    others[image, torch.arange(sim.shape[1])] = float("-inf")
+    pairs = (image, torch.arange(sim.shape[1]))
+    own = sim[pairs]
+    # every pair's own entry out: per column the other images, per row the captions not paired with it
+    others = sim.index_put(pairs, torch.tensor(float("-inf"), dtype=sim.dtype))
     to_images = own - others.max(dim=0).values
-    paired = torch.zeros_like(sim, dtype=torch.bool)
-    paired[image, torch.arange(sim.shape[1])] = True
-    to_captions = own - sim.masked_fill(paired, float("-inf")).max(dim=1).values[image]
+    to_captions = own - others.max(dim=1).values[image]
     return torch.minimum(to_images, to_captions).numpy()
 
 
