@@ -307,8 +307,10 @@ def kernel(op: str, B: int, D: int | None, dtype: str, gpu: GPU, **params) -> di
             return {"fwd": replace(m["fwd"], bytes=m["fwd"].bytes + grams),
                     "bwd": replace(m["bwd"], bytes=m["bwd"].bytes + grams)}
         k = L.embed_blocks(B, D, e, towers=2, target=_launch_target(gpu))
-        nbe = _cdiv(B, k.m)
-        Bp, Dp, ncol = nbe * k.m, _pad(D, k.d), _cdiv(D, k.do)
+        # the backward's own launch shape: on a GPU its programs own at most 32 rows (two fp32 accumulators)
+        kb = L.embed_blocks(B, D, e, towers=2, target=_launch_target(gpu), backward=True)
+        nbe, nbb = _cdiv(B, k.m), _cdiv(B, kb.m)
+        Dp, Bpb, Dpb, ncol = _pad(D, k.d), nbb * kb.m, _pad(D, kb.d), _cdiv(D, kb.do)
         tile2 = k.m * D * e * 2  # a row block of both towers
         if 2 * T <= gpu.l2:
             towers_f = towers_b = 2 * T
@@ -316,10 +318,10 @@ def kernel(op: str, B: int, D: int | None, dtype: str, gpu: GPU, **params) -> di
             # grid (I, J), I fastest, I <= J active: for each J the row blocks 0..J again, from HBM
             # once they outgrow the L2; backward: each program sweeps every column block
             towers_f = 2 * T + sum((j + 1) * tile2 for j in range(nbe) if (j + 1) * tile2 > gpu.l2)
-            towers_b = ncol * (2 * T + _cdiv(nbe, gpu.sms) * 2 * T)
+            towers_b = ncol * (2 * T + _cdiv(nbb, gpu.sms) * 2 * T)
         partials = 2 * F32 * nbe * nbe
         fwd = Work(towers_f + partials + F32, 2 * k.m * k.m * Dp * nbe * (nbe + 1), unit=_unit(e))
-        bwd = Work(towers_b + 2 * T + F32, 4 * ncol * Bp * Bp * Dp + 4 * Bp * Bp * ncol * k.do, unit=_unit(e))
+        bwd = Work(towers_b + 2 * T + F32, 4 * ncol * Bpb * Bpb * Dpb + 4 * Bpb * Bpb * ncol * kb.do, unit=_unit(e))
         return {"fwd": fwd, "bwd": bwd}
     raise ValueError(f"no roofline for op {op!r}")
 
