@@ -158,8 +158,10 @@ class SplitConfig:
     # what each model's mixture is fitted to: "loss", its per-pair division loss of this epoch (all
     # the codes), or "mean", its min-max normalised losses averaged over this run's split epochs so
     # far, clipped (clip_quantile) and normalised once more by the fit (a pair the model has lately memorised keeps the higher losses of earlier epochs;
-    # tools/split_signals.py scores both offline from a run's split files)
-    signal: str = option("loss", choices=("loss", "mean"))
+    # tools/split_signals.py scores both offline from a run's split files), or "truth", a diagnostic
+    # with injected noise only: no fit, the ground truth (clean probability 1 for the pairs the noise
+    # left matched, 0 for the rest; split.clean_side does not apply), what a perfect split gives the method
+    signal: str = option("loss", choices=("loss", "mean", "truth"))
     # which pairs the fit calls clean: "posterior", those the clean component's posterior gives (all
     # the codes), or "core", only those of them at or below the clean component's mean (the rest get
     # clean probability 0). Left out: the method's (Method.clean_side): "core" for NCR and ESC,
@@ -366,6 +368,8 @@ def validate(cfg: Config) -> Config:
     if cfg.data.noise_file and cfg.data.noise > 0:
         raise FastnclError(f"--noise {cfg.data.noise:g} and --noise-file: give one of them (the file fixes the noisy "
                            "pairs; its measured noise rate is recorded)")
+    if cfg.split.signal == "truth" and not (cfg.data.noise > 0 or cfg.data.noise_file):
+        raise FastnclError("split.signal: truth splits by the injected noise's ground truth; give --noise or --noise-file")
     if cfg.optim.epochs + (cfg.optim.warmup_epochs or 0) == 0:
         raise FastnclError("optim.epochs: nothing to train (epochs and warmup_epochs are both 0)")
     method.check(cfg)

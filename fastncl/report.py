@@ -103,16 +103,10 @@ def _mixture(split: SplitFile, k: int):
                       split.params[k])
 
 
-def _clean_mean(fit) -> float:
-    if fit.kind == "gmm":
-        return float(fit.params["means"][0])
-    a, b = fit.params["alphas"][0], fit.params["betas"][0]
-    return float(a / (a + b))
-
-
 def loss_histogram(plt, split: SplitFile, epoch: int, method: str, cfg: dict, path: Path) -> Path:
     """Both models' division losses at one epoch, by ground truth, with the mixture and thresholds."""
     from fastncl.methods import registry
+    from fastncl.methods.mixture import clean_mean
 
     kind = registry.declarations(method)
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
@@ -129,12 +123,15 @@ def loss_histogram(plt, split: SplitFile, epoch: int, method: str, cfg: dict, pa
                     alpha=0.75)
         else:
             ax.hist(x, bins=bins, color="tab:gray", alpha=0.75, label=f"pairs ({len(x)})")
-        density = fit.density(grid) * len(x) * width  # expected counts per bin
-        ax.plot(grid, density[0], color="navy", lw=1.5, label=f"{fit.kind.upper()} clean component")
-        ax.plot(grid, density[1], color="darkred", lw=1.5, label=f"{fit.kind.upper()} noisy component")
+        if fit.kind != "truth":  # split.signal=truth: no mixture to draw
+            density = fit.density(grid) * len(x) * width  # expected counts per bin
+            ax.plot(grid, density[0], color="navy", lw=1.5, label=f"{fit.kind.upper()} clean component")
+            ax.plot(grid, density[1], color="darkred", lw=1.5, label=f"{fit.kind.upper()} noisy component")
         cuts = [*kind.report_cuts(cfg, split, k), (kind.cut_label, float(split.noisy_cut[k]), "black")]
+        if fit.kind == "truth":  # split by the ground truth, not at a loss
+            cuts = []
         for label, threshold, color in cuts:
-            at = _cut_at(x, fit.clean_prob, threshold, _clean_mean(fit))
+            at = _cut_at(x, fit.clean_prob, threshold, clean_mean(fit))
             if at is not None:
                 ax.axvline(at, color=color, ls="--", lw=1.2, label=f"{label}: p(clean) = {threshold:g}")
             else:  # e.g. SPS's reliable set is empty: no pair is that likely clean
@@ -144,7 +141,8 @@ def loss_histogram(plt, split: SplitFile, epoch: int, method: str, cfg: dict, pa
         ax.set_title(f"model {'AB'[k]} (split used by model {'BA'[k]})")
     axes[0].set_ylabel("pairs per bin")
     _legend(axes[1])
-    fig.suptitle(f"{method}: per-sample division losses, epoch {epoch + 1}")
+    truth = " (split by the ground truth, split.signal=truth)" if split.mixture == "truth" else ""
+    fig.suptitle(f"{method}: per-sample division losses, epoch {epoch + 1}{truth}")
     return _save(fig, path)
 
 

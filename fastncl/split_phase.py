@@ -4,7 +4,8 @@
    training set, eval mode, no gradients. Under torchrun every rank computes the same losses
    (each encodes its share of every global batch) and rank 0's are sent to all.
 2. What each model's mixture is fitted to (split.signal): this epoch's losses, or their min-max
-   normalised values averaged over the split epochs so far.
+   normalised values averaged over the split epochs so far; or no fit, the ground truth
+   (split.signal=truth, a diagnostic of what a perfect split gives the method).
 3. The mixture fits, on rank 0 (every rank then holds the same split, bit for bit).
 4. The method's one split value per model (``Method.split`` -> ``methods.base.Division``: its
    subsets, cuts and notes), its diagnostics against the ground truth and what is degenerate.
@@ -23,7 +24,7 @@ import torch
 from fastncl import distributed
 from fastncl.checkpoint import LoopState
 from fastncl.evaluation import split_diagnostics
-from fastncl.methods.mixture import clean_core, normalize_losses
+from fastncl.methods.mixture import clean_core, normalize_losses, truth_fit
 from fastncl.profiling import nvtx_range
 from fastncl.records import EpochRecord, SplitFile, SplitQuality
 from fastncl.step import mark_step
@@ -101,7 +102,7 @@ class SplitPhase:
         t_split = time.perf_counter()
         signals = self._signal([loss for loss, _ in passes], state)
         with nvtx_range("mixture fit"):
-            fits = distributed.on_main(lambda: [self._clean_side(self.method.fit(x)) for x in signals])
+            fits = distributed.on_main(lambda: [self._fit(x) for x in signals])
         time_fit = time.perf_counter() - t_split
         divisions = [self.method.split(fit, anchors, co_epoch) for fit, (_, anchors) in zip(fits, passes)]
         return EpochSplit([loss for loss, _ in passes], fits, divisions, tuple(self.method.active_subsets(co_epoch)),
@@ -133,10 +134,14 @@ class SplitPhase:
         """What each model's mixture is fitted to (split.signal): this epoch's losses, or their
         min-max normalised values averaged over the split epochs so far (the fit then clips and
         normalises the average as it would a loss)."""
-        return losses if self.signal == "loss" else mean_signal(losses, state)
+        return mean_signal(losses, state) if self.signal == "mean" else losses
 
-    def _clean_side(self, fit):
-        """The fit the split uses (split.clean_side): as fitted, or its clean component's core."""
+    def _fit(self, signal: np.ndarray):
+        """The fit the split uses: the method's mixture, as fitted or its clean component's core
+        (split.clean_side); under split.signal=truth the ground truth itself."""
+        if self.signal == "truth":
+            return truth_fit(signal, self.clean_mask, self.method.cfg.split.clip_quantile)
+        fit = self.method.fit(signal)
         return clean_core(fit) if self.clean_side == "core" else fit
 
     def _diagnostics(self, fits, divisions) -> SplitQuality:

@@ -183,6 +183,40 @@ def test_the_mean_signal_fits_the_average_of_the_normalised_losses(tmp_path, met
         assert np.array_equal(a["normalized"], b["normalized"]) and np.array_equal(a["subset"], b["subset"])
 
 
+@pytest.mark.parametrize("method", ["ncr", "sps", "esc"])
+def test_the_truth_signal_splits_by_the_injected_noise(tmp_path, method):
+    """split.signal=truth (a diagnostic): every model's clean probability is the ground truth, the
+    primary subset holds exactly the pairs the noise left matched (core or not), and the split
+    file keeps the losses the fit would have seen."""
+    from fastncl.methods.mixture import normalize_losses
+    from fastncl.records import SplitFile
+
+    out = tmp_path / "run"
+    # ESC adds its anchors to the clean subset after the split (Eq. 12); here they are left out
+    extra = ["esc.anchors_clean=false"] if method == "esc" else []
+    assert _train(out, "optim.epochs=2", "split.signal=truth", "split.clean_side=core", "optim.collapse=off",
+                  *extra, method=method) == 0
+    for path in sorted((out / "splits").glob("epoch_*.npz")):
+        split = SplitFile.from_arrays(dict(np.load(path)), str(path))
+        truth = split.clean_mask
+        assert truth is not None and 0 < truth.sum() < len(truth)
+        assert split.mixture == "truth"
+        for k in range(2):
+            assert np.array_equal(split.clean_prob[k], truth.astype(split.clean_prob.dtype))
+            assert np.allclose(split.normalized[k], normalize_losses(split.losses[k].astype(np.float64)), atol=1e-6)
+            primary = np.flatnonzero(split.subset[k] == 0)  # the first subset: clean, reliable
+            assert np.array_equal(np.sort(primary), np.flatnonzero(truth)), (path.name, k)
+    last = _records(out)[-1]
+    assert last["split"]["auc"] == pytest.approx(1.0)
+
+
+def test_the_truth_signal_needs_injected_noise(capsys):
+    args = [a for a in TINY if a not in ("--noise", "0.4")]
+    assert main(["train", "--method", "ncr", "--out", "unused", *args, "split.signal=truth"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "split.signal" in err and "--noise" in err
+
+
 def test_a_collapse_before_any_best_epoch_only_warns(tmp_path):
     out = tmp_path / "run"  # no warm-up: the first epoch has no best epoch to go back to
     assert _train(out, "optim.warmup_epochs=0", "optim.epochs=2", "optim.collapse_min_fraction=0.99") == 0

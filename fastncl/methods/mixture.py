@@ -29,11 +29,13 @@ from sklearn.mixture import GaussianMixture
 class MixtureFit:
     clean_prob: np.ndarray  # (N,) float64 posterior of the low-loss component
     normalized: np.ndarray  # (N,) float64 the losses as fitted, in [0, 1]
-    kind: str  # "gmm" or "bmm"
+    kind: str  # "gmm", "bmm" or "truth" (truth_fit)
     params: dict  # per component, clean first: weights and the component parameters
 
     def density(self, x: np.ndarray) -> np.ndarray:
         """(2, len(x)) weighted component densities at x (for plots)."""
+        if self.kind == "truth":  # the ground truth has no densities
+            return np.zeros((2, len(x)))
         w = np.asarray(self.params["weights"])[:, None]
         if self.kind == "gmm":
             mu, var = (np.asarray(self.params[k])[:, None] for k in ("means", "variances"))
@@ -109,9 +111,23 @@ def fit_bmm(losses, iters: int = 10, eps: float = 1e-4, clip_quantile: float = 1
     return MixtureFit(clean, x, "bmm", params)
 
 
+def truth_fit(losses, clean_mask: np.ndarray, clip_quantile: float = 1.0) -> MixtureFit:
+    """The ground truth as a fit (split.signal=truth, a diagnostic): clean probability 1 for the
+    pairs the injected noise left matched, 0 for the rest; ``normalized``, the losses as a fit would
+    see them; the "components" are the two true groups (their weights and mean normalised losses)."""
+    x = normalize_losses(losses, clip_quantile)
+    clean = np.asarray(clean_mask, dtype=bool)
+    if len(clean) != len(x):
+        raise ValueError(f"the ground truth has {len(clean)} pairs, the losses {len(x)}")
+    groups = (clean, ~clean)
+    params = {"weights": [float(g.mean()) for g in groups],
+              "means": [float(x[g].mean()) if g.any() else float("nan") for g in groups]}
+    return MixtureFit(clean.astype(np.float64), x, "truth", params)
+
+
 def clean_mean(fit: MixtureFit) -> float:
     """The clean component's mean, on the fit's normalised scale."""
-    if fit.kind == "gmm":
+    if fit.kind in ("gmm", "truth"):
         return float(fit.params["means"][0])
     a, b = fit.params["alphas"][0], fit.params["betas"][0]
     return float(a / (a + b))
