@@ -22,6 +22,7 @@ there.
 from __future__ import annotations
 
 import importlib
+import os
 
 import pytest
 import torch
@@ -83,7 +84,8 @@ def compiled():
     missing = _all_kernels() - {c["kernel"] for c in picked}
     assert not missing, f"kernels the recorder never launched: {sorted(missing)}"
     assert {c["target"] for c in picked} == set(aot.TARGETS)
-    out = aot.compile_configs(picked, cache=None, timeout=600)
+    # one compile process per core (ptxas is single-threaded): about half the time on CI's 2 cores
+    out = aot.compile_configs(picked, cache=None, timeout=600, workers=os.cpu_count() or 1)
     print(f"{len(picked)} configs compiled (Triton {out['triton']}, ptxas {out['ptxas']})")
     return picked, out["results"]
 
