@@ -169,6 +169,9 @@ class SplitConfig:
     # three-way split was not measured with it. On glyphs and icons the posterior's clean side held
     # about 1.7x the truly clean pairs at purity 0.56-0.57 whatever the signal (docs/methods.md)
     clean_side: str | None = option(None, choices=("posterior", "core"))
+    # where the core ends (clean_side=core): at the clean component's mean plus this many of its
+    # standard deviations (0: the mean; a large width keeps the whole clean side)
+    core_width: float = option(0.0, **NON_NEGATIVE)
 
 
 @dataclass

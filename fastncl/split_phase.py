@@ -142,7 +142,7 @@ class SplitPhase:
         if self.signal == "truth":
             return truth_fit(signal, self.clean_mask, self.method.cfg.split.clip_quantile)
         fit = self.method.fit(signal)
-        return clean_core(fit) if self.clean_side == "core" else fit
+        return clean_core(fit, self.method.cfg.split.core_width) if self.clean_side == "core" else fit
 
     def _diagnostics(self, fits, divisions) -> SplitQuality:
         """Each model's split quality (the detected noisy set: the method's noisy subset where it

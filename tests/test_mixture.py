@@ -289,3 +289,25 @@ def test_the_clean_core_is_the_clean_side_up_to_the_clean_mean(fit):
     assert 0 < below.sum() < (full.clean_prob > 0.5).sum()  # a strict part of the clean side
     assert np.array_equal(core.clean_prob[below], full.clean_prob[below]) and (core.clean_prob[~below] == 0).all()
     assert np.array_equal(core.normalized, full.normalized) and core.params == full.params
+
+
+@pytest.mark.parametrize("fit", [fit_gmm, fit_bmm])
+def test_a_wider_core_reaches_further_into_the_clean_side(fit):
+    """split.core_width: the core ends at the clean mean plus that many of the clean component's
+    standard deviations; the cores nest, and a wide enough one is the whole clean side."""
+    losses, _ = beta_mixture()
+    full = fit(losses)
+    std = mixture.clean_std(full)
+    if full.kind == "gmm":
+        assert std == pytest.approx(np.sqrt(full.params["variances"][0]))
+    else:  # a Beta(a, b)'s spread
+        a, b = full.params["alphas"][0], full.params["betas"][0]
+        assert std == pytest.approx(np.sqrt(a * b / (a + b) ** 2 / (a + b + 1)))
+    mean = mixture.clean_mean(full)
+    kept = [(mixture.clean_core(full, width).clean_prob > 0.5).sum() for width in (0.0, 0.5, 1.0)]
+    assert kept[0] < kept[1] < kept[2] <= (full.clean_prob > 0.5).sum()
+    half = mixture.clean_core(full, 0.5)
+    inside = full.normalized <= mean + 0.5 * std
+    assert np.array_equal(half.clean_prob[inside], full.clean_prob[inside]) and (half.clean_prob[~inside] == 0).all()
+    np.testing.assert_array_equal(mixture.clean_core(full, 1e6).clean_prob, full.clean_prob)
+    np.testing.assert_array_equal(mixture.clean_core(full, 0.0).clean_prob, mixture.clean_core(full).clean_prob)

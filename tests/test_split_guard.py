@@ -275,17 +275,24 @@ def test_a_plateau_warm_up_stops_at_its_cap_and_resumes(tmp_path):
     assert [r["dev"]["rsum"] for r in _records(whole)] == [r["dev"]["rsum"] for r in _records(cut)]
 
 
-def test_the_clean_core_keeps_only_the_pairs_at_or_below_the_clean_mean(tmp_path):
+@pytest.mark.parametrize("width", [0.0, 0.5])
+def test_the_clean_core_keeps_only_the_pairs_at_or_below_the_clean_mean(tmp_path, width):
+    """split.clean_side=core: the clean subset ends at the clean component's mean plus
+    split.core_width of its standard deviations."""
     from fastncl.records import SplitFile
 
     out = tmp_path / "run"
-    assert _train(out, "optim.epochs=2", "split.clean_side=core", "optim.collapse=off", method="ncr") == 0
+    assert _train(out, "optim.epochs=2", "split.clean_side=core", f"split.core_width={width}", "optim.collapse=off",
+                  method="ncr") == 0
     for path in sorted((out / "splits").glob("epoch_*.npz")):
         split = SplitFile.from_arrays(dict(np.load(path)), str(path))
         for k in range(2):
-            mean = split.params[k]["means"][0]  # the clean component's, on the normalised scale
+            params = split.params[k]  # the clean component's, on the normalised scale
+            cut = params["means"][0] + width * np.sqrt(params["variances"][0])
             x, p = split.normalized[k], split.clean_prob[k]
-            above = x > np.float32(mean) + 1e-6
+            above = x > np.float32(cut) + 1e-6
             assert above.any() and (p[above] == 0).all()  # the rest of the clean component is noisy now
             clean = split.subset[k] == split.subset_names.index("clean")
-            assert clean.any() and (x[clean] <= np.float32(mean) + 1e-6).all()
+            assert clean.any() and (x[clean] <= np.float32(cut) + 1e-6).all()
+            if width:  # the wider core holds pairs above the mean
+                assert (x[clean] > np.float32(params["means"][0]) + 1e-6).any()

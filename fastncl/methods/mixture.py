@@ -133,10 +133,22 @@ def clean_mean(fit: MixtureFit) -> float:
     return float(a / (a + b))
 
 
-def clean_core(fit: MixtureFit) -> MixtureFit:
-    """``fit`` with its clean probability set to 0 above the clean component's mean
-    (split.clean_side=core): only the core of the clean component stays clean."""
-    prob = np.where(fit.normalized <= clean_mean(fit), fit.clean_prob, 0.0)
+def clean_std(fit: MixtureFit) -> float:
+    """The clean component's standard deviation, on the fit's normalised scale (gmm and bmm)."""
+    if fit.kind == "gmm":
+        return float(np.sqrt(fit.params["variances"][0]))
+    if fit.kind != "bmm":
+        raise ValueError(f"a {fit.kind!r} fit has no clean component to take a spread from")
+    a, b = fit.params["alphas"][0], fit.params["betas"][0]
+    return float(np.sqrt(a * b / ((a + b) ** 2 * (a + b + 1))))
+
+
+def clean_core(fit: MixtureFit, width: float = 0.0) -> MixtureFit:
+    """``fit`` with its clean probability set to 0 above the clean component's mean plus ``width``
+    of its standard deviations (split.clean_side=core, split.core_width): only the core of the
+    clean component stays clean; width 0 cuts at the mean."""
+    cut = clean_mean(fit) + (width * clean_std(fit) if width else 0.0)
+    prob = np.where(fit.normalized <= cut, fit.clean_prob, 0.0)
     return dataclasses.replace(fit, clean_prob=prob)
 
 
