@@ -276,7 +276,7 @@ def test_a_plateau_warm_up_stops_at_its_cap_and_resumes(tmp_path):
 
 
 @pytest.mark.parametrize("width", [0.0, 0.5])
-def test_the_clean_core_keeps_only_the_pairs_at_or_below_the_clean_mean(tmp_path, width):
+def test_the_clean_core_keeps_only_the_pairs_up_to_its_end(tmp_path, width):
     """split.clean_side=core: the clean subset ends at the clean component's mean plus
     split.core_width of its standard deviations."""
     from fastncl.records import SplitFile
