@@ -166,9 +166,9 @@ class SplitConfig:
     # the codes), or "core", only those of them at or below the clean component's mean (plus
     # core_width of its standard deviations; the rest get clean probability 0). Left out: the
     # method's (Method.clean_side): "core" for NCR and ESC, chosen leave-one-data-set-out at 60 %
-    # noise (docs/results.md), "posterior" for SPS, whose
-    # three-way split was not measured with it. On glyphs and icons the posterior's clean side held
-    # about 1.7x the truly clean pairs at purity 0.56-0.57 whatever the signal (docs/methods.md)
+    # noise (docs/results.md), "posterior" for SPS, whose three-way split was not measured with it.
+    # On glyphs and icons the posterior's clean side held about 1.7x the truly clean pairs at purity
+    # 0.56-0.57 whatever the signal (docs/methods.md)
     clean_side: str | None = option(None, choices=("posterior", "core"))
     # where the core ends (clean_side=core; ignored otherwise): at the clean component's mean plus
     # this many of its standard deviations (0: the mean; a large width keeps the whole clean side)

@@ -147,7 +147,7 @@ def clean_core(fit: MixtureFit, width: float = 0.0) -> MixtureFit:
     """``fit`` with its clean probability set to 0 above the clean component's mean plus ``width``
     of its standard deviations (split.clean_side=core, split.core_width): only the core of the
     clean component stays clean; width 0 cuts at the mean."""
-    cut = clean_mean(fit) + (width * clean_std(fit) if width else 0.0)
+    cut = clean_mean(fit) + width * clean_std(fit)
     prob = np.where(fit.normalized <= cut, fit.clean_prob, 0.0)
     return dataclasses.replace(fit, clean_prob=prob)
 
