@@ -42,7 +42,7 @@ def seed_group_key(cfg: dict) -> str:
 
 def compare_rows(run_dirs: list[str]) -> list[dict]:
     """One row per finished run: COMPARE_COLUMNS, ``dev_rsum`` (the best epoch's, by which its checkpoint
-    was chosen) and ``group`` (seed_group_key of its config)."""
+    was chosen), ``group`` (seed_group_key of its config) and ``data_sha256`` (data_fingerprint)."""
     rows = []
     for run_dir in run_dirs:
         run = RunDir.open(run_dir)
@@ -55,9 +55,17 @@ def compare_rows(run_dirs: list[str]) -> list[dict]:
                **{k: result.test[k] for k in (*KEYS, "rsum")},
                "split_auc": split.auc, "split_f1": split.f1, "best_epoch": result.best_epoch + 1,
                "dev_rsum": result.dev_rsum,
-               "time_s": sum(r.time for r in run.read_metrics()), "group": seed_group_key(cfg)}
+               "time_s": sum(r.time for r in run.read_metrics()), "group": seed_group_key(cfg),
+               "data_sha256": data_fingerprint(run)}
         rows.append(row)
     return rows
+
+
+def data_fingerprint(run: RunDir) -> str | None:
+    """The ``data_sha256`` of a run's env.json: which build of its data it trained on (None for runs
+    older than the fingerprint)."""
+    env = run.file("env.json")
+    return json.loads(env.read_text(encoding="utf-8")).get("data_sha256") if env.exists() else None
 
 
 def seed_groups(rows: list[dict]) -> list[list[dict]]:

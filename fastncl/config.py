@@ -171,8 +171,10 @@ class SplitConfig:
     # 0.56-0.57 whatever the signal (docs/methods.md)
     clean_side: str | None = option(None, choices=("posterior", "core"))
     # where the core ends (clean_side=core; ignored otherwise): at the clean component's mean plus
-    # this many of its standard deviations (0: the mean; a large width keeps the whole clean side)
-    core_width: float = option(0.0, **NON_NEGATIVE)
+    # this many of its standard deviations (0: the mean; a large width keeps the whole clean side).
+    # Left out: the method's (Method.core_width): 0.5 for ESC, 0 for NCR, chosen leave-one-data-set-out
+    # on glyphs, icons, emoji and the embedded data at 40 and 60 % noise (docs/results.md)
+    core_width: float | None = option(None, **NON_NEGATIVE)
 
 
 @dataclass
@@ -341,13 +343,15 @@ _FLAGS = {"method": "--method", "seed": "--seed", "data.noise": "--noise"}
 
 
 def fill_defaults(cfg: Config) -> Config:
-    """Resolve the values left None to be decided from others: the method's warm-up and clean side,
+    """Resolve the values left None to be decided from others: the method's warm-up, clean side and core width,
     its own (``Method.fill_defaults``), the caption-length rounding."""
     method = _registry().get(cfg.method)
     if cfg.optim.warmup_epochs is None:
         cfg.optim.warmup_epochs = method.warmup_epochs
     if cfg.split.clean_side is None:
         cfg.split.clean_side = method.clean_side
+    if cfg.split.core_width is None:
+        cfg.split.core_width = method.core_width
     method.fill_defaults(cfg)
     if cfg.runtime.length_multiple is None:
         cfg.runtime.length_multiple = 0 if cfg.model.backbone == "vse" else 8

@@ -132,10 +132,11 @@ class RunDir:
         write_atomic(self.file("noise_index.npy"), buf.getvalue())
         return hashlib.sha256(index.astype(np.int64).tobytes()).hexdigest()
 
-    def write_env(self, device: torch.device, precision: str, noise_index: np.ndarray) -> None:
-        """env.json (versions, device, precision, processes, the noise index's SHA-256) and
-        noise_index.npy, when a run starts."""
+    def write_env(self, device: torch.device, precision: str, noise_index: np.ndarray, data_sha256: str) -> None:
+        """env.json (versions, device, precision, processes, the data's fingerprint, the noise
+        index's SHA-256) and noise_index.npy, when a run starts."""
         env = environment(device)
+        env["data_sha256"] = data_sha256
         env["precision"] = precision
         env["world_size"] = distributed.size()
         if distributed.size() > 1:

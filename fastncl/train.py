@@ -66,7 +66,8 @@ class Trainer:
             if resume:
                 self.run.truncate_metrics(-1)
                 log.info(f"{self.run.path} holds no checkpoint yet: the run starts over")
-            self.run.write_env(self.device, self.precision.name, self.pairs.caption_to_image)
+            self.run.write_env(self.device, self.precision.name, self.pairs.caption_to_image,
+                               self.data.fingerprint())
 
     def _load(self, name: str) -> Checkpoint:
         """A checkpoint of the run folder, read by rank 0 and sent to every rank."""

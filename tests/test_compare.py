@@ -301,6 +301,25 @@ def test_loo_table_chooses_each_held_out_set_s_setting_on_the_others_dev(tmp_pat
     assert "(clean vanilla 300.0 ± 0.0)" in text
 
 
+def test_loo_table_warns_when_one_sets_runs_trained_on_different_builds_of_it(tmp_path, capsys):
+    """env.json's data_sha256: candidates of one set compared on different features are said;
+    records without it (older runs) are not guessed at."""
+    specs = []
+    for data, cand, fingerprint in (("a", "x", "1" * 64), ("a", "y", "2" * 64), ("b", "x", "3" * 64),
+                                    ("b", "y", "3" * 64), ("c", "x", None), ("c", "y", "4" * 64)):
+        folder = tmp_path / f"{data}-{cand}"
+        for method in ("sps", "vanilla"):
+            run = folder / method
+            fabricate(run, method, 0.6, 0)
+            if fingerprint:
+                (run / "env.json").write_text(json.dumps({"data_sha256": fingerprint}))
+        specs.append((data, cand, folder))
+    loo_table.read_cells(specs)
+    err = capsys.readouterr().err
+    assert "the runs on a trained on 2 different builds of its data" in err and str(tmp_path / "a-x") in err
+    assert "runs on b" not in err and "runs on c" not in err
+
+
 def test_loo_table_bad_runs_option(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         loo_table.main(["--runs", "glyphs=runs/x"])

@@ -106,3 +106,46 @@ def test_warmup_signals_whole_run_scores_every_epoch_and_keeps_the_margins(tmp_p
     assert saved["margins"].shape == (4, 2, len(saved["clean"]))
     printed = [float(x) for x in extra[-1].split("full-set margin A ")[1].split(" B ")]
     assert printed == pytest.approx([roc_auc_score(saved["clean"], m) for m in saved["margins"][-1]], abs=5e-4)
+    assert saved["structure"].shape == (4, 2, 2, len(saved["clean"]))  # epochs, models, (all pairs, core)
+    assert saved["raw_structure"].shape == (len(saved["clean"]),)
+    said = [line for line in lines if line.startswith("  AUC of the structure consistency over all pairs")]
+    assert len(said) == len(records)
+    printed = [float(x) for x in said[-1].split("over all pairs A ")[1].split(",")[0].split(" B ")]
+    assert printed == pytest.approx([roc_auc_score(saved["clean"], m[0]) for m in saved["structure"][-1]], abs=5e-4)
+
+
+@pytest.mark.parametrize("anchors", [None, np.array([1, 3, 4, 6])])
+def test_structure_consistency_correlates_each_pairs_neighbours_over_the_other_anchors(anchors):
+    tool = load_tool("warmup_signals")
+    rng = np.random.default_rng(1)
+    img = torch.nn.functional.normalize(torch.from_numpy(rng.normal(size=(7, 3))), dim=1)
+    cap = torch.nn.functional.normalize(torch.from_numpy(rng.normal(size=(7, 5))), dim=1)
+    got = tool.structure_consistency(img, cap, anchors)
+    index = range(7) if anchors is None else anchors
+    for k in range(7):
+        others = [a for a in index if a != k]
+        a = [float(img[k] @ img[j]) for j in others]
+        b = [float(cap[k] @ cap[j]) for j in others]
+        assert got[k] == pytest.approx(np.corrcoef(a, b)[0, 1], abs=1e-12)
+
+
+def test_matched_pairs_share_their_neighbours_in_the_input_features():
+    """raw_features: a pair whose image and caption were drawn from one latent agrees with itself;
+    shuffled captions do not."""
+    from fastncl.data.split import Split
+    from sklearn.metrics import roc_auc_score
+
+    tool = load_tool("warmup_signals")
+    rng = np.random.default_rng(2)
+    n = 60
+    topic = rng.integers(0, 6, size=n)
+    images = (np.eye(6)[topic][:, None, :] * 3 + rng.normal(size=(n, 4, 6))).astype(np.float32)
+    tokens = np.zeros((n, 5), dtype=np.int64)
+    tokens[:, :4] = 1 + topic[:, None] * 6 + rng.integers(0, 6, size=(n, 4))
+    split = Split(images, tokens, np.full(n, 4), captions_per_image=1)
+    caption_to_image = np.arange(n)
+    caption_to_image[:20] = rng.permutation(20)
+    clean = caption_to_image == np.arange(n)
+    score = tool.structure_consistency(*tool.raw_features(split, caption_to_image))
+    assert score.shape == (n,) and np.isfinite(score).all()
+    assert roc_auc_score(clean, score) > 0.8

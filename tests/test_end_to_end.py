@@ -232,6 +232,7 @@ def test_noise_file_reproduces_the_noise_index(trained, tmp_path, capsys):
     env_a = json.loads((trained("sps") / "env.json").read_text())
     env_b = json.loads((out / "env.json").read_text())
     assert env_a["noise_index_sha256"] == env_b["noise_index_sha256"]
+    assert len(env_a["data_sha256"]) == 64 and env_a["data_sha256"] == env_b["data_sha256"]
     res = results(out)
     assert res["noise_file"] == str(source)
     # labelled with the index's measured rate (captions not on their own image), not --noise's default 0

@@ -380,3 +380,18 @@ def test_trailing_blank_lines_are_ignored(tmp_path):
     path = folder / "train_caps.txt"
     path.write_text(path.read_text(encoding="utf-8") + "\n\n", encoding="utf-8")
     assert load(folder).train.num_captions == SPLIT_IMAGES["train"] * 5
+
+
+def test_the_fingerprint_follows_the_features_and_captions_a_run_sees(tmp_path):
+    """env.json's data_sha256: the same folder loaded twice agrees; a changed feature (another
+    rasteriser's pixels) or a changed caption does not."""
+    cfg = DataConfig(source=str(make_scan(tmp_path / "f30k_precomp")))
+    first, again = load_dataset(cfg), load_dataset(cfg)
+    assert len(first.fingerprint()) == 64 and first.fingerprint() == again.fingerprint()
+    again.train.images = np.array(again.train.images)
+    again.train.images[0, 0, 0] += 1e-3
+    assert again.fingerprint() != first.fingerprint()
+    other = load_dataset(cfg)
+    other.test.tokens = np.array(other.test.tokens)
+    other.test.tokens[0, 1] += 1
+    assert other.fingerprint() != first.fingerprint()

@@ -102,6 +102,15 @@ def test_the_clean_side_is_the_core_for_ncr_and_esc_and_the_posterior_in_the_pap
     assert resolve(method="sps", overrides=[("split.clean_side", "core")]).split.clean_side == "core"
 
 
+def test_the_core_ends_half_a_spread_above_the_clean_mean_for_esc_and_at_it_for_ncr():
+    """Left out, split.core_width is the method's (chosen leave-one-data-set-out, docs/results.md):
+    0.5 for ESC, 0 for NCR (and SPS, whose posterior ignores it); an explicit value wins."""
+    assert [resolve(method=m).split.core_width for m in ("ncr", "esc", "sps")] == [0.0, 0.5, 0.0]
+    assert resolve(method="esc", overrides=[("split.core_width", 0.0)]).split.core_width == 0.0
+    assert resolve(method="ncr", overrides=[("split.core_width", 0.5)]).split.core_width == 0.5
+    assert resolve(preset="esc-official").split.clean_side == "posterior"  # the width does not apply
+
+
 def test_esc_official_runs_the_codes_margins_and_clean_labels():
     """esc-official (and esc-official-<dataset>): the (B,) labels broadcast against the scores as
     ESC's code does (esc.margins=broadcast) and D_c's BiCro labels clamped and cut as the code's

@@ -21,7 +21,9 @@ compete, and test numbers never enter a choice. The
 held-out set's row is then the chosen candidate's runs on S: test RSum (mean ± sample std over
 seeds), its gain over vanilla's row (vanilla with its own choice), the fraction of what the noise
 costs vanilla that it wins back (clean vanilla minus noisy vanilla), the split AUC of the last
-epoch, and how often the collapse guard fired (epochs, in how many runs).
+epoch, and how often the collapse guard fired (epochs, in how many runs). Runs of one set that
+trained on different builds of its data (their env.json's ``data_sha256`` differ) are said on
+stderr: their candidates were not compared on equal data.
 """
 from __future__ import annotations
 
@@ -59,10 +61,13 @@ def guard_fired(run_dir: str) -> int:
 def read_cells(runs: list[tuple[str, str, Path]]) -> dict:
     """{(set, candidate, method, noise): aggregate_seeds row, with ``dev_rsum`` (mean over the seeds),
     ``guard`` (epochs the collapse guard fired in) and ``guard_runs``}."""
-    cells = {}
+    cells, builds = {}, {}
     for data, candidate, folder in runs:
         dirs = sorted(str(d) for d in folder.iterdir() if (d / "results.json").exists())
         rows = [r | {"dir": d} for r, d in zip(compare_rows(dirs), dirs)]
+        for r in rows:
+            if r["data_sha256"]:  # records older than the fingerprint do not say which build they ran on
+                builds.setdefault(data, {}).setdefault(r["data_sha256"], []).append(r["dir"])
         for group in seed_groups(rows):
             key = (data, candidate, group[0]["method"], group[0]["noise"])
             if key in cells:
@@ -71,6 +76,11 @@ def read_cells(runs: list[tuple[str, str, Path]]) -> dict:
             fired = [guard_fired(r["dir"]) for r in group]
             cells[key] = aggregate_seeds(group) | {"dev_rsum": float(np.mean([r["dev_rsum"] for r in group])),
                                                    "guard": sum(fired), "guard_runs": sum(1 for f in fired if f)}
+    for data, found in builds.items():
+        if len(found) > 1:
+            print(f"loo_table: warning: the runs on {data} trained on {len(found)} different builds of its data "
+                  f"(env.json data_sha256), e.g. {found[next(iter(found))][0]} and {found[list(found)[1]][0]}: "
+                  "their candidates are not compared on equal data", file=sys.stderr)
     return cells
 
 

@@ -23,8 +23,14 @@ splits it takes itself) and the same scores follow every epoch. Each epoch then 
 the mixture's clean side (clean probability > 0.5) holds: its size and its purity (the share of
 truly clean pairs), and the AUC of a full-set signal: each pair's margin over the whole training
 set, the smaller of its two directions (its caption's cosine minus the best other image's; its
-image's minus the best caption not paired with that image). ``OUT/warmup_losses.npz`` then also
-keeps these margins (``margins``: epochs x 2 x N).
+image's minus the best caption not paired with that image), and the AUC of each pair's structure
+consistency (GSC, REPAIR): the correlation, over anchor pairs, of its image's cosines to the
+anchors' images and its caption's cosines to the anchors' captions, with every pair as an anchor
+and with the model's lowest-loss quarter only; once, the same score from the input features
+(the mean region feature, centred, and the caption's tf-idf bag of words: nothing trained, so
+nothing memorised). ``OUT/warmup_losses.npz`` then also keeps these margins (``margins``:
+epochs x 2 x N), the structure consistencies (``structure``: epochs x 2 x 2 x N, all anchors then
+the core) and the input features' (``raw_structure``: N).
 """
 from __future__ import annotations
 
@@ -51,6 +57,8 @@ class WarmupProbe(Trainer):
     losses: list[list[np.ndarray]]  # per epoch, each model's (N,) split losses
     averaged: LoopState  # the running sums of the normalised losses (split.signal=mean's)
     margins: list[list[np.ndarray]] | None  # per epoch, each model's (N,) full-set margins (--whole-run)
+    structure: list  # per epoch, each model's (N,) structure consistency over all pairs and over the core
+    raw_structure: np.ndarray | None  # (N,) the input features' structure consistency
 
     def _epoch(self, epoch: int, total: int) -> None:
         from sklearn.metrics import roc_auc_score
@@ -86,6 +94,70 @@ class WarmupProbe(Trainer):
             print(f"  clean side of the fit A {row['clean_side'][0]} pairs, purity {row['purity'][0]:.2f}; "
                   f"B {row['clean_side'][1]}, {row['purity'][1]:.2f}; AUC of the full-set margin "
                   f"A {row['auc_margin'][0]:.3f} B {row['auc_margin'][1]:.3f}", flush=True)
+            image = self.pairs.caption_to_image
+            if self.raw_structure is None:  # the input features' structure: no training, no memorisation
+                self.raw_structure = structure_consistency(*raw_features(self.data.train, image))
+                print(f"  AUC of the input features' structure consistency: "
+                      f"{roc_auc_score(self.pairs.clean, self.raw_structure):.3f}", flush=True)
+            structure = []
+            for model, loss in zip(self.models, self.losses[-1]):
+                img, cap = embeddings(model, self.data.train, self.device)
+                core = np.flatnonzero(loss <= np.quantile(loss, CORE_QUANTILE))
+                structure.append([structure_consistency(img[image], cap), structure_consistency(img[image], cap, core)])
+            self.structure.append(structure)
+            for key, i in (("auc_structure", 0), ("auc_structure_core", 1)):
+                row[key] = [float(roc_auc_score(self.pairs.clean, s[i])) for s in structure]
+            print(f"  AUC of the structure consistency over all pairs A {row['auc_structure'][0]:.3f} "
+                  f"B {row['auc_structure'][1]:.3f}, over the lowest-loss {CORE_QUANTILE:.0%} A "
+                  f"{row['auc_structure_core'][0]:.3f} B {row['auc_structure_core'][1]:.3f}", flush=True)
+
+
+CORE_QUANTILE = 0.25  # the anchors of the "core" structure consistency: this share of the pairs, lowest loss first
+
+
+def embeddings(model, split, device, chunk: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split's images' (n_images, E) and captions' (N, E) global embeddings, fp32 on the CPU."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        img = torch.cat([model.encode_images(split.image_batch(np.arange(s, min(s + chunk, split.num_images)))
+                                             .to(device)).global_.float().cpu()
+                         for s in range(0, split.num_images, chunk)])
+        cap = []
+        for s in range(0, split.num_captions, chunk):
+            tokens, lengths = split.caption_batch(np.arange(s, min(s + chunk, split.num_captions)))
+            cap.append(model.encode_captions(tokens.to(device), lengths.to(device)).global_.float().cpu())
+    model.train(was_training)
+    return img, torch.cat(cap)
+
+
+def raw_features(split, caption_to_image: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each pair's input features, before any training: its image's mean region feature, centred
+    over the images and L2-normalised, and its caption's tf-idf bag of words, L2-normalised."""
+    img = torch.from_numpy(np.asarray(split.images, dtype=np.float32).mean(axis=1)).double()
+    img = torch.nn.functional.normalize(img - img.mean(dim=0), dim=1)[torch.as_tensor(caption_to_image)]
+    tokens = torch.from_numpy(np.asarray(split.tokens))
+    counts = torch.zeros(len(tokens), int(tokens.max()) + 1, dtype=torch.float64)
+    counts.scatter_add_(1, tokens, torch.ones_like(tokens, dtype=torch.float64))
+    counts[:, 0] = 0  # padding
+    idf = torch.log(len(tokens) / (1 + (counts > 0).sum(dim=0)))
+    return img, torch.nn.functional.normalize(counts * idf, dim=1)
+
+
+def structure_consistency(img: torch.Tensor, cap: torch.Tensor, anchors: np.ndarray | None = None) -> np.ndarray:
+    """(N,) per pair k (``img[k]``, ``cap[k]``: its image's and its caption's unit vectors): the
+    Pearson correlation, over the anchor pairs a other than k, of cos(img[k], img[a]) and
+    cos(cap[k], cap[a]). A matched pair's image and caption have the same neighbours (GSC, REPAIR).
+    ``anchors``: pair indices (default: every pair)."""
+    index = torch.arange(len(img)) if anchors is None else torch.as_tensor(anchors)
+    a = img.double() @ img[index].double().T  # (N, A)
+    b = cap.double() @ cap[index].double().T
+    keep = torch.ones_like(a)
+    keep[index, torch.arange(len(index))] = 0  # a pair is not its own anchor
+    n = keep.sum(dim=1, keepdim=True)
+    a = (a - (a * keep).sum(dim=1, keepdim=True) / n) * keep
+    b = (b - (b * keep).sum(dim=1, keepdim=True) / n) * keep
+    return ((a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-12)).numpy()
 
 
 def fullset_margin(sim: torch.Tensor, caption_to_image: np.ndarray) -> np.ndarray:
@@ -133,10 +205,13 @@ def main(argv: list[str] | None = None) -> int:
     probe = WarmupProbe(cfg)
     probe.rows, probe.losses, probe.averaged = [], [], LoopState()
     probe.margins = [] if args.whole_run else None
+    probe.structure, probe.raw_structure = [], None
     try:
         probe.fit()
         if args.out:
-            extra = {} if probe.margins is None else {"margins": np.asarray(probe.margins)}
+            extra = {} if probe.margins is None else {"margins": np.asarray(probe.margins),
+                                                      "structure": np.asarray(probe.structure),
+                                                      "raw_structure": probe.raw_structure}
             np.savez_compressed(f"{out}/warmup_losses.npz", losses=np.asarray(probe.losses),
                                 clean=np.asarray(probe.pairs.clean, dtype=bool), **extra)
     finally:

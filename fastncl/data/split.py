@@ -6,6 +6,8 @@ memory-mapped: rows are copied out only when a batch asks for them.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from dataclasses import dataclass
 
@@ -105,3 +107,17 @@ class Dataset:
     @property
     def image_dim(self) -> int:
         return self.train.images.shape[2]
+
+    def fingerprint(self, images: int = 256) -> str:
+        """SHA-256 of what the run trains and is scored on, cheap at any size: every split's shape,
+        captions and lengths, the vocabulary, and the region features of each split's first
+        ``images`` images. Two runs whose data were built apart (another font rasteriser, another
+        encoder) differ here, so run records from different builds are not compared as equals."""
+        h = hashlib.sha256()
+        for split in (self.train, self.dev, self.test):
+            h.update(repr((split.images.shape, str(split.images.dtype), split.captions_per_image)).encode())
+            h.update(np.ascontiguousarray(split.tokens).tobytes())
+            h.update(np.ascontiguousarray(split.lengths).tobytes())
+            h.update(np.ascontiguousarray(split.images[:images]).tobytes())
+        h.update(json.dumps(sorted(self.vocab.word2idx.items())).encode())
+        return h.hexdigest()

@@ -79,6 +79,7 @@ class Method:
     separate_steps = False
     uses_split = True
     clean_side = "posterior"  # split.clean_side when the config leaves it out
+    core_width = 0.0  # split.core_width when the config leaves it out
 
     @classmethod
     def presets(cls) -> dict[str, dict]:
