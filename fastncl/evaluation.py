@@ -16,6 +16,7 @@ import torch
 
 from fastncl import FastnclError, distributed
 from fastncl.data.noise import own_images
+from fastncl.methods.base import eval_mode
 from fastncl.profiling import nvtx_range
 from fastncl.records import RunResult, SplitQuality, SubsetCount
 from fastncl.step import FULL_PRECISION, Precision
@@ -82,6 +83,33 @@ def fold5_metrics(sim, captions_per_image: int, fold_images: int = 1000) -> dict
     return out
 
 
+def image_chunks(model, split, device, chunk: int = 1000) -> list:
+    """A split's images encoded by ``model`` (as it is: the caller sets eval mode and no_grad), in
+    chunks of ``chunk`` images, in order."""
+    return [model.encode_images(split.image_batch(np.arange(s, min(s + chunk, split.num_images))).to(device))
+            for s in range(0, split.num_images, chunk)]
+
+
+def caption_chunks(model, split, device, chunk: int = 1000, rows: range | None = None):
+    """Yields (index, encoding) for a split's captions (``rows`` of them; default: all), ``chunk``
+    captions at a time: a pairwise backbone's word features never exist for more than one chunk."""
+    rows = range(split.num_captions) if rows is None else rows
+    for s in range(rows.start, rows.stop, chunk):
+        index = np.arange(s, min(s + chunk, rows.stop))
+        tokens, lengths = split.caption_batch(index)
+        yield index, model.encode_captions(tokens.to(device), lengths.to(device))
+
+
+@torch.no_grad()
+def global_embeddings(model, split, device, chunk: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split's images' (n_images, E) and captions' (N, E) global embeddings under ``model``
+    in eval mode, fp32 on the CPU."""
+    with eval_mode(model):
+        images = torch.cat([e.global_.float().cpu() for e in image_chunks(model, split, device, chunk)])
+        captions = torch.cat([e.global_.float().cpu() for _, e in caption_chunks(model, split, device, chunk)])
+    return images, captions
+
+
 @torch.no_grad()
 def similarity_matrix(models, split, device, chunk: int = 1000, precision: Precision = FULL_PRECISION) -> torch.Tensor:
     """(n_images, n_captions) similarities of a split, averaged over ``models``, on the CPU in fp32.
@@ -96,19 +124,13 @@ def similarity_matrix(models, split, device, chunk: int = 1000, precision: Preci
     total = torch.zeros(split.num_images, cols.stop - cols.start)
     with precision.autocast():
         for model in models:
-            was_training = model.training
-            model.eval()
-            images = [model.encode_images(split.image_batch(np.arange(s, min(s + chunk, split.num_images))).to(device))
-                      for s in range(0, split.num_images, chunk)]
-            for s in range(cols.start, cols.stop, chunk):
-                index = np.arange(s, min(s + chunk, cols.stop))
-                tokens, lengths = split.caption_batch(index)
-                captions = model.encode_captions(tokens.to(device), lengths.to(device))
-                at = slice(s - cols.start, s - cols.start + len(index))
-                for i, img in enumerate(images):
-                    rows = slice(i * chunk, i * chunk + img.global_.shape[0])
-                    total[rows, at] += model.similarity(img, captions).float().cpu()
-            model.train(was_training)
+            with eval_mode(model):
+                images = image_chunks(model, split, device, chunk)
+                for index, captions in caption_chunks(model, split, device, chunk, cols):
+                    at = slice(index[0] - cols.start, index[-1] + 1 - cols.start)
+                    for i, img in enumerate(images):
+                        rows = slice(i * chunk, i * chunk + img.global_.shape[0])
+                        total[rows, at] += model.similarity(img, captions).float().cpu()
     total /= len(models)
     if distributed.size() > 1:
         with nvtx_range("gather similarities"):

@@ -287,3 +287,36 @@ def test_split_diagnostics_subset_composition():
         "empty": {"size": 0, "clean": 0},
     }
     assert out["precision"] == pytest.approx(2 / 3)  # subsets do not change the detection metrics
+
+
+def _tiny_split(n_images: int, cpi: int, seed: int = 0):
+    from fastncl.data.split import Split
+    from helpers import IMAGE_DIM, REGIONS, VOCAB
+
+    g = np.random.default_rng(seed)
+    n = n_images * cpi
+    lengths = g.integers(2, 7, n)
+    tokens = g.integers(1, VOCAB, (n, 6)) * (np.arange(6) < lengths[:, None])
+    images = g.standard_normal((n_images, REGIONS, IMAGE_DIM)).astype(np.float32)
+    return Split(images, tokens, lengths, cpi)
+
+
+@pytest.mark.parametrize("chunk", (1, 4, 100))
+def test_similarity_matrix_scores_the_global_embeddings_in_any_chunking(chunk):
+    """The chunked encoders behind evaluation (image_chunks, caption_chunks) and global_embeddings
+    (warmup_signals' structure consistency) see the same model: a vse model's matrix is the product
+    of its global embeddings, whatever the chunk size, and the models are left in their mode."""
+    from fastncl.evaluation import global_embeddings, similarity_matrix
+    from helpers import tiny_model
+
+    split = _tiny_split(7, 2)
+    model = tiny_model(0, dropout=0.5)  # dropout: a model left in training mode would differ
+    img, cap = global_embeddings(model, split, torch.device("cpu"), chunk)
+    assert model.training and img.shape == (7, 16) and cap.shape == (14, 16)
+    sim = similarity_matrix([model], split, torch.device("cpu"), chunk)
+    assert model.training
+    torch.testing.assert_close(sim, img @ cap.T, rtol=1e-6, atol=1e-6)
+    other = tiny_model(1)
+    two = similarity_matrix([model, other], split, torch.device("cpu"), chunk)
+    torch.testing.assert_close(two, (sim + similarity_matrix([other], split, torch.device("cpu"), 3)) / 2,
+                               rtol=1e-6, atol=1e-6)

@@ -44,8 +44,9 @@ import torch
 
 from fastncl.checkpoint import LoopState
 from fastncl.config import parse_override, resolve
-from fastncl.evaluation import similarity_matrix
+from fastncl.evaluation import global_embeddings, similarity_matrix
 from fastncl.methods.registry import get, names as method_names
+from fastncl.models import cosine_matrix
 from fastncl.split_phase import mean_signal
 from fastncl.train import Trainer
 
@@ -88,20 +89,23 @@ class WarmupProbe(Trainer):
               f"normalised loss averaged over epochs 1-{row['epoch']}: A {row['auc_mean'][0]:.3f} "
               f"B {row['auc_mean'][1]:.3f}, both models {row['auc_mean_both']:.3f}", flush=True)
         if self.margins is not None:
-            self.margins.append([fullset_margin(similarity_matrix([m], self.data.train, self.device),
-                                                self.pairs.caption_to_image) for m in self.models])
+            image = self.pairs.caption_to_image
+            # each model's training set encoded once: a dot-product backbone's similarity is the
+            # product of the global embeddings the structure consistency below reads too
+            encoded = [global_embeddings(m, self.data.train, self.device) for m in self.models]
+            self.margins.append([fullset_margin(cosine_matrix(*e) if getattr(m, "dot_product", False)
+                                                else similarity_matrix([m], self.data.train, self.device), image)
+                                 for m, e in zip(self.models, encoded)])
             row["auc_margin"] = [float(roc_auc_score(self.pairs.clean, m)) for m in self.margins[-1]]
             print(f"  clean side of the fit A {row['clean_side'][0]} pairs, purity {row['purity'][0]:.2f}; "
                   f"B {row['clean_side'][1]}, {row['purity'][1]:.2f}; AUC of the full-set margin "
                   f"A {row['auc_margin'][0]:.3f} B {row['auc_margin'][1]:.3f}", flush=True)
-            image = self.pairs.caption_to_image
             if self.raw_structure is None:  # the input features' structure: no training, no memorisation
                 self.raw_structure = structure_consistency(*raw_features(self.data.train, image))
                 print(f"  AUC of the input features' structure consistency: "
                       f"{roc_auc_score(self.pairs.clean, self.raw_structure):.3f}", flush=True)
             structure = []
-            for model, loss in zip(self.models, self.losses[-1]):
-                img, cap = embeddings(model, self.data.train, self.device)
+            for (img, cap), loss in zip(encoded, self.losses[-1]):
                 core = np.flatnonzero(loss <= np.quantile(loss, CORE_QUANTILE))
                 structure.append([structure_consistency(img[image], cap), structure_consistency(img[image], cap, core)])
             self.structure.append(structure)
@@ -113,22 +117,6 @@ class WarmupProbe(Trainer):
 
 
 CORE_QUANTILE = 0.25  # the anchors of the "core" structure consistency: this share of the pairs, lowest loss first
-
-
-def embeddings(model, split, device, chunk: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
-    """The split's images' (n_images, E) and captions' (N, E) global embeddings, fp32 on the CPU."""
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        img = torch.cat([model.encode_images(split.image_batch(np.arange(s, min(s + chunk, split.num_images)))
-                                             .to(device)).global_.float().cpu()
-                         for s in range(0, split.num_images, chunk)])
-        cap = []
-        for s in range(0, split.num_captions, chunk):
-            tokens, lengths = split.caption_batch(np.arange(s, min(s + chunk, split.num_captions)))
-            cap.append(model.encode_captions(tokens.to(device), lengths.to(device)).global_.float().cpu())
-    model.train(was_training)
-    return img, torch.cat(cap)
 
 
 def raw_features(split, caption_to_image: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
