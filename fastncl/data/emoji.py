@@ -42,7 +42,8 @@ from .encoders import GRID
 # `fastncl data embed` since 0.1.0's last version, its data files (arrays, captions, vocabulary)
 # are byte-identical to the earlier builder's; the folder gained {split}_images.txt.
 CREDIT = "Twemoji by Twitter, Inc. and contributors, CC-BY 4.0"  # the line `fastncl data` ends with
-VERSION = 1
+# 2: the patches descriptor's version 2 (the same bits on every CPU; 1 followed numpy's SIMD routines)
+VERSION = 2
 CAPTIONS_PER_IMAGE = 5
 SPLIT_IMAGES = {"test": 500, "dev": 500}  # the rest is training data
 SEED = 0

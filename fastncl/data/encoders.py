@@ -39,6 +39,7 @@ from .sources import sha256_of
 KINDS = ("patches", "torchscript", "hf", "open_clip")
 GRANULARITIES = ("image", "tokens")
 GRID, PATCH = 6, 12  # patches: a 6x6 grid of 12x12-pixel patches of a 72x72 image
+DESCRIPTOR_VERSION = 2  # region_features: bump when its numbers change
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # the normalisation CLIP models were trained with
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PIL_HINT = "pip install pillow"
@@ -131,16 +132,36 @@ def region_features(rgba: np.ndarray) -> np.ndarray:
     grey_bin = np.minimum((mx * 3).astype(np.int64), 2)
     grey_hist = np.stack([(grey * (grey_bin == k)).mean(axis=(2, 3)) for k in range(3)], axis=-1)
     # shape: gradient orientations (8 bins over [0, pi)) of the luminance, weighted by magnitude
-    lum = rgb @ np.array([0.299, 0.587, 0.114])
+    # element-wise arithmetic only (correctly rounded, the same bits on every CPU): no BLAS, whose
+    # kernels and summation order follow the CPU, no SIMD-dispatched transcendental functions
+    lum = 0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]
     gy, gx = np.gradient(lum, axis=(1, 2))
-    mag = np.hypot(gx, gy)
-    ori = np.minimum(((np.arctan2(gy, gx) % np.pi) / np.pi * 8).astype(np.int64), 7)
+    mag = np.sqrt(gx * gx + gy * gy)
+    ori = orientation_bins(gx, gy)
     p_mag, p_ori = patches(mag[..., None])[..., 0], patches(ori[..., None])[..., 0]
     grad_hist = np.stack([(p_mag * (p_ori == k)).mean(axis=(2, 3)) for k in range(8)], axis=-1)
     position = np.concatenate([np.repeat(np.eye(GRID), GRID, axis=0), np.tile(np.eye(GRID), (GRID, 1))], axis=1)
     position = np.broadcast_to(position, (n, 36, 2 * GRID))
     feats = np.concatenate([thumb, mean, std, coverage, hue_hist, grey_hist, grad_hist, position], axis=-1)
     return feats.astype(np.float32)
+
+
+TAN_PI_8 = 0.41421356237309503  # tan(pi / 8) = sqrt(2) - 1, the nearest double
+
+
+def orientation_bins(gx: np.ndarray, gy: np.ndarray) -> np.ndarray:
+    """The bin (0-7) of each gradient's orientation in [0, pi), bin k holding [k pi/8, (k+1) pi/8),
+    found by comparisons instead of arctan2: numpy's arctan2 follows the CPU (its AVX-512 routine
+    rounds differently), and a gradient on a bin edge (a diagonal edge, gx == gy, is common in
+    drawn images) then fell into either bin: the built-in sets' features changed with the machine
+    that built them. An edge belongs to the bin above it; a zero gradient to bin 0."""
+    flip = (gy < 0) | ((gy == 0) & (gx < 0))  # the opposite direction: the same orientation
+    x, y = np.where(flip, -gx, gx), np.where(flip, -gy, gy)  # now y >= 0, and x >= 0 where y == 0
+    right = x > 0  # [0, pi/2): edges at pi/8 (y = x tan(pi/8)), pi/4 (y = x), 3pi/8 (x = y tan(pi/8))
+    low = (y >= TAN_PI_8 * x).astype(np.int64) + (y >= x) + (x <= TAN_PI_8 * y)
+    u = -x  # [pi/2, pi), measured from the vertical: edges at 5pi/8, 3pi/4 (u = y), 7pi/8
+    high = 4 + (u >= TAN_PI_8 * y).astype(np.int64) + (u >= y) + (y <= TAN_PI_8 * u)
+    return np.where(right | ((x == 0) & (y == 0)), np.where(y == 0, 0, low), high)
 
 
 # -- checkpoints --------------------------------------------------------------------------------
@@ -209,6 +230,8 @@ class Patches(Encoder):
         return {"kind": self.kind, "granularity": "tokens", "preprocessing": {
             "pixels": f"RGBA, centre square, bilinear resize to {GRID * PATCH}x{GRID * PATCH}, composited on white",
             "regions": f"{GRID}x{GRID} patches of {PATCH}x{PATCH} pixels, 65-d descriptor each",
+            # 2: the same bits on every CPU (orientation_bins; 1 binned gradients with arctan2)
+            "descriptor_version": DESCRIPTOR_VERSION,
             "standardised": "with the training split's mean and standard deviation per dimension"}}
 
 
