@@ -78,8 +78,9 @@ def read_cells(runs: list[tuple[str, str, Path]]) -> dict:
                                                    "guard": sum(fired), "guard_runs": sum(1 for f in fired if f)}
     for data, found in builds.items():
         if len(found) > 1:
+            first, second = list(found.values())[:2]
             print(f"loo_table: warning: the runs on {data} trained on {len(found)} different builds of its data "
-                  f"(env.json data_sha256), e.g. {found[next(iter(found))][0]} and {found[list(found)[1]][0]}: "
+                  f"(env.json data_sha256), e.g. {first[0]} and {second[0]}: "
                   "their candidates are not compared on equal data", file=sys.stderr)
     return cells
 

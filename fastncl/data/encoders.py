@@ -161,7 +161,7 @@ def orientation_bins(gx: np.ndarray, gy: np.ndarray) -> np.ndarray:
     low = (y >= TAN_PI_8 * x).astype(np.int64) + (y >= x) + (x <= TAN_PI_8 * y)
     u = -x  # [pi/2, pi), measured from the vertical: edges at 5pi/8, 3pi/4 (u = y), 7pi/8
     high = 4 + (u >= TAN_PI_8 * y).astype(np.int64) + (u >= y) + (y <= TAN_PI_8 * u)
-    return np.where(right | ((x == 0) & (y == 0)), np.where(y == 0, 0, low), high)
+    return np.where(right, low, np.where(y == 0, 0, high))  # y == 0 off the right half: the zero gradient
 
 
 # -- checkpoints --------------------------------------------------------------------------------

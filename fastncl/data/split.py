@@ -111,7 +111,7 @@ class Dataset:
     def fingerprint(self, images: int = 256) -> str:
         """SHA-256 of what the run trains and is scored on, cheap at any size: every split's shape,
         captions and lengths, the vocabulary, and the region features of each split's first
-        ``images`` images. Two runs whose data were built apart (another font rasteriser, another
+        ``images`` images. Two runs whose data were built apart (another descriptor version, another
         encoder) differ here, so run records from different builds are not compared as equals."""
         h = hashlib.sha256()
         for split in (self.train, self.dev, self.test):
