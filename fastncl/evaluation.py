@@ -16,7 +16,7 @@ import torch
 
 from fastncl import FastnclError, distributed
 from fastncl.data.noise import own_images
-from fastncl.methods.base import eval_mode
+from fastncl.models import eval_mode
 from fastncl.profiling import nvtx_range
 from fastncl.records import RunResult, SplitQuality, SubsetCount
 from fastncl.step import FULL_PRECISION, Precision

@@ -29,7 +29,6 @@ indexing, no ``.item()``, no Python loop over samples, so that it can be compile
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -161,18 +160,6 @@ class Method:
             terms = self.ops.infonce_terms(model.similarity(img, cap), tau)
         l_i2t, l_t2i, p_i2t, p_t2i = terms
         return l_i2t + l_t2i, (p_i2t + p_t2i) / 2
-
-
-@contextlib.contextmanager
-def eval_mode(model):
-    """``model`` in eval mode for the block (a prediction inside a training step), then back to
-    the mode it was in."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
 
 
 def half_the_epochs(cfg: Config, section) -> None:

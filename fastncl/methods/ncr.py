@@ -28,9 +28,9 @@ from dataclasses import dataclass
 import torch
 
 from fastncl.config import NON_NEGATIVE, PROBABILITY, option
-from fastncl.models import forward_pairs
+from fastncl.models import eval_mode, forward_pairs
 
-from .base import Method, eval_mode, half_the_epochs, two_way_split
+from .base import Method, half_the_epochs, two_way_split
 from .losses import hinge_confidence, ncr_prediction, noisy_keep, soft_triplet
 from .mixture import fallback_note, noisy_threshold
 from .registry import register

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from fastncl.config import ModelConfig
 
-from .base import BackboneOutput, Encoding, cosine_matrix, encode_pairs, forward_pairs, intramodal_features
+from .base import BackboneOutput, Encoding, cosine_matrix, encode_pairs, eval_mode, forward_pairs, intramodal_features
 from .sgraf import SGRAF
 from .vse import VSE
 
@@ -20,5 +20,5 @@ def build_backbone(cfg: ModelConfig, image_dim: int, vocab_size: int, num_region
     raise ValueError(f"unknown backbone {cfg.backbone!r}")
 
 
-__all__ = ["BackboneOutput", "Encoding", "SGRAF", "cosine_matrix", "VSE", "build_backbone", "encode_pairs", "forward_pairs",
+__all__ = ["BackboneOutput", "Encoding", "SGRAF", "cosine_matrix", "VSE", "build_backbone", "encode_pairs", "eval_mode", "forward_pairs",
            "intramodal_features"]

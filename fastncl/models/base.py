@@ -8,6 +8,7 @@ and does its cross-attention in ``similarity``; the trainer and the methods neve
 """
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
@@ -19,6 +20,18 @@ class Encoding(NamedTuple):
     pooled: torch.Tensor  # (B, E) mean of the normalised local features (official "mean-pooled")
     local: torch.Tensor | None = None  # pairwise heads: (B, R, E) regions or (B, L, E) words, zero at padding
     mask: torch.Tensor | None = None  # pairwise heads, captions: (B, L) bool, True at valid words
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """``model`` in eval mode for the block (evaluation, or a prediction inside a training step),
+    then back to the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 class BackboneOutput(NamedTuple):
