@@ -50,6 +50,9 @@ class LoopState:
     signal_sum: list[np.ndarray] | None = None
     signal_epochs: int = 0
     last_split: SplitQuality | None = None  # the last split's diagnostics (results.json's "split")
+    # optim.warmup_best=reload: the warm-up epoch kept so far (0-based) and its dev recalls
+    warmup_kept: int = -1
+    warmup_dev: dict | None = None
 
 
 @dataclass
@@ -121,7 +124,8 @@ class Checkpoint:
                 "last_split": None if p.last_split is None else p.last_split.to_json(),
                 "lr_scale": float(p.lr_scale), "recoveries": int(p.recoveries), "stopped": bool(p.stopped),
                 "signal_sum": None if p.signal_sum is None else [torch.from_numpy(x) for x in p.signal_sum],
-                "signal_epochs": int(p.signal_epochs), "warmup_end": p.warmup_end}
+                "signal_epochs": int(p.signal_epochs), "warmup_end": p.warmup_end,
+                "warmup_kept": int(p.warmup_kept), "warmup_dev": p.warmup_dev}
 
     @classmethod
     def from_state(cls, d, where: str) -> Checkpoint:
@@ -139,7 +143,8 @@ class Checkpoint:
             d.get("warmup_end", config.get("optim", {}).get("warmup_epochs")),
             d.get("lr_scale", 1.0), d.get("recoveries", 0), d.get("stopped", False),
             None if signal is None else [x.numpy().astype(np.float64) for x in signal], d.get("signal_epochs", 0),
-            SplitQuality.from_json(d["last_split"]) if d.get("last_split") else None)
+            SplitQuality.from_json(d["last_split"]) if d.get("last_split") else None,
+            d.get("warmup_kept", -1), d.get("warmup_dev"))
         return cls(d["epoch"], d["models"], d["optimizers"], state, config,
                    {key: d[key] for key in RNG_KEYS if key in d}, d.get("grad_scaler", {}))
 

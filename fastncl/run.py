@@ -181,7 +181,8 @@ class RunDir:
             return SplitFile.from_arrays({k: z[k] for k in z.files}, str(path))
 
     def checkpoint(self, name: str) -> Path:
-        """checkpoints/NAME.pt ("last" or "best"; written and read by fastncl.checkpoint)."""
+        """checkpoints/NAME.pt ("last", "best", or "warmup": the warm-up epoch kept under
+        optim.warmup_best=reload; written and read by fastncl.checkpoint)."""
         return self.file(f"checkpoints/{name}.pt")
 
     def write_result(self, result: RunResult) -> None:

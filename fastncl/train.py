@@ -101,6 +101,10 @@ class Trainer:
         distributed.seed_epoch(self.cfg.seed, epoch)
         co_epoch = self.schedule.co_epoch(epoch, self.state)
         record = EpochRecord(epoch, "warmup" if co_epoch is None else "train", self.schedule.set_lr(epoch, self.state))
+        if co_epoch == 0 and self.cfg.optim.warmup_best == "reload" and 0 <= self.state.warmup_kept < epoch - 1:
+            self._load("warmup").load_weights(self.models)  # before the first split reads the models
+            record.notes.append(f"co-training starts from warm-up epoch {self.state.warmup_kept + 1}'s weights "
+                                "(optim.warmup_best=reload)")
         split = None
         if co_epoch is not None and self.method.uses_split:
             split = self.splitter.run(self.fast, co_epoch, self.state, lambda what: self._diverged(epoch, what))
@@ -113,7 +117,8 @@ class Trainer:
         record.dev, record.dev_models, spreads = self._evaluate_dev(epoch)
         record.time_eval = time.perf_counter() - t_train
         improved = self._judge(epoch, split, record, spreads)
-        self._commit(epoch, record, improved, t0)
+        kept = record.phase == "warmup" and self._keep_warmup(epoch, record.dev)
+        self._commit(epoch, record, improved, t0, kept)
         if self.board is not None:
             self.board.log(record, split.file if split is not None else None)
         log.info(record.line(total))
@@ -148,20 +153,30 @@ class Trainer:
         n_steps = len(loaders[names[0]])  # official: one pass over the primary subset
         if self.cfg.optim.fill_epoch:  # at least as many pairs per epoch as the training set holds
             n_steps = max(n_steps, -(-self.data.train.num_captions // (self.cfg.optim.batch_size * len(names))))
-        streams = {name: loader.cycle() for name, loader in loaders.items()}
+        # the secondary subsets keep pace by cycling, but those the method passes over once
+        # (Method.once_subsets; SPS's code: the quasi-clean loader) drop out of the steps when spent
+        once = self.method.once_subsets
+        streams = {name: iter(loader) if name in once else loader.cycle() for name, loader in loaders.items()}
         model.train()
         peer.eval()
-        sums, steps = {}, 0
+        sums, counts = {}, {}
         for _ in self.bar(range(n_steps), n_steps, desc):
-            batches = {name: next(it) for name, it in streams.items()}
+            batches = {}
+            for name, it in list(streams.items()):
+                batch = next(it, None)
+                if batch is None:
+                    del streams[name]
+                else:
+                    batches[name] = batch
             groups = (self.method.warmup_groups(model, batches) if co_epoch is None
                       else self.method.train_groups(model, peer, batches, peer_prob, co_epoch))
             with nvtx_range("step"):
                 for name, value in self._step(k, groups).items():
                     sums[name] = sums.get(name, 0.0) + value.detach()
-            steps += 1
+                    counts[name] = counts.get(name, 0) + 1
         peer.train()
-        return {name: float(v) / steps for name, v in sums.items()}  # sync: once per epoch
+        return {name: float(v) / counts[name] for name, v in sums.items()}  # sync: once per epoch; each term's
+        # mean over the steps it ran in
 
     def _step(self, k: int, groups) -> dict:
         """One iteration of model ``k``: all loss groups in one optimizer step, or one step per group
@@ -200,8 +215,10 @@ class Trainer:
                 best.load_weights(self.models, self.optims)
                 # split.signal=mean: the running losses as they were at the best epoch
                 self.state.signal_sum, self.state.signal_epochs = best.state.signal_sum, best.state.signal_epochs
-        # an epoch the guard undid or stopped at never becomes the best (under "warn" it may)
-        improved = rsum > self.state.best_rsum and (record.collapse or {}).get("action", "none") == "none"
+        # an epoch the guard undid or stopped at never becomes the best (under "warn" it may), nor
+        # does a warm-up epoch under optim.warmup_best=skip (ESC's code does not validate them)
+        improved = (rsum > self.state.best_rsum and (record.collapse or {}).get("action", "none") == "none"
+                    and not (record.phase == "warmup" and self.cfg.optim.warmup_best == "skip"))
         if improved:
             self.state.best_rsum, self.state.best_epoch = rsum, epoch
         note = self.schedule.end_warmup(epoch, improved, self.state)
@@ -209,10 +226,20 @@ class Trainer:
             record.notes.append(note)
         return improved
 
-    def _commit(self, epoch: int, record: EpochRecord, improved: bool, t0: float) -> None:
-        """best.pt, then the metrics line, then last.pt: an order that a kill at any point resumes
-        correctly (a resume restarts from last.pt, drops later metrics lines and redoes the epoch,
-        writing the same best.pt again). Rank 0 only."""
+    def _keep_warmup(self, epoch: int, dev: dict) -> bool:
+        """optim.warmup_best=reload (SPS's code, CREAM's rule): whether warm-up epoch ``epoch`` is
+        kept, its dev RSum and six recalls each at least those of the one kept before it."""
+        s = self.state
+        if self.cfg.optim.warmup_best != "reload" or (s.warmup_dev is not None
+                                                      and any(dev[k] < s.warmup_dev[k] for k in s.warmup_dev)):
+            return False
+        s.warmup_kept, s.warmup_dev = epoch, dict(dev)
+        return True
+
+    def _commit(self, epoch: int, record: EpochRecord, improved: bool, t0: float, warmup_kept: bool = False) -> None:
+        """best.pt (and warmup.pt, a warm-up epoch kept), then the metrics line, then last.pt: an
+        order that a kill at any point resumes correctly (a resume restarts from last.pt, drops
+        later metrics lines and redoes the epoch, writing the same best.pt again). Rank 0 only."""
         if not self.main:
             record.time = time.perf_counter() - t0
             return
@@ -221,6 +248,8 @@ class Trainer:
                                             self.precision)
             if improved:
                 checkpoint.save(self.run.checkpoint("best"))
+            if warmup_kept:
+                checkpoint.save(self.run.checkpoint("warmup"))
         record.time = time.perf_counter() - t0
         self.run.append_metrics(record)
         with nvtx_range("checkpoint"):

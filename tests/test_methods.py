@@ -225,6 +225,59 @@ def test_sps_noisy_objective_pairs_with_proxy_points(directions, proxy_label):
         close(out["loss"], i2t, rtol=1e-5)
 
 
+def test_sps_label_pass_eval_takes_the_labels_from_a_no_grad_eval_pass():
+    """sps.label_pass=eval (sps-official): the quasi-clean prediction, the proxy search and the proxy
+    label come from a no-grad eval-mode pass, as SPS's code; the losses from the training pass."""
+    cfg = config(("sps.quasi_clean_start", 0), ("sps.noisy_start", 0), ("sps.label_pass", "eval"),
+                 ("sps.proxy_label", "official"), ("sps.proxy_directions", "i2t"), ("sps.intramodal", "pooled"),
+                 ("sps.proxy_cut", 0.0))
+    c, method = cfg.sps, SPS(cfg)
+    model = tiny_model(0, dropout=0.5)  # word dropout: the training and the eval pass differ
+    model.train()
+    batches = {"reliable": tiny_batch(10, 6, 0), "quasi_clean": tiny_batch(11, 5, 6), "noisy": tiny_batch(12, 7, 11)}
+    peer_prob = torch.linspace(0.05, 0.95, 18)
+    groups = method.train_groups(model, tiny_model(1), batches, peer_prob, co_epoch=0)
+    torch.manual_seed(3)
+    groups[0]()
+    qc, n = groups[1](), groups[2]()
+
+    def pooled(enc):
+        return torch.nn.functional.normalize(enc.pooled, dim=-1)
+
+    torch.manual_seed(3)
+    groups_train = SPS(config(*[(f"sps.{k}", v) for k, v in (("quasi_clean_start", 0), ("noisy_start", 0))],
+                              ("sps.proxy_label", "official"), ("sps.proxy_directions", "i2t"),
+                              ("sps.intramodal", "pooled"), ("sps.proxy_cut", 0.0))).train_groups(
+        model, tiny_model(1), batches, peer_prob, co_epoch=0)
+    groups_train[0]()
+    assert (groups_train[1]()["qc"] - qc["qc"]).abs() > 1e-6  # the option changes what trains
+
+    # by hand, replaying the same dropout draws: the eval passes draw none
+    torch.manual_seed(3)
+    b, re, nb = batches["quasi_clean"], batches["reliable"], batches["noisy"]
+    o = forward_pairs(model, re.images, re.tokens, re.lengths)  # the reliable step's draws
+    model.eval()
+    with torch.no_grad():
+        _, q_eval = infonce(forward_pairs(model, b.images, b.tokens, b.lengths).sim, c.tau)
+    model.train()
+    loss, _ = infonce(forward_pairs(model, b.images, b.tokens, b.lengths).sim, c.tau)
+    p = peer_prob[b.index]
+    close(qc["qc"], ((p + (1 - p) * q_eval) * loss).mean(), rtol=1e-5)
+    model.eval()
+    with torch.no_grad():
+        keys = pooled(model.encode_images(re.images))
+        query = model.encode_images(nb.images)
+        cos = pooled(query) @ keys.T
+        index = cos.argmax(dim=1)
+        _, pred = infonce(query.global_ @ model.encode_captions(re.tokens[index], re.lengths[index]).global_.T, c.tau)
+    model.train()
+    img = model.encode_images(nb.images)
+    cap = model.encode_captions(re.tokens[index], re.lengths[index])
+    loss, _ = infonce(img.global_ @ cap.global_.T, c.tau)
+    close(n["n"], (method._proxy_label(cos.max(dim=1).values, pred) * loss).mean(), rtol=1e-5)
+    assert model.training and o.sim.requires_grad
+
+
 # ---------------------------------------------------------------------------------------------
 # NCR pieces
 
@@ -359,7 +412,13 @@ def test_esc_split_losses_l_hard_plus_beta_l_esc_against_the_diagonal_argmax(pre
     c = cfg.esc
     loss, is_anchor = ESC(cfg).split_losses(FixedSim(SIM), fixed_batch(4))
     assert is_anchor.tolist() == [False, True, False, False]
-    l_hard = kernels.triplet_terms(SIM, c.margin, hardest=c.division_hardest)
+    if c.division_hardest:
+        l_hard = kernels.triplet_terms(SIM, c.margin, hardest=True)
+    else:  # the code's mean (esc-official): over all B entries of a row / column, the zeroed diagonal counted
+        d, eye = SIM.diagonal(), torch.eye(4, dtype=torch.bool)
+        cost_s = (c.margin + SIM - d.view(-1, 1)).clamp_min(0).masked_fill(eye, 0)  # image i vs caption j
+        cost_im = (c.margin + SIM - d.view(1, -1)).clamp_min(0).masked_fill(eye, 0)  # caption j vs image i
+        l_hard = cost_s.sum(dim=1) / 4 + cost_im.sum(dim=0) / 4
     l_esc = kernels.esc_anchor_terms(SIM, 1, c.division_margin, c.esc_normalize)
     close(loss, l_hard + c.esc_weight * l_esc)
     if not c.esc_normalize:  # by hand: (S(I_a, T_i) - S(I_i, T_a))**2 with a = 1

@@ -85,6 +85,45 @@ def test_fit_bmm_finite_with_exact_extremes_and_ties(losses):
     assert fit.clean_prob[np.argmin(losses)] >= fit.clean_prob[np.argmax(losses)]
 
 
+def esc_code_bmm(losses: np.ndarray, iters: int = 10) -> np.ndarray:
+    """ESC's (BiCro's) Beta mixture restated from its code's steps in plain float64 (no log-space):
+    min-max normalise, clip to [1e-4, 1 - 1e-4], start at Beta(1, 2) and Beta(2, 1) with weights
+    1/2, E-step weighted likelihoods floored at 1e-12 and normalised, M-step weighted
+    method-of-moments with the mean responsibilities as weights; the clean probability is
+    component 0's posterior (eps 1e-12 in the denominator)."""
+    from scipy.stats import beta as beta_dist
+
+    x = np.clip((losses - losses.min()) / (losses.max() - losses.min()), 1e-4, 1 - 1e-4)
+    alphas, betas, weights = np.array([1.0, 2.0]), np.array([2.0, 1.0]), np.array([0.5, 0.5])
+
+    def likelihoods():
+        return np.stack([weights[k] * beta_dist.pdf(x, alphas[k], betas[k]) for k in range(2)])
+
+    for _ in range(iters):
+        r = np.maximum(likelihoods(), 1e-12)
+        r = r / r.sum(axis=0)
+        for k in range(2):
+            mean = (r[k] * x).sum() / r[k].sum()
+            var = (r[k] * (x - mean) ** 2).sum() / r[k].sum()
+            alphas[k] = mean * (mean * (1 - mean) / var - 1)
+            betas[k] = alphas[k] * (1 - mean) / mean
+        weights = r.sum(axis=1) / r.sum()
+    lik = likelihoods()
+    return lik[0] / (lik.sum(axis=0) + 1e-12)
+
+
+@pytest.mark.parametrize("losses, apart", [
+    (beta_mixture(clean_weight=0.3, seed=5)[0], 0.005),
+    (np.r_[np.zeros(2000), np.random.default_rng(2).random(1000)], 0.5),  # the raw posterior rises again at high losses
+])
+def test_fit_bmm_code_posterior_is_escs_codes(losses, apart):
+    """esc.bmm_posterior=code (esc-official): component 0's raw posterior, as ESC's code computes it;
+    the default (monotone, re-identified by its mean) differs from it on these losses by more than ``apart``."""
+    code = fit_bmm(losses, posterior="code").clean_prob
+    np.testing.assert_allclose(code, esc_code_bmm(losses), rtol=1e-6, atol=1e-9)
+    assert np.abs(fit_bmm(losses).clean_prob - code).max() > apart
+
+
 def test_fit_bmm_clean_component_is_the_low_mean_one_when_most_losses_are_high():
     losses, is_clean = beta_mixture(clean_weight=0.15, seed=4)
     fit = fit_bmm(losses)

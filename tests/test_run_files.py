@@ -103,7 +103,8 @@ def test_the_checkpoint_round_trips_through_weights_only_and_old_ones_still_read
 
     models = [torch.nn.Linear(3, 2) for _ in range(2)]
     optims = [torch.optim.Adam(m.parameters()) for m in models]
-    state = LoopState(250.0, 3, 2, 0.1, 1, False, [np.arange(4.0), np.ones(4)], 2, SplitQuality(0.5, 3))
+    state = LoopState(250.0, 3, 2, 0.1, 1, False, [np.arange(4.0), np.ones(4)], 2, SplitQuality(0.5, 3),
+                      1, {"rsum": 250.0, "i2t_r1": 40.0})
     saved = Checkpoint.capture(4, models, optims, state, {"method": "ncr", "optim": {"warmup_epochs": 2}},
                                np.random.default_rng(0), Precision())
     path = tmp_path / "last.pt"
@@ -115,9 +116,11 @@ def test_the_checkpoint_round_trips_through_weights_only_and_old_ones_still_read
     assert all(torch.equal(a, b) for a, b in zip(back.models[1].values(), saved.models[1].values()))
     assert [np.array_equal(a, b) for a, b in zip(back.state.signal_sum, state.signal_sum)] == [True, True]
     assert (back.state.best_rsum, back.state.best_epoch, back.state.lr_scale, back.state.recoveries) == (250.0, 3, 0.1, 1)
+    assert (back.state.warmup_kept, back.state.warmup_dev) == (1, {"rsum": 250.0, "i2t_r1": 40.0})
     # a checkpoint from before the format number, the guard, the mean signal and the plateau warm-up
     old = {k: v for k, v in raw.items() if k not in ("format", "lr_scale", "recoveries", "stopped", "signal_sum",
-                                                       "signal_epochs", "warmup_end")}
+                                                       "signal_epochs", "warmup_end", "warmup_kept",
+                                                       "warmup_dev")}
     torch.save(old, path)
     back = Checkpoint.load(path).state
     assert back == LoopState(250.0, 3, 2, 1.0, 0, False, None, 0, SplitQuality(0.5, 3))

@@ -296,3 +296,90 @@ def test_the_clean_core_keeps_only_the_pairs_up_to_its_end(tmp_path, width):
             assert clean.any() and (x[clean] <= np.float32(cut) + 1e-6).all()
             if width:  # the wider core holds pairs above the mean
                 assert (x[clean] > np.float32(params["means"][0]) + 1e-6).any()
+
+
+def test_reload_starts_co_training_from_the_warm_up_epoch_kept(tmp_path, monkeypatch):
+    """optim.warmup_best=reload (SPS's code): the warm-up epoch kept is the last one whose dev RSum
+    and six recalls all reach those of the one kept before it, and co-training starts from its weights."""
+    from fastncl.train import Trainer
+
+    started = []
+    train = Trainer._train
+
+    def spy(self, epoch, co_epoch, split, warnings):
+        if co_epoch == 0:  # after the first split, before its steps
+            started.append([{k: v.clone() for k, v in m.state_dict().items()} for m in self.models])
+        return train(self, epoch, co_epoch, split, warnings)
+
+    monkeypatch.setattr(Trainer, "_train", spy)
+    for reload in ("reload", "keep"):
+        out = tmp_path / reload
+        assert _train(out, "optim.warmup_epochs=4", "optim.epochs=1", f"optim.warmup_best={reload}",
+                      "optim.collapse=off", "sps.min_reliable_fraction=0.5", method="sps") == 0
+    records = _records(tmp_path / "reload")
+    kept, dev = 0, records[0]["dev"]
+    for i, r in enumerate(records[1:4], start=1):
+        if all(r["dev"][k] >= dev[k] for k in dev):
+            kept, dev = i, r["dev"]
+    saved = torch.load(tmp_path / "reload" / "checkpoints" / "warmup.pt", weights_only=True)
+    assert saved["epoch"] == kept and saved["warmup_kept"] == kept
+    assert records[4]["notes"] == ([] if kept == 3 else [f"co-training starts from warm-up epoch {kept + 1}'s "
+                                                         "weights (optim.warmup_best=reload)"])
+    for state, model in zip(saved["models"], started[0]):  # the split and the steps start from them
+        assert all(torch.equal(state[k], model[k]) for k in state)
+    last_warmup = torch.load(tmp_path / "keep" / "checkpoints" / "last.pt", weights_only=True)
+    assert all(torch.equal(a, b) for a, b in zip(started[0][0].values(), started[1][0].values())) == (kept == 3)
+    assert not (tmp_path / "keep" / "checkpoints" / "warmup.pt").exists() and last_warmup["warmup_kept"] == -1
+
+
+def test_skip_never_makes_a_warm_up_epoch_the_best(tmp_path):
+    """optim.warmup_best=skip (ESC's code does not validate the warm-up): best.pt is a co-training
+    epoch's even when a warm-up epoch scored higher on dev."""
+    out = tmp_path / "run"
+    assert _train(out, "optim.warmup_epochs=2", "optim.epochs=2", "optim.warmup_best=skip", "optim.collapse=off",
+                  method="esc") == 0
+    records = _records(out)
+    train = [r["dev"]["rsum"] for r in records if r["phase"] == "train"]
+    result = json.loads((out / "results.json").read_text())
+    assert result["best_epoch"] == 2 + int(np.argmax(train))  # the first of a tie, among co-training epochs only
+    assert not (out / "checkpoints" / "warmup.pt").exists()
+
+
+def test_skip_and_a_plateau_warm_up_are_refused(capsys, tmp_path):
+    assert _train(tmp_path / "run", "optim.warmup_best=skip", "optim.warmup=plateau") == 2
+    err = capsys.readouterr().err
+    assert "optim.warmup_best" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("once", [False, True])
+def test_sps_quasi_clean_once_passes_over_that_subset_once(tmp_path, once, monkeypatch):
+    """sps.quasi_clean_once (SPS's code): the quasi-clean subset's batches run out after one pass and
+    the epoch's remaining steps train without L^qc; otherwise it cycles to keep pace."""
+    from fastncl.methods import SPS
+
+    seen = []
+    groups = SPS.train_groups
+
+    def spy(self, model, peer, batches, peer_prob, co_epoch):
+        seen.append((id(model), sorted(batches)))
+        return groups(self, model, peer, batches, peer_prob, co_epoch)
+
+    monkeypatch.setattr(SPS, "train_groups", spy)
+    out = tmp_path / "run"
+    # every pair reliable or quasi-clean at a loose epsilon_1; the curriculum trains L^qc from the first epoch
+    assert _train(out, "optim.epochs=1", "optim.batch_size=4", "sps.quasi_clean_start=0", "sps.noisy_start=5",
+                  "sps.reliable_threshold=0.9", "sps.min_reliable_fraction=0", "optim.collapse=off",
+                  f"sps.quasi_clean_once={str(once).lower()}", method="sps") == 0
+    from fastncl.records import SplitFile
+    split = SplitFile.from_arrays(dict(np.load(out / "splits" / "epoch_001.npz")), "split")
+    names = split.subset_names
+    order = list(dict.fromkeys(m for m, _ in seen))  # model A trains first, then B
+    assert len(order) == 2
+    for k, model_steps in enumerate([keys for m, keys in seen if m == who] for who in order):
+        sizes = np.bincount(split.subset[1 - k], minlength=len(names))  # model k trains on its peer's split
+        reliable, qc = sizes[names.index("reliable")], sizes[names.index("quasi_clean")]
+        if not (reliable and qc):
+            pytest.skip("this tiny split left a subset empty")
+        with_qc = sum("quasi_clean" in keys for keys in model_steps)
+        steps = len(model_steps)
+        assert with_qc == (min(steps, -(-qc // min(4, qc))) if once else steps)

@@ -76,6 +76,9 @@ class Method:
     cut_label = "cut"  # the report's name of the noisy cut (the paper's symbol)
     subset_colors: dict[str, str] = {}  # non-empty: the report draws each subset's ground-truth composition
     separate_steps = False
+    # secondary subsets passed over once per epoch: when spent, their steps drop out for the rest
+    # of the epoch (the others cycle to keep pace with the primary subset)
+    once_subsets: tuple[str, ...] = ()
     uses_split = True
     clean_side = "posterior"  # split.clean_side when the config leaves it out
     core_width = 0.0  # split.core_width when the config leaves it out

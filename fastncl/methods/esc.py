@@ -41,6 +41,10 @@ class ESCConfig:
     # clean), so its clean set is half noisy and ESC degrades (docs/methods.md, "ESC's split")
     mixture: str = option("gmm", choices=("bmm", "gmm"))
     mixture_iters: int = option(10, **POSITIVE)
+    # the Beta mixture's clean probability: "monotone" (ours: the component with the smaller mean,
+    # made non-increasing in the loss outward from its mean) or "code" (ESC's code: the raw
+    # posterior of component 0, the one started at Beta(1, 2))
+    bmm_posterior: str = option("monotone", choices=("monotone", "code"))
     division_hardest: bool = True  # l_hard over the hardest negative (paper Eq. 1); official: mean
     esc_normalize: bool = False  # official: row-normalised l_ESC
     # L_ESC per-sample pseudo-negatives (Eq. 14) or one "anchor" (official)
@@ -95,10 +99,12 @@ OFFICIAL = {  # the ESC code on BiCro's (reference-implementations notes, B.3 an
         "esc_normalize": True, "train_esc": "anchor", "division_hardest": False, "anchors_clean": False,
         "warmup": "select", "separate_steps": True, "noisy_start": 20, "clean_labels": "bicro",
         "min_noisy_fraction": 0.01, "mixture": "bmm", "noisy_loss": "soft", "label_features": "pooled",
-        "label_ratio": "code", "margins": "broadcast", "clean_label_cut": "code",
+        "label_ratio": "code", "margins": "broadcast", "clean_label_cut": "code", "bmm_posterior": "code",
     },
     "split": {"clip_quantile": 1.0, "clean_side": "posterior"},
-    "optim": {"lr": 2e-4, "lr_step": 30, "warmup_epochs": 10, "epochs": 40, "fill_epoch": False},
+    # the code validates no warm-up epoch and has no collapse guard (fastncl's only says so)
+    "optim": {"lr": 2e-4, "lr_step": 30, "warmup_epochs": 10, "epochs": 40, "fill_epoch": False,
+              "warmup_best": "skip", "collapse": "warn"},
 }
 
 
@@ -138,14 +144,19 @@ class ESC(Method):
         c = self.cfg.esc
         sim = forward_pairs(model, batch.images, batch.tokens, batch.lengths).sim
         # Eq. 9: l_hard + beta l_ESC against the batch's anchor argmax_i S(I_i, T_i) (Eq. 6)
-        loss, anchor = self.ops.esc_division_terms(sim, c.margin, c.esc_weight, c.division_margin,
+        n = sim.shape[0]
+        # the code's mean l_hard divides by B (its zeroed diagonal counted), triplet_terms' by the
+        # B - 1 negatives: the code's loss is (B - 1) / B x ours with beta x B / (B - 1)
+        scale = 1.0 if c.division_hardest or n < 2 else (n - 1) / n
+        loss, anchor = self.ops.esc_division_terms(sim, c.margin, c.esc_weight / scale, c.division_margin,
                                                   c.division_hardest, c.esc_normalize)
-        return loss, torch.arange(sim.shape[0], device=sim.device) == anchor
+        return (loss * scale if scale != 1.0 else loss), torch.arange(n, device=sim.device) == anchor
 
     def fit(self, losses):
         c = self.cfg.esc
         if c.mixture == "bmm":
-            return fit_bmm(losses, iters=c.mixture_iters, clip_quantile=self.cfg.split.clip_quantile)
+            return fit_bmm(losses, iters=c.mixture_iters, clip_quantile=self.cfg.split.clip_quantile,
+                           posterior=c.bmm_posterior)
         return super().fit(losses)  # the GMM, as every method
 
     def noisy_cut(self, fit):

@@ -12,7 +12,9 @@ the *smaller mean* (identified after fitting, never by index):
   probability is made non-increasing in the loss, outward from the clean component's mean (a
   Beta component with a shape below 1 has an infinite density at 0 or 1, so the raw posterior
   can hand the smallest losses to the noisy component, or the largest to the clean one, as
-  happens when many losses are exactly 0).
+  happens when many losses are exactly 0). ``posterior="code"`` skips both steps and returns
+  component 0's posterior, as ESC's code does (esc.bmm_posterior; the clip stays: without it
+  the code's posterior at a loss of exactly 0 or 1 can be inf / inf).
 """
 from __future__ import annotations
 
@@ -80,7 +82,12 @@ def _beta_moments(x: np.ndarray, w: np.ndarray) -> tuple[float, float]:
     return mean * common, (1 - mean) * common
 
 
-def fit_bmm(losses, iters: int = 10, eps: float = 1e-4, clip_quantile: float = 1.0) -> MixtureFit:
+def fit_bmm(losses, iters: int = 10, eps: float = 1e-4, clip_quantile: float = 1.0,
+            posterior: str = "monotone") -> MixtureFit:
+    """The two-component Beta mixture of ESC's code (method-of-moments EM from Beta(1, 2) and
+    Beta(2, 1)). ``posterior``: "monotone" takes the clean component by its mean and makes its
+    posterior non-increasing in the loss, outward from that mean; "code" is ESC's code's clean
+    probability, the raw posterior of component 0 (the one started at Beta(1, 2)), never re-identified."""
     x = np.clip(normalize_losses(losses, clip_quantile), eps, 1 - eps)
     alphas, betas, weights = np.array([1.0, 2.0]), np.array([2.0, 1.0]), np.array([0.5, 0.5])
 
@@ -95,11 +102,14 @@ def fit_bmm(losses, iters: int = 10, eps: float = 1e-4, clip_quantile: float = 1
         weights = np.clip(resp.sum(axis=1) / resp.sum(), 1e-6, None)
         weights /= weights.sum()
     lj = log_joint()
-    posterior = np.exp(lj - logsumexp(lj, axis=0, keepdims=True))
+    post = np.exp(lj - logsumexp(lj, axis=0, keepdims=True))
     means = alphas / (alphas + betas)
+    if posterior == "code":
+        params = {"weights": weights.tolist(), "alphas": alphas.tolist(), "betas": betas.tolist()}
+        return MixtureFit(post[0], x, "bmm", params)
     order = np.argsort(means)  # clean = smaller mean loss
     params = {"weights": weights[order].tolist(), "alphas": alphas[order].tolist(), "betas": betas[order].tolist()}
-    clean = posterior[order[0]]
+    clean = post[order[0]]
     # non-increasing in the loss: below the clean mean each value is raised to the largest clean
     # probability between it and the mean, above it lowered to the smallest one
     by_loss = np.argsort(x, kind="stable")

@@ -22,7 +22,7 @@ import torch
 
 from fastncl import FastnclError
 from fastncl.config import NON_NEGATIVE, POSITIVE, PROBABILITY, option
-from fastncl.models import cosine_matrix, encode_pairs, intramodal_features
+from fastncl.models import cosine_matrix, encode_pairs, eval_mode, intramodal_features
 
 from .base import Division, Method
 from .mixture import fallback_note, noisy_threshold
@@ -54,6 +54,15 @@ class SPSConfig:
     quasi_clean_start: int = option(3, **NON_NEGATIVE)  # co-training epoch from which L^qc is used (official: 10 of 40)
     noisy_start: int = option(5, **NON_NEGATIVE)  # co-training epoch from which L^n is used (official: 15 of 40)
     separate_steps: bool = False  # official: one optimizer step each for (re+cro+met), qc and n
+    # false: the quasi-clean subset is cycled like the noisy one to keep pace with the reliable
+    # one (ours: every step of the curriculum trains all three); true (the code): one pass per
+    # epoch, then the epoch's remaining steps train without L^qc
+    quasi_clean_once: bool = False
+    # where the quasi-clean and proxy labels and the proxy search come from: "train" (ours: the
+    # iteration's training forward pass, detached; the reliable batch's keys from its own step's
+    # pass) or "eval" (the code: a separate no-grad pass in eval mode with the weights as the
+    # label's step begins, the reliable batch re-encoded for the proxy search)
+    label_pass: str = option("train", choices=("train", "eval"))
 
 
 OFFICIAL = {  # the SPS code (reference-implementations notes, B.3 and H)
@@ -61,9 +70,12 @@ OFFICIAL = {  # the SPS code (reference-implementations notes, B.3 and H)
         "reliable_threshold": 0.6, "consistency_margin": 0.0, "cross_weight": 25.0, "metric_weight": 25.0,
         "intramodal": "pooled", "proxy_label": "official", "proxy_directions": "i2t", "separate_steps": True,
         "quasi_clean_start": 10, "noisy_start": 15, "min_noisy_fraction": 0.01, "min_reliable_fraction": 0.0,
+        "quasi_clean_once": True, "label_pass": "eval",
     },
     "split": {"clip_quantile": 1.0},
-    "optim": {"lr": 2e-4, "lr_step": 10, "warmup_epochs": 5, "epochs": 40, "fill_epoch": False},
+    # the code reloads its best warm-up epoch and has no collapse guard (fastncl's only says so)
+    "optim": {"lr": 2e-4, "lr_step": 10, "warmup_epochs": 5, "epochs": 40, "fill_epoch": False,
+              "warmup_best": "reload", "collapse": "warn"},
 }
 
 
@@ -105,6 +117,10 @@ class SPS(Method):
     @property
     def separate_steps(self):
         return self.cfg.sps.separate_steps
+
+    @property
+    def once_subsets(self):
+        return ("quasi_clean",) if self.cfg.sps.quasi_clean_once else ()
 
     def split_losses(self, model, batch):
         loss, _ = self.infonce(model, *encode_pairs(model, batch.images, batch.tokens, batch.lengths), self.cfg.sps.tau)
@@ -199,27 +215,52 @@ class SPS(Method):
 
         def quasi_clean():
             b = batches["quasi_clean"]
-            loss, prediction = self.infonce(model, *encode_pairs(model, b.images, b.tokens, b.lengths), c.tau)
+            if c.label_pass == "eval":  # the code: the prediction of Eq. 15 from a no-grad eval-mode pass
+                with torch.no_grad(), eval_mode(model):
+                    _, prediction = self.infonce(model, *encode_pairs(model, b.images, b.tokens, b.lengths), c.tau)
+                loss, _ = self.infonce(model, *encode_pairs(model, b.images, b.tokens, b.lengths), c.tau)
+            else:
+                loss, prediction = self.infonce(model, *encode_pairs(model, b.images, b.tokens, b.lengths), c.tau)
             p = peer_prob[b.index].to(loss.dtype)
             label = p + (1 - p) * prediction.detach()  # Eq. 14 with y = 1
             l_qc = (label * loss).mean()  # Eq. 16
             return {"loss": l_qc, "qc": l_qc}
 
-        def noisy():
+        def proxy_term(i2t: bool):
+            """Eq. 11-13 in one direction: image -> proxy caption (the caption of the reliable batch's
+            image nearest the noisy image) or caption -> proxy image."""
             b, re = batches["noisy"], batches["reliable"]
-            # image -> proxy caption (Eq. 11-13): search among the reliable batch's images
-            img = model.encode_images(b.images)
-            index, cosine = self.ops.proxy_argmax(intramodal_features(img, c.intramodal).detach(), cache["img"])
-            cap = model.encode_captions(re.tokens[index], re.lengths[index])
-            loss, prediction = self.infonce(model, img, cap, c.tau)
-            l_n = (self._proxy_label(cosine, prediction) * loss).mean()
+
+            def query():  # the noisy side
+                return model.encode_images(b.images) if i2t else model.encode_captions(b.tokens, b.lengths)
+
+            def proxy(index):  # the reliable pairs' other side
+                return model.encode_captions(re.tokens[index], re.lengths[index]) if i2t else model.encode_images(
+                    re.images[index])
+
+            def pair(q, x):
+                return (q, x) if i2t else (x, q)
+
+            if c.label_pass == "eval":  # the code: search and label from a no-grad eval-mode pass
+                with torch.no_grad(), eval_mode(model):
+                    keys = model.encode_images(re.images) if i2t else model.encode_captions(re.tokens, re.lengths)
+                    q = query()
+                    index, cosine = self.ops.proxy_argmax(intramodal_features(q, c.intramodal),
+                                                          intramodal_features(keys, c.intramodal))
+                    _, prediction = self.infonce(model, *pair(q, proxy(index)), c.tau)
+                loss, _ = self.infonce(model, *pair(query(), proxy(index)), c.tau)
+            else:
+                q = query()
+                index, cosine = self.ops.proxy_argmax(intramodal_features(q, c.intramodal).detach(),
+                                                      cache["img" if i2t else "txt"])
+                loss, prediction = self.infonce(model, *pair(q, proxy(index)), c.tau)
+            return (self._proxy_label(cosine, prediction) * loss).mean()
+
+        def noisy():
+            l_n = proxy_term(True)
             terms = {"n_i2t": l_n}
-            if c.proxy_directions == "both":  # caption -> proxy image
-                cap = model.encode_captions(b.tokens, b.lengths)
-                index, cosine = self.ops.proxy_argmax(intramodal_features(cap, c.intramodal).detach(), cache["txt"])
-                img = model.encode_images(re.images[index])
-                loss, prediction = self.infonce(model, img, cap, c.tau)
-                terms["n_t2i"] = (self._proxy_label(cosine, prediction) * loss).mean()
+            if c.proxy_directions == "both":
+                terms["n_t2i"] = proxy_term(False)
                 l_n = (terms["n_i2t"] + terms["n_t2i"]) / 2  # averaged: Eq. 18 weighs L^n once
             return {"loss": l_n, "n": l_n, **terms}
 
