@@ -126,11 +126,11 @@ class OptimConfig:
     warmup: str = option("fixed", choices=("fixed", "plateau"))
     warmup_max_epochs: int = option(10, **NON_NEGATIVE)
     # which warm-up epoch co-training starts from and whether warm-up epochs may be the best
-    # checkpoint: "keep" (fastncl, NCR's code: every epoch is judged alike; co-training starts from
-    # the last warm-up epoch), "reload" (SPS's code, from CREAM's: the warm-up epoch whose dev RSum
-    # and six recalls are all at least those of the warm-up epoch kept before it is kept, and both
-    # models' weights are reloaded from it before the first split) or "skip" (ESC's code: the
-    # warm-up is not validated, so no warm-up epoch becomes the best checkpoint)
+    # checkpoint: "keep" (ours: every epoch is judged alike; co-training starts from the last
+    # warm-up epoch), "reload" (SPS's code, from CREAM's: the warm-up epoch whose dev RSum and six
+    # recalls are all at least those of the warm-up epoch kept before it is kept, and both models'
+    # weights are reloaded from it before the first split) or "skip" (NCR's and ESC's codes: no
+    # warm-up epoch becomes the best checkpoint; NCR's validates the last one and discards it)
     warmup_best: str = option("keep", choices=("keep", "reload", "skip"))
     fill_epoch: bool = True  # an epoch trains on at least N pairs, cycling small subsets (official: one
     # pass over the primary subset, so a tiny reliable set gives SPS a tiny epoch)
@@ -388,6 +388,9 @@ def validate(cfg: Config) -> Config:
     if cfg.optim.warmup_best == "skip" and cfg.optim.warmup == "plateau":
         raise FastnclError("optim.warmup_best: skip never judges a warm-up epoch, and optim.warmup=plateau ends the "
                            "warm-up on their dev rsum; use warmup=fixed or warmup_best keep or reload")
+    if cfg.optim.warmup_best == "skip" and cfg.optim.epochs == 0:
+        raise FastnclError("optim.warmup_best: skip never judges a warm-up epoch, and optim.epochs=0 trains no other: "
+                           "no checkpoint to test")
     if cfg.optim.epochs + (cfg.optim.warmup_epochs or 0) == 0:
         raise FastnclError("optim.epochs: nothing to train (epochs and warmup_epochs are both 0)")
     method.check(cfg)

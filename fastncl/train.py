@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastncl import Diverged, assemble, distributed
+from fastncl import Diverged, FastnclError, assemble, distributed
 from fastncl.board import Board
 from fastncl.checkpoint import Checkpoint
 from fastncl.config import Config, dump_yaml
@@ -102,7 +102,12 @@ class Trainer:
         co_epoch = self.schedule.co_epoch(epoch, self.state)
         record = EpochRecord(epoch, "warmup" if co_epoch is None else "train", self.schedule.set_lr(epoch, self.state))
         if co_epoch == 0 and self.cfg.optim.warmup_best == "reload" and 0 <= self.state.warmup_kept < epoch - 1:
-            self._load("warmup").load_weights(self.models)  # before the first split reads the models
+            kept = self._load("warmup")
+            if kept.epoch != self.state.warmup_kept:  # a resumed warm-up epoch that trained otherwise than the killed one
+                raise FastnclError(f"{self.run.checkpoint('warmup')}: holds warm-up epoch {kept.epoch + 1}, but the run "
+                                   f"kept epoch {self.state.warmup_kept + 1} (a resumed epoch trained differently); "
+                                   "start the run again without --resume")
+            kept.load_weights(self.models)  # before the first split reads the models
             record.notes.append(f"co-training starts from warm-up epoch {self.state.warmup_kept + 1}'s weights "
                                 "(optim.warmup_best=reload)")
         split = None

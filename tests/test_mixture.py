@@ -86,7 +86,9 @@ def test_fit_bmm_finite_with_exact_extremes_and_ties(losses):
 
 
 def esc_code_bmm(losses: np.ndarray, iters: int = 10) -> np.ndarray:
-    """ESC's (BiCro's) Beta mixture restated from its code's steps in plain float64 (no log-space):
+    """ESC's (BiCro's) Beta mixture restated from its code's steps in plain float64 (no log-space),
+    with the one departure fastncl keeps: the posterior is evaluated on the clipped losses (the code
+    evaluates it on the unclipped ones, inf / inf at exactly 0 or 1 with a shape below 1):
     min-max normalise, clip to [1e-4, 1 - 1e-4], start at Beta(1, 2) and Beta(2, 1) with weights
     1/2, E-step weighted likelihoods floored at 1e-12 and normalised, M-step weighted
     method-of-moments with the mean responsibilities as weights; the clean probability is
@@ -117,7 +119,8 @@ def esc_code_bmm(losses: np.ndarray, iters: int = 10) -> np.ndarray:
     (np.r_[np.zeros(2000), np.random.default_rng(2).random(1000)], 0.5),  # the raw posterior rises again at high losses
 ])
 def test_fit_bmm_code_posterior_is_escs_codes(losses, apart):
-    """esc.bmm_posterior=code (esc-official): component 0's raw posterior, as ESC's code computes it;
+    """esc.bmm_posterior=code (esc-official): component 0's raw posterior, as ESC's code computes it
+    (on the clipped losses);
     the default (monotone, re-identified by its mean) differs from it on these losses by more than ``apart``."""
     code = fit_bmm(losses, posterior="code").clean_prob
     np.testing.assert_allclose(code, esc_code_bmm(losses), rtol=1e-6, atol=1e-9)

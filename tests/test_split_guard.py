@@ -321,14 +321,15 @@ def test_reload_starts_co_training_from_the_warm_up_epoch_kept(tmp_path, monkeyp
     for i, r in enumerate(records[1:4], start=1):
         if all(r["dev"][k] >= dev[k] for k in dev):
             kept, dev = i, r["dev"]
+    assert kept < 3, "this seed's warm-up must keep an epoch before the last, or nothing is reloaded"
     saved = torch.load(tmp_path / "reload" / "checkpoints" / "warmup.pt", weights_only=True)
     assert saved["epoch"] == kept and saved["warmup_kept"] == kept
-    assert records[4]["notes"] == ([] if kept == 3 else [f"co-training starts from warm-up epoch {kept + 1}'s "
-                                                         "weights (optim.warmup_best=reload)"])
+    assert records[4]["notes"] == [f"co-training starts from warm-up epoch {kept + 1}'s weights "
+                                   "(optim.warmup_best=reload)"]
     for state, model in zip(saved["models"], started[0]):  # the split and the steps start from them
         assert all(torch.equal(state[k], model[k]) for k in state)
     last_warmup = torch.load(tmp_path / "keep" / "checkpoints" / "last.pt", weights_only=True)
-    assert all(torch.equal(a, b) for a, b in zip(started[0][0].values(), started[1][0].values())) == (kept == 3)
+    assert not all(torch.equal(a, b) for a, b in zip(started[0][0].values(), started[1][0].values()))
     assert not (tmp_path / "keep" / "checkpoints" / "warmup.pt").exists() and last_warmup["warmup_kept"] == -1
 
 
@@ -340,6 +341,8 @@ def test_skip_never_makes_a_warm_up_epoch_the_best(tmp_path):
                   method="esc") == 0
     records = _records(out)
     train = [r["dev"]["rsum"] for r in records if r["phase"] == "train"]
+    assert max(r["dev"]["rsum"] for r in records if r["phase"] == "warmup") > max(train), \
+        "this seed's warm-up must score higher, or skip changes nothing"
     result = json.loads((out / "results.json").read_text())
     assert result["best_epoch"] == 2 + int(np.argmax(train))  # the first of a tie, among co-training epochs only
     assert not (out / "checkpoints" / "warmup.pt").exists()
@@ -357,12 +360,21 @@ def test_sps_quasi_clean_once_passes_over_that_subset_once(tmp_path, once, monke
     the epoch's remaining steps train without L^qc; otherwise it cycles to keep pace."""
     from fastncl.methods import SPS
 
-    seen = []
+    seen, qc_values = [], {}
     groups = SPS.train_groups
 
     def spy(self, model, peer, batches, peer_prob, co_epoch):
         seen.append((id(model), sorted(batches)))
-        return groups(self, model, peer, batches, peer_prob, co_epoch)
+        out = groups(self, model, peer, batches, peer_prob, co_epoch)
+
+        def recorded(fn):
+            def call():
+                terms = fn()
+                if "qc" in terms:
+                    qc_values.setdefault(id(model), []).append(float(terms["qc"].detach()))
+                return terms
+            return call
+        return [recorded(fn) for fn in out]
 
     monkeypatch.setattr(SPS, "train_groups", spy)
     out = tmp_path / "run"
@@ -383,3 +395,46 @@ def test_sps_quasi_clean_once_passes_over_that_subset_once(tmp_path, once, monke
         with_qc = sum("quasi_clean" in keys for keys in model_steps)
         steps = len(model_steps)
         assert with_qc == (min(steps, -(-qc // min(4, qc))) if once else steps)
+        if once:
+            assert with_qc < steps, "the quasi-clean subset must run out before the epoch ends"
+        # metrics.jsonl: L^qc's epoch mean over the steps it ran in, not over all steps
+        logged = _records(out)[1]["losses"]["AB"[k]]["qc"]
+        assert logged == pytest.approx(np.mean(qc_values[order[k]]), rel=1e-5)
+
+
+@pytest.mark.parametrize("kill_at", [("warmup", 1), ("last", 1), ("last", 3), ("metrics", 4)])
+def test_a_killed_reload_run_resumes_to_the_uninterrupted_results(tmp_path, monkeypatch, kill_at):
+    """optim.warmup_best=reload: a kill at any commit point of the warm-up (the kept epoch's
+    warmup.pt, last.pt of the epoch before co-training) or of the first co-training epoch resumes
+    to the same records and results."""
+    from fastncl.checkpoint import Checkpoint
+    from fastncl.run import RunDir
+
+    args = ("optim.warmup_epochs=4", "optim.epochs=1", "optim.warmup_best=reload", "optim.collapse=off")
+    full = tmp_path / "full"
+    assert _train(full, *args, method="sps") == 0
+    assert torch.load(full / "checkpoints" / "warmup.pt", weights_only=True)["epoch"] == 1  # the kept epoch is killed at
+    what, epoch = kill_at
+    save, append = Checkpoint.save, RunDir.append_metrics
+
+    def killing_save(self, path):
+        if path.stem == what and self.epoch == epoch:
+            raise KeyboardInterrupt
+        return save(self, path)
+
+    def killing_append(self, record):
+        if what == "metrics" and record.epoch == epoch:
+            raise KeyboardInterrupt
+        return append(self, record)
+
+    out = tmp_path / "killed"
+    monkeypatch.setattr(Checkpoint, "save", killing_save)
+    monkeypatch.setattr(RunDir, "append_metrics", killing_append)
+    assert _train(out, *args, method="sps") == 130
+    monkeypatch.setattr(Checkpoint, "save", save)
+    monkeypatch.setattr(RunDir, "append_metrics", append)
+    assert main(["train", "--resume", "--out", str(out)]) == 0
+    strip = ("time", "time_split", "time_fit", "time_eval")
+    assert [{k: v for k, v in r.items() if k not in strip} for r in _records(out)] == \
+           [{k: v for k, v in r.items() if k not in strip} for r in _records(full)]
+    assert json.loads((out / "results.json").read_text())["test"] == json.loads((full / "results.json").read_text())["test"]

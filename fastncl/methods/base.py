@@ -37,7 +37,7 @@ import torch
 
 from fastncl import kernels
 from fastncl.config import Config
-from fastncl.models import Encoding
+from fastncl.models import Encoding, eval_mode  # noqa: F401 (eval_mode: re-exported for plug-in methods)
 
 from .mixture import MixtureFit, fit_gmm
 
