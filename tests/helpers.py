@@ -1,7 +1,8 @@
-"""Helpers shared by several test files: a tool script loaded as a module, and the tiny models,
-batches, fits and configs of the method tests."""
+"""Helpers shared by several test files: a tool script loaded as a module, the tiny models,
+batches, fits and configs of the method tests, and a run killed at one of its commit points."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from pathlib import Path
 
@@ -73,3 +74,31 @@ def tiny_batch(seed: int, size: int = 6, first_index: int = 0) -> Batch:
 def close(actual, expected, rtol=1e-6):
     torch.testing.assert_close(torch.as_tensor(actual).double(), torch.as_tensor(expected).double(), rtol=rtol,
                                atol=rtol)
+
+
+@contextlib.contextmanager
+def killed_at(monkeypatch, what: str, epoch: int):
+    """Inside the block a run is killed (KeyboardInterrupt) as it commits ``epoch``: just before it
+    saves checkpoints/WHAT.pt, or (``what="metrics"``) appends that epoch's metrics line."""
+    from fastncl.checkpoint import Checkpoint
+    from fastncl.run import RunDir
+
+    save, append = Checkpoint.save, RunDir.append_metrics
+
+    def killing_save(self, path):
+        if path.stem == what and self.epoch == epoch:
+            raise KeyboardInterrupt
+        return save(self, path)
+
+    def killing_append(self, record):
+        if what == "metrics" and record.epoch == epoch:
+            raise KeyboardInterrupt
+        return append(self, record)
+
+    monkeypatch.setattr(Checkpoint, "save", killing_save)
+    monkeypatch.setattr(RunDir, "append_metrics", killing_append)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(Checkpoint, "save", save)
+        monkeypatch.setattr(RunDir, "append_metrics", append)

@@ -24,6 +24,8 @@ from fastncl.data.noise import noisy_caption_index
 from fastncl.evaluation import KEYS
 from fastncl.train import Trainer
 
+from helpers import killed_at
+
 pytestmark = pytest.mark.slow
 
 TRAIN_IMAGES, CPI, NOISE, SEED = 40, 5, 0.4, 0
@@ -284,30 +286,12 @@ def test_a_kill_at_any_commit_point_resumes_to_the_uninterrupted_results(trained
     """An epoch commits best.pt, then its metrics line, then last.pt: a kill just before any of
     them (at the run's best epoch) resumes to the same results. With
     last.pt written first, a kill before best.pt lost the best checkpoint of that epoch."""
-    from fastncl.checkpoint import Checkpoint
-    from fastncl.run import RunDir
-
     full = trained("ncr")
     epoch = results(full)["best_epoch"]  # the last epoch that writes best.pt
     assert epoch >= 1, "the tiny run's best epoch must come after an earlier checkpoint"
     out = tmp_path / "killed"
-    save, append = Checkpoint.save, RunDir.append_metrics
-
-    def killing_save(self, path):
-        if path.stem == kill_at and self.epoch == epoch:
-            raise KeyboardInterrupt
-        return save(self, path)
-
-    def killing_append(self, record):
-        if kill_at == "metrics" and record.epoch == epoch:
-            raise KeyboardInterrupt
-        return append(self, record)
-
-    monkeypatch.setattr(Checkpoint, "save", killing_save)
-    monkeypatch.setattr(RunDir, "append_metrics", killing_append)
-    assert main(train_args("ncr", out)) == 130
-    monkeypatch.setattr(Checkpoint, "save", save)
-    monkeypatch.setattr(RunDir, "append_metrics", append)
+    with killed_at(monkeypatch, kill_at, epoch):
+        assert main(train_args("ncr", out)) == 130
     assert main(["train", "--resume", "--out", str(out)]) == 0
     assert results(out)["test"] == results(full)["test"] and results(out)["best_epoch"] == results(full)["best_epoch"]
     assert [r["dev"] for r in read_metrics(out)] == [r["dev"] for r in read_metrics(full)]

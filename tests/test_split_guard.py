@@ -12,6 +12,8 @@ import torch
 
 from fastncl.cli import main
 
+from helpers import killed_at
+
 TINY = ["data.synthetic.train_images=16", "data.synthetic.dev_images=8", "data.synthetic.test_images=8",
         "data.synthetic.feature_dim=8", "data.synthetic.regions=8", "data.synthetic.idiosyncratic_words=20",
         "model.embed_dim=16", "model.word_dim=8", "optim.batch_size=16", "optim.warmup_epochs=1",
@@ -407,32 +409,13 @@ def test_a_killed_reload_run_resumes_to_the_uninterrupted_results(tmp_path, monk
     """optim.warmup_best=reload: a kill at any commit point of the warm-up (the kept epoch's
     warmup.pt, last.pt of the epoch before co-training) or of the first co-training epoch resumes
     to the same records and results."""
-    from fastncl.checkpoint import Checkpoint
-    from fastncl.run import RunDir
-
     args = ("optim.warmup_epochs=4", "optim.epochs=1", "optim.warmup_best=reload", "optim.collapse=off")
     full = tmp_path / "full"
     assert _train(full, *args, method="sps") == 0
     assert torch.load(full / "checkpoints" / "warmup.pt", weights_only=True)["epoch"] == 1  # the kept epoch is killed at
-    what, epoch = kill_at
-    save, append = Checkpoint.save, RunDir.append_metrics
-
-    def killing_save(self, path):
-        if path.stem == what and self.epoch == epoch:
-            raise KeyboardInterrupt
-        return save(self, path)
-
-    def killing_append(self, record):
-        if what == "metrics" and record.epoch == epoch:
-            raise KeyboardInterrupt
-        return append(self, record)
-
     out = tmp_path / "killed"
-    monkeypatch.setattr(Checkpoint, "save", killing_save)
-    monkeypatch.setattr(RunDir, "append_metrics", killing_append)
-    assert _train(out, *args, method="sps") == 130
-    monkeypatch.setattr(Checkpoint, "save", save)
-    monkeypatch.setattr(RunDir, "append_metrics", append)
+    with killed_at(monkeypatch, *kill_at):
+        assert _train(out, *args, method="sps") == 130
     assert main(["train", "--resume", "--out", str(out)]) == 0
     strip = ("time", "time_split", "time_fit", "time_eval")
     assert [{k: v for k, v in r.items() if k not in strip} for r in _records(out)] == \
