@@ -122,8 +122,7 @@ class Trainer:
         record.dev, record.dev_models, spreads = self._evaluate_dev(epoch)
         record.time_eval = time.perf_counter() - t_train
         improved = self._judge(epoch, split, record, spreads)
-        kept = record.phase == "warmup" and self._keep_warmup(epoch, record.dev)
-        self._commit(epoch, record, improved, t0, kept)
+        self._commit(epoch, record, improved, t0, self._keep_warmup(record))
         if self.board is not None:
             self.board.log(record, split.file if split is not None else None)
         log.info(record.line(total))
@@ -221,7 +220,7 @@ class Trainer:
                 # split.signal=mean: the running losses as they were at the best epoch
                 self.state.signal_sum, self.state.signal_epochs = best.state.signal_sum, best.state.signal_epochs
         # an epoch the guard undid or stopped at never becomes the best (under "warn" it may), nor
-        # does a warm-up epoch under optim.warmup_best=skip (ESC's code does not validate them)
+        # does a warm-up epoch under optim.warmup_best=skip (NCR's and ESC's codes judge co-training epochs only)
         improved = (rsum > self.state.best_rsum and (record.collapse or {}).get("action", "none") == "none"
                     and not (record.phase == "warmup" and self.cfg.optim.warmup_best == "skip"))
         if improved:
@@ -231,14 +230,14 @@ class Trainer:
             record.notes.append(note)
         return improved
 
-    def _keep_warmup(self, epoch: int, dev: dict) -> bool:
-        """optim.warmup_best=reload (SPS's code, CREAM's rule): whether warm-up epoch ``epoch`` is
-        kept, its dev RSum and six recalls each at least those of the one kept before it."""
-        s = self.state
-        if self.cfg.optim.warmup_best != "reload" or (s.warmup_dev is not None
-                                                      and any(dev[k] < s.warmup_dev[k] for k in s.warmup_dev)):
+    def _keep_warmup(self, record: EpochRecord) -> bool:
+        """optim.warmup_best=reload (SPS's code, CREAM's rule): whether the epoch of ``record`` is a
+        warm-up epoch kept, its dev RSum and six recalls each at least those of the one kept before it."""
+        s, dev = self.state, record.dev
+        if (self.cfg.optim.warmup_best != "reload" or record.phase != "warmup"
+                or (s.warmup_dev is not None and any(dev[k] < s.warmup_dev[k] for k in s.warmup_dev))):
             return False
-        s.warmup_kept, s.warmup_dev = epoch, dict(dev)
+        s.warmup_kept, s.warmup_dev = record.epoch, dict(dev)
         return True
 
     def _commit(self, epoch: int, record: EpochRecord, improved: bool, t0: float, warmup_kept: bool = False) -> None:

@@ -79,9 +79,8 @@ OFFICIAL = {  # NCR's code (NCR/co_train.py, NCR/model.py); its other values are
     "ncr": {**CODE_LOSS, "separate_steps": True, "margins": "broadcast"},
     "split": {"clip_quantile": 1.0, "clean_side": "posterior"},  # plain min-max, also on a data set whose preset clips the losses (emoji)
     # one pass over the clean subset per epoch; NCR's run.py: lr 2e-4, x0.1 at epoch 30 (lr_update), 40
-    # epochs; its README's Flickr30K command: 5 warm-up epochs. It has no collapse guard (fastncl's
-    # only says so)
-    # Its best checkpoint is a co-training epoch's: best_rsum starts at 0 after the warm-up
+    # epochs; its README's Flickr30K command: 5 warm-up epochs. Its best checkpoint is a co-training
+    # epoch's (best_rsum starts at 0 after the warm-up), and it has no collapse guard (fastncl's only says so)
     "optim": {"fill_epoch": False, "lr": 2e-4, "lr_step": 30, "warmup_epochs": 5, "epochs": 40, "collapse": "warn",
               "warmup_best": "skip"},
 }

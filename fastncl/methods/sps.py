@@ -215,12 +215,16 @@ class SPS(Method):
 
         def quasi_clean():
             b = batches["quasi_clean"]
+
+            def qc_pass():
+                return self.infonce(model, *encode_pairs(model, b.images, b.tokens, b.lengths), c.tau)
+
             if c.label_pass == "eval":  # the code: the prediction of Eq. 15 from a no-grad eval-mode pass
                 with torch.no_grad(), eval_mode(model):
-                    _, prediction = self.infonce(model, *encode_pairs(model, b.images, b.tokens, b.lengths), c.tau)
-                loss, _ = self.infonce(model, *encode_pairs(model, b.images, b.tokens, b.lengths), c.tau)
+                    _, prediction = qc_pass()
+                loss, _ = qc_pass()
             else:
-                loss, prediction = self.infonce(model, *encode_pairs(model, b.images, b.tokens, b.lengths), c.tau)
+                loss, prediction = qc_pass()
             p = peer_prob[b.index].to(loss.dtype)
             label = p + (1 - p) * prediction.detach()  # Eq. 14 with y = 1
             l_qc = (label * loss).mean()  # Eq. 16
