@@ -6,7 +6,8 @@
 2. What each model's mixture is fitted to (split.signal): this epoch's losses, or their min-max
    normalised values averaged over the split epochs so far; or no fit, the ground truth
    (split.signal=truth, a diagnostic of what a perfect split gives the method).
-3. The mixture fits, on rank 0 (every rank then holds the same split, bit for bit).
+3. The mixture fits, on rank 0 (every rank then holds the same split, bit for bit), each combined
+   with the training pairs' structure (split.structure), fitted once per run.
 4. The method's one split value per model (``Method.split`` -> ``methods.base.Division``: its
    subsets, cuts and notes), its diagnostics against the ground truth and what is degenerate.
 
@@ -24,7 +25,7 @@ import torch
 from fastncl import distributed
 from fastncl.checkpoint import LoopState
 from fastncl.evaluation import split_diagnostics
-from fastncl.methods.mixture import clean_core, normalize_losses, truth_fit
+from fastncl.methods.mixture import clean_core, normalize_losses, truth_fit, with_structure
 from fastncl.profiling import nvtx_range
 from fastncl.records import EpochRecord, SplitFile, SplitQuality
 from fastncl.step import mark_step
@@ -82,11 +83,12 @@ def mean_signal(losses: list[np.ndarray], state: LoopState) -> list[np.ndarray]:
 
 class SplitPhase:
     def __init__(self, method, signal: str, clean_mask: np.ndarray | None, n: int, batches, bar, precision,
-                 graphs: bool, clean_side: str = "posterior"):
+                 graphs: bool, clean_side: str = "posterior", structure=None):
         """``batches(index)``: the training pairs ``index`` in batches (data.batches.PairBatches);
-        ``bar``: progress.Bars; ``signal``, ``clean_side``: split.signal, split.clean_side."""
+        ``bar``: progress.Bars; ``signal``, ``clean_side``: split.signal, split.clean_side;
+        ``structure``: the pairs' (N,) structure scores (split.structure) or None."""
         self.method, self.signal, self.clean_mask, self.n = method, signal, clean_mask, n
-        self.clean_side = clean_side
+        self.clean_side, self.structure = clean_side, structure
         self.batches, self.bar, self.precision, self.graphs = batches, bar, precision, graphs
 
     def run(self, models, co_epoch: int, state: LoopState, diverged) -> EpochSplit:
@@ -138,11 +140,13 @@ class SplitPhase:
 
     def _fit(self, signal: np.ndarray):
         """The fit the split uses: the method's mixture, as fitted or its clean component's core
-        (split.clean_side); under split.signal=truth the ground truth itself."""
+        (split.clean_side), its probabilities handed out by the loss and the structure together
+        (split.structure); under split.signal=truth the ground truth itself."""
         if self.signal == "truth":
             return truth_fit(signal, self.clean_mask, self.method.cfg.split.clip_quantile)
         fit = self.method.fit(signal)
-        return clean_core(fit, self.method.cfg.split.core_width) if self.clean_side == "core" else fit
+        used = clean_core(fit, self.method.cfg.split.core_width) if self.clean_side == "core" else fit
+        return used if self.structure is None else with_structure(used, self.structure, evidence=fit.clean_prob)
 
     def _diagnostics(self, fits, divisions) -> SplitQuality:
         """Each model's split quality (the detected noisy set: the method's noisy subset where it

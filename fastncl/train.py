@@ -58,7 +58,8 @@ class Trainer:
         self.fast, self.eval_views = assemble.views(self.models, rt)
         self.rng = np.random.default_rng(cfg.seed)
         self.splitter = SplitPhase(self.method, cfg.split.signal, self.pairs.clean, self.data.train.num_captions,
-                                   self._batches, self.bar, self.precision, self.graphs, cfg.split.clean_side)
+                                   self._batches, self.bar, self.precision, self.graphs, cfg.split.clean_side,
+                                   self._structure())
         self.state, self.start_epoch = self.schedule.start(), 0
         if not fresh:
             self._resume()
@@ -68,6 +69,27 @@ class Trainer:
                 log.info(f"{self.run.path} holds no checkpoint yet: the run starts over")
             self.run.write_env(self.device, self.precision.name, self.pairs.caption_to_image,
                                self.data.fingerprint())
+
+    def _structure(self) -> np.ndarray | None:
+        """The training pairs' structure scores (split.structure=knn), computed on rank 0 and sent
+        to every rank, or None (off, or a method that does not split)."""
+        cfg = self.cfg.split
+        if cfg.structure == "off" or not self.method.uses_split:
+            return None
+        from fastncl.data.structure import pair_structure
+
+        def scores():
+            t0 = time.perf_counter()
+            out = pair_structure(self.data.train, self.pairs.caption_to_image, cfg.structure_k, seed=self.cfg.seed)
+            said = f"structure (knn, k {cfg.structure_k}): mean overlap {out.mean():.3f}"
+            if self.pairs.clean is not None:
+                from sklearn.metrics import roc_auc_score
+
+                said += f", auc {roc_auc_score(self.pairs.clean, out):.3f}"
+            log.info(f"{said} | {time.perf_counter() - t0:.1f}s")
+            return out
+
+        return distributed.on_main(scores)
 
     def _load(self, name: str) -> Checkpoint:
         """A checkpoint of the run folder, read by rank 0 and sent to every rank."""

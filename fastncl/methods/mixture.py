@@ -135,6 +135,50 @@ def truth_fit(losses, clean_mask: np.ndarray, clip_quantile: float = 1.0) -> Mix
     return MixtureFit(clean.astype(np.float64), x, "truth", params)
 
 
+def structure_evidence(scores: np.ndarray, clean_prob: np.ndarray) -> np.ndarray:
+    """(N,) float64: each pair's clean probability given its structure score alone, calibrated on
+    the loss fit itself: the pairs are cut into equal-count bins by score (N // 200 of them, 2 to
+    20; ties by index) and each bin gets its pairs' mean ``clean_prob``. A score that tells nothing
+    about the loss fit's labels gives every bin about the overall mean, so the evidence is flat;
+    the noisier the loss labels, the flatter (a conservative estimate, never a fitted guess)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    n = len(scores)
+    if n != len(clean_prob):
+        raise ValueError(f"the structure holds {n} pairs, the fit {len(clean_prob)}")
+    bins = int(np.clip(n // 200, 2, 20))
+    order = np.argsort(scores, kind="stable")
+    where = np.empty(n, dtype=np.int64)
+    where[order] = np.arange(n) * bins // n
+    mean = np.bincount(where, weights=clean_prob, minlength=bins) / np.maximum(np.bincount(where, minlength=bins), 1)
+    return mean[where]
+
+
+def with_structure(fit: MixtureFit, scores: np.ndarray, evidence: np.ndarray | None = None,
+                   floor: float = 1e-6) -> MixtureFit:
+    """``fit`` with its clean probabilities handed out again by the combined evidence
+    (split.structure): the loss fit says *how many* pairs are clean, the loss and the pairs'
+    structure scores (data.structure.pair_structure) together say *which*.
+
+    ``evidence``: the loss fit's posterior before any core was taken (default ``fit.clean_prob``).
+    Each pair's combined score is logit p_loss + logit p_structure - logit(mean p_loss), as two
+    independent pieces of evidence, p_structure from ``structure_evidence`` (all clipped to
+    [floor, 1 - floor]). ``fit``'s clean probabilities, sorted, then go to the pairs in the order of
+    that score: the highest probability to the highest score. Every count above a cut (the clean
+    subset at 0.5, SPS's reliable set at 0.99) stays the loss fit's, so the structure can reorder
+    pairs but never empty or flood a subset; ties go to the lower index."""
+    def logit(p):
+        p = np.clip(np.asarray(p, dtype=np.float64), floor, 1 - floor)
+        return np.log(p) - np.log1p(-p)
+
+    p_loss = fit.clean_prob if evidence is None else np.asarray(evidence, dtype=np.float64)
+    p_structure = structure_evidence(scores, p_loss)
+    score = logit(p_loss) + logit(p_structure) - logit(p_loss.mean())
+    order = np.argsort(-score, kind="stable")  # best first
+    prob = np.empty_like(fit.clean_prob)
+    prob[order] = np.sort(fit.clean_prob)[::-1]
+    return dataclasses.replace(fit, clean_prob=prob)
+
+
 def clean_mean(fit: MixtureFit) -> float:
     """The clean component's mean, on the fit's normalised scale."""
     if fit.kind in ("gmm", "truth"):

@@ -1,0 +1,87 @@
+"""Model-free evidence of which training pairs match: do an image's neighbours and its caption's
+neighbours name the same pairs? (``split.structure=knn``)
+
+For pair j (image a_j, caption j), take the ``k`` pairs whose images are nearest a_j (cosine of
+the mean-pooled, centred region features as stored, no model) and the ``k`` pairs whose captions
+are nearest caption j (cosine of their tf-idf bags of word ids); pairs sharing j's image are no
+neighbours. The score is the fraction of pairs in both lists. A matched pair's image and caption
+describe the same thing, so similar images tend to come with similar captions, and the two lists
+overlap; a mismatched caption describes some other image, and the lists overlap by chance only
+(about k / N). It is the data's own cross-modal structure (GSC's and REPAIR's idea, computed
+before any training): the losses of a model that memorises its noisy pairs cannot wear it down.
+
+Neighbours are searched among at most ``reference`` pairs (all of them on small sets; a fixed
+random subset on large ones), so the cost is N x min(N, reference) similarities for each modality.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy import sparse
+
+from .split import Split
+
+
+def _image_vectors(split: Split, chunk: int = 4096) -> torch.Tensor:
+    """(num_images, D) float32: each image's region features averaged, centred over the set, unit length."""
+    n = split.num_images
+    rows = [torch.from_numpy(np.array(split.images[s:s + chunk], dtype=np.float32)) for s in range(0, n, chunk)]
+    pooled = torch.cat([r.mean(1) if r.dim() == 3 else r for r in rows])
+    pooled = pooled - pooled.mean(0, dtype=torch.float64).float()
+    return torch.nn.functional.normalize(pooled, dim=1)
+
+
+def _caption_vectors(split: Split) -> sparse.csr_matrix:
+    """(num_captions, V) float32 tf-idf of each caption's set of word ids (padding 0 and repeats ignored), unit length."""
+    n = split.num_captions
+    lengths = np.asarray(split.lengths)
+    tokens = np.asarray(split.tokens)
+    row = np.repeat(np.arange(n), lengths)
+    col = np.concatenate([tokens[j, :lengths[j]] for j in range(n)]) if n else np.zeros(0, dtype=np.int64)
+    keep = col > 0
+    bags = sparse.csr_matrix((np.ones(int(keep.sum()), dtype=np.float32), (row[keep], col[keep])),
+                             shape=(n, int(tokens.max(initial=0)) + 1))
+    bags.data[:] = 1.0  # duplicate entries were summed: a set of words, not counts
+    df = np.asarray((bags > 0).sum(0)).ravel()
+    idf = (np.log((n + 1) / (df + 1)) + 1).astype(np.float32)
+    weighted = bags.multiply(idf[None, :]).tocsr()
+    norm = np.sqrt(np.asarray(weighted.multiply(weighted).sum(1)).ravel())
+    return sparse.diags(1.0 / np.maximum(norm, 1e-12)).dot(weighted).astype(np.float32).tocsr()
+
+
+def _nearest(similarity: torch.Tensor, k: int) -> torch.Tensor:
+    """Each row's ``k`` most similar columns, ties to the lower index (a stable sort: the same on
+    any thread count, where topk may order ties differently)."""
+    return torch.sort(similarity, dim=1, descending=True, stable=True).indices[:, :k]
+
+
+def pair_structure(split: Split, caption_to_image: np.ndarray, k: int = 100, reference: int = 20000,
+                   seed: int = 0, chunk: int = 512) -> np.ndarray:
+    """(N,) float64 in [0, 1]: for every training pair (image ``caption_to_image[j]``, caption j),
+    the fraction of its ``k`` image neighbours that are also among its ``k`` caption neighbours
+    (see the module docstring). Deterministic for a given ``seed``."""
+    c2i = np.asarray(caption_to_image, dtype=np.int64)
+    n = len(c2i)
+    if n != split.num_captions:
+        raise ValueError(f"caption_to_image has {n} entries, the split {split.num_captions} captions")
+    ref = np.arange(n) if n <= reference else np.sort(np.random.default_rng(seed).choice(n, reference, replace=False))
+    k = min(k, len(ref) - 1)
+    if k < 1:
+        raise ValueError(f"structure needs at least 2 training pairs, got {n}")
+    images = _image_vectors(split)
+    captions = _caption_vectors(split)
+    pair_images = images[torch.from_numpy(c2i)]
+    ref_images, ref_captions = pair_images[torch.from_numpy(ref)], captions[ref].T.tocsc()
+    ref_owner = torch.from_numpy(c2i[ref])
+    out = np.zeros(n)
+    for s in range(0, n, chunk):
+        rows = np.arange(s, min(s + chunk, n))
+        same = torch.from_numpy(c2i[rows])[:, None] == ref_owner[None, :]  # j's own image: no neighbour
+        by_image = (pair_images[torch.from_numpy(rows)] @ ref_images.T).masked_fill(same, -2.0)
+        by_caption = torch.from_numpy(np.asarray((captions[rows] @ ref_captions).todense(), dtype=np.float32))
+        by_caption = by_caption.masked_fill(same, -2.0)
+        near_image = torch.zeros(len(rows), len(ref), dtype=torch.bool)
+        near_image.scatter_(1, _nearest(by_image, k), True)
+        both = near_image.gather(1, _nearest(by_caption, k))
+        out[rows] = both.double().mean(1).numpy()
+    return out
