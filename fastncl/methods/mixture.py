@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import logsumexp
 from scipy.stats import beta as beta_dist
+from scipy.stats import rankdata
 from sklearn.mixture import GaussianMixture
 
 
@@ -137,8 +138,8 @@ def truth_fit(losses, clean_mask: np.ndarray, clip_quantile: float = 1.0) -> Mix
 
 def structure_evidence(scores: np.ndarray, clean_prob: np.ndarray) -> np.ndarray:
     """(N,) float64: each pair's clean probability given its structure score alone, calibrated on
-    the loss fit itself: the pairs are cut into equal-count bins by score (N // 200 of them, 2 to
-    20; ties by index) and each bin gets its pairs' mean ``clean_prob``. A score that tells nothing
+    the loss fit itself: the pairs are cut into bins of about equal count by the rank of their score
+    (N // 200 of them, 2 to 20; equal scores share a bin) and each bin gets its pairs' mean ``clean_prob``. A score that tells nothing
     about the loss fit's labels gives every bin about the overall mean, so the evidence is flat;
     the noisier the loss labels, the flatter (a conservative estimate, never a fitted guess)."""
     scores = np.asarray(scores, dtype=np.float64)
@@ -146,9 +147,7 @@ def structure_evidence(scores: np.ndarray, clean_prob: np.ndarray) -> np.ndarray
     if n != len(clean_prob):
         raise ValueError(f"the structure holds {n} pairs, the fit {len(clean_prob)}")
     bins = int(np.clip(n // 200, 2, 20))
-    order = np.argsort(scores, kind="stable")
-    where = np.empty(n, dtype=np.int64)
-    where[order] = np.arange(n) * bins // n
+    where = (rankdata(scores, method="min").astype(np.int64) - 1) * bins // n  # equal scores share a bin
     mean = np.bincount(where, weights=clean_prob, minlength=bins) / np.maximum(np.bincount(where, minlength=bins), 1)
     return mean[where]
 
@@ -163,9 +162,9 @@ def with_structure(fit: MixtureFit, scores: np.ndarray, evidence: np.ndarray | N
     Each pair's combined score is logit p_loss + logit p_structure - logit(mean p_loss), as two
     independent pieces of evidence, p_structure from ``structure_evidence`` (all clipped to
     [floor, 1 - floor]). ``fit``'s clean probabilities, sorted, then go to the pairs in the order of
-    that score: the highest probability to the highest score. Every count above a cut (the clean
+    that score (equal scores in the loss fit's order): the highest probability to the highest score. Every count above a cut (the clean
     subset at 0.5, SPS's reliable set at 0.99) stays the loss fit's, so the structure can reorder
-    pairs but never empty or flood a subset; ties go to the lower index."""
+    pairs but never empty or flood a subset."""
     def logit(p):
         p = np.clip(np.asarray(p, dtype=np.float64), floor, 1 - floor)
         return np.log(p) - np.log1p(-p)
@@ -173,7 +172,7 @@ def with_structure(fit: MixtureFit, scores: np.ndarray, evidence: np.ndarray | N
     p_loss = fit.clean_prob if evidence is None else np.asarray(evidence, dtype=np.float64)
     p_structure = structure_evidence(scores, p_loss)
     score = logit(p_loss) + logit(p_structure) - logit(p_loss.mean())
-    order = np.argsort(-score, kind="stable")  # best first
+    order = np.lexsort((-p_loss, -score))  # best first; equal scores (clipped) by the loss fit, then by index
     prob = np.empty_like(fit.clean_prob)
     prob[order] = np.sort(fit.clean_prob)[::-1]
     return dataclasses.replace(fit, clean_prob=prob)
