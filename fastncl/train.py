@@ -80,7 +80,8 @@ class Trainer:
 
         def scores():
             t0 = time.perf_counter()
-            out = pair_structure(self.data.train, self.pairs.caption_to_image, cfg.structure_k, seed=self.cfg.seed)
+            out = pair_structure(self.data.train, self.pairs.caption_to_image, cfg.structure_k, seed=self.cfg.seed,
+                                 device=self.device)
             said = f"structure (knn, k {cfg.structure_k}): mean overlap {out.mean():.3f}"
             if self.pairs.clean is not None:
                 from sklearn.metrics import roc_auc_score

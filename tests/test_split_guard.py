@@ -421,3 +421,32 @@ def test_a_killed_reload_run_resumes_to_the_uninterrupted_results(tmp_path, monk
     assert [{k: v for k, v in r.items() if k not in strip} for r in _records(out)] == \
            [{k: v for k, v in r.items() if k not in strip} for r in _records(full)]
     assert json.loads((out / "results.json").read_text())["test"] == json.loads((full / "results.json").read_text())["test"]
+
+
+@pytest.mark.parametrize("method", ["ncr", "sps", "esc"])
+def test_the_structure_reorders_the_split_and_keeps_its_counts(tmp_path, capsys, method):
+    """split.structure=knn: the first split's fit is the run's without it (the same warm-up), its
+    subsets hold as many pairs, its clean probabilities are the same values handed out in another
+    order (methods.mixture.with_structure), and the run says what the structure scored."""
+    from fastncl.records import SplitFile
+
+    runs = {}
+    for name, extra in (("plain", []), ("knn", ["split.structure=knn", "split.structure_k=5"])):
+        out = tmp_path / name
+        assert _train(out, "optim.epochs=1", "optim.collapse=off", *extra, method=method) == 0
+        runs[name] = SplitFile.from_arrays(dict(np.load(out / "splits" / "epoch_001.npz")), name)
+    said = capsys.readouterr()
+    assert "structure (knn, k 5): mean overlap" in said.out + said.err and "auc" in said.out + said.err
+    plain, knn = runs["plain"], runs["knn"]
+    assert np.array_equal(plain.losses, knn.losses)
+    for k in range(2):
+        assert np.array_equal(np.sort(plain.clean_prob[k]), np.sort(knn.clean_prob[k]))
+        assert np.array_equal(np.bincount(plain.subset[k] + 1), np.bincount(knn.subset[k] + 1))
+    assert any(not np.array_equal(plain.clean_prob[k], knn.clean_prob[k]) for k in range(2))
+
+
+def test_the_structure_needs_a_fit(capsys):
+    assert main(["train", "--method", "ncr", "--out", "unused", *TINY, "split.signal=truth",
+                 "split.structure=knn"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "split.structure" in err and "truth" in err

@@ -56,10 +56,11 @@ def _nearest(similarity: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def pair_structure(split: Split, caption_to_image: np.ndarray, k: int = 100, reference: int = 20000,
-                   seed: int = 0, chunk: int = 512) -> np.ndarray:
+                   seed: int = 0, chunk: int = 512, device: torch.device | str = "cpu") -> np.ndarray:
     """(N,) float64 in [0, 1]: for every training pair (image ``caption_to_image[j]``, caption j),
     the fraction of its ``k`` image neighbours that are also among its ``k`` caption neighbours
-    (see the module docstring). Deterministic for a given ``seed``."""
+    (see the module docstring). Deterministic for a given ``seed``; the image similarities and
+    the neighbour search run on ``device`` (the caption similarities, sparse, on the CPU)."""
     c2i = np.asarray(caption_to_image, dtype=np.int64)
     n = len(c2i)
     if n != split.num_captions:
@@ -68,20 +69,21 @@ def pair_structure(split: Split, caption_to_image: np.ndarray, k: int = 100, ref
     k = min(k, len(ref) - 1)
     if k < 1:
         raise ValueError(f"structure needs at least 2 training pairs, got {n}")
-    images = _image_vectors(split)
+    images = _image_vectors(split).to(device)
     captions = _caption_vectors(split)
-    pair_images = images[torch.from_numpy(c2i)]
-    ref_images, ref_captions = pair_images[torch.from_numpy(ref)], captions[ref].T.tocsc()
-    ref_owner = torch.from_numpy(c2i[ref])
+    owner = torch.from_numpy(c2i).to(device)
+    ref_owner = owner[torch.from_numpy(ref).to(device)]
+    ref_images, ref_captions = images[ref_owner], captions[ref].T.tocsc()
     out = np.zeros(n)
     for s in range(0, n, chunk):
         rows = np.arange(s, min(s + chunk, n))
-        same = torch.from_numpy(c2i[rows])[:, None] == ref_owner[None, :]  # j's own image: no neighbour
-        by_image = (pair_images[torch.from_numpy(rows)] @ ref_images.T).masked_fill(same, -2.0)
+        mine = owner[s:s + len(rows)]
+        same = mine[:, None] == ref_owner[None, :]  # j's own image: no neighbour
+        by_image = (images[mine] @ ref_images.T).masked_fill(same, -2.0)
         by_caption = torch.from_numpy(np.asarray((captions[rows] @ ref_captions).todense(), dtype=np.float32))
-        by_caption = by_caption.masked_fill(same, -2.0)
-        near_image = torch.zeros(len(rows), len(ref), dtype=torch.bool)
+        by_caption = by_caption.to(device).masked_fill(same, -2.0)
+        near_image = torch.zeros(len(rows), len(ref), dtype=torch.bool, device=device)
         near_image.scatter_(1, _nearest(by_image, k), True)
         both = near_image.gather(1, _nearest(by_caption, k))
-        out[rows] = both.double().mean(1).numpy()
+        out[rows] = both.double().mean(1).cpu().numpy()
     return out
