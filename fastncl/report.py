@@ -114,6 +114,7 @@ def loss_histogram(plt, split: SplitFile, epoch: int, method: str, cfg: dict, pa
     width = bins[1] - bins[0]
     grid = np.linspace(0.002, 0.998, 400)
     clean_mask = split.clean_mask
+    reordered = cfg.get("split", {}).get("structure", "off") != "off"  # split.structure: cuts follow no loss
     for k, ax in enumerate(axes):
         fit = _mixture(split, k)
         x = fit.normalized
@@ -128,7 +129,7 @@ def loss_histogram(plt, split: SplitFile, epoch: int, method: str, cfg: dict, pa
             ax.plot(grid, density[0], color="navy", lw=1.5, label=f"{fit.kind.upper()} clean component")
             ax.plot(grid, density[1], color="darkred", lw=1.5, label=f"{fit.kind.upper()} noisy component")
         cuts = [*kind.report_cuts(cfg, split, k), (kind.cut_label, float(split.noisy_cut[k]), "black")]
-        if fit.kind == "truth":  # split by the ground truth, not at a loss
+        if fit.kind == "truth" or reordered:  # split by the ground truth, or by loss and structure: not at a loss
             cuts = []
         for label, threshold, color in cuts:
             at = _cut_at(x, fit.clean_prob, threshold, clean_mean(fit))
@@ -142,6 +143,8 @@ def loss_histogram(plt, split: SplitFile, epoch: int, method: str, cfg: dict, pa
     axes[0].set_ylabel("pairs per bin")
     _legend(axes[1])
     truth = " (split by the ground truth, split.signal=truth)" if split.mixture == "truth" else ""
+    if reordered and split.mixture != "truth":
+        truth = " (cuts not drawn: split.structure reorders the pairs, no loss separates the subsets)"
     fig.suptitle(f"{method}: per-sample division losses, epoch {epoch + 1}{truth}")
     return _save(fig, path)
 

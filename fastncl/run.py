@@ -2,6 +2,7 @@
 
 Layout: ``config.yaml`` (the resolved config), ``env.json`` (versions, device, noise-index hash),
 ``log.txt``, ``metrics.jsonl`` (one line per epoch), ``noise_index.npy`` (caption -> image, int64),
+``structure.npy`` (with split.structure: every pair's structure score, float64),
 ``checkpoints/{last,best}.pt``, ``results.json`` and, for the methods that split the training
 set, ``splits/epoch_NNN.npz`` (per-sample division losses, clean probabilities, subsets and the
 fitted mixture of both models at that epoch; what ``fastncl report`` plots). The records' types
@@ -126,10 +127,13 @@ class RunDir:
     def write_json(self, name: str, data) -> None:
         write_atomic(self.file(name), json.dumps(data, indent=2) + "\n")
 
-    def write_noise_index(self, index: np.ndarray) -> str:
+    def write_npy(self, name: str, array: np.ndarray) -> None:
         buf = io.BytesIO()
-        np.save(buf, index.astype(np.int64))
-        write_atomic(self.file("noise_index.npy"), buf.getvalue())
+        np.save(buf, array)
+        write_atomic(self.file(name), buf.getvalue())
+
+    def write_noise_index(self, index: np.ndarray) -> str:
+        self.write_npy("noise_index.npy", index.astype(np.int64))
         return hashlib.sha256(index.astype(np.int64).tobytes()).hexdigest()
 
     def write_env(self, device: torch.device, precision: str, noise_index: np.ndarray, data_sha256: str) -> None:

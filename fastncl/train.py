@@ -71,22 +71,30 @@ class Trainer:
                                self.data.fingerprint())
 
     def _structure(self) -> np.ndarray | None:
-        """The training pairs' structure scores (split.structure=knn), computed on rank 0 and sent
-        to every rank, or None (off, or a method that does not split)."""
+        """The training pairs' structure scores (split.structure=knn), or None (off, or a method
+        that does not split). Computed on rank 0 when the run starts and kept in the run folder
+        (``structure.npy``): a resumed run reads them back, the same bit for bit on any device."""
         cfg = self.cfg.split
         if cfg.structure == "off" or not self.method.uses_split:
             return None
         from fastncl.data.structure import pair_structure
 
         def scores():
+            path = self.run.file("structure.npy")
+            if path.exists():
+                out = np.load(path)
+                if out.shape == (self.data.train.num_captions,):
+                    return out
             t0 = time.perf_counter()
             out = pair_structure(self.data.train, self.pairs.caption_to_image, cfg.structure_k, seed=self.cfg.seed,
                                  device=self.device)
+            self.run.write_npy("structure.npy", out)
             said = f"structure (knn, k {cfg.structure_k}): mean overlap {out.mean():.3f}"
-            if self.pairs.clean is not None:
+            clean = self.pairs.clean
+            if clean is not None and 0 < clean.sum() < len(clean):
                 from sklearn.metrics import roc_auc_score
 
-                said += f", auc {roc_auc_score(self.pairs.clean, out):.3f}"
+                said += f", auc {roc_auc_score(clean, out):.3f}"
             log.info(f"{said} | {time.perf_counter() - t0:.1f}s")
             return out
 

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from scipy import sparse
 
-from .split import Split
+from .split import SPECIALS, Split
 
 
-def _image_vectors(split: Split, chunk: int = 4096) -> torch.Tensor:
+def _image_vectors(split: Split, chunk: int = 512) -> torch.Tensor:
     """(num_images, D) float32: each image's region features averaged, centred over the set, unit length."""
     n = split.num_images
     rows = [torch.from_numpy(np.array(split.images[s:s + chunk], dtype=np.float32)) for s in range(0, n, chunk)]
@@ -32,13 +32,15 @@ def _image_vectors(split: Split, chunk: int = 4096) -> torch.Tensor:
 
 
 def _caption_vectors(split: Split) -> sparse.csr_matrix:
-    """(num_captions, V) float32 tf-idf of each caption's set of word ids (padding 0 and repeats ignored), unit length."""
+    """(num_captions, V) float32 tf-idf of each caption's set of word ids, unit length; the special
+    tokens (padding, start, end, unknown: ids below len(SPECIALS)) and repeats ignored: every
+    caption holds the first three, which would make all captions alike."""
     n = split.num_captions
     lengths = np.asarray(split.lengths)
     tokens = np.asarray(split.tokens)
     row = np.repeat(np.arange(n), lengths)
     col = np.concatenate([tokens[j, :lengths[j]] for j in range(n)]) if n else np.zeros(0, dtype=np.int64)
-    keep = col > 0
+    keep = col >= len(SPECIALS)
     bags = sparse.csr_matrix((np.ones(int(keep.sum()), dtype=np.float32), (row[keep], col[keep])),
                              shape=(n, int(tokens.max(initial=0)) + 1))
     bags.data[:] = 1.0  # duplicate entries were summed: a set of words, not counts
@@ -50,9 +52,13 @@ def _caption_vectors(split: Split) -> sparse.csr_matrix:
 
 
 def _nearest(similarity: torch.Tensor, k: int) -> torch.Tensor:
-    """Each row's ``k`` most similar columns, ties to the lower index (a stable sort: the same on
-    any thread count, where topk may order ties differently)."""
-    return torch.sort(similarity, dim=1, descending=True, stable=True).indices[:, :k]
+    """(rows, columns) bool: each row's ``k`` most similar columns, ties at the k-th value to the
+    lower index (the same on any thread count or device, where topk may pick among ties differently)."""
+    kth = similarity.topk(k, dim=1).values[:, -1:]
+    above = similarity > kth
+    tied = similarity == kth
+    room = k - above.sum(1, keepdim=True)
+    return above | (tied & (tied.cumsum(1) <= room))
 
 
 def pair_structure(split: Split, caption_to_image: np.ndarray, k: int = 100, reference: int = 20000,
@@ -66,9 +72,10 @@ def pair_structure(split: Split, caption_to_image: np.ndarray, k: int = 100, ref
     if n != split.num_captions:
         raise ValueError(f"caption_to_image has {n} entries, the split {split.num_captions} captions")
     ref = np.arange(n) if n <= reference else np.sort(np.random.default_rng(seed).choice(n, reference, replace=False))
-    k = min(k, len(ref) - 1)
+    k = min(k, len(ref) - int(np.bincount(c2i[ref]).max()))  # never more than a pair's possible neighbours
     if k < 1:
-        raise ValueError(f"structure needs at least 2 training pairs, got {n}")
+        raise ValueError(f"structure needs pairs of at least two images, got {n} pairs of "
+                         f"{len(np.unique(c2i))} image(s)")
     images = _image_vectors(split).to(device)
     captions = _caption_vectors(split)
     owner = torch.from_numpy(c2i).to(device)
@@ -82,8 +89,6 @@ def pair_structure(split: Split, caption_to_image: np.ndarray, k: int = 100, ref
         by_image = (images[mine] @ ref_images.T).masked_fill(same, -2.0)
         by_caption = torch.from_numpy(np.asarray((captions[rows] @ ref_captions).todense(), dtype=np.float32))
         by_caption = by_caption.to(device).masked_fill(same, -2.0)
-        near_image = torch.zeros(len(rows), len(ref), dtype=torch.bool, device=device)
-        near_image.scatter_(1, _nearest(by_image, k), True)
-        both = near_image.gather(1, _nearest(by_caption, k))
-        out[rows] = both.double().mean(1).cpu().numpy()
+        both = _nearest(by_image, k) & _nearest(by_caption, k) & ~same
+        out[rows] = (both.sum(1).double() / k).cpu().numpy()
     return out

@@ -159,20 +159,20 @@ def with_structure(fit: MixtureFit, scores: np.ndarray, evidence: np.ndarray | N
     structure scores (data.structure.pair_structure) together say *which*.
 
     ``evidence``: the loss fit's posterior before any core was taken (default ``fit.clean_prob``).
-    Each pair's combined score is logit p_loss + logit p_structure - logit(mean p_loss), as two
-    independent pieces of evidence, p_structure from ``structure_evidence`` (all clipped to
-    [floor, 1 - floor]). ``fit``'s clean probabilities, sorted, then go to the pairs in the order of
-    that score (equal scores in the loss fit's order): the highest probability to the highest score. Every count above a cut (the clean
-    subset at 0.5, SPS's reliable set at 0.99) stays the loss fit's, so the structure can reorder
-    pairs but never empty or flood a subset."""
+    Each pair's combined score is logit p_loss + logit p_structure, as two independent pieces of
+    evidence, p_structure from ``structure_evidence`` (both clipped to [floor, 1 - floor]).
+    ``fit``'s clean probabilities, sorted, then go to the pairs in the order of that score (equal
+    scores, as within a bin of saturated posteriors, by the posterior and then the lower loss): the
+    highest probability to the highest score. Every count above a cut (the clean subset at 0.5,
+    SPS's reliable set at 0.99) stays the loss fit's, so the structure can reorder pairs but never
+    empty or flood a subset (ESC then adds its anchors to the clean subset, as without it)."""
     def logit(p):
         p = np.clip(np.asarray(p, dtype=np.float64), floor, 1 - floor)
         return np.log(p) - np.log1p(-p)
 
     p_loss = fit.clean_prob if evidence is None else np.asarray(evidence, dtype=np.float64)
-    p_structure = structure_evidence(scores, p_loss)
-    score = logit(p_loss) + logit(p_structure) - logit(p_loss.mean())
-    order = np.lexsort((-p_loss, -score))  # best first; equal scores (clipped) by the loss fit, then by index
+    score = logit(p_loss) + logit(structure_evidence(scores, p_loss))
+    order = np.lexsort((fit.normalized, -p_loss, -score))  # best first
     prob = np.empty_like(fit.clean_prob)
     prob[order] = np.sort(fit.clean_prob)[::-1]
     return dataclasses.replace(fit, clean_prob=prob)
