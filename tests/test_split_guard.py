@@ -443,6 +443,16 @@ def test_the_structure_reorders_the_split_and_keeps_its_counts(tmp_path, capsys,
         assert np.array_equal(np.sort(plain.clean_prob[k]), np.sort(knn.clean_prob[k]))
         assert np.array_equal(np.bincount(plain.subset[k] + 1), np.bincount(knn.subset[k] + 1))
     assert any(not np.array_equal(plain.clean_prob[k], knn.clean_prob[k]) for k in range(2))
+    # the scores are kept in the run folder; a resumed run reads them back instead of computing them
+    out = tmp_path / "knn"
+    scores = np.load(out / "structure.npy")
+    assert scores.shape == (len(knn.losses[0]),) and scores.dtype == np.float64
+    cfg = (out / "config.yaml").read_text().replace("  epochs: 1\n", "  epochs: 2\n")
+    (out / "config.yaml").write_text(cfg)
+    assert main(["train", "--resume", "--out", str(out)]) == 0
+    said = capsys.readouterr()
+    assert "structure (knn" not in said.out + said.err and (out / "splits" / "epoch_002.npz").exists()
+    assert np.array_equal(np.load(out / "structure.npy"), scores)
 
 
 def test_the_structure_needs_a_fit(capsys):

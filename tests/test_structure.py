@@ -103,3 +103,28 @@ def test_with_structure_keeps_the_counts_and_reorders_the_pairs():
     cored = fake_fit(np.where(p > 0.7, p, 0.0))
     out = with_structure(cored, scores, evidence=p)
     assert (out.clean_prob == 0).sum() == (cored.clean_prob == 0).sum()
+
+
+def test_flat_images_and_a_k_beyond_the_pairs():
+    split = _clustered(n_images=8, cpi=5)
+    c2i, clean = _shuffled(split, 0.5)
+    # k above half the 35 pairs of other images: capped there, and a pair's own image's pairs never count
+    capped = pair_structure(split, c2i, k=100)
+    assert (capped < 1).any() and np.array_equal(capped, pair_structure(split, c2i, k=17))
+    flat = Split(split.images.mean(1), split.tokens, split.lengths, split.captions_per_image)  # (N, D) features
+    assert np.array_equal(pair_structure(flat, c2i, k=5), pair_structure(split, c2i, k=5))
+    with pytest.raises(ValueError, match="pairs of at least two images"):
+        pair_structure(split, np.zeros(split.num_captions, dtype=np.int64))
+
+
+def test_a_saturated_core_keeps_its_pairs_without_information():
+    """The core's pairs, taken from a posterior that is exactly 1 for many of them, stay the core's
+    when the structure says nothing: equal combined scores go by the loss."""
+    rng = np.random.default_rng(0)
+    loss = np.concatenate([rng.gamma(4, 0.02, 600), rng.normal(0.8, 0.05, 400)])
+    posterior = np.where(loss < 0.3, 1.0, 0.0)  # saturated
+    cored = np.where(loss <= np.median(loss[:600]), posterior, 0.0)  # the core: half the clean side
+    fit = fake_fit(cored)
+    fit.normalized[:] = loss
+    out = with_structure(fit, np.zeros(1000), evidence=posterior)
+    assert np.array_equal(out.clean_prob > 0.5, cored > 0.5)

@@ -72,7 +72,8 @@ def pair_structure(split: Split, caption_to_image: np.ndarray, k: int = 100, ref
     if n != split.num_captions:
         raise ValueError(f"caption_to_image has {n} entries, the split {split.num_captions} captions")
     ref = np.arange(n) if n <= reference else np.sort(np.random.default_rng(seed).choice(n, reference, replace=False))
-    k = min(k, len(ref) - int(np.bincount(c2i[ref]).max()))  # never more than a pair's possible neighbours
+    # at most half of a pair's possible neighbours (all of them would make every pair's lists equal)
+    k = min(k, (len(ref) - int(np.bincount(c2i[ref]).max())) // 2)
     if k < 1:
         raise ValueError(f"structure needs pairs of at least two images, got {n} pairs of "
                          f"{len(np.unique(c2i))} image(s)")
