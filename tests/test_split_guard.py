@@ -460,3 +460,19 @@ def test_the_structure_needs_a_fit(capsys):
                  "split.structure=knn"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "split.structure" in err and "truth" in err
+
+
+def test_the_report_draws_no_loss_cuts_for_a_reordered_split(tmp_path, monkeypatch):
+    """Under split.structure the subsets are not cut at a loss: the loss histograms draw none."""
+    axes = pytest.importorskip("matplotlib.axes")
+    drawn = []
+    original = axes.Axes.axvline
+    monkeypatch.setattr(axes.Axes, "axvline", lambda self, *a, **k: drawn.append(a) or original(self, *a, **k))
+    counts = {}
+    for name, extra in (("plain", []), ("knn", ["split.structure=knn", "split.structure_k=5"])):
+        out = tmp_path / name
+        assert _train(out, "optim.epochs=1", "optim.collapse=off", *extra) == 0
+        drawn.clear()
+        assert main(["report", str(out)]) == 0
+        counts[name] = len(drawn)
+    assert counts["plain"] > 0 and counts["knn"] == 0
