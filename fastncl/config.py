@@ -182,13 +182,16 @@ class SplitConfig:
     # Left out: the method's (Method.core_width): 0.5 for ESC, 0 for NCR, chosen leave-one-data-set-out
     # on glyphs, icons, emoji and the embedded data at 40 and 60 % noise (docs/results.md)
     core_width: float | None = option(None, **NON_NEGATIVE)
-    # a second, model-free piece of evidence combined with every mixture fit: "off" (the codes), or
-    # "knn": for each pair, the overlap of its image's structure_k nearest images (region features as
-    # stored) and its caption's structure_k nearest captions (tf-idf of word ids), computed once
-    # before training (fastncl.data.structure). The fit (and core) still says how many pairs are
-    # clean; which ones, its posterior and the structure scores (calibrated on that posterior) say
-    # together (methods.mixture.with_structure)
-    structure: str = option("off", choices=("off", "knn"))
+    # a second, model-free piece of evidence combined with every mixture fit: "knn": for each pair,
+    # the overlap of its image's structure_k nearest images (region features as stored) and its
+    # caption's structure_k nearest captions (tf-idf of word ids), computed once before training
+    # (fastncl.data.structure). The fit (and core) still says how many pairs are clean; which ones,
+    # its posterior and the structure scores (calibrated on that posterior) say together
+    # (methods.mixture.with_structure); "off": the fit alone (the codes, the papers' presets).
+    # Left out: the method's (Method.structure): "knn" for NCR and SPS, "off" for ESC, chosen
+    # leave-one-data-set-out on glyphs, icons and emoji at 40 and 60 % noise (docs/results.md).
+    # split.signal=truth has no fit: the structure does not apply
+    structure: str | None = option(None, choices=("off", "knn"))
     structure_k: int = option(100, **POSITIVE)
 
 
@@ -367,6 +370,8 @@ def fill_defaults(cfg: Config) -> Config:
         cfg.split.clean_side = method.clean_side
     if cfg.split.core_width is None:
         cfg.split.core_width = method.core_width
+    if cfg.split.structure is None:
+        cfg.split.structure = method.structure
     method.fill_defaults(cfg)
     if cfg.runtime.length_multiple is None:
         cfg.runtime.length_multiple = 0 if cfg.model.backbone == "vse" else 8
@@ -391,9 +396,6 @@ def validate(cfg: Config) -> Config:
     if cfg.data.noise_file and cfg.data.noise > 0:
         raise FastnclError(f"--noise {cfg.data.noise:g} and --noise-file: give one of them (the file fixes the noisy "
                            "pairs; its measured noise rate is recorded)")
-    if cfg.split.signal == "truth" and cfg.split.structure != "off":
-        raise FastnclError("split.structure: split.signal=truth splits by the ground truth, there is no fit to combine "
-                           "the structure with; set split.structure=off")
     if cfg.split.signal == "truth" and not (cfg.data.noise > 0 or cfg.data.noise_file):
         raise FastnclError("split.signal: truth splits by the injected noise's ground truth; give --noise or --noise-file")
     if cfg.optim.warmup_best == "skip" and cfg.optim.warmup == "plateau":

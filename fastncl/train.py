@@ -71,11 +71,12 @@ class Trainer:
                                self.data.fingerprint())
 
     def _structure(self) -> np.ndarray | None:
-        """The training pairs' structure scores (split.structure=knn), or None (off, or a method
-        that does not split). Computed on rank 0 when the run starts and kept in the run folder
-        (``structure.npy``): a resumed run reads them back, the same bit for bit on any device."""
+        """The training pairs' structure scores (split.structure=knn), or None (off, a split by the
+        ground truth, or a method that does not split). Computed on rank 0 when the run starts and
+        kept in the run folder (``structure.npy``): a resumed run reads them back, the same bit for
+        bit on any device."""
         cfg = self.cfg.split
-        if cfg.structure == "off" or not self.method.uses_split:
+        if cfg.structure == "off" or cfg.signal == "truth" or not self.method.uses_split:
             return None
         from fastncl.data.structure import pair_structure
 

@@ -82,6 +82,7 @@ class Method:
     uses_split = True
     clean_side = "posterior"  # split.clean_side when the config leaves it out
     core_width = 0.0  # split.core_width when the config leaves it out
+    structure = "off"  # split.structure when the config leaves it out (NCR, SPS: "knn")
 
     @classmethod
     def presets(cls) -> dict[str, dict]:

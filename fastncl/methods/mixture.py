@@ -138,10 +138,11 @@ def truth_fit(losses, clean_mask: np.ndarray, clip_quantile: float = 1.0) -> Mix
 
 def structure_evidence(scores: np.ndarray, clean_prob: np.ndarray) -> np.ndarray:
     """(N,) float64: each pair's clean probability given its structure score alone, calibrated on
-    the loss fit itself: the pairs are cut into bins of about equal count by the rank of their score
-    (N // 200 of them, 2 to 20; equal scores share a bin) and each bin gets its pairs' mean ``clean_prob``. A score that tells nothing
-    about the loss fit's labels gives every bin about the overall mean, so the evidence is flat;
-    the noisier the loss labels, the flatter (a conservative estimate, never a fitted guess)."""
+    the loss fit itself: the pairs are cut into bins of about equal count by the rank of their
+    score (N // 200 of them, 2 to 20; equal scores share a bin) and each bin gets its pairs' mean
+    ``clean_prob``. A score that tells nothing about the loss fit's labels gives every bin about
+    the overall mean, so the evidence is flat; the noisier the loss labels, the flatter (a
+    conservative estimate, never a fitted guess)."""
     scores = np.asarray(scores, dtype=np.float64)
     n = len(scores)
     if n != len(clean_prob):

@@ -26,10 +26,10 @@ def paper_presets(method: str, paper: dict, official: dict, schedule: Callable[[
     out = {f"{method}-official": official}
     for dataset, data in DATASETS.items():
         common = deep_update({"model": SGR_MODEL, "optim": schedule(dataset)}, data)
-        # the papers normalise the losses by min-max alone (no clipping, split.clip_quantile) and take the
-        # clean component's posterior (split.clean_side)
-        out[f"{method}-{dataset}"] = deep_update(deep_update(paper, {"split": {"clip_quantile": 1.0,
-                                                                               "clean_side": "posterior"}}), common)
+        # the papers normalise the losses by min-max alone (no clipping, split.clip_quantile), take the
+        # clean component's posterior (split.clean_side) and nothing else (split.structure)
+        split = {"clip_quantile": 1.0, "clean_side": "posterior", "structure": "off"}
+        out[f"{method}-{dataset}"] = deep_update(deep_update(paper, {"split": split}), common)
         out[f"{method}-official-{dataset}"] = deep_update(official, common)
         if official_seed is not None:
             out[f"{method}-official-{dataset}"]["seed"] = official_seed
