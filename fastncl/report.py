@@ -142,10 +142,10 @@ def loss_histogram(plt, split: SplitFile, epoch: int, method: str, cfg: dict, pa
         ax.set_title(f"model {'AB'[k]} (split used by model {'BA'[k]})")
     axes[0].set_ylabel("pairs per bin")
     _legend(axes[1])
-    truth = " (split by the ground truth, split.signal=truth)" if split.mixture == "truth" else ""
+    note = " (split by the ground truth, split.signal=truth)" if split.mixture == "truth" else ""
     if reordered and split.mixture != "truth":
-        truth = " (cuts not drawn: split.structure reorders the pairs, no loss separates the subsets)"
-    fig.suptitle(f"{method}: per-sample division losses, epoch {epoch + 1}{truth}")
+        note = " (cuts not drawn: split.structure reorders the pairs, no loss separates the subsets)"
+    fig.suptitle(f"{method}: per-sample division losses, epoch {epoch + 1}{note}")
     return _save(fig, path)
 
 

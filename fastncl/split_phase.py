@@ -7,7 +7,7 @@
    normalised values averaged over the split epochs so far; or no fit, the ground truth
    (split.signal=truth, a diagnostic of what a perfect split gives the method).
 3. The mixture fits, on rank 0 (every rank then holds the same split, bit for bit), each combined
-   with the training pairs' structure (split.structure), fitted once per run.
+   with the training pairs' structure scores (split.structure), computed once per run.
 4. The method's one split value per model (``Method.split`` -> ``methods.base.Division``: its
    subsets, cuts and notes), its diagnostics against the ground truth and what is degenerate.
 

@@ -36,10 +36,9 @@ def _caption_vectors(split: Split) -> sparse.csr_matrix:
     tokens (padding, start, end, unknown: ids below len(SPECIALS)) and repeats ignored: every
     caption holds the first three, which would make all captions alike."""
     n = split.num_captions
-    lengths = np.asarray(split.lengths)
     tokens = np.asarray(split.tokens)
-    row = np.repeat(np.arange(n), lengths)
-    col = np.concatenate([tokens[j, :lengths[j]] for j in range(n)]) if n else np.zeros(0, dtype=np.int64)
+    within = np.arange(tokens.shape[1]) < np.asarray(split.lengths)[:, None]  # each caption's own tokens
+    row, col = np.nonzero(within)[0], tokens[within]
     keep = col >= len(SPECIALS)
     bags = sparse.csr_matrix((np.ones(int(keep.sum()), dtype=np.float32), (row[keep], col[keep])),
                              shape=(n, int(tokens.max(initial=0)) + 1))
